@@ -1,0 +1,416 @@
+"""The configuration schema: every knob with its default, size presets, YAML overlays and validation.
+
+`base_config()` is the schema. Preset files in `configs/` start from it, pick a method (LLaDA or
+FlowLM) and a size/data variant, and `validate()` checks a resolved config against the schema before
+anything heavy runs. Field names follow the original PyTorch FlowLM system where it has them, so its
+YAML files (`masking: {strategy: FLOWLM_STRATEGY}`, `training: {batch_size: 64}`, ...) load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ml_collections
+import yaml
+
+ConfigDict = ml_collections.ConfigDict
+
+# The sections a config has, in the order they are printed.
+SECTIONS = ("model", "dataset", "masking", "training", "dataloader", "evaluation", "inference",
+            "logging", "mesh")
+
+DEFAULT_TEST_PROMPTS = ("To be, or not to be", "add 12 30", "reverse d o g", "sort 4 1 3 2")
+
+
+def base_config() -> ConfigDict:
+  """All fields with their defaults. A field not listed here does not exist (validate() rejects it)."""
+  c = ConfigDict()
+
+  c.model = m = ConfigDict()
+  m.family = "llama"            # "llama": bidirectional LLaMA-style transformer
+  m.tokenizer = "embedded"      # "embedded" (shipped byte-level BPE), a local dir, or a hub name
+  m.vocab_size = 0              # embedding rows; 0 = len(tokenizer) rounded up to vocab_multiple
+  m.vocab_multiple = 128        # pad the embedding table so matmuls tile well
+  m.d_model = 128
+  m.n_layers = 4
+  m.n_heads = 4
+  m.n_kv_heads = 0              # grouped-query attention; 0 = n_heads (plain multi-head)
+  m.d_ff = 384                  # SwiGLU hidden size
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.init_std = 0.02
+  m.tie_embeddings = False      # share the embedding with the output projection
+  m.param_dtype = "float32"     # master weights
+  m.compute_dtype = "bfloat16"  # activations and matmuls
+  m.remat = "none"              # "none" | "full" | "save_dots": what the backward pass recomputes
+  m.attention = "auto"          # "auto" (cuDNN flash on GPU, XLA elsewhere) | "xla" | "cudnn"
+  m.loss_chunk_size = 0         # >0: cross-entropy over this many tokens at a time (no full f32 logits)
+
+  c.dataset = d = ConfigDict()
+  d.name = "embedded:shakespeare"  # "embedded:shakespeare", "embedded:sft_tasks", a hub name, or ""
+  d.kind = "text"               # "text": pack plain text | "sft": prompt/answer or messages records
+  d.train_files = ""            # comma-separated local .txt/.json/.jsonl files (used when name is "")
+  d.validation_files = ""       # same; empty = hold out validation_split_ratio of the training data
+  d.validation_split_ratio = 0.05
+  d.hub_config = ""             # dataset configuration name on the hub
+  d.train_split = "train"
+  d.validation_split = ""       # hub split name for validation; "" = hold out from train
+  d.text_field = "text"
+  d.prompt_field = "prompt"
+  d.answer_field = "answer"
+  d.messages_field = "messages"  # chat records, e.g. tulu-3-sft-mixture
+  d.max_length = 128            # sequence length of a training row
+  d.overlong = "truncate"       # SFT records longer than max_length: "truncate" (counted) | "error"
+  d.max_train_examples = 0      # 0 = all
+  d.max_validation_examples = 0
+  d.cache_dir = ""              # HF datasets cache; "" = library default
+
+  c.masking = k = ConfigDict()
+  k.strategy = "LLADA_STRATEGY"  # BERT_STRATEGY | LLADA_STRATEGY | FLOWLM_STRATEGY | CUSTOM
+  k.mask_prob = 0.9             # used when strategy == "CUSTOM": chosen positions -> [MASK]
+  k.random_prob = 0.1           # ... -> a random non-special token
+  k.keep_prob = 0.0             # ... -> unchanged (still predicted)
+  k.min_ratio = 0.0             # per-sequence ratio r ~ U[min_ratio, max_ratio]
+  k.max_ratio = 1.0
+  k.eps = 1e-3                  # corruption probability t = (1 - eps) r + eps (LLaDA)
+
+  c.training = t = ConfigDict()
+  t.loss = "llada"              # "llada" (1/t-weighted) | "flowlm" (all corrupted positions)
+  t.loss_weighting = "none"     # flowlm loss only: "none" (plain MLM cross-entropy) | "inverse_t"
+  t.batch_size = 32             # global sequences per optimiser step
+  t.gradient_accumulation_steps = 1
+  t.learning_rate = 3e-3
+  t.min_learning_rate_ratio = 0.1  # cosine decays to learning_rate * this
+  t.lr_schedule = "cosine"      # "cosine" | "linear" | "constant" (all after linear warmup)
+  t.warmup_ratio = 0.05
+  t.warmup_steps = 0            # >0 overrides warmup_ratio
+  t.weight_decay = 0.1          # AdamW; never applied to norms, biases or embeddings
+  t.adam_beta1 = 0.9
+  t.adam_beta2 = 0.95
+  t.adam_eps = 1e-8
+  t.gradient_clip_val = 1.0     # global-norm clipping; 0 = off
+  t.num_epochs = 1.0
+  t.max_steps = 0               # >0 overrides num_epochs
+  t.seed = 0
+  t.save_steps = 100            # checkpoint period in steps (and a final save)
+  t.save_total_limit = 3        # checkpoints kept
+  t.async_checkpointing = True
+  t.nonfinite = "skip"          # NaN/inf loss or gradient: "skip" the update (counted) | "stop"
+
+  c.dataloader = dl = ConfigDict()
+  dl.shuffle = True             # reshuffle every epoch with a seed derived from (seed, epoch)
+  dl.seed = 0
+  dl.drop_last = True           # incomplete global batches are dropped (shapes stay static)
+
+  c.evaluation = e = ConfigDict()
+  e.eval_steps = 100            # evaluate every this many steps (and at the end); 0 = only at end
+  e.eval_batches = 8            # validation batches per evaluation; 0 = the whole split
+  e.eval_batch_size = 0         # 0 = training.batch_size
+  e.seed = 1234                 # fixed corruption key: every evaluation sees the same noise
+
+  c.inference = i = ConfigDict()
+  i.test_prompts = list(DEFAULT_TEST_PROMPTS)
+  i.every_steps = 0             # sample test prompts every this many steps; 0 = off
+  i.test_both_modes = True      # run both LLaDA and FlowLM decoding on the test prompts
+  i.mode = "flowlm"             # the mode used when only one runs: "llada" | "flowlm"
+  i.answer_length = 16
+  i.seed = 0
+  # LLaDA decoding (Nie et al. 2025, Alg. low-confidence remasking)
+  i.steps = 16
+  i.block_length = 0            # semi-autoregressive blocks; 0 = one block of answer_length
+  i.temperature = 0.0           # Gumbel-noise temperature; 0 = greedy
+  i.remasking = "low_confidence"  # "low_confidence" | "random"
+  i.cfg_scale = 0.0             # classifier-free guidance; 0 = off
+  # FlowLM any-position decoding
+  i.confidence_threshold = 0.7
+  i.max_replacements = 2
+  i.replacement_strategy = "below_threshold"  # | "most_confident_changes" | "fill_then_refine"
+  i.max_steps = 32
+  i.initial_answer = "mask"     # "mask" | "random"
+
+  c.logging = lg = ConfigDict()
+  lg.log_every = 10             # training metrics every this many steps
+  lg.progress_bar = True
+  lg.wandb = w = ConfigDict()
+  w.mode = "offline"            # "disabled" | "offline" | "online"
+  w.project = "flowlm-jax"
+  w.name = ""                   # "" = the workdir's name
+  w.entity = ""
+  w.tags = []
+  w.log_model = False           # upload checkpoints as wandb model artifacts
+
+  c.mesh = ms = ConfigDict()
+  ms.data = -1                  # -1 = all devices not used by the other axes
+  ms.fsdp = 1                   # parameters and optimiser state sharded over this axis
+  ms.tensor = 1                 # attention heads and MLP hidden split over this axis
+  return c
+
+
+# --- size and data variants -------------------------------------------------------------------
+
+SIZES = {
+    # name: model shape and max_length
+    "demo": dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, max_length=128),
+    "small": dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, max_length=1024),
+    "1b": dict(d_model=2048, n_layers=22, n_heads=16, d_ff=5632, max_length=2048),
+    "8b": dict(d_model=4096, n_layers=32, n_heads=32, d_ff=12288, max_length=4096,
+               vocab_size=126464),
+}
+
+
+def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
+  """Sets model size and data for a preset variant (`configs/flowlm.py:small`)."""
+  variant = variant or "demo"
+  if variant == "tasks":  # demo model on the embedded SFT task set (sampler accuracy)
+    _set_size(c, "demo")
+    c.dataset.name = "embedded:sft_tasks"
+    c.dataset.kind = "sft"
+    c.dataset.max_length = 32
+    c.training.batch_size = 64
+    c.training.num_epochs = 1.0
+    c.inference.answer_length = 8
+    c.inference.steps = 8
+    c.inference.max_steps = 16
+    return c
+  if variant not in SIZES:
+    known = ", ".join(["tasks", *SIZES])
+    raise ValueError(f"unknown config variant {variant!r}; known: {known}")
+  _set_size(c, variant)
+  if variant != "demo":  # large shapes: bf16 compute, big-batch optimiser settings, remat
+    c.training.learning_rate = 3e-4
+    c.training.weight_decay = 0.1
+    c.training.warmup_steps = 2000
+    c.model.remat = "save_dots"
+    c.model.loss_chunk_size = 8192
+    c.evaluation.eval_steps = 1000
+    c.training.save_steps = 1000
+  return c
+
+
+def _set_size(c: ConfigDict, name: str) -> None:
+  shape = dict(SIZES[name])
+  c.dataset.max_length = shape.pop("max_length")
+  for key, value in shape.items():
+    c.model[key] = value
+
+
+# --- YAML overlay ---------------------------------------------------------------------------
+
+
+def apply_yaml(c: ConfigDict, path: str) -> ConfigDict:
+  """Overlays the values in a YAML file (only those that differ from the preset).
+
+  Safe loading only; an unknown key is an error naming its dotted path.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config_yaml: no such file: {path}")
+  with open(path) as f:
+    overlay = yaml.safe_load(f) or {}
+  if not isinstance(overlay, dict):
+    raise ValueError(f"--config_yaml: {path} must hold a mapping of sections, got {type(overlay).__name__}")
+  _merge(c, overlay, prefix="")
+  return c
+
+
+def _merge(node: ConfigDict, overlay: dict, prefix: str) -> None:
+  for key, value in overlay.items():
+    path = f"{prefix}{key}"
+    if key not in node:
+      raise KeyError(f"unknown config key {path!r} (in YAML overlay)")
+    current = node[key]
+    if isinstance(current, ConfigDict):
+      if not isinstance(value, dict):
+        raise TypeError(f"config key {path!r} is a section; YAML gave {type(value).__name__}")
+      _merge(current, value, prefix=f"{path}.")
+    else:
+      with node.unlocked():
+        node[key] = _coerce(path, current, value)
+
+
+def _coerce(path: str, default: Any, value: Any) -> Any:
+  """YAML reads `1e-4` as a string and `64` as int where a float is expected: convert safely."""
+  if isinstance(default, bool) or default is None:
+    return value
+  if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+    try:
+      return float(value)
+    except ValueError:
+      raise TypeError(f"config key {path!r} expects a float, got {value!r}") from None
+  if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+    return list(value)
+  return value
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def validate(c: ConfigDict, num_devices: int | None = None) -> ConfigDict:
+  """Checks a resolved config; raises ValueError/TypeError/KeyError with one line naming the key."""
+  _check_schema(c, base_config(), prefix="")
+  _check_values(c)
+  if num_devices is not None:
+    mesh_shape(c, num_devices)  # raises when the mesh does not fit
+    dp = data_parallel_degree(c, num_devices)
+    micro = c.training.batch_size // c.training.gradient_accumulation_steps
+    if micro % dp:
+      raise ValueError(
+          f"training.batch_size={c.training.batch_size} / gradient_accumulation_steps="
+          f"{c.training.gradient_accumulation_steps} = {micro} is not divisible by the data-parallel "
+          f"degree {dp} (mesh.data x mesh.fsdp)")
+    eval_bs = c.evaluation.eval_batch_size or c.training.batch_size
+    if eval_bs % dp:
+      raise ValueError(f"evaluation.eval_batch_size={eval_bs} is not divisible by the data-parallel degree {dp}")
+  return c
+
+
+def _check_schema(c: ConfigDict, schema: ConfigDict, prefix: str) -> None:
+  for key in c.keys():
+    if key not in schema:
+      raise KeyError(f"unknown config key {prefix + key!r}")
+  for key in schema.keys():
+    path = prefix + key
+    if key not in c:
+      raise KeyError(f"missing config key {path!r}")
+    expected, got = schema[key], c[key]
+    if isinstance(expected, ConfigDict):
+      if not isinstance(got, ConfigDict):
+        raise TypeError(f"config key {path!r} must be a section")
+      _check_schema(got, expected, prefix=path + ".")
+    elif not _type_ok(expected, got):
+      raise TypeError(f"config key {path!r} expects {type(expected).__name__}, got {type(got).__name__} {got!r}")
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, (list, tuple)):
+    return isinstance(value, (list, tuple))
+  return isinstance(value, type(default))
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ValueError(f"{key}: {message}")
+
+
+def _choice(c: ConfigDict, key: str, options: tuple[str, ...]) -> None:
+  value = c
+  for part in key.split("."):
+    value = value[part]
+  _require(value in options, key, f"{value!r} is not one of {', '.join(options)}")
+
+
+def _check_values(c: ConfigDict) -> None:
+  from flowlm_jax import masking  # local import: masking pulls jax
+
+  m, d, k, t, e, i = c.model, c.dataset, c.masking, c.training, c.evaluation, c.inference
+  for key in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_multiple"):
+    _require(m[key] > 0, f"model.{key}", f"must be > 0, got {m[key]}")
+  _require(m.d_model % m.n_heads == 0, "model.n_heads", f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
+  kv = m.n_kv_heads or m.n_heads
+  _require(m.n_heads % kv == 0, "model.n_kv_heads", f"n_heads={m.n_heads} is not a multiple of n_kv_heads={kv}")
+  _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dimension must be even for RoPE")
+  _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+  _require(m.loss_chunk_size >= 0, "model.loss_chunk_size", "must be >= 0")
+  _choice(c, "model.family", ("llama",))
+  _choice(c, "model.param_dtype", ("float32", "bfloat16"))
+  _choice(c, "model.compute_dtype", ("float32", "bfloat16", "float16"))
+  _choice(c, "model.remat", ("none", "full", "save_dots"))
+  _choice(c, "model.attention", ("auto", "xla", "cudnn"))
+
+  _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
+  _choice(c, "dataset.kind", ("text", "sft"))
+  _choice(c, "dataset.overlong", ("truncate", "error"))
+  _require(0.0 <= d.validation_split_ratio < 1.0, "dataset.validation_split_ratio", "must be in [0, 1)")
+  _require(bool(d.name or d.train_files), "dataset.name", "set a dataset name or dataset.train_files")
+  for key in ("train_files", "validation_files"):
+    for path in split_files(d[key]):
+      _require(os.path.isfile(path), f"dataset.{key}", f"no such file: {path}")
+
+  _require(k.strategy in (*masking.STRATEGIES, "CUSTOM"), "masking.strategy",
+           f"{k.strategy!r} is not one of {', '.join((*masking.STRATEGIES, 'CUSTOM'))}")
+  for key in ("min_ratio", "max_ratio", "eps", "mask_prob", "random_prob", "keep_prob"):
+    _require(0.0 <= k[key] <= 1.0, f"masking.{key}", f"must be in [0, 1], got {k[key]}")
+  _require(k.min_ratio <= k.max_ratio, "masking.min_ratio", f"min_ratio={k.min_ratio} > max_ratio={k.max_ratio}")
+  if k.strategy == "CUSTOM":
+    total = k.mask_prob + k.random_prob + k.keep_prob
+    _require(math.isclose(total, 1.0, abs_tol=1e-6), "masking.mask_prob",
+             f"mask_prob + random_prob + keep_prob = {total:g}, must sum to 1")
+
+  _choice(c, "training.loss", ("llada", "flowlm"))
+  _choice(c, "training.loss_weighting", ("inverse_t", "none"))
+  _choice(c, "training.lr_schedule", ("cosine", "linear", "constant"))
+  _choice(c, "training.nonfinite", ("skip", "stop"))
+  for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "save_total_limit"):
+    _require(t[key] > 0, f"training.{key}", f"must be > 0, got {t[key]}")
+  _require(t.batch_size % t.gradient_accumulation_steps == 0, "training.gradient_accumulation_steps",
+           f"batch_size={t.batch_size} is not divisible by {t.gradient_accumulation_steps}")
+  _require(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
+  for key in ("warmup_ratio", "min_learning_rate_ratio", "adam_beta1", "adam_beta2"):
+    _require(0.0 <= t[key] <= 1.0, f"training.{key}", f"must be in [0, 1], got {t[key]}")
+  for key in ("weight_decay", "gradient_clip_val", "warmup_steps", "max_steps"):
+    _require(t[key] >= 0, f"training.{key}", f"must be >= 0, got {t[key]}")
+  _require(t.num_epochs > 0 or t.max_steps > 0, "training.num_epochs", "set num_epochs > 0 or max_steps > 0")
+
+  _require(e.eval_steps >= 0 and e.eval_batches >= 0 and e.eval_batch_size >= 0, "evaluation.eval_steps",
+           "eval_steps, eval_batches and eval_batch_size must be >= 0")
+  _choice(c, "inference.mode", ("llada", "flowlm"))
+  _choice(c, "inference.remasking", ("low_confidence", "random"))
+  _choice(c, "inference.replacement_strategy", ("below_threshold", "most_confident_changes", "fill_then_refine"))
+  _choice(c, "inference.initial_answer", ("mask", "random"))
+  for key in ("answer_length", "steps", "max_steps", "max_replacements"):
+    _require(i[key] > 0, f"inference.{key}", f"must be > 0, got {i[key]}")
+  _require(0.0 <= i.confidence_threshold <= 1.0, "inference.confidence_threshold", "must be in [0, 1]")
+  _require(i.temperature >= 0 and i.cfg_scale >= 0, "inference.temperature", "temperature and cfg_scale must be >= 0")
+  block = i.block_length or i.answer_length
+  _require(i.answer_length % block == 0, "inference.block_length",
+           f"answer_length={i.answer_length} is not a multiple of block_length={block}")
+  _require(i.steps % (i.answer_length // block) == 0, "inference.steps",
+           f"steps={i.steps} is not divisible by the number of blocks {i.answer_length // block}")
+  _require(i.every_steps >= 0, "inference.every_steps", "must be >= 0")
+  _require(all(isinstance(p, str) for p in i.test_prompts), "inference.test_prompts", "must be a list of strings")
+
+  _choice(c, "logging.wandb.mode", ("disabled", "offline", "online"))
+  _require(c.logging.log_every > 0, "logging.log_every", "must be > 0")
+  for key in ("data", "fsdp", "tensor"):
+    _require(c.mesh[key] == -1 or c.mesh[key] > 0, f"mesh.{key}", f"must be -1 or > 0, got {c.mesh[key]}")
+  _require([c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1, "mesh.data", "at most one mesh axis may be -1")
+
+
+def split_files(spec: str) -> list[str]:
+  return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def mesh_shape(c: ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with -1 filled in; raises when it does not tile num_devices."""
+  shape = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {known}")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh: data x fsdp x tensor = {'x'.join(map(str, shape))} does not match {num_devices} devices")
+  return tuple(shape)
+
+
+def data_parallel_degree(c: ConfigDict, num_devices: int) -> int:
+  data, fsdp, _ = mesh_shape(c, num_devices)
+  return data * fsdp
+
+
+def to_yaml(c: ConfigDict) -> str:
+  return yaml.safe_dump(c.to_dict(), sort_keys=False)
+
+
+def from_dict(d: dict) -> ConfigDict:
+  """Rebuilds a config saved with a checkpoint (JSON), filling fields added to the schema since."""
+  c = base_config()
+  _merge(c, d, prefix="")
+  return c

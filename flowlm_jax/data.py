@@ -1,0 +1,274 @@
+"""Datasets → fixed-shape token rows → a deterministic, resumable, per-process batch iterator.
+
+Two record kinds:
+- plain text (pretraining): documents are tokenized, each followed by [EOS], concatenated and cut into
+  rows of `max_length`; the last row is filled with [PAD] so that no token is lost.
+- chat / SFT: `prompt`/`answer` fields, or a `messages` list (tulu-3-sft-mixture) rendered as
+  "User: … [SEP] Assistant: …". A row is prompt + [SEP] + answer, then [EOS] up to `max_length`
+  (LLaDA's SFT recipe: the model learns to end an answer by predicting [EOS] in the fill). The prompt
+  and [SEP] are never corrupted and carry no loss.
+
+Every row comes with `corruptible` (bool, same shape): the positions masking may corrupt and the loss
+sees. Specials inside text ([EOS] between documents, [PAD], [SEP]) and prompts are never corruptible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+
+from flowlm_jax.config import split_files
+from flowlm_jax.tokenizer import ASSETS_DIR
+from flowlm_jax.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATASETS = {
+    "embedded:shakespeare": ("text", os.path.join(ASSETS_DIR, "shakespeare", "train.txt"),
+                             os.path.join(ASSETS_DIR, "shakespeare", "valid.txt")),
+    "embedded:sft_tasks": ("sft", os.path.join(ASSETS_DIR, "sft_tasks", "train.jsonl"),
+                           os.path.join(ASSETS_DIR, "sft_tasks", "test.jsonl")),
+}
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+  """Rows of one split. `corruptible` marks what masking may touch and the loss may see."""
+  tokens: np.ndarray       # int32 [N, L]
+  corruptible: np.ndarray  # bool  [N, L]
+  num_records: int = 0
+  num_truncated: int = 0   # SFT records cut to max_length
+  num_dropped: int = 0     # SFT records whose prompt left no room for an answer
+
+  def __len__(self) -> int:
+    return self.tokens.shape[0]
+
+  def summary(self) -> str:
+    n_tokens = int(self.corruptible.sum())
+    extra = f", {self.num_truncated} truncated, {self.num_dropped} dropped" if self.num_truncated or self.num_dropped else ""
+    return f"{self.num_records} records -> {len(self)} rows x {self.tokens.shape[1]} ({n_tokens} trainable tokens{extra})"
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+def load_records(dcfg, split: str):
+  """Raw records of `split` ("train" | "validation") as an HF `datasets.Dataset`."""
+  import datasets  # heavy import, kept at the edge
+
+  kwargs = {"cache_dir": dcfg.cache_dir} if dcfg.cache_dir else {}
+  if dcfg.name in EMBEDDED_DATASETS:
+    _, train_file, valid_file = EMBEDDED_DATASETS[dcfg.name]
+    return _load_files([train_file if split == "train" else valid_file], **kwargs)
+  if dcfg.name:  # hub dataset (or a local dataset directory/script that load_dataset understands)
+    if split == "validation" and dcfg.validation_split:
+      return datasets.load_dataset(dcfg.name, dcfg.hub_config or None, split=dcfg.validation_split, **kwargs)
+    ds = datasets.load_dataset(dcfg.name, dcfg.hub_config or None, split=dcfg.train_split, **kwargs)
+    return ds if dcfg.validation_split else _hold_out(ds, dcfg, split)
+  train_files = split_files(dcfg.train_files)
+  valid_files = split_files(dcfg.validation_files)
+  if split == "validation" and valid_files:
+    return _load_files(valid_files, **kwargs)
+  ds = _load_files(train_files, **kwargs)
+  return ds if valid_files else _hold_out(ds, dcfg, split)
+
+
+def _load_files(files: list[str], **kwargs):
+  import datasets
+
+  for path in files:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"dataset file not found: {path}")
+  exts = {os.path.splitext(f)[1].lower() for f in files}
+  if exts <= {".txt", ".text"}:
+    ds = datasets.load_dataset("text", data_files=files, sample_by="paragraph", split="train", **kwargs)
+  elif exts <= {".json", ".jsonl"}:
+    ds = datasets.load_dataset("json", data_files=files, split="train", **kwargs)
+  else:
+    raise ValueError(f"dataset files: unsupported extension(s) {sorted(exts)} (use .txt, .json or .jsonl)")
+  if len(ds) == 0:
+    raise ValueError(f"dataset is empty: {', '.join(files)}")
+  return ds
+
+
+def _hold_out(ds, dcfg, split: str):
+  """Deterministic train/validation split of one set of records."""
+  if dcfg.validation_split_ratio <= 0:
+    if split == "validation":
+      raise ValueError("dataset: no validation files/split and validation_split_ratio is 0")
+    return ds
+  parts = ds.train_test_split(test_size=dcfg.validation_split_ratio, seed=0, shuffle=True)
+  return parts["train" if split == "train" else "test"]
+
+
+# --- tokenization -------------------------------------------------------------------------------
+
+
+def render_messages(messages: list[dict]) -> tuple[str, str]:
+  """Chat turns → (prompt, answer): the last assistant turn is the answer, everything before the prompt."""
+  last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+  if last is None:
+    raise ValueError("chat record has no assistant turn")
+  lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages[:last]]
+  return "\n".join(lines), messages[last]["content"]
+
+
+def chat_prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+  """Token ids of a prompt up to and including [SEP] (and "Assistant:" for chat-rendered data)."""
+  ids = tokenizer.encode(prompt, add_special_tokens=False) + [vocab_sep(tokenizer)]
+  if chat:
+    ids += tokenizer.encode(" Assistant:", add_special_tokens=False)
+  return ids
+
+
+def vocab_sep(tokenizer) -> int:
+  return tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+
+
+def tokenize_split(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
+  if len(records) == 0:
+    raise ValueError("dataset split is empty")
+  if dcfg.kind == "text":
+    if dcfg.text_field not in records.column_names:
+      raise KeyError(f"dataset.text_field={dcfg.text_field!r} is not a column (columns: {records.column_names})")
+    docs = tokenizer(list(records[dcfg.text_field]), add_special_tokens=False)["input_ids"]
+    return pack_documents(docs, vocab, dcfg.max_length)
+  return encode_sft(records, dcfg, tokenizer, vocab)
+
+
+def pack_documents(docs: list[list[int]], vocab: Vocab, max_length: int) -> TokenizedSplit:
+  """Concatenates documents, each followed by [EOS], into rows; the tail row is [PAD]-filled."""
+  lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+  stream = np.full(int(lengths.sum()), vocab.eos_id, dtype=np.int32)
+  ends = np.cumsum(lengths)
+  for doc, end in zip(docs, ends):
+    stream[end - 1 - len(doc):end - 1] = doc
+  n_rows = -(-len(stream) // max_length)
+  tokens = np.full(n_rows * max_length, vocab.pad_id, dtype=np.int32)
+  tokens[:len(stream)] = stream
+  tokens = tokens.reshape(n_rows, max_length)
+  return TokenizedSplit(tokens, ~vocab.special_mask(tokens), num_records=len(docs))
+
+
+def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
+  columns = records.column_names
+  chat = dcfg.messages_field in columns
+  if not chat and not {dcfg.prompt_field, dcfg.answer_field} <= set(columns):
+    raise KeyError(f"dataset: SFT records need {dcfg.prompt_field!r}/{dcfg.answer_field!r} or "
+                   f"{dcfg.messages_field!r} fields (columns: {columns})")
+  pairs = ([render_messages(r[dcfg.messages_field]) for r in records] if chat else
+           list(zip(records[dcfg.prompt_field], records[dcfg.answer_field])))
+  L = dcfg.max_length
+  answers = tokenizer([(" " if chat else "") + a for _, a in pairs], add_special_tokens=False)["input_ids"]
+  rows, prompt_lens, truncated, dropped = [], [], 0, 0
+  for (prompt, _), answer in zip(pairs, answers):
+    prompt_ids = chat_prompt_ids(tokenizer, prompt, chat)
+    row = prompt_ids + answer + [vocab.eos_id]
+    if len(row) > L:
+      if dcfg.overlong == "error":
+        raise ValueError(f"dataset: a record has {len(row)} tokens > dataset.max_length={L} "
+                         "(set dataset.overlong=truncate to cut it)")
+      if len(prompt_ids) >= L:
+        dropped += 1
+        continue
+      truncated += 1
+      row = row[:L]
+    rows.append(row + [vocab.eos_id] * (L - len(row)))
+    prompt_lens.append(len(prompt_ids))
+  if not rows:
+    raise ValueError(f"dataset: every record's prompt is longer than dataset.max_length={L}")
+  tokens = np.asarray(rows, dtype=np.int32)
+  corruptible = np.arange(L)[None, :] >= np.asarray(prompt_lens)[:, None]
+  if truncated:
+    log.warning("dataset: %d of %d records longer than max_length=%d were truncated", truncated, len(pairs), L)
+  return TokenizedSplit(tokens, corruptible, num_records=len(pairs), num_truncated=truncated, num_dropped=dropped)
+
+
+def load_split(dcfg, split: str, tokenizer, vocab: Vocab, max_records: int = 0) -> TokenizedSplit:
+  records = load_records(dcfg, split)
+  if max_records:
+    records = records.select(range(min(max_records, len(records))))
+  if dcfg.name in EMBEDDED_DATASETS and EMBEDDED_DATASETS[dcfg.name][0] != dcfg.kind:
+    raise ValueError(f"dataset.kind={dcfg.kind!r} does not match {dcfg.name} (which is {EMBEDDED_DATASETS[dcfg.name][0]!r})")
+  return tokenize_split(records, dcfg, tokenizer, vocab)
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+class BatchIterator:
+  """Global batches of a split in a seeded per-epoch order, of which this process reads its rows.
+
+  The state is two integers (epoch, batches consumed in the epoch): saved with a checkpoint, it makes a
+  resumed run continue with exactly the next batch. Process p of P reads rows [p·B/P, (p+1)·B/P) of
+  every global batch of B rows, so the processes partition each batch.
+  """
+
+  def __init__(self, split: TokenizedSplit, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
+               process_index: int = 0, process_count: int = 1):
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    if len(split) < global_batch_size:
+      raise ValueError(f"dataset has {len(split)} rows, fewer than one global batch of {global_batch_size}")
+    self.split = split
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.seed, self.shuffle = seed, shuffle
+    self.process_index = process_index
+    self.epoch, self.position = 0, 0
+    self._order = self._epoch_order(0)
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return len(self.split) // self.global_batch_size
+
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(len(self.split))
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+
+  def global_indices(self) -> np.ndarray:
+    """Row indices of the next global batch (without consuming it)."""
+    start = self.position * self.global_batch_size
+    return self._order[start:start + self.global_batch_size]
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = self.global_indices()
+    lo = self.process_index * self.local_batch_size
+    local = rows[lo:lo + self.local_batch_size]
+    batch = {"tokens": self.split.tokens[local], "corruptible": self.split.corruptible[local]}
+    self.position += 1
+    if self.position == self.batches_per_epoch:
+      self.epoch, self.position = self.epoch + 1, 0
+      self._order = self._epoch_order(self.epoch)
+    return batch
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "position": self.position}
+
+  def restore(self, state: dict[str, int]) -> None:
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    if not 0 <= self.position < self.batches_per_epoch:
+      raise ValueError(f"data iterator state {state} does not fit this dataset ({self.batches_per_epoch} batches/epoch)")
+    self._order = self._epoch_order(self.epoch)
+
+
+def eval_batches(split: TokenizedSplit, global_batch_size: int, max_batches: int = 0, *,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """The validation split in order; the last batch is filled with rows that carry no loss."""
+  n_batches = -(-len(split) // global_batch_size)
+  if max_batches:
+    n_batches = min(n_batches, max_batches)
+  local = global_batch_size // process_count
+  for b in range(n_batches):
+    rows = np.arange(b * global_batch_size, (b + 1) * global_batch_size)[process_index * local:(process_index + 1) * local]
+    real = rows < len(split)
+    rows = np.where(real, rows, 0)
+    yield {"tokens": split.tokens[rows], "corruptible": split.corruptible[rows] & real[:, None]}

@@ -1,0 +1,149 @@
+"""Diffusion losses and accuracy metrics, as pure functions of per-token quantities.
+
+The losses take per-token NLL and correctness rather than logits, so the per-token values can come from full
+logits (`token_nll_and_correct`) or from a chunked output head that never materialises [B, L, V] at once.
+
+Metrics are returned as sums and counts, never ratios: sums add up over gradient-accumulation micro-batches,
+eval batches and devices, and `finalize_metrics` divides once at the edge.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flowlm_jax import masking
+
+WEIGHTINGS = ("inverse_t", "none")
+
+# Upper edges of the per-sequence t buckets; the last bucket is open. Names say which t they hold.
+RATIO_EDGES = (0.25, 0.5, 0.75)
+RATIO_BUCKETS = ("ratio_le_0.25", "ratio_0.25_to_0.5", "ratio_0.5_to_0.75", "ratio_gt_0.75")
+
+
+def token_nll_and_correct(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(nll float32[B, L], correct bool[B, L]): -log softmax(logits)[target] and argmax == target.
+
+  Upcast first: a bf16 logsumexp over a large vocab loses most of the loss's precision.
+  """
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)  # max-shifted, so stable for large logits
+  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  correct_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+  return log_z_BxL - target_logit_BxL, correct_BxL
+
+
+def diffusion_loss_sum_and_count(
+  nll_BxL: jax.Array, corrupted_BxL: jax.Array, t_B: jax.Array, corruptible_BxL: jax.Array, weighting: str
+) -> tuple[jax.Array, jax.Array]:
+  """(weighted NLL sum, normaliser) as float32 scalars; `diffusion_loss` is sum / max(count, 1).
+
+  weighting="inverse_t": sum of nll / t over corrupted positions, normalised by the number of corruptible
+    positions. This is LLaDA's pretraining objective (Nie et al. 2025, Eq. 3 and Alg. 1), whose 1/t weight
+    makes the loss an upper bound on the negative log-likelihood; LLaDA divides by the token count B * L,
+    which equals the corruptible count for packed text without specials.
+  weighting="none": plain masked-LM cross-entropy, the mean NLL over corrupted positions.
+  """
+  if weighting == "inverse_t":
+    # t is data, not a parameter; where() keeps a t == 0 sequence (nothing corrupted) from making 0 * inf.
+    weight_BxL = jnp.where(corrupted_BxL, 1.0 / t_B.astype(jnp.float32)[:, None], 0.0)
+    count = jnp.sum(corruptible_BxL, dtype=jnp.float32)
+  elif weighting == "none":
+    weight_BxL = corrupted_BxL.astype(jnp.float32)
+    count = jnp.sum(corrupted_BxL, dtype=jnp.float32)
+  else:
+    raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+  # where(), not a product, outside the corrupted positions: their nll may be inf (e.g. masked-out logits).
+  total = jnp.sum(jnp.where(corrupted_BxL, nll_BxL.astype(jnp.float32) * weight_BxL, 0.0))
+  return total, count
+
+
+def diffusion_loss(
+  nll_BxL: jax.Array, corrupted_BxL: jax.Array, t_B: jax.Array, corruptible_BxL: jax.Array, weighting: str
+) -> jax.Array:
+  """float32 scalar; see `diffusion_loss_sum_and_count`. A batch with nothing to count gives 0, not NaN."""
+  total, count = diffusion_loss_sum_and_count(nll_BxL, corrupted_BxL, t_B, corruptible_BxL, weighting)
+  return total / jnp.maximum(count, 1.0)
+
+
+def llada_loss(nll_BxL: jax.Array, corrupted_BxL: jax.Array, t_B: jax.Array, corruptible_BxL: jax.Array) -> jax.Array:
+  """LLaDA: 1/t-weighted NLL of the corrupted positions per corruptible token."""
+  return diffusion_loss(nll_BxL, corrupted_BxL, t_B, corruptible_BxL, "inverse_t")
+
+
+def flowlm_loss(
+  nll_BxL: jax.Array,
+  corrupted_BxL: jax.Array,
+  t_B: jax.Array,
+  corruptible_BxL: jax.Array,
+  weighting: str = "none",
+) -> jax.Array:
+  """FlowLM: loss on every corrupted position, masked, random-replaced and unchanged alike, so the model learns
+  to repair any token, not only to fill [MASK]s."""
+  return diffusion_loss(nll_BxL, corrupted_BxL, t_B, corruptible_BxL, weighting)
+
+
+LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # (nll, corrupted, t, corruptible)
+LOSSES: dict[str, LossFn] = {"llada": llada_loss, "flowlm": flowlm_loss}
+
+
+def loss_fn(name: str, weighting: str | None = None) -> LossFn:
+  """`(nll_BxL, corrupted_BxL, t_B, corruptible_BxL) -> loss` for `training.loss`.
+
+  `weighting` (`training.loss_weighting`) applies to "flowlm" only (None: flowlm_loss's default); "llada" is
+  always 1/t-weighted, since that weight is what makes it LLaDA's likelihood bound.
+  """
+  if name not in LOSSES:
+    raise ValueError(f"unknown training.loss={name!r}; expected one of {list(LOSSES)}")
+  if name == "llada" or weighting is None:
+    return LOSSES[name]
+  if weighting not in WEIGHTINGS:  # fail at setup, not at the first traced step
+    raise ValueError(f"unknown training.loss_weighting={weighting!r}; expected one of {WEIGHTINGS}")
+  return functools.partial(flowlm_loss, weighting=weighting)
+
+
+def ratio_bucket_ids(t_B: jax.Array) -> jax.Array:
+  """int32[B]: index into RATIO_BUCKETS; bucket i holds RATIO_EDGES[i-1] < t <= RATIO_EDGES[i]."""
+  return jnp.sum(t_B[:, None] > jnp.asarray(RATIO_EDGES, jnp.float32), axis=-1, dtype=jnp.int32)
+
+
+def masking_metric_sums(
+  correct_BxL: jax.Array, corruption_kind_BxL: jax.Array, corrupted_BxL: jax.Array, t_B: jax.Array
+) -> dict[str, jax.Array]:
+  """Flat dict of float32 scalars `correct/<group>` and `count/<group>` over corrupted positions.
+
+  Groups: `corrupted` (all), by corruption kind (`mask`, `random`, `unchanged`), and by the sequence's t
+  (RATIO_BUCKETS). Add dicts from several batches key by key, then call `finalize_metrics`.
+  """
+  bucket_B = ratio_bucket_ids(t_B)
+  groups_BxL = {
+    "corrupted": corrupted_BxL,
+    "mask": corrupted_BxL & (corruption_kind_BxL == masking.KIND_MASK),
+    "random": corrupted_BxL & (corruption_kind_BxL == masking.KIND_RANDOM),
+    "unchanged": corrupted_BxL & (corruption_kind_BxL == masking.KIND_UNCHANGED),
+  }
+  for i, bucket in enumerate(RATIO_BUCKETS):
+    groups_BxL[bucket] = corrupted_BxL & (bucket_B == i)[:, None]
+  sums = {}
+  for group, in_group_BxL in groups_BxL.items():
+    sums[f"correct/{group}"] = jnp.sum(in_group_BxL & correct_BxL, dtype=jnp.float32)
+    sums[f"count/{group}"] = jnp.sum(in_group_BxL, dtype=jnp.float32)
+  return sums
+
+
+def finalize_metrics(sums: Mapping[str, Any]) -> dict[str, float]:
+  """Accuracies from `masking_metric_sums` (possibly summed): `accuracy` over all corrupted positions, and
+  `accuracy_<group>` per group. Groups with a zero count are left out rather than reported as NaN."""
+  metrics = {}
+  for key, correct in sums.items():
+    if not key.startswith("correct/"):
+      continue
+    group = key.removeprefix("correct/")
+    count = float(sums[f"count/{group}"])
+    if count > 0:
+      metrics["accuracy" if group == "corrupted" else f"accuracy_{group}"] = float(correct) / count
+  return metrics

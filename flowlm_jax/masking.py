@@ -1,0 +1,151 @@
+"""Forward corruption process of masked diffusion: pick positions with probability t, then corrupt them.
+
+LLaDA (Nie et al. 2025, "Large Language Diffusion Models", Sec. 2.1 and Alg. 1) masks every token independently
+with probability t ~ U[0, 1]. We generalise that in two ways the config can switch on:
+  * t is drawn from U[min_ratio, max_ratio] (LLaDA: [0, 1]) and lifted off zero with LLaDA's `eps` trick,
+    p = (1 - eps) * r + eps, so no sequence is trained with (almost) nothing to predict;
+  * a chosen position is not always replaced by [MASK]: like BERT it may get a random token or stay as it is.
+    FlowLM trains the model to fix any position, so most chosen positions get a random token.
+
+Everything here is pure and jit-able: the `MaskingSpec` is plain Python data that is closed over, e.g.
+`jax.jit(functools.partial(corrupt, spec=spec))`, and the randomness comes only from the key passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowlm_jax.vocab import Vocab
+
+# (mask, random, unchanged) probabilities for a position chosen for corruption.
+STRATEGIES: dict[str, tuple[float, float, float]] = {
+  "BERT_STRATEGY": (0.8, 0.1, 0.1),  # Devlin et al. 2019
+  "LLADA_STRATEGY": (0.9, 0.1, 0.0),
+  "FLOWLM_STRATEGY": (0.3, 0.7, 0.0),
+}
+CUSTOM_STRATEGY = "CUSTOM"  # take masking.mask_prob / random_prob / keep_prob from the config
+
+# What happened to each position; int8 to keep the [B, L] array small.
+KIND_NONE = 0  # not chosen: no loss here
+KIND_MASK = 1
+KIND_RANDOM = 2
+KIND_UNCHANGED = 3
+
+_PROB_TOLERANCE = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSpec:
+  """Resolved masking config plus the vocab facts corruption needs; hashable, safe to close over in jit."""
+
+  mask_prob: float
+  random_prob: float
+  keep_prob: float
+  min_ratio: float
+  max_ratio: float
+  eps: float
+  mask_id: int
+  # A tuple (not an array) so the frozen dataclass stays hashable and comparable.
+  random_token_ids: tuple[int, ...]
+
+  def __post_init__(self):
+    object.__setattr__(self, "random_token_ids", tuple(int(i) for i in np.asarray(self.random_token_ids).ravel()))
+    total = self.mask_prob + self.random_prob + self.keep_prob
+    if min(self.mask_prob, self.random_prob, self.keep_prob) < 0 or abs(total - 1.0) > _PROB_TOLERANCE:
+      raise ValueError(
+        "masking.mask_prob + masking.random_prob + masking.keep_prob must be non-negative and sum to 1, got "
+        f"{self.mask_prob} + {self.random_prob} + {self.keep_prob} = {total}"
+      )
+    if not 0.0 <= self.min_ratio <= self.max_ratio <= 1.0:
+      raise ValueError(
+        f"need 0 <= masking.min_ratio <= masking.max_ratio <= 1, got min_ratio={self.min_ratio}, "
+        f"max_ratio={self.max_ratio}"
+      )
+    if not 0.0 <= self.eps < 1.0:
+      raise ValueError(f"masking.eps must lie in [0, 1), got {self.eps}")
+    if self.random_prob > 0 and not self.random_token_ids:
+      raise ValueError("masking.random_prob > 0 but the vocab has no non-special ids to draw from")
+    if self.mask_id in self.random_token_ids:
+      raise ValueError(f"mask_id={self.mask_id} is among the random replacement ids; list it in vocab.special_ids")
+
+  @classmethod
+  def from_config(cls, masking_cfg: Any, vocab: Vocab) -> MaskingSpec:
+    """`masking_cfg`: the `masking` ConfigDict section, or any object with the same attributes."""
+    mask_prob, random_prob, keep_prob = resolve_strategy(masking_cfg)
+    return cls(
+      mask_prob=mask_prob,
+      random_prob=random_prob,
+      keep_prob=keep_prob,
+      min_ratio=float(masking_cfg.min_ratio),
+      max_ratio=float(masking_cfg.max_ratio),
+      eps=float(masking_cfg.eps),
+      mask_id=vocab.mask_id,
+      random_token_ids=tuple(vocab.random_token_ids.tolist()),
+    )
+
+
+def resolve_strategy(masking_cfg: Any) -> tuple[float, float, float]:
+  """(mask, random, unchanged) probabilities named by `masking.strategy`."""
+  strategy = masking_cfg.strategy
+  if strategy == CUSTOM_STRATEGY:
+    return float(masking_cfg.mask_prob), float(masking_cfg.random_prob), float(masking_cfg.keep_prob)
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown masking.strategy={strategy!r}; expected one of {[*STRATEGIES, CUSTOM_STRATEGY]}")
+  return STRATEGIES[strategy]
+
+
+class Corruption(NamedTuple):
+  noisy_tokens: jax.Array  # int32[B, L]: the model's input
+  corrupted: jax.Array  # bool[B, L]: positions chosen for corruption, whatever they got; these carry the loss
+  t: jax.Array  # float32[B]: per-sequence probability that a corruptible position is chosen
+  kind: jax.Array  # int8[B, L]: KIND_NONE / KIND_MASK / KIND_RANDOM / KIND_UNCHANGED
+
+
+def sample_t(key: jax.Array, batch_size: int, spec: MaskingSpec) -> jax.Array:
+  """float32[B]: r ~ U[min_ratio, max_ratio], t = (1 - eps) * r + eps (LLaDA's eps keeps t away from 0)."""
+  r_B = jax.random.uniform(key, (batch_size,), jnp.float32, minval=spec.min_ratio, maxval=spec.max_ratio)
+  return (1.0 - spec.eps) * r_B + spec.eps
+
+
+def sample_kinds(key: jax.Array, corrupted_BxL: jax.Array, spec: MaskingSpec) -> jax.Array:
+  """int8[B, L]: for chosen positions, MASK / RANDOM / UNCHANGED with the strategy's probabilities."""
+  # Thresholds on one uniform draw; normalise so that rounding in a CUSTOM sum never leaks probability.
+  total = spec.mask_prob + spec.random_prob + spec.keep_prob
+  mask_below = spec.mask_prob / total
+  random_below = (spec.mask_prob + spec.random_prob) / total
+  u_BxL = jax.random.uniform(key, corrupted_BxL.shape, jnp.float32)
+  kind_BxL = jnp.where(u_BxL < mask_below, KIND_MASK, jnp.where(u_BxL < random_below, KIND_RANDOM, KIND_UNCHANGED))
+  return jnp.where(corrupted_BxL, kind_BxL, KIND_NONE).astype(jnp.int8)
+
+
+def sample_random_tokens(key: jax.Array, shape: tuple[int, ...], spec: MaskingSpec) -> jax.Array:
+  """int32[shape]: ids drawn uniformly from spec.random_token_ids (never special ids)."""
+  ids_N = jnp.asarray(np.asarray(spec.random_token_ids, dtype=np.int32))
+  return ids_N[jax.random.randint(key, shape, 0, ids_N.shape[0])]
+
+
+def corrupt(key: jax.Array, tokens_BxL: jax.Array, corruptible_BxL: jax.Array, spec: MaskingSpec) -> Corruption:
+  """Corrupt each corruptible position independently with a per-sequence probability t.
+
+  `corruptible_BxL` is False where a position must stay intact (specials, padding, the prompt in SFT); such
+  positions are never chosen. A random replacement may happen to draw the original token: it still counts as
+  KIND_RANDOM and stays `corrupted`, so the kind tells what the process did, not whether the token differs.
+  """
+  t_key, choose_key, kind_key, random_key = jax.random.split(key, 4)
+  batch_size, seq_len = tokens_BxL.shape
+  t_B = sample_t(t_key, batch_size, spec)
+  chosen_BxL = jax.random.uniform(choose_key, (batch_size, seq_len), jnp.float32) < t_B[:, None]
+  corrupted_BxL = chosen_BxL & corruptible_BxL.astype(bool)
+  kind_BxL = sample_kinds(kind_key, corrupted_BxL, spec)
+
+  noisy_BxL = tokens_BxL.astype(jnp.int32)
+  noisy_BxL = jnp.where(kind_BxL == KIND_MASK, jnp.int32(spec.mask_id), noisy_BxL)
+  if spec.random_prob > 0:  # static: skip the draw (and the id table) when the strategy never uses it
+    random_BxL = sample_random_tokens(random_key, (batch_size, seq_len), spec)
+    noisy_BxL = jnp.where(kind_BxL == KIND_RANDOM, random_BxL, noisy_BxL)
+  return Corruption(noisy_tokens=noisy_BxL, corrupted=corrupted_BxL, t=t_B, kind=kind_BxL)

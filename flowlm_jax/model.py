@@ -1,0 +1,205 @@
+"""Bidirectional LLaMA-style transformer (Flax NNX): RoPE, RMSNorm, SwiGLU, no causal mask.
+
+The layers' parameters are stacked along a leading `layers` axis and the forward pass runs them with
+`jax.lax.scan`, so compile time does not grow with depth and remat wraps one layer body. Every
+parameter carries `logical_axes` metadata (`embed`, `heads`, `mlp`, `vocab`, ...); `sharding.py` maps
+those names onto mesh axes, so the model never mentions devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flowlm_jax.tokenizer import padded_vocab_size
+from flowlm_jax.vocab import Vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int            # embedding rows (padded)
+  num_real_tokens: int       # ids >= this are padding rows: never predicted
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  tie_embeddings: bool = False
+  param_dtype: str = "float32"
+  compute_dtype: str = "bfloat16"
+  remat: str = "none"
+  attention: str = "auto"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab: Vocab) -> "ModelConfig":
+    return cls(
+        vocab_size=padded_vocab_size(model_cfg, vocab), num_real_tokens=vocab.size,
+        d_model=model_cfg.d_model, n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads,
+        n_kv_heads=model_cfg.n_kv_heads or model_cfg.n_heads, d_ff=model_cfg.d_ff,
+        rope_theta=model_cfg.rope_theta, norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std,
+        tie_embeddings=model_cfg.tie_embeddings, param_dtype=model_cfg.param_dtype,
+        compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat, attention=model_cfg.attention)
+
+  def params_per_token_flops(self) -> int:
+    """Matmul parameters touched per token (for FLOP counts): layers plus the output projection."""
+    d, f = self.d_model, self.d_ff
+    attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    return self.n_layers * (attn + 3 * d * f) + d * self.vocab_size
+
+
+def _param(key, shape, std, dtype, axes):
+  return nnx.Param(jax.random.normal(key, shape, dtype) * std, logical_axes=axes)
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    L, D, H, K, Dh, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                            cfg.d_ff, cfg.vocab_size)
+    dtype = jnp.dtype(cfg.param_dtype)
+    std, out_std = cfg.init_std, cfg.init_std / (2 * L) ** 0.5  # GPT-2 style: residual writes scaled
+    p = functools.partial(_param, dtype=dtype)
+    self.embed = p(rngs.params(), (V, D), std, axes=("vocab", "embed"))
+    self.attn_norm = nnx.Param(jnp.ones((L, D), dtype), logical_axes=("layers", "norm"))
+    self.wq = p(rngs.params(), (L, D, H, Dh), std, axes=("layers", "embed", "heads", "head_dim"))
+    self.wk = p(rngs.params(), (L, D, K, Dh), std, axes=("layers", "embed", "kv_heads", "head_dim"))
+    self.wv = p(rngs.params(), (L, D, K, Dh), std, axes=("layers", "embed", "kv_heads", "head_dim"))
+    self.wo = p(rngs.params(), (L, H, Dh, D), out_std, axes=("layers", "heads", "head_dim", "embed"))
+    self.mlp_norm = nnx.Param(jnp.ones((L, D), dtype), logical_axes=("layers", "norm"))
+    self.w_gate = p(rngs.params(), (L, D, F), std, axes=("layers", "embed", "mlp"))
+    self.w_up = p(rngs.params(), (L, D, F), std, axes=("layers", "embed", "mlp"))
+    self.w_down = p(rngs.params(), (L, F, D), out_std, axes=("layers", "mlp", "embed"))
+    self.final_norm = nnx.Param(jnp.ones((D,), dtype), logical_axes=("norm",))
+    if not cfg.tie_embeddings:
+      self.unembed = p(rngs.params(), (D, V), std, axes=("embed", "vocab"))
+
+  # -- pieces ---------------------------------------------------------------------------------
+
+  def output_matrix(self) -> jax.Array:
+    """[D, V] projection from final hidden states to logits (compute dtype)."""
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
+    return w.astype(self.cfg.compute_dtype)
+
+  def logits_from_hidden(self, hidden_BxTxD: jax.Array, w_DxV: jax.Array | None = None) -> jax.Array:
+    """float32 logits; padding rows of the vocabulary get -inf so they are never predicted."""
+    w = self.output_matrix() if w_DxV is None else w_DxV
+    logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
+    return mask_padded_vocab(logits, self.cfg.num_real_tokens)
+
+  def hidden(self, tokens_BxT: jax.Array, valid_BxT: jax.Array | None = None,
+             positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None) -> jax.Array:
+    """Final (normed) hidden states [B, T, D] in the compute dtype.
+
+    Padding: `valid_BxT` masks keys anywhere (left-padded prompts in sampling); `kv_lengths_B` says
+    the first n keys are real (right padding, training rows) and keeps cuDNN's fast padded kernel.
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.compute_dtype)
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    sin, cos = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    mask = None if valid_BxT is None else valid_BxT[:, None, None, :]
+    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype)
+
+    layer_params = {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+
+    def layer(x, p):
+      p = jax.tree.map(lambda w: w.astype(dtype), p)
+      h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+      q = apply_rope(jnp.einsum("btd,dhk->bthk", h, p["wq"]), sin, cos)
+      k = apply_rope(jnp.einsum("btd,dhk->bthk", h, p["wk"]), sin, cos)
+      v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
+      a = attention(q, k, v, mask, kv_lengths_B, cfg.attention)
+      x = x + jnp.einsum("bthk,hkd->btd", a, p["wo"])
+      h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+      gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
+      up = jnp.einsum("btd,df->btf", h, p["w_up"])
+      x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+      return x, None
+
+    x, _ = jax.lax.scan(remat(layer, cfg.remat), x, layer_params)
+    return rms_norm(x, self.final_norm[...].astype(dtype), cfg.norm_eps)
+
+  def __call__(self, tokens_BxT, valid_BxT=None, positions_BxT=None, kv_lengths_B=None) -> jax.Array:
+    """float32 logits [B, T, V]."""
+    return self.logits_from_hidden(self.hidden(tokens_BxT, valid_BxT, positions_BxT, kv_lengths_B))
+
+
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+# --- functional building blocks -------------------------------------------------------------
+
+
+def rms_norm(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions_BxT, head_dim: int, theta: float):
+  """sin/cos [B, T, 1, head_dim/2] for rotary embeddings (Su et al. 2021), computed in float32."""
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+def apply_rope(x_BxTxHxK, sin, cos):
+  """Rotates pairs (first half, second half) of each head — the LLaMA/NeoX layout."""
+  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+def attention_implementation(requested: str) -> str | None:
+  """cuDNN flash attention on GPU, XLA elsewhere (CPU/TPU have no cuDNN)."""
+  if requested == "auto":
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  return requested
+
+
+def attention(q, k, v, mask, kv_lengths, implementation: str, local_window: int | None = None):
+  impl = attention_implementation(implementation)
+  if impl == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16)):
+    impl = "xla"  # cuDNN's fused kernel needs half-precision inputs
+  window = None if local_window is None else (local_window, local_window)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl, local_window_size=window)
+
+
+def remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  if policy == "save_dots":
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"model.remat: unknown policy {policy!r}")
+
+
+def mask_padded_vocab(logits_BxTxV, num_real_tokens: int):
+  V = logits_BxTxV.shape[-1]
+  if num_real_tokens >= V:
+    return logits_BxTxV
+  real = jnp.arange(V) < num_real_tokens
+  return jnp.where(real, logits_BxTxV, jnp.finfo(logits_BxTxV.dtype).min)
+
+
+def build_model(model_cfg, vocab: Vocab, seed: int = 0) -> Transformer:
+  return Transformer(ModelConfig.from_config(model_cfg, vocab), rngs=nnx.Rngs(params=seed))
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

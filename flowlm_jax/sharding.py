@@ -1,0 +1,111 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel whose replicas also split parameters and
+optimiser state, ZeRO-3 style), `tensor` (attention heads and MLP hidden split, Megatron style).
+Batches are split over data x fsdp. A dimension whose size the mesh axes do not divide stays
+replicated (e.g. 2 KV heads on a tensor axis of 8), so every config runs on every mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flowlm_jax import config as config_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+LOGICAL_RULES = {
+    "batch": BATCH_AXES,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+def make_mesh(c, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = config_lib.mesh_shape(c, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def single_device_mesh(device=None) -> Mesh:
+  device = jax.devices()[0] if device is None else device
+  return Mesh(np.asarray([device]).reshape(1, 1, 1), MESH_AXES)
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh) -> P:
+  """PartitionSpec for one array; dims the mesh axes do not divide are replicated."""
+  spec = []
+  for name, size in zip(logical_axes, shape):
+    target = LOGICAL_RULES.get(name)
+    if target is None:
+      spec.append(None)
+      continue
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    spec.append((axes[0] if len(axes) == 1 else axes) if ways > 1 and size % ways == 0 else None)
+  return P(*spec)
+
+
+def param_shardings(model_state, mesh: Mesh):
+  """NamedShardings for an `nnx.State` of Params, as a pure dict matching `nnx.to_pure_dict`."""
+  from flax import nnx
+
+  def one(var):
+    axes = var.get_metadata().get("logical_axes") or (None,) * var[...].ndim
+    return NamedSharding(mesh, logical_to_spec(axes, var[...].shape, mesh))
+
+  return nnx.to_pure_dict(jax.tree.map(one, model_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def like_params(tree, params_shardings, mesh: Mesh):
+  """Shardings for a tree (an optimiser state) whose param-shaped subtrees mirror the params.
+
+  A leaf whose key path ends with a parameter's key path (and has its shape) takes that parameter's
+  sharding; everything else (step counters, scalars) is replicated.
+  """
+  by_path = {tuple(_key(k) for k in path): s for path, s in jax.tree_util.tree_leaves_with_path(params_shardings)}
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    keys = tuple(_key(k) for k in path)
+    for n in range(len(keys), 0, -1):
+      sharding = by_path.get(keys[-n:])
+      if sharding is not None and len(sharding.spec) <= len(getattr(leaf, "shape", ())):
+        return sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _key(k):
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return str(k)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles the global batch from each process's rows (rows split over data x fsdp)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

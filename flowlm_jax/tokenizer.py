@@ -1,0 +1,73 @@
+"""Loading the tokenizer (HF transformers) and making sure it has the special tokens diffusion needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flowlm_jax.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+ASSETS_DIR = os.path.join(os.path.dirname(__file__), "assets")
+EMBEDDED_TOKENIZER = os.path.join(ASSETS_DIR, "tokenizer")
+
+# Added when a tokenizer lacks them; the model's embedding table grows to cover them.
+REQUIRED_SPECIALS = {"mask_token": "[MASK]", "pad_token": "[PAD]"}
+
+
+def resolve_tokenizer_path(name: str) -> str:
+  return EMBEDDED_TOKENIZER if name == "embedded" else name
+
+
+def load_tokenizer(name: str):
+  """AutoTokenizer from the embedded files, a local directory or a hub name, with [MASK] and [PAD].
+
+  Missing [MASK]/[PAD] are added (and reported); a tokenizer that cannot take new tokens is an error.
+  """
+  from transformers import AutoTokenizer  # heavy import, kept at the edge
+
+  path = resolve_tokenizer_path(name)
+  looks_local = name == "embedded" or name.startswith(("/", ".", "~"))
+  if looks_local and not os.path.isdir(path):
+    raise FileNotFoundError(f"model.tokenizer: no such directory: {path}")
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+  except OSError as e:
+    raise FileNotFoundError(f"model.tokenizer: cannot load {name!r} ({str(e).splitlines()[0]})") from None
+  missing = {k: v for k, v in REQUIRED_SPECIALS.items() if getattr(tokenizer, k, None) is None}
+  if missing:
+    try:
+      tokenizer.add_special_tokens(missing)
+    except Exception as e:  # noqa: BLE001 - any failure here means the tokenizer cannot be used
+      raise ValueError(f"model.tokenizer: {name!r} lacks {', '.join(missing.values())} and cannot add them: {e}") from None
+    log.warning("tokenizer %s lacked %s: added them", name, ", ".join(missing.values()))
+  if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+    raise ValueError(f"model.tokenizer: {name!r} has no [MASK] or [PAD] token and none could be added")
+  return tokenizer
+
+
+def vocab_of(tokenizer) -> Vocab:
+  """The ids the math needs. EOS falls back to SEP (BERT-style tokenizers have no EOS) and vice versa."""
+  eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+  sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else eos
+  if eos is None:
+    raise ValueError("model.tokenizer: needs an end-of-sequence or separator token ([EOS] or [SEP])")
+  return Vocab(
+      size=len(tokenizer),
+      mask_id=tokenizer.mask_token_id,
+      pad_id=tokenizer.pad_token_id,
+      eos_id=eos,
+      sep_id=sep,
+      special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+  )
+
+
+def padded_vocab_size(config_model, vocab: Vocab) -> int:
+  """Rows of the model's embedding table: explicit, or len(tokenizer) rounded up to a tile multiple."""
+  if config_model.vocab_size:
+    if config_model.vocab_size < vocab.size:
+      raise ValueError(f"model.vocab_size={config_model.vocab_size} is smaller than the tokenizer ({vocab.size} tokens)")
+    return config_model.vocab_size
+  multiple = config_model.vocab_multiple
+  return -(-vocab.size // multiple) * multiple
