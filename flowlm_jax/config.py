@@ -46,7 +46,7 @@ def base_config() -> ConfigDict:
   m.compute_dtype = "bfloat16"  # activations and matmuls
   m.remat = "none"              # "none" | "full" | "save_dots": what the backward pass recomputes
   m.attention = "auto"          # "auto" (cuDNN flash on GPU, XLA elsewhere) | "xla" | "cudnn"
-  m.loss_chunk_size = 0         # >0: cross-entropy over this many tokens at a time (no full f32 logits)
+  m.loss_chunk_size = 0         # >0: cross-entropy over this many positions at a time (no full f32 logits)
 
   c.dataset = d = ConfigDict()
   d.name = "embedded:shakespeare"  # "embedded:shakespeare", "embedded:sft_tasks", a hub name, or ""
@@ -61,6 +61,8 @@ def base_config() -> ConfigDict:
   d.prompt_field = "prompt"
   d.answer_field = "answer"
   d.messages_field = "messages"  # chat records, e.g. tulu-3-sft-mixture
+  d.prompt_format = "auto"      # "plain" | "chat" ("User: … [SEP] Assistant:"); "auto": chat iff records
+                                # have messages_field (resolved when data loads, saved with checkpoints)
   d.max_length = 128            # sequence length of a training row
   d.overlong = "truncate"       # SFT records longer than max_length: "truncate" (counted) | "error"
   d.max_train_examples = 0      # 0 = all
@@ -163,29 +165,27 @@ SIZES = {
 def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
   """Sets model size and data for a preset variant (`configs/flowlm.py:small`)."""
   variant = variant or "demo"
-  if variant == "tasks":  # demo model on the embedded SFT task set (sampler accuracy)
-    _set_size(c, "demo")
+  if variant not in (*SIZES, "tasks"):
+    raise ValueError(f"unknown config variant {variant!r}; known: {', '.join([*SIZES, 'tasks'])}")
+  _set_size(c, "demo" if variant == "tasks" else variant)
+  if variant in ("demo", "tasks"):  # CPU-sized: bf16 is emulated (slow) on CPUs, so compute in float32
+    c.model.compute_dtype = "float32"
+  else:  # large shapes: bf16 compute, big-batch optimiser settings, remat, chunked cross-entropy
+    c.training.learning_rate = 3e-4
+    c.training.warmup_steps = 2000
+    c.model.remat = "save_dots"
+    c.model.loss_chunk_size = 256
+    c.evaluation.eval_steps = 1000
+    c.training.save_steps = 1000
+  if variant == "tasks":  # the embedded SFT task set: scores samplers by exact match
     c.dataset.name = "embedded:sft_tasks"
     c.dataset.kind = "sft"
     c.dataset.max_length = 32
     c.training.batch_size = 64
-    c.training.num_epochs = 1.0
+    c.training.num_epochs = 2.0
     c.inference.answer_length = 8
     c.inference.steps = 8
     c.inference.max_steps = 16
-    return c
-  if variant not in SIZES:
-    known = ", ".join(["tasks", *SIZES])
-    raise ValueError(f"unknown config variant {variant!r}; known: {known}")
-  _set_size(c, variant)
-  if variant != "demo":  # large shapes: bf16 compute, big-batch optimiser settings, remat
-    c.training.learning_rate = 3e-4
-    c.training.weight_decay = 0.1
-    c.training.warmup_steps = 2000
-    c.model.remat = "save_dots"
-    c.model.loss_chunk_size = 8192
-    c.evaluation.eval_steps = 1000
-    c.training.save_steps = 1000
   return c
 
 
@@ -327,6 +327,7 @@ def _check_values(c: ConfigDict) -> None:
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
   _choice(c, "dataset.kind", ("text", "sft"))
   _choice(c, "dataset.overlong", ("truncate", "error"))
+  _choice(c, "dataset.prompt_format", ("auto", "plain", "chat"))
   _require(0.0 <= d.validation_split_ratio < 1.0, "dataset.validation_split_ratio", "must be in [0, 1)")
   _require(bool(d.name or d.train_files), "dataset.name", "set a dataset name or dataset.train_files")
   for key in ("train_files", "validation_files"):

@@ -43,6 +43,7 @@ class TokenizedSplit:
   num_records: int = 0
   num_truncated: int = 0   # SFT records cut to max_length
   num_dropped: int = 0     # SFT records whose prompt left no room for an answer
+  chat: bool = False       # records were chat `messages` (prompts are rendered "User: … [SEP] Assistant:")
 
   def __len__(self) -> int:
     return self.tokens.shape[0]
@@ -157,6 +158,9 @@ def pack_documents(docs: list[list[int]], vocab: Vocab, max_length: int) -> Toke
 def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   columns = records.column_names
   chat = dcfg.messages_field in columns
+  if dcfg.prompt_format != "auto" and (dcfg.prompt_format == "chat") != chat:
+    raise ValueError(f"dataset.prompt_format={dcfg.prompt_format!r} but the records "
+                     f"{'have' if chat else 'lack'} the {dcfg.messages_field!r} field")
   if not chat and not {dcfg.prompt_field, dcfg.answer_field} <= set(columns):
     raise KeyError(f"dataset: SFT records need {dcfg.prompt_field!r}/{dcfg.answer_field!r} or "
                    f"{dcfg.messages_field!r} fields (columns: {columns})")
@@ -185,7 +189,8 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   corruptible = np.arange(L)[None, :] >= np.asarray(prompt_lens)[:, None]
   if truncated:
     log.warning("dataset: %d of %d records longer than max_length=%d were truncated", truncated, len(pairs), L)
-  return TokenizedSplit(tokens, corruptible, num_records=len(pairs), num_truncated=truncated, num_dropped=dropped)
+  return TokenizedSplit(tokens, corruptible, num_records=len(pairs), num_truncated=truncated, num_dropped=dropped,
+                        chat=chat)
 
 
 def load_split(dcfg, split: str, tokenizer, vocab: Vocab, max_records: int = 0) -> TokenizedSplit:
@@ -195,6 +200,13 @@ def load_split(dcfg, split: str, tokenizer, vocab: Vocab, max_records: int = 0) 
   if dcfg.name in EMBEDDED_DATASETS and EMBEDDED_DATASETS[dcfg.name][0] != dcfg.kind:
     raise ValueError(f"dataset.kind={dcfg.kind!r} does not match {dcfg.name} (which is {EMBEDDED_DATASETS[dcfg.name][0]!r})")
   return tokenize_split(records, dcfg, tokenizer, vocab)
+
+
+def unigram_entropy(split: TokenizedSplit) -> float:
+  """Entropy (nats) of the trainable tokens' unigram distribution: the loss of a model that ignores context."""
+  counts = np.bincount(split.tokens[split.corruptible])
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
 
 
 # --- batches ------------------------------------------------------------------------------------

@@ -37,6 +37,40 @@ def token_nll_and_correct(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tu
   return log_z_BxL - target_logit_BxL, correct_BxL
 
 
+
+def chunked_token_nll_and_correct(
+  hidden_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array, num_real_tokens: int, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+  """`token_nll_and_correct(hidden @ w)` without holding float32 logits for the whole batch.
+
+  The sequence is cut into chunks of `chunk_size` positions; a scan computes each chunk's logits,
+  reduces them to (nll, correct) and drops them, and the backward pass recomputes them (remat), so peak
+  memory holds one chunk of [B, chunk, V] logits instead of [B, L, V]. Chunking along the sequence (not
+  the batch) keeps the batch axis, and with it its sharding over devices, intact.
+  """
+  B, L, D = hidden_BxLxD.shape
+  chunk = min(chunk_size, L)
+  n_chunks = -(-L // chunk)
+  pad = n_chunks * chunk - L
+  if pad:
+    hidden_BxLxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+  hidden_NxBxCxD = hidden_BxLxD.reshape(B, n_chunks, chunk, D).swapaxes(0, 1)
+  targets_NxBxC = targets_BxL.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+  vocab_real_V = jnp.arange(w_DxV.shape[1]) < num_real_tokens
+
+  @jax.checkpoint
+  def one_chunk(h_BxCxD, y_BxC):
+    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+    logits = jnp.where(vocab_real_V, logits, jnp.finfo(jnp.float32).min)
+    return token_nll_and_correct(logits, y_BxC)
+
+  _, (nll_NxBxC, correct_NxBxC) = jax.lax.scan(
+    lambda carry, xs: (carry, one_chunk(*xs)), None, (hidden_NxBxCxD, targets_NxBxC))
+  nll_BxL = nll_NxBxC.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :L]
+  correct_BxL = correct_NxBxC.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :L]
+  return nll_BxL, correct_BxL
+
 def diffusion_loss_sum_and_count(
   nll_BxL: jax.Array, corrupted_BxL: jax.Array, t_B: jax.Array, corruptible_BxL: jax.Array, weighting: str
 ) -> tuple[jax.Array, jax.Array]:

@@ -64,8 +64,8 @@ def param_shardings(model_state, mesh: Mesh):
   from flax import nnx
 
   def one(var):
-    axes = var.get_metadata().get("logical_axes") or (None,) * var[...].ndim
-    return NamedSharding(mesh, logical_to_spec(axes, var[...].shape, mesh))
+    axes = var.get_metadata().get("logical_axes") or (None,) * var.get_value().ndim
+    return NamedSharding(mesh, logical_to_spec(axes, var.get_value().shape, mesh))
 
   return nnx.to_pure_dict(jax.tree.map(one, model_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 

@@ -1,0 +1,127 @@
+"""Where metrics go: `WORKDIR/metrics.jsonl`, `WORKDIR/samples.jsonl` and (optionally) wandb.
+
+Only process 0 writes. wandb is imported lazily, defaults to offline with its files under the workdir,
+and any failure of it is reported once and then ignored: tracking never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import time
+from typing import Any
+
+log = std_logging.getLogger(__name__)
+
+SECRET_ENV_VARS = ("WANDB_API_KEY",)
+
+
+class MetricsLogger:
+  def __init__(self, workdir: str, config, *, is_main: bool = True):
+    self.workdir = workdir
+    self.is_main = is_main
+    self._wandb_run = None
+    self._wandb_config = config.logging.wandb
+    if not is_main:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    self._samples = open(os.path.join(workdir, "samples.jsonl"), "a", buffering=1)
+    if self._wandb_config.mode != "disabled":
+      self._wandb_run = _start_wandb(workdir, config)
+
+  def write(self, row: dict[str, Any]) -> None:
+    if not self.is_main:
+      return
+    row = {"time": round(time.time(), 3), **{k: _plain(v) for k, v in row.items()}}
+    self._metrics.write(json.dumps(row) + "\n")
+    self._to_wandb({k: v for k, v in row.items() if k != "time"}, step=row.get("step"))
+
+  def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+    """Decoded inference examples: one JSON line each, and a wandb.Table."""
+    if not self.is_main or not rows:
+      return
+    for r in rows:
+      self._samples.write(json.dumps({"step": step, **r}) + "\n")
+    if self._wandb_run is not None:
+      import wandb
+      columns = list(rows[0])
+      table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+      self._to_wandb({"samples": table}, step=step)
+
+  def checkpoint_saved(self, step: int, path: str) -> None:
+    if self._wandb_run is None or not self._wandb_config.log_model:
+      return
+    try:
+      import wandb
+      artifact = wandb.Artifact(f"{self._wandb_run.id}-model", type="model", metadata={"step": step})
+      artifact.add_dir(path)
+      self._wandb_run.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
+    except Exception as e:  # noqa: BLE001 - tracking must never stop training
+      log.warning("wandb: could not log checkpoint %d as an artifact: %s", step, e)
+
+  def _to_wandb(self, values: dict[str, Any], step) -> None:
+    if self._wandb_run is None:
+      return
+    try:
+      self._wandb_run.log(values, step=step)
+    except Exception as e:  # noqa: BLE001
+      log.warning("wandb: logging failed, disabling it for this run: %s", e)
+      self._wandb_run = None
+
+  def close(self) -> None:
+    if not self.is_main:
+      return
+    self._metrics.close()
+    self._samples.close()
+    if self._wandb_run is not None:
+      try:
+        self._wandb_run.finish()
+      except Exception as e:  # noqa: BLE001
+        log.warning("wandb: finish failed: %s", e)
+
+
+def _start_wandb(workdir: str, config):
+  w = config.logging.wandb
+  wandb_dir = os.path.join(workdir, "wandb")
+  os.makedirs(wandb_dir, exist_ok=True)
+  # Keep every wandb file (run, staging, cache) under the workdir unless the user pointed them elsewhere.
+  for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+    os.environ.setdefault(var, wandb_dir)
+  try:
+    import wandb
+    return wandb.init(
+        project=w.project, name=w.name or os.path.basename(os.path.abspath(workdir)), entity=w.entity or None,
+        tags=list(w.tags), mode=w.mode, dir=wandb_dir, config=redact(config.to_dict()),
+        settings=wandb.Settings(init_timeout=30, silent=True))
+  except Exception as e:  # noqa: BLE001 - no network, no key, no wandb: train anyway
+    log.warning("wandb: could not start (%s: %s); continuing without it", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    return None
+
+
+def redact(obj: Any) -> Any:
+  """Drops values that look like secrets (env-var values, keys named *key*/*token*/*secret*)."""
+  secrets = {os.environ[v] for v in SECRET_ENV_VARS if os.environ.get(v)}
+  if isinstance(obj, dict):
+    return {k: "<redacted>" if _is_secret_key(k) else redact(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [redact(v) for v in obj]
+  if isinstance(obj, str) and obj in secrets:
+    return "<redacted>"
+  return obj
+
+
+def _is_secret_key(key: str) -> bool:
+  words = ("api_key", "token", "secret", "password")
+  key = key.lower()
+  return key in words or key.endswith(tuple("_" + w for w in words))
+
+
+def _plain(v: Any) -> Any:
+  """JSON-able Python value from numpy/jax scalars."""
+  if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+    return v.item()
+  if isinstance(v, float):
+    return round(v, 6)
+  return v

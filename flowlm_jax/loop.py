@@ -1,0 +1,273 @@
+"""The training run: set up (validate, data, mesh, state, resume), then step, log, evaluate, sample, save.
+
+Side effects live here and in logging.py/checkpoint.py; the math is in train.py and below.
+Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint, wait for it and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+from flowlm_jax import checkpoint as ckpt_lib
+from flowlm_jax import config as config_lib
+from flowlm_jax import data, losses, masking, sharding, train
+from flowlm_jax.logging import MetricsLogger, redact
+from flowlm_jax.model import ModelConfig
+from flowlm_jax.tokenizer import load_tokenizer, vocab_of
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs before its first step; built without compiling anything."""
+  config: Any
+  tokenizer: Any
+  vocab: Any
+  train_split: data.TokenizedSplit
+  valid_split: data.TokenizedSplit
+  iterator: data.BatchIterator
+  mesh: Any
+  model_cfg: ModelConfig
+  step_cfg: train.StepConfig
+  total_steps: int
+
+
+def prepare(config, *, num_devices: int | None = None) -> Setup:
+  """Validates and loads everything that can fail on bad input, before any compile."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  config_lib.validate(config, num_devices)
+  tokenizer = load_tokenizer(config.model.tokenizer)
+  vocab = vocab_of(tokenizer)
+  d = config.dataset
+  train_split = data.load_split(d, "train", tokenizer, vocab, d.max_train_examples)
+  valid_split = data.load_split(d, "validation", tokenizer, vocab, d.max_validation_examples)
+  iterator = data.BatchIterator(train_split, config.training.batch_size, seed=config.dataloader.seed,
+                                shuffle=config.dataloader.shuffle, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  with config.unlocked():  # resolved once, saved with the config: samplers must render prompts the same way
+    config.dataset.prompt_format = "chat" if train_split.chat else "plain"
+  t = config.training
+  total_steps = t.max_steps or max(1, int(t.num_epochs * iterator.batches_per_epoch))
+  model_cfg = ModelConfig.from_config(config.model, vocab)
+  step_cfg = train.StepConfig(
+      model=model_cfg, masking=masking.MaskingSpec.from_config(config.masking, vocab), loss=t.loss,
+      loss_weighting=t.loss_weighting, grad_accum=t.gradient_accumulation_steps,
+      loss_chunk_size=config.model.loss_chunk_size, pad_id=vocab.pad_id)
+  mesh = sharding.make_mesh(config)
+  return Setup(config, tokenizer, vocab, train_split, valid_split, iterator, mesh, model_cfg, step_cfg, total_steps)
+
+
+def check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"--workdir {workdir} is not writable: {e.strerror}") from None
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signal is not None:  # a second signal: stop now
+      signal.signal(signum, self._previous[signum])
+      raise KeyboardInterrupt
+    self.signal = signum
+    print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
+          file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def run(config, workdir: str, *, resume: str | None = None) -> dict[str, Any]:
+  """Trains until `total_steps` (or preemption). Returns the last train and eval metrics."""
+  check_workdir(workdir)
+  resume_dir, resume_step = ckpt_lib.resolve_resume_path(resume) if resume else (None, None)
+  s = prepare(config)
+  is_main = jax.process_index() == 0
+  c = s.config
+  if is_main:
+    with open(os.path.join(workdir, "config.yaml"), "w") as f:
+      f.write(config_lib.to_yaml(config_lib.from_dict(redact(c.to_dict()))))
+    print(f"train: {s.train_split.summary()}\nvalidation: {s.valid_split.summary()}\n"
+          f"mesh: {dict(s.mesh.shape)}  steps: {s.total_steps}  unigram entropy (nats/token): "
+          f"{data.unigram_entropy(s.train_split):.3f}", flush=True)
+
+  graphdef, abstract_model_state = train.abstract_model(s.model_cfg)
+  tx, schedule = train.make_optimizer(c.training, s.total_steps, abstract_model_state)
+  shardings = train.state_shardings(s.model_cfg, tx, s.mesh)
+  train_step, eval_step = train.compile_steps(graphdef, tx, s.step_cfg, shardings, s.mesh)
+  shapes = jax.eval_shape(lambda: train.init_state(s.model_cfg, tx, c.training.seed, shardings))
+  abstract = ckpt_lib.abstract_state(shapes, shardings)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.training.save_total_limit,
+                                       async_save=c.training.async_checkpointing)
+  state = _restore(checkpointer, abstract, s.iterator, resume_dir, resume_step, c.training)
+  if state is None:
+    state = train.init_state(s.model_cfg, tx, c.training.seed, shardings)
+  start_step = int(state.step)
+  logger = MetricsLogger(workdir, c, is_main=is_main)
+  config_dict = redact(c.to_dict())
+  tokens_per_step = c.training.batch_size * c.dataset.max_length
+  result: dict[str, Any] = {}
+
+  def save(step: int) -> None:
+    checkpointer.save(step, state, s.iterator.state(), config_dict)
+
+  try:
+    with _Preemption() as preemption, _progress(c, start_step, s.total_steps, is_main) as bar:
+      window, window_start, window_steps = None, time.perf_counter(), 0
+      nonfinite_seen = int(state.nonfinite_count)
+      step = start_step
+      while step < s.total_steps:
+        batch = sharding.global_batch(next(s.iterator), s.mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        window = metrics if window is None else _add(window, metrics)
+        window_steps += 1
+        bar.update(1)
+        last = step == s.total_steps
+        if step % c.logging.log_every == 0 or last or preemption.signal:
+          row = _train_row(jax.device_get(window), window_steps, step, schedule, tokens_per_step,
+                           time.perf_counter() - window_start, int(state.nonfinite_count))
+          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, c.training.nonfinite, row)
+          logger.write(row)
+          bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+          result["train"] = row
+          window, window_start, window_steps = None, time.perf_counter(), 0
+        if (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last:
+          result["eval"] = evaluate(eval_step, state.params, s, step)
+          logger.write(result["eval"])
+          bar.write(_format_eval(result["eval"]))
+        if c.inference.every_steps and (step % c.inference.every_steps == 0 or last):
+          _sample_test_prompts(s, graphdef, state.params, step, logger, bar)
+        if step % c.training.save_steps == 0 or last or preemption.signal:
+          _check_nonfinite(state, nonfinite_seen, c.training.nonfinite, None)
+          save(step)
+          if last:
+            checkpointer.wait()
+            logger.checkpoint_saved(step, os.path.join(checkpointer.directory, str(step)))
+        if preemption.signal:
+          checkpointer.wait()
+          print(f"preempted: saved checkpoint at step {step} in {checkpointer.directory}; exiting", flush=True)
+          result["preempted_at"] = step
+          break
+  finally:
+    checkpointer.close()  # waits for pending asynchronous saves
+    logger.close()
+  return result
+
+
+def _add(a, b):
+  return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def _progress(c, start: int, total: int, is_main: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, disable=not (is_main and c.logging.progress_bar), unit="step",
+              dynamic_ncols=True, file=sys.stdout)
+
+
+def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg):
+  """Resumes from --resume or the workdir's newest good checkpoint; None for a fresh start."""
+  source = checkpointer
+  if resume_dir is not None and os.path.abspath(resume_dir) != checkpointer.directory:
+    source = ckpt_lib.Checkpointer(resume_dir, max_to_keep=tcfg.save_total_limit, async_save=False)
+    if not source.all_steps():
+      raise FileNotFoundError(f"--resume: no checkpoints in {resume_dir}")
+  found = source.restore_latest_good(abstract, resume_step)
+  if source is not checkpointer:
+    source.close()
+  if found is None:
+    return None
+  step, state, data_state = found
+  iterator.restore(data_state)
+  print(f"resumed from {source.directory}/{step} (step {int(state.step)}, data epoch {data_state['epoch']} "
+        f"batch {data_state['position']})", flush=True)
+  return state
+
+
+def _train_row(sums, n_steps, step, schedule, tokens_per_step, seconds, nonfinite_count) -> dict[str, Any]:
+  row = {"step": step, "loss": float(sums["loss"]) / n_steps, "grad_norm": float(sums["grad_norm"]) / n_steps,
+         "learning_rate": float(schedule(step - 1)), "tokens_per_second": tokens_per_step * n_steps / max(seconds, 1e-9),
+         "nonfinite_count": nonfinite_count}
+  if sums["count/corrupted"] > 0:
+    row["nll_corrupted"] = float(sums["nll/corrupted"]) / float(sums["count/corrupted"])
+  row.update(losses.finalize_metrics(sums))
+  return row
+
+
+def _check_nonfinite(state, seen: int, policy: str, row) -> int:
+  count = int(state.nonfinite_count)
+  if count > seen:
+    step = int(state.last_nonfinite_step)
+    if policy == "stop":
+      raise NonFiniteError(f"non-finite loss or gradient at step {step}: stopping (training.nonfinite=stop); "
+                           "the update was not applied and the checkpoints are good")
+    log.warning("non-finite loss or gradient at step %d: update skipped (%d skipped so far)", step, count)
+  return count
+
+
+def evaluate(eval_step, params, s: Setup, step: int) -> dict[str, Any]:
+  """Validation metrics under a fixed corruption key, so that evaluations are comparable."""
+  c = s.config
+  batch_size = c.evaluation.eval_batch_size or c.training.batch_size
+  key = jax.random.PRNGKey(c.evaluation.seed)
+  totals = None
+  for i, local in enumerate(data.eval_batches(s.valid_split, batch_size, c.evaluation.eval_batches,
+                                              process_index=jax.process_index(), process_count=jax.process_count())):
+    sums = eval_step(params, sharding.global_batch(local, s.mesh), jax.random.fold_in(key, i))
+    totals = sums if totals is None else _add(totals, sums)
+  totals = jax.device_get(totals)
+  row = {"step": step, "eval_loss": float(totals["loss_sum"]) / max(float(totals["count/corruptible"]), 1.0)}
+  if totals["count/corrupted"] > 0:
+    row["eval_nll_corrupted"] = float(totals["nll/corrupted"]) / float(totals["count/corrupted"])
+  row.update({f"eval_{k}": v for k, v in losses.finalize_metrics(totals).items()})
+  return row
+
+
+def _format_eval(row: dict[str, Any]) -> str:
+  acc = row.get("eval_accuracy")
+  return (f"step {row['step']}: eval_loss {row['eval_loss']:.4f}"
+          + (f"  eval_nll_corrupted {row['eval_nll_corrupted']:.4f}" if "eval_nll_corrupted" in row else "")
+          + (f"  eval_accuracy {acc:.3f}" if acc is not None else ""))
+
+
+def _sample_test_prompts(s: Setup, graphdef, params, step: int, logger: MetricsLogger, bar) -> None:
+  from flowlm_jax import sampling  # the samplers are only needed when inference testing is on
+
+  modes = ("llada", "flowlm") if s.config.inference.test_both_modes else (s.config.inference.mode,)
+  rows = []
+  for mode in modes:
+    answers = sampling.generate_texts(graphdef, params, s.tokenizer, s.vocab, list(s.config.inference.test_prompts),
+                                      s.config.inference, mode=mode, chat=s.config.dataset.prompt_format == "chat")
+    for prompt, answer in zip(s.config.inference.test_prompts, answers):
+      rows.append({"mode": mode, "prompt": prompt, "answer": answer})
+      bar.write(f"[{mode} @ {step}] {prompt!r} -> {answer!r}")
+  logger.samples(step, rows)

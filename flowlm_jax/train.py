@@ -1,0 +1,198 @@
+"""Train state, optimiser, and the compiled train and eval steps.
+
+Everything here is a pure function of its inputs; `loop.py` drives it. The train step is one `jax.jit`
+with explicit in/out shardings and the state donated: corruption (masking.py), forward, loss
+(losses.py), gradient accumulation over micro-batches, a skip of non-finite updates, and AdamW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flowlm_jax import losses, masking, sharding
+from flowlm_jax.model import Transformer, ModelConfig
+
+Params = dict[str, Any]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  params: Params
+  opt_state: Any
+  step: jax.Array             # int32: optimiser steps taken (skipped ones included)
+  rng: jax.Array              # uint32[2] raw key data: corruption noise of the next step
+  nonfinite_count: jax.Array  # int32: updates skipped for a NaN/inf loss or gradient
+  last_nonfinite_step: jax.Array  # int32: the step of the latest such skip (-1 = none)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static facts a step closes over."""
+  model: ModelConfig
+  masking: masking.MaskingSpec
+  loss: str
+  loss_weighting: str
+  grad_accum: int
+  loss_chunk_size: int
+  pad_id: int
+
+
+# --- optimiser --------------------------------------------------------------------------------
+
+
+def learning_rate_schedule(tcfg, total_steps: int) -> optax.Schedule:
+  warmup = tcfg.warmup_steps or int(round(tcfg.warmup_ratio * total_steps))
+  warmup = min(warmup, max(total_steps - 1, 0))
+  peak, floor = tcfg.learning_rate, tcfg.learning_rate * tcfg.min_learning_rate_ratio
+  decay_steps = max(total_steps - warmup, 1)
+  if tcfg.lr_schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=tcfg.min_learning_rate_ratio)
+  elif tcfg.lr_schedule == "linear":
+    after = optax.linear_schedule(peak, floor, decay_steps)
+  else:
+    after = optax.constant_schedule(peak)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def decay_mask(model_state) -> Params:
+  """Weight decay only on matrices: never on norms, biases or the input embedding."""
+  def decays(var):
+    axes = var.get_metadata().get("logical_axes") or ()
+    is_embedding = tuple(axes) == ("vocab", "embed")
+    return not (is_embedding or "norm" in axes or "bias" in axes or var.get_value().ndim < 2)
+
+  return nnx.to_pure_dict(jax.tree.map(decays, model_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def make_optimizer(tcfg, total_steps: int, model_state) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(tcfg, total_steps)
+  parts = [optax.clip_by_global_norm(tcfg.gradient_clip_val)] if tcfg.gradient_clip_val > 0 else []
+  parts.append(optax.adamw(schedule, b1=tcfg.adam_beta1, b2=tcfg.adam_beta2, eps=tcfg.adam_eps,
+                           weight_decay=tcfg.weight_decay, mask=decay_mask(model_state)))
+  return optax.chain(*parts), schedule
+
+
+# --- state ------------------------------------------------------------------------------------
+
+
+def abstract_model(model_cfg: ModelConfig):
+  """(graphdef, abstract nnx.State) without allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=0))))
+
+
+def state_shardings(model_cfg: ModelConfig, tx, mesh) -> TrainState:
+  _, abstract_state = abstract_model(model_cfg)
+  params_sh = sharding.param_shardings(abstract_state, mesh)
+  opt_sh = sharding.like_params(jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_state)), params_sh, mesh)
+  rep = sharding.replicated(mesh)
+  return TrainState(params=params_sh, opt_state=opt_sh, step=rep, rng=rep, nonfinite_count=rep,
+                    last_nonfinite_step=rep)
+
+
+def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState) -> TrainState:
+  """Parameters are created directly in their shards (one jit), so no device ever holds them whole."""
+  def init():
+    model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return TrainState(
+        params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(seed + 1), nonfinite_count=jnp.zeros((), jnp.int32),
+        last_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+  return jax.jit(init, out_shardings=shardings)()
+
+
+# --- loss -------------------------------------------------------------------------------------
+
+
+def forward_token_stats(graphdef, params: Params, tokens_BxL, targets_BxL, cfg: StepConfig):
+  """Per-token (nll, correct) of predicting `targets` from `tokens` (training rows are right-padded)."""
+  model = nnx.merge(graphdef, params)
+  kv_lengths_B = jnp.sum(tokens_BxL != cfg.pad_id, axis=-1, dtype=jnp.int32)
+  hidden = model.hidden(tokens_BxL, kv_lengths_B=kv_lengths_B)
+  if cfg.loss_chunk_size:
+    return losses.chunked_token_nll_and_correct(hidden, model.output_matrix(), targets_BxL,
+                                                cfg.model.num_real_tokens, cfg.loss_chunk_size)
+  return losses.token_nll_and_correct(model.logits_from_hidden(hidden), targets_BxL)
+
+
+def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig):
+  """(loss, metric sums) of one (micro-)batch under fresh corruption drawn from `key`."""
+  tokens, corruptible = batch["tokens"], batch["corruptible"]
+  c = masking.corrupt(key, tokens, corruptible, cfg.masking)
+  nll, correct = forward_token_stats(graphdef, params, c.noisy_tokens, tokens, cfg)
+  loss = losses.loss_fn(cfg.loss, cfg.loss_weighting)(nll, c.corrupted, c.t, corruptible)
+  sums = losses.masking_metric_sums(correct, c.kind, c.corrupted, c.t)
+  # Plain cross-entropy per corrupted token: comparable across methods and with the unigram entropy.
+  sums["nll/corrupted"] = jnp.sum(jnp.where(c.corrupted, nll, 0.0))
+  sums["count/corruptible"] = jnp.sum(corruptible, dtype=jnp.float32)
+  return loss, sums
+
+
+def split_micro_batches(batch, n: int):
+  """[B, ...] -> [n, B/n, ...] with row r in micro-batch r % n: each device keeps its own rows."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
+  rng, step_key = jax.random.split(state.rng)
+  micro = split_micro_batches(batch, cfg.grad_accum)
+  keys = jax.random.split(step_key, cfg.grad_accum)
+  grad_fn = jax.value_and_grad(functools.partial(batch_loss, graphdef), has_aux=True)
+
+  def micro_step(mb, key):
+    (loss, sums), grads = grad_fn(state.params, mb, key, cfg)
+    return grads, loss, sums
+
+  def accumulate(carry, xs):
+    return jax.tree.map(jnp.add, carry, micro_step(*xs)), None
+
+  carry = micro_step(jax.tree.map(lambda x: x[0], micro), keys[0])
+  if cfg.grad_accum > 1:
+    carry, _ = jax.lax.scan(accumulate, carry, (jax.tree.map(lambda x: x[1:], micro), keys[1:]))
+  grads, loss, sums = carry
+  grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+  loss = loss / cfg.grad_accum
+  grad_norm = optax.global_norm(grads)
+
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  # A NaN/inf loss or gradient leaves params and optimiser state untouched, so checkpoints stay good.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(
+      params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
+      step=state.step + 1, rng=rng,
+      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
+      last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **sums}
+  return new_state, metrics
+
+
+def eval_step(params: Params, batch, key, *, graphdef, cfg: StepConfig):
+  """Metric sums of one validation batch; `loss_sum`/`loss_weight` average over batches by token count."""
+  loss, sums = batch_loss(graphdef, params, batch, key, cfg)
+  sums["loss_sum"] = loss * sums["count/corruptible"]
+  return sums
+
+
+def compile_steps(graphdef, tx, cfg: StepConfig, shardings: TrainState, mesh):
+  """The jitted train and eval steps with explicit shardings; the train state is donated."""
+  batch_sh = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+                  in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
+                     in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
+  return train, evaluate

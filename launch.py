@@ -1,0 +1,92 @@
+"""Train a masked-diffusion LM: `python launch.py --config=configs/flowlm.py[:variant] --workdir=DIR`.
+
+Examples:
+  python launch.py --config=configs/llada.py --workdir=runs/llada          # demo preset (default)
+  python launch.py --config=configs/flowlm.py:small --workdir=runs/small --config.training.batch_size=64
+  python launch.py --config=configs/flowlm.py --config_yaml=my_experiment.yaml --workdir=runs/x
+  python launch.py --config=configs/flowlm.py --workdir=runs/x --dry_run   # validate, load data, exit
+
+Running the same command again resumes from the newest checkpoint in --workdir.
+Multi-host: every process runs the same command; `--coordinator_address/--num_processes/--process_id`
+for clusters that jax.distributed cannot detect on its own (TPU pods and SLURM are detected).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/flowlm.py", "Preset file, optionally `:variant`.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_string("config_yaml", None, "YAML overlay with the values that differ from the preset.")
+flags.DEFINE_string("resume", None, "Checkpoint to resume from (a step dir, a checkpoints dir or a workdir).")
+flags.DEFINE_bool("dry_run", False, "Validate, print the resolved config, load tokenizer and data, then exit.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (automatic on TPU pods / SLURM).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax", "orbax", "datasets", "httpx", "urllib3"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+  from flowlm_jax import config as config_lib
+
+  config = FLAGS.config
+  try:
+    if FLAGS.config_yaml:
+      config = config_lib.apply_yaml(config, FLAGS.config_yaml)
+    config_lib.validate(config)
+  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"config error: {_message(e)}")
+  if not FLAGS.dry_run and not FLAGS.workdir:
+    sys.exit("error: --workdir is required (or pass --dry_run)")
+
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    import jax
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+
+  from flowlm_jax import loop
+
+  try:
+    if FLAGS.dry_run:
+      return dry_run(config)
+    loop.run(config, FLAGS.workdir, resume=FLAGS.resume)
+  except (KeyError, TypeError, ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError) as e:
+    sys.exit(f"error: {_message(e)}")
+
+
+def dry_run(config) -> None:
+  import jax
+  from flowlm_jax import config as config_lib, data, loop, train
+
+  setup = loop.prepare(config)
+  print(config_lib.to_yaml(config))
+  print(f"tokenizer: {config.model.tokenizer} ({setup.vocab.size} tokens, [MASK]={setup.vocab.mask_id}, "
+        f"[PAD]={setup.vocab.pad_id})")
+  print(f"train: {setup.train_split.summary()}  ({setup.iterator.batches_per_epoch} batches/epoch)")
+  print(f"validation: {setup.valid_split.summary()}")
+  print(f"unigram entropy: {data.unigram_entropy(setup.train_split):.3f} nats/token")
+  _, abstract = train.abstract_model(setup.model_cfg)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract))
+  print(f"model: {n_params / 1e6:.2f}M parameters; steps: {setup.total_steps}; mesh: {dict(setup.mesh.shape)}")
+  print("dry run: ok")
+
+
+def _message(e: BaseException) -> str:
+  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+  app.run(main)
