@@ -17,7 +17,7 @@ import yaml
 
 ConfigDict = ml_collections.ConfigDict
 
-# The sections a config has, in the order they are printed.
+# The sections a config has, in the order `to_yaml` prints them.
 SECTIONS = ("model", "dataset", "masking", "training", "dataloader", "evaluation", "inference",
             "logging", "mesh")
 
@@ -225,14 +225,20 @@ def _merge(node: ConfigDict, overlay: dict, prefix: str) -> None:
         raise TypeError(f"config key {path!r} is a section; YAML gave {type(value).__name__}")
       _merge(current, value, prefix=f"{path}.")
     else:
-      with node.unlocked():
-        node[key] = _coerce(path, current, value)
+      value = _coerce(path, current, value)
+      try:
+        with node.unlocked():
+          node[key] = value
+      except TypeError:
+        raise TypeError(f"config key {path!r} expects {type(current).__name__}, got {type(value).__name__} {value!r}") from None
 
 
 def _coerce(path: str, default: Any, value: Any) -> Any:
   """YAML reads `1e-4` as a string and `64` as int where a float is expected: convert safely."""
   if isinstance(default, bool) or default is None:
     return value
+  if isinstance(value, bool):
+    raise TypeError(f"config key {path!r} expects {type(default).__name__}, got bool {value!r}")
   if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
     try:
       return float(value)
@@ -407,7 +413,9 @@ def data_parallel_degree(c: ConfigDict, num_devices: int) -> int:
 
 
 def to_yaml(c: ConfigDict) -> str:
-  return yaml.safe_dump(c.to_dict(), sort_keys=False)
+  d = c.to_dict()
+  ordered = {k: d[k] for k in SECTIONS if k in d} | {k: v for k, v in d.items() if k not in SECTIONS}
+  return yaml.safe_dump(ordered, sort_keys=False)
 
 
 def from_dict(d: dict) -> ConfigDict:

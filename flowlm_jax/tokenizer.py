@@ -17,7 +17,7 @@ REQUIRED_SPECIALS = {"mask_token": "[MASK]", "pad_token": "[PAD]"}
 
 
 def resolve_tokenizer_path(name: str) -> str:
-  return EMBEDDED_TOKENIZER if name == "embedded" else name
+  return EMBEDDED_TOKENIZER if name == "embedded" else os.path.expanduser(name)
 
 
 def load_tokenizer(name: str):

@@ -164,7 +164,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
   grads, loss, sums = carry
   grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
   loss = loss / cfg.grad_accum
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
 
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
