@@ -24,6 +24,7 @@ config_flags.DEFINE_config_file("config", "configs/flowlm.py", "Preset file, opt
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_string("config_yaml", None, "YAML overlay with the values that differ from the preset.")
 flags.DEFINE_string("resume", None, "Checkpoint to resume from (a step dir, a checkpoints dir or a workdir).")
+flags.DEFINE_integer("stop_at_step", None, "Save and exit after this step (e.g. a time-limited allocation).")
 flags.DEFINE_bool("dry_run", False, "Validate, print the resolved config, load tokenizer and data, then exit.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (automatic on TPU pods / SLURM).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
@@ -61,7 +62,7 @@ def main(argv):
   try:
     if FLAGS.dry_run:
       return dry_run(config)
-    loop.run(config, FLAGS.workdir, resume=FLAGS.resume)
+    loop.run(config, FLAGS.workdir, resume=FLAGS.resume, stop_at_step=FLAGS.stop_at_step)
   except (KeyError, TypeError, ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError) as e:
     sys.exit(f"error: {_message(e)}")
 

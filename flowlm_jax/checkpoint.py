@@ -10,9 +10,9 @@ one mesh or device count loads on another.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -36,7 +36,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Naming the item handlers lets a fresh process read metadata before any save.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -97,11 +100,23 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # noqa: BLE001 - any read failure means this step is damaged
-        log.warning("checkpoint %s/%d is damaged (%s: %s); trying the previous one", self.directory, s,
-                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if step is not None:
-          raise CheckpointError(f"checkpoint {self.directory}/{s} is damaged: {e}") from None
+          raise CheckpointError(f"checkpoint {self.directory}/{s} is damaged ({reason})") from None
+        moved = self._set_aside(s)
+        log.warning("checkpoint %s/%d is damaged (%s); moved to %s, trying the previous one", self.directory, s,
+                    reason, moved)
     return None
+
+
+  def _set_aside(self, step: int) -> str:
+    """Renames a damaged step out of Orbax's sight (kept for inspection, never deleted)."""
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.damaged-{int(time.time())}"
+    if jax.process_index() == 0 and os.path.isdir(src):
+      os.rename(src, dst)
+    self._manager.reload()
+    return dst
 
 
 def abstract_state(shapes: TrainState, shardings: TrainState) -> TrainState:
@@ -120,7 +135,3 @@ def resolve_resume_path(path: str) -> tuple[str, int | None]:
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return os.path.join(path, "checkpoints"), None
   return path, None
-
-
-def config_json(config_dict: dict) -> str:
-  return json.dumps(config_dict, indent=1, sort_keys=True)

@@ -105,8 +105,11 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def run(config, workdir: str, *, resume: str | None = None) -> dict[str, Any]:
-  """Trains until `total_steps` (or preemption). Returns the last train and eval metrics."""
+def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | None = None) -> dict[str, Any]:
+  """Trains until `total_steps`, preemption or `stop_at_step` (then saves and returns, resumable).
+
+  Returns the last train and eval metrics.
+  """
   check_workdir(workdir)
   resume_dir, resume_step = ckpt_lib.resolve_resume_path(resume) if resume else (None, None)
   s = prepare(config)
@@ -153,7 +156,8 @@ def run(config, workdir: str, *, resume: str | None = None) -> dict[str, Any]:
         window_steps += 1
         bar.update(1)
         last = step == s.total_steps
-        if step % c.logging.log_every == 0 or last or preemption.signal:
+        halt = preemption.signal is not None or (stop_at_step is not None and step >= stop_at_step and not last)
+        if step % c.logging.log_every == 0 or last or halt:
           row = _train_row(jax.device_get(window), window_steps, step, schedule, tokens_per_step,
                            time.perf_counter() - window_start, int(state.nonfinite_count))
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, c.training.nonfinite, row)
@@ -167,16 +171,17 @@ def run(config, workdir: str, *, resume: str | None = None) -> dict[str, Any]:
           bar.write(_format_eval(result["eval"]))
         if c.inference.every_steps and (step % c.inference.every_steps == 0 or last):
           _sample_test_prompts(s, graphdef, state.params, step, logger, bar)
-        if step % c.training.save_steps == 0 or last or preemption.signal:
+        if step % c.training.save_steps == 0 or last or halt:
           _check_nonfinite(state, nonfinite_seen, c.training.nonfinite, None)
           save(step)
           if last:
             checkpointer.wait()
             logger.checkpoint_saved(step, os.path.join(checkpointer.directory, str(step)))
-        if preemption.signal:
+        if halt:
           checkpointer.wait()
-          print(f"preempted: saved checkpoint at step {step} in {checkpointer.directory}; exiting", flush=True)
-          result["preempted_at"] = step
+          why = "preempted" if preemption.signal else f"stopped at step {stop_at_step} as asked"
+          print(f"{why}: saved checkpoint at step {step} in {checkpointer.directory}; exiting", flush=True)
+          result["halted_at"] = step
           break
   finally:
     checkpointer.close()  # waits for pending asynchronous saves

@@ -34,3 +34,46 @@ def tiny_config(preset: str = "flowlm", variant: str | None = None, **training):
   for key, value in training.items():
     c.training[key] = value
   return c
+
+
+def diff_yaml(preset: str, variant: str | None, config, path: str) -> str:
+  """Writes the values where `config` differs from the preset as a YAML overlay for launch.py."""
+  import yaml
+
+  base = load_preset(preset, variant).to_dict()
+  def diff(a, b):
+    out = {}
+    for k, v in b.items():
+      if isinstance(v, dict):
+        sub = diff(a[k], v)
+        if sub:
+          out[k] = sub
+      elif a[k] != v:
+        out[k] = v
+    return out
+  with open(path, "w") as f:
+    yaml.safe_dump(diff(base, config.to_dict()), f)
+  return path
+
+
+def launch(*args: str, timeout: int = 300, env: dict | None = None):
+  """Runs launch.py in a subprocess; returns the CompletedProcess (text output)."""
+  import subprocess
+  import sys
+
+  full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+              "JAX_PLATFORMS": "cpu", **(env or {})}
+  return subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_rows(workdir: str, key: str = "loss") -> dict[int, dict]:
+  import json
+
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if key in row:
+        rows[row["step"]] = row
+  return rows

@@ -1,0 +1,360 @@
+"""Masked-diffusion decoding as whole compiled loops: LLaDA and FlowLM any-position refinement.
+
+A batch row is [left-padded prompt (ending in [SEP]) | answer of `answer_length`]. Prompts of different
+lengths are left-padded with [PAD]: padded keys are masked out and RoPE positions count from the first
+real token, so a row computes what it would alone and the answer has the same columns in every row.
+
+- LLaDA (Nie et al. 2025, "Large Language Diffusion Models", Alg. 4 random / Alg. 5 low-confidence
+  remasking, with semi-autoregressive blocks): the answer starts all [MASK]; each step predicts every
+  masked position and commits the most confident ones of the current block; committed tokens are final.
+- FlowLM: each step re-predicts every answer position and rewrites a few of them according to
+  `replacement_strategy`; a row stops on its own (docs/sampling.md has the exact rules).
+
+Each sampler is one `jax.jit` (a fori/while loop inside), batched, with no host work per step.
+Randomness: `init_key, step_key = split(key)`; step t draws `gumbel_key, conf_key =
+split(fold_in(step_key, t))`, so a run is a pure function of (params, prompts, config, key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flowlm_jax.vocab import Vocab
+
+NEG_INF = float(np.finfo(np.float32).min)  # what the model puts on padded vocabulary rows
+PROMPT_BUCKET = 8  # prompts are left-padded to a multiple of this: fewer shapes, fewer compiles
+STRATEGIES = ("below_threshold", "most_confident_changes", "fill_then_refine")
+
+
+# --- static configuration ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LladaSpec:
+  """Resolved LLaDA options; hashable, a static argument of the compiled sampler."""
+  answer_length: int
+  steps: int
+  block_length: int
+  temperature: float
+  remasking: str
+  cfg_scale: float
+  vocab: Vocab
+
+  def __post_init__(self):
+    _check(self.answer_length > 0 and self.steps > 0, "answer_length and steps must be > 0")
+    _check(self.answer_length % self.block_length == 0,
+           f"answer_length={self.answer_length} is not a multiple of block_length={self.block_length}")
+    _check(self.steps % self.num_blocks == 0,
+           f"steps={self.steps} is not divisible by the number of blocks {self.num_blocks}")
+    _check(self.remasking in ("low_confidence", "random"), f"unknown remasking {self.remasking!r}")
+
+  @property
+  def num_blocks(self) -> int:
+    return self.answer_length // self.block_length
+
+  @classmethod
+  def from_config(cls, icfg, vocab: Vocab) -> "LladaSpec":
+    return cls(answer_length=int(icfg.answer_length), steps=int(icfg.steps),
+               block_length=int(icfg.block_length or icfg.answer_length), temperature=float(icfg.temperature),
+               remasking=icfg.remasking, cfg_scale=float(icfg.cfg_scale), vocab=vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSpec:
+  """Resolved FlowLM options; hashable, a static argument of the compiled sampler."""
+  answer_length: int
+  max_steps: int
+  fill_steps: int          # fill_then_refine: [MASK]s are committed on LLaDA's schedule over this many steps
+  threshold: float
+  max_replacements: int
+  strategy: str
+  temperature: float
+  initial_answer: str
+  vocab: Vocab
+
+  def __post_init__(self):
+    _check(self.answer_length > 0 and self.max_steps > 0 and self.fill_steps > 0,
+           "answer_length, max_steps and steps must be > 0")
+    _check(self.max_replacements > 0, "max_replacements must be > 0")
+    _check(self.strategy in STRATEGIES, f"unknown replacement_strategy {self.strategy!r}")
+    _check(self.initial_answer in ("mask", "random"), f"unknown initial_answer {self.initial_answer!r}")
+
+  @classmethod
+  def from_config(cls, icfg, vocab: Vocab) -> "FlowSpec":
+    return cls(answer_length=int(icfg.answer_length), max_steps=int(icfg.max_steps),
+               fill_steps=min(int(icfg.steps), int(icfg.max_steps)), threshold=float(icfg.confidence_threshold),
+               max_replacements=int(icfg.max_replacements), strategy=icfg.replacement_strategy,
+               temperature=float(icfg.temperature), initial_answer=icfg.initial_answer, vocab=vocab)
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(f"inference: {message}")
+
+
+# --- pieces shared by both samplers -----------------------------------------------------------
+
+
+def transfer_count(mask_count_B, steps: int, i):
+  """Tokens to commit at step i of `steps`: the count split evenly, remainder to the first steps.
+
+  LLaDA's `get_num_transfer_tokens` (linear schedule: equal expected transitions per step); 0 once i >= steps.
+  """
+  base, remainder = mask_count_B // steps, mask_count_B % steps
+  return jnp.where(i < steps, base + (i < remainder), 0).astype(jnp.int32)
+
+
+def select_top_k(score_BxA, eligible_BxA, k_B):
+  """Bool [B, A]: the k_B[b] highest-scoring eligible positions of each row; ties go to the lower index."""
+  score = jnp.where(eligible_BxA, score_BxA, -jnp.inf)
+  order = jnp.argsort(-score, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  return eligible_BxA & (rank < k_B[:, None])
+
+
+def predict(logits_BxAxV, temperature: float, gumbel_key, vocab: Vocab):
+  """(prediction, its probability, all probabilities) per position.
+
+  [MASK] and [PAD] are never predicted (they are never training targets), so a prediction always fills a
+  [MASK]. With temperature > 0 the prediction is Gumbel-max sampled: argmax(logits + T * gumbel), LLaDA's
+  `add_gumbel_noise` in log space; the probability is that of the unperturbed softmax, as in LLaDA.
+  """
+  logits = logits_BxAxV.at[..., jnp.array([vocab.mask_id, vocab.pad_id])].set(NEG_INF)
+  probs_BxAxV = jax.nn.softmax(logits, axis=-1)
+  if temperature > 0:
+    logits = logits + temperature * jax.random.gumbel(gumbel_key, logits.shape, jnp.float32)
+  pred_BxA = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return pred_BxA, _gather(probs_BxAxV, pred_BxA), probs_BxAxV
+
+
+def _gather(probs_BxAxV, ids_BxA):
+  return jnp.take_along_axis(probs_BxAxV, ids_BxA[..., None], axis=-1)[..., 0]
+
+
+def answer_logits(graphdef, params, prompt_BxP, valid_BxP, answer_BxA, padded: bool):
+  """float32 logits [B, A, V] of the answer columns (the vocabulary projection skips the prompt)."""
+  model = nnx.merge(graphdef, params)
+  tokens_BxT = jnp.concatenate([prompt_BxP, answer_BxA], axis=1)
+  valid_BxT = positions_BxT = None
+  if padded:  # no padding: valid=None keeps the fast (cuDNN) attention path
+    valid_BxT = jnp.concatenate([valid_BxP, jnp.ones(answer_BxA.shape, bool)], axis=1)
+    positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1, dtype=jnp.int32) - 1, 0)
+  hidden = model.hidden(tokens_BxT, valid_BxT, positions_BxT)
+  return model.logits_from_hidden(hidden[:, prompt_BxP.shape[1]:])
+
+
+def _record(trajectory, t, answer_BxA):
+  return None if trajectory is None else trajectory.at[t].set(answer_BxA)
+
+
+def _step_keys(step_key, t):
+  return jax.random.split(jax.random.fold_in(step_key, t))
+
+
+# --- LLaDA ------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "padded", "return_trajectory"))
+def llada_sample(graphdef, params, prompt_BxP, valid_BxP, key, *, spec: LladaSpec, padded: bool,
+                 return_trajectory: bool = False):
+  """(answer [B, A], trajectory [steps+1, B, A] or None): LLaDA low-confidence / random remasking."""
+  B, A, vocab = prompt_BxP.shape[0], spec.answer_length, spec.vocab
+  steps_per_block = spec.steps // spec.num_blocks
+  block_of_A = jnp.arange(A) // spec.block_length
+  _, step_key = jax.random.split(key)
+  # Classifier-free guidance: the unconditional row sees the prompt as [MASK] (padding stays padding).
+  uncond_BxP = jnp.where(valid_BxP, vocab.mask_id, prompt_BxP)
+
+  def logits_of(answer_BxA):
+    if spec.cfg_scale <= 0:
+      return answer_logits(graphdef, params, prompt_BxP, valid_BxP, answer_BxA, padded)
+    both = answer_logits(graphdef, params, jnp.concatenate([prompt_BxP, uncond_BxP]),
+                         jnp.concatenate([valid_BxP, valid_BxP]), jnp.concatenate([answer_BxA, answer_BxA]),
+                         padded)
+    cond, uncond = both[:B], both[B:]
+    return uncond + (spec.cfg_scale + 1) * (cond - uncond)
+
+  def step(t, carry):
+    answer_BxA, trajectory = carry
+    gumbel_key, conf_key = _step_keys(step_key, t)
+    pred_BxA, conf_BxA, _ = predict(logits_of(answer_BxA), spec.temperature, gumbel_key, vocab)
+    if spec.remasking == "random":
+      conf_BxA = jax.random.uniform(conf_key, (B, A))
+    # Only [MASK]s of the current block are eligible; every block starts all-[MASK].
+    eligible_BxA = (answer_BxA == vocab.mask_id) & (block_of_A == t // steps_per_block)[None, :]
+    k_B = transfer_count(jnp.full((B,), spec.block_length), steps_per_block, t % steps_per_block)
+    answer_BxA = jnp.where(select_top_k(conf_BxA, eligible_BxA, k_B), pred_BxA, answer_BxA)
+    return answer_BxA, _record(trajectory, t + 1, answer_BxA)
+
+  answer_BxA = jnp.full((B, A), vocab.mask_id, jnp.int32)
+  trajectory = jnp.zeros((spec.steps + 1, B, A), jnp.int32).at[0].set(answer_BxA) if return_trajectory else None
+  return jax.lax.fori_loop(0, spec.steps, step, (answer_BxA, trajectory))
+
+
+# --- FlowLM -----------------------------------------------------------------------------------
+
+
+def initial_answer(key, shape, spec: FlowSpec):
+  """All [MASK], or uniformly random non-special tokens."""
+  if spec.initial_answer == "mask":
+    return jnp.full(shape, spec.vocab.mask_id, jnp.int32)
+  ids = jnp.asarray(spec.vocab.random_token_ids)
+  return ids[jax.random.randint(key, shape, 0, ids.shape[0])]
+
+
+def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, probs_BxAxV, fill_count_B):
+  """(positions to overwrite with the prediction [B, A], row has candidates [B]) for one step."""
+  is_mask = answer_BxA == spec.vocab.mask_id
+  B = answer_BxA.shape[0]
+  max_rep_B = jnp.full((B,), spec.max_replacements, jnp.int32)
+  if spec.strategy == "below_threshold":
+    # A [MASK] counts as not confident: always a candidate and rewritten before any real token (most
+    # confident [MASK] first, LLaDA's order); the slots left go to real tokens, lowest confidence first.
+    below = ~is_mask & (conf_BxA < spec.threshold)
+    fill = select_top_k(conf_BxA, is_mask, max_rep_B)
+    left_B = max_rep_B - jnp.sum(fill, axis=-1, dtype=jnp.int32)
+    update = fill | select_top_k(-conf_BxA, below, left_B)
+    candidate = is_mask | below
+  elif spec.strategy == "most_confident_changes":
+    # A [MASK] always differs from its prediction and is a candidate whatever its confidence.
+    candidate = is_mask | ((pred_BxA != answer_BxA) & (conf_BxA >= spec.threshold))
+    update = select_top_k(conf_BxA, candidate, max_rep_B)
+  else:  # fill_then_refine
+    fill = select_top_k(conf_BxA, is_mask, transfer_count(fill_count_B, spec.fill_steps, t))
+    current_prob_BxA = _gather(probs_BxAxV, answer_BxA)
+    # Only rewrites that change something: a token that is already the prediction stays.
+    refinable = ~is_mask & (current_prob_BxA < spec.threshold) & (pred_BxA != answer_BxA)
+    update = fill | select_top_k(-current_prob_BxA, refinable, max_rep_B)
+    candidate = is_mask | refinable
+  return update, jnp.any(candidate, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "padded", "return_trajectory"))
+def flowlm_sample(graphdef, params, prompt_BxP, valid_BxP, key, *, spec: FlowSpec, padded: bool,
+                  return_trajectory: bool = False):
+  """(answer [B, A], steps [B], trajectory [max_steps+1, B, A] or None): FlowLM any-position decoding.
+
+  steps[b] is the step at which row b was found final (its answer is trajectory[steps[b], b]; it used
+  min(steps[b] + 1, max_steps) forward passes). Rows beyond the loop's end repeat the final answer.
+  """
+  B, A, vocab = prompt_BxP.shape[0], spec.answer_length, spec.vocab
+  init_key, step_key = jax.random.split(key)
+  answer0_BxA = initial_answer(init_key, (B, A), spec)
+  fill_count_B = jnp.sum(answer0_BxA == vocab.mask_id, axis=-1, dtype=jnp.int32)
+
+  def body(carry):
+    t, answer_BxA, done_B, steps_B, trajectory = carry
+    gumbel_key, _ = _step_keys(step_key, t)
+    logits = answer_logits(graphdef, params, prompt_BxP, valid_BxP, answer_BxA, padded)
+    pred_BxA, conf_BxA, probs_BxAxV = predict(logits, spec.temperature, gumbel_key, vocab)
+    update_BxA, has_candidates_B = flowlm_update(spec, t, answer_BxA, pred_BxA, conf_BxA, probs_BxAxV, fill_count_B)
+    # The last allowed step fills whatever [MASK] is left, so no answer ends with one.
+    update_BxA |= (t == spec.max_steps - 1) & (answer_BxA == vocab.mask_id)
+    new_BxA = jnp.where(update_BxA & ~done_B[:, None], pred_BxA, answer_BxA)
+    # Greedy decoding is deterministic: a step that changes nothing would repeat forever.
+    unchanged_B = jnp.all(new_BxA == answer_BxA, axis=-1)
+    stop_B = ~done_B & (~has_candidates_B | (unchanged_B if spec.temperature == 0 else False))
+    steps_B = jnp.where(stop_B, t, steps_B)
+    return t + 1, new_BxA, done_B | stop_B, steps_B, _record(trajectory, t + 1, new_BxA)
+
+  def cond(carry):
+    t, _, done_B, _, _ = carry
+    return (t < spec.max_steps) & ~jnp.all(done_B)
+
+  trajectory = None
+  if return_trajectory:
+    trajectory = jnp.zeros((spec.max_steps + 1, B, A), jnp.int32).at[0].set(answer0_BxA)
+  carry = (jnp.int32(0), answer0_BxA, jnp.zeros((B,), bool), jnp.full((B,), spec.max_steps, jnp.int32),
+           trajectory)
+  t_end, answer_BxA, _, steps_B, trajectory = jax.lax.while_loop(cond, body, carry)
+  if return_trajectory:  # rows the loop never reached hold the final answer
+    unreached = jnp.arange(spec.max_steps + 1)[:, None, None] > t_end
+    trajectory = jnp.where(unreached, answer_BxA[None], trajectory)
+  return answer_BxA, steps_B, trajectory
+
+
+# --- Python API -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  tokens: np.ndarray      # int32 [B, P + A]: left-padded prompt, then the answer
+  answer: np.ndarray      # int32 [B, A]
+  steps: np.ndarray       # int32 [B]: LLaDA: `steps`; FlowLM: the step each row was found final
+  trajectory: np.ndarray | None  # int32 [S + 1, B, A]: the answer after each step (S = steps | max_steps)
+
+
+def pad_prompts(prompt_ids: list[list[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
+  """(prompt [B, P], valid [B, P]): prompts left-padded to a common length P, a multiple of `bucket`."""
+  if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+    raise ValueError("sampling: need at least one prompt, and no prompt may be empty")
+  P = -(-max(len(p) for p in prompt_ids) // bucket) * bucket
+  prompt_BxP = np.full((len(prompt_ids), P), pad_id, np.int32)
+  valid_BxP = np.zeros((len(prompt_ids), P), bool)
+  for row, ids in enumerate(prompt_ids):
+    prompt_BxP[row, P - len(ids):] = ids
+    valid_BxP[row, P - len(ids):] = True
+  return prompt_BxP, valid_BxP
+
+
+def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, *, mode: str, key=None,
+             return_trajectory: bool = False) -> SampleOutput:
+  """Answers to `prompt_ids` (each ending in [SEP]) decoded the LLaDA or FlowLM way.
+
+  `key` defaults to `jax.random.key(icfg.seed)`. Compiled samplers are cached per (model, spec,
+  shapes), so repeated calls with the same config and prompt bucket do not recompile.
+  """
+  prompt_BxP, valid_BxP = pad_prompts(prompt_ids, vocab.pad_id)
+  key = jax.random.key(icfg.seed) if key is None else key
+  kwargs = dict(padded=not valid_BxP.all(), return_trajectory=return_trajectory)
+  if mode == "llada":
+    spec = LladaSpec.from_config(icfg, vocab)
+    answer, trajectory = llada_sample(graphdef, params, prompt_BxP, valid_BxP, key, spec=spec, **kwargs)
+    steps = np.full((len(prompt_ids),), spec.steps, np.int32)
+  elif mode == "flowlm":
+    spec = FlowSpec.from_config(icfg, vocab)
+    answer, steps, trajectory = flowlm_sample(graphdef, params, prompt_BxP, valid_BxP, key, spec=spec, **kwargs)
+  else:
+    raise ValueError(f"sampling: unknown mode {mode!r} (llada | flowlm)")
+  answer, steps, trajectory = jax.device_get((answer, steps, trajectory))
+  return SampleOutput(tokens=np.concatenate([prompt_BxP, answer], axis=1), answer=np.asarray(answer),
+                      steps=np.asarray(steps), trajectory=trajectory)
+
+
+def answer_ids(answer_A, vocab: Vocab) -> list[int]:
+  """The answer up to its first [EOS] or [PAD] (the training fill), without special tokens."""
+  ids = []
+  for token in np.asarray(answer_A).tolist():
+    if token in (vocab.eos_id, vocab.pad_id):
+      break
+    if token not in vocab.special_ids:
+      ids.append(token)
+  return ids
+
+
+def generate_texts(graphdef, params, tokenizer, vocab: Vocab, prompts: list[str], icfg, *, mode: str,
+                   chat: bool, key=None) -> list[str]:
+  """Decoded, stripped answers to plain-text prompts (encoded the way training rows were)."""
+  from flowlm_jax import data  # data pulls the dataset machinery; only text generation needs it
+
+  prompt_ids = [data.chat_prompt_ids(tokenizer, prompt, chat) for prompt in prompts]
+  out = generate(graphdef, params, prompt_ids, vocab, icfg, mode=mode, key=key)
+  return [tokenizer.decode(answer_ids(row, vocab), skip_special_tokens=True).strip() for row in out.answer]
+
+
+def run_config(icfg, **overrides) -> Any:
+  """A copy of the inference config with some fields replaced (unknown names are an error)."""
+  icfg = icfg.copy_and_resolve_references()
+  with icfg.unlocked():
+    for name, value in overrides.items():
+      if name not in icfg:
+        raise KeyError(f"unknown inference option {name!r}")
+      icfg[name] = value
+  return icfg

@@ -1,0 +1,334 @@
+"""Samplers against a plain-Python reference on a tiny random model, plus their invariants.
+
+The reference below runs the model eagerly once per step and does the selection in numpy/Python; it
+shares only the key derivation with `sampling.py` (init_key, step_key = split(key); step t:
+gumbel_key, conf_key = split(fold_in(step_key, t))), so the random draws are identical.
+"""
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flowlm_jax import config as config_lib
+from flowlm_jax import evaluate, sampling
+from flowlm_jax.model import ModelConfig, Transformer
+from flowlm_jax.vocab import Vocab
+
+VOCAB = Vocab(size=60, mask_id=1, pad_id=0, eos_id=2, sep_id=3, special_ids=(0, 1, 2, 3, 4))
+MASK = VOCAB.mask_id
+NEG_INF = np.finfo(np.float32).min
+PROMPTS = [[5, 6, 7, 3], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 3], [20, 21, 22, 23, 24, 25, 26, 3]]
+STRATEGIES = ("below_threshold", "most_confident_changes", "fill_then_refine")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model():
+  model = Transformer(ModelConfig(vocab_size=64, num_real_tokens=60, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                                  d_ff=64, compute_dtype="float32"), rngs=nnx.Rngs(params=0))
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+@functools.lru_cache(maxsize=None)
+def params_at(logit_scale: float):
+  """Weights x10 so predictions depend on the context; the output matrix sets how confident they are.
+
+  logit_scale 30 gives top probabilities spread over ~0.2-0.9; 300 gives ~1.0 everywhere.
+  """
+  graphdef, params = tiny_model()
+  scaled = {name: w if "norm" in name else w * 10 for name, w in params.items()}
+  scaled["unembed"] = params["unembed"] * logit_scale
+  return graphdef, scaled
+
+
+def inference_config(**overrides):
+  icfg = config_lib.base_config().inference
+  icfg.update(dict(answer_length=8, steps=8, max_steps=12, block_length=0, temperature=0.0, cfg_scale=0.0,
+                   confidence_threshold=0.5, max_replacements=2))
+  icfg.update(overrides)
+  return icfg
+
+
+# --- plain-Python reference -------------------------------------------------------------------
+
+
+def ref_logits(model, prompt_BxP, valid_BxP, answer_BxA):
+  valid = np.concatenate([valid_BxP, np.ones(answer_BxA.shape, bool)], axis=1)
+  positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+  tokens = np.concatenate([prompt_BxP, answer_BxA], axis=1)
+  logits = model(jnp.asarray(tokens), valid_BxT=jnp.asarray(valid), positions_BxT=jnp.asarray(positions))
+  return np.asarray(logits)[:, prompt_BxP.shape[1]:]
+
+
+def ref_predict(logits, temperature, gumbel_key):
+  logits = logits.copy()
+  logits[..., [VOCAB.mask_id, VOCAB.pad_id]] = NEG_INF
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  probs = e / e.sum(-1, keepdims=True)
+  if temperature > 0:
+    logits = logits + temperature * np.asarray(jax.random.gumbel(gumbel_key, logits.shape, jnp.float32))
+  pred = logits.argmax(-1)
+  return pred, np.take_along_axis(probs, pred[..., None], -1)[..., 0], probs
+
+
+def ref_top(positions, key, k):
+  """The first k of `positions` sorted by key (ties: lower index first)."""
+  return sorted(positions, key=lambda i: (key(i), i))[:max(int(k), 0)]
+
+
+def ref_schedule(count, steps):
+  return [count // steps + (i < count % steps) for i in range(steps)]
+
+
+def ref_llada(graphdef, params, prompt_ids, key, icfg):
+  model = nnx.merge(graphdef, params)
+  prompt, valid = sampling.pad_prompts(prompt_ids, VOCAB.pad_id)
+  B, A = len(prompt_ids), icfg.answer_length
+  block = icfg.block_length or A
+  steps_per_block = icfg.steps // (A // block)
+  _, step_key = jax.random.split(key)
+  x = np.full((B, A), MASK)
+  trajectory = [x.copy()]
+  for b in range(A // block):
+    cols = range(b * block, (b + 1) * block)
+    schedules = [ref_schedule(int(np.sum(x[r, cols] == MASK)), steps_per_block) for r in range(B)]
+    for i in range(steps_per_block):
+      gumbel_key, conf_key = jax.random.split(jax.random.fold_in(step_key, b * steps_per_block + i))
+      logits = ref_logits(model, prompt, valid, x)
+      if icfg.cfg_scale > 0:
+        uncond = ref_logits(model, np.where(valid, MASK, prompt), valid, x)
+        logits = uncond + (icfg.cfg_scale + 1) * (logits - uncond)
+      pred, conf, _ = ref_predict(logits, icfg.temperature, gumbel_key)
+      if icfg.remasking == "random":
+        conf = np.asarray(jax.random.uniform(conf_key, (B, A)))
+      for r in range(B):
+        for j in ref_top([j for j in cols if x[r, j] == MASK], lambda j: -conf[r, j], schedules[r][i]):
+          x[r, j] = pred[r, j]
+      trajectory.append(x.copy())
+  return np.stack(trajectory)
+
+
+def ref_flowlm_choose(strategy, x, pred, conf, probs, icfg, fill_schedule, t):
+  """(positions to rewrite, has candidates) of one row under `strategy`."""
+  A, k, thr = len(x), icfg.max_replacements, icfg.confidence_threshold
+  masks = [j for j in range(A) if x[j] == MASK]
+  if strategy == "below_threshold":
+    below = [j for j in range(A) if x[j] != MASK and conf[j] < thr]
+    chosen = ref_top(masks, lambda j: -conf[j], k)
+    chosen += ref_top(below, lambda j: conf[j], k - len(chosen))
+    return chosen, bool(masks or below)
+  if strategy == "most_confident_changes":
+    candidates = [j for j in range(A) if x[j] == MASK or (pred[j] != x[j] and conf[j] >= thr)]
+    return ref_top(candidates, lambda j: -conf[j], k), bool(candidates)
+  current = probs[np.arange(A), x]
+  refinable = [j for j in range(A) if x[j] != MASK and current[j] < thr and pred[j] != x[j]]
+  fill = ref_top(masks, lambda j: -conf[j], fill_schedule[t] if t < len(fill_schedule) else 0)
+  return fill + ref_top(refinable, lambda j: current[j], k), bool(masks or refinable)
+
+
+def ref_flowlm(graphdef, params, prompt_ids, key, icfg):
+  model = nnx.merge(graphdef, params)
+  prompt, valid = sampling.pad_prompts(prompt_ids, VOCAB.pad_id)
+  B, A, S = len(prompt_ids), icfg.answer_length, icfg.max_steps
+  init_key, step_key = jax.random.split(key)
+  if icfg.initial_answer == "mask":
+    x = np.full((B, A), MASK)
+  else:
+    ids = VOCAB.random_token_ids
+    x = ids[np.asarray(jax.random.randint(init_key, (B, A), 0, len(ids)))]
+  schedules = [ref_schedule(int(np.sum(row == MASK)), min(icfg.steps, S)) for row in x]
+  done, steps = np.zeros(B, bool), np.full(B, S)
+  trajectory = [x.copy()]
+  for t in range(S):
+    if done.all():
+      break
+    gumbel_key, _ = jax.random.split(jax.random.fold_in(step_key, t))
+    pred, conf, probs = ref_predict(ref_logits(model, prompt, valid, x), icfg.temperature, gumbel_key)
+    new = x.copy()
+    for r in range(B):
+      if done[r]:
+        continue
+      chosen, has_candidates = ref_flowlm_choose(icfg.replacement_strategy, x[r], pred[r], conf[r], probs[r], icfg,
+                                                 schedules[r], t)
+      if t == S - 1:
+        chosen += [j for j in range(A) if x[r, j] == MASK]
+      new[r, chosen] = pred[r, chosen]
+      if not has_candidates or (icfg.temperature == 0 and np.array_equal(new[r], x[r])):
+        done[r], steps[r] = True, t
+    x = new
+    trajectory.append(x.copy())
+  trajectory += [x.copy()] * (S + 1 - len(trajectory))
+  return np.stack(trajectory), steps
+
+
+# --- compiled == reference --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(block_length=4, remasking="random", temperature=0.8, cfg_scale=1.5),
+], ids=["greedy", "blocks-random-temperature-cfg"])
+def test_llada_matches_reference(overrides):
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(**overrides)
+  key = jax.random.key(3)
+  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="llada", key=key, return_trajectory=True)
+  np.testing.assert_array_equal(out.trajectory, ref_llada(graphdef, params, PROMPTS, key, icfg))
+
+
+@pytest.mark.parametrize("strategy, overrides", [
+    *[(s, dict()) for s in STRATEGIES],
+    ("below_threshold", dict(initial_answer="random", temperature=0.7)),
+    ("fill_then_refine", dict(temperature=0.7, steps=4)),
+], ids=[*STRATEGIES, "below_threshold-random-temperature", "fill_then_refine-temperature"])
+def test_flowlm_matches_reference(strategy, overrides):
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(replacement_strategy=strategy, **overrides)
+  key = jax.random.key(4)
+  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", key=key, return_trajectory=True)
+  trajectory, steps = ref_flowlm(graphdef, params, PROMPTS, key, icfg)
+  np.testing.assert_array_equal(out.trajectory, trajectory)
+  np.testing.assert_array_equal(out.steps, steps)
+  np.testing.assert_array_equal(out.answer, trajectory[-1])
+
+
+# --- LLaDA invariants -------------------------------------------------------------------------
+
+
+def test_transfer_count_is_llada_schedule():
+  for count, steps in [(8, 8), (8, 3), (3, 8), (10, 4), (0, 2)]:
+    got = [int(sampling.transfer_count(jnp.array([count]), steps, i)[0]) for i in range(steps + 1)]
+    assert got == ref_schedule(count, steps) + [0], (count, steps)
+
+
+def test_llada_invariants():
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(answer_length=8, block_length=4, steps=6)
+  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="llada", return_trajectory=True)
+  prompt, _ = sampling.pad_prompts(PROMPTS, VOCAB.pad_id)
+  np.testing.assert_array_equal(out.tokens[:, :prompt.shape[1]], prompt)
+  traj = out.trajectory  # [7, B, 8]; 3 steps per block of 4: commits 2, 1, 1
+  filled = traj != MASK
+  assert np.all(filled[1:] >= filled[:-1]), "a committed token was re-masked"
+  assert np.all((traj[1:] == traj[:-1]) | ~filled[:-1]), "a committed token changed"
+  per_step = (filled[1:] & ~filled[:-1]).sum(-1)  # [steps, B]
+  np.testing.assert_array_equal(per_step, np.array([[2], [1], [1], [2], [1], [1]]).repeat(len(PROMPTS), 1))
+  assert not filled[1:4, :, 4:].any(), "the second block started before the first was done"
+  assert filled[3, :, :4].all()
+  assert not np.any(out.answer == MASK)
+  np.testing.assert_array_equal(out.steps, 6)
+
+
+def test_llada_cfg_changes_the_answer():
+  graphdef, params = params_at(30.0)
+  plain = sampling.generate(graphdef, params, PROMPTS, VOCAB, inference_config(), mode="llada")
+  guided = sampling.generate(graphdef, params, PROMPTS, VOCAB, inference_config(cfg_scale=3.0), mode="llada")
+  assert not np.array_equal(plain.answer, guided.answer)
+  assert not np.any(guided.answer == MASK)
+
+
+# --- FlowLM invariants ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_flowlm_respects_strategy_rules(strategy):
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(replacement_strategy=strategy, max_replacements=2, max_steps=12, initial_answer="random")
+  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", return_trajectory=True)
+  model = nnx.merge(graphdef, params)
+  prompt, valid = sampling.pad_prompts(PROMPTS, VOCAB.pad_id)
+  thr, rewrites = icfg.confidence_threshold, 0
+  for t in range(icfg.max_steps):
+    before, after = out.trajectory[t], out.trajectory[t + 1]
+    pred, conf, probs = ref_predict(ref_logits(model, prompt, valid, before), 0.0, None)
+    current = np.take_along_axis(probs, before[..., None], -1)[..., 0]
+    changed = after != before
+    assert np.all(changed.sum(-1) <= icfg.max_replacements), t
+    np.testing.assert_array_equal(after[changed], pred[changed])  # a rewrite writes the prediction
+    rule = {"below_threshold": conf < thr, "most_confident_changes": conf >= thr,
+            "fill_then_refine": current < thr}[strategy]
+    assert np.all(rule[changed]), (strategy, t)
+    rewrites += changed.sum()
+    stopped = out.steps <= t
+    assert not changed[stopped].any(), "a stopped row changed"
+  assert rewrites > 0
+  assert not np.any(out.answer == MASK)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_flowlm_fills_every_mask_and_stops_when_confident(strategy):
+  graphdef, params = params_at(300.0)
+  icfg = inference_config(replacement_strategy=strategy, max_steps=16, confidence_threshold=0.6)
+  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", return_trajectory=True)
+  assert not np.any(out.answer == MASK)
+  assert np.all(out.steps < icfg.max_steps), out.steps
+  # A stopped row's answer is the trajectory entry at its step and never changes afterwards.
+  for r, s in enumerate(out.steps):
+    assert np.all(out.trajectory[s:, r] == out.answer[r])
+
+
+def test_flowlm_fills_leftover_masks_at_the_last_step():
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(replacement_strategy="most_confident_changes", max_replacements=1, max_steps=3)
+  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", return_trajectory=True)
+  assert np.all((out.trajectory[2] == MASK).any(-1)), "the budget should leave [MASK]s for the last step"
+  assert not np.any(out.answer == MASK)
+
+
+# --- batching, determinism --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["llada", "flowlm"])
+def test_batched_mixed_lengths_match_each_prompt_alone(mode):
+  graphdef, params = params_at(30.0)
+  icfg = inference_config()
+  together = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode).answer
+  for prompt, answer in zip(PROMPTS, together):
+    alone = sampling.generate(graphdef, params, [prompt], VOCAB, icfg, mode=mode).answer[0]
+    np.testing.assert_array_equal(alone, answer)
+
+
+@pytest.mark.parametrize("mode", ["llada", "flowlm"])
+def test_deterministic_given_key(mode):
+  graphdef, params = params_at(3.0)  # flat distributions: sampling at temperature 1 varies a lot
+  icfg = inference_config(temperature=1.0)
+  run = lambda seed: sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode,
+                                       key=jax.random.key(seed)).answer
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.array_equal(run(0), run(1))
+
+
+# --- text API and evaluation ------------------------------------------------------------------
+
+
+def test_answer_ids_stop_at_eos_and_skip_specials():
+  assert sampling.answer_ids(np.array([7, 4, 8, VOCAB.eos_id, 9]), VOCAB) == [7, 8]
+  assert sampling.answer_ids(np.array([7, VOCAB.pad_id, 9]), VOCAB) == [7]
+
+
+def test_evaluate_tasks_runs_and_prints_table():
+  from flowlm_jax.tokenizer import load_tokenizer, vocab_of
+
+  tokenizer = load_tokenizer("embedded")
+  vocab = vocab_of(tokenizer)
+  model = Transformer(ModelConfig(vocab_size=vocab.size, num_real_tokens=vocab.size, d_model=32, n_layers=1,
+                                  n_heads=2, n_kv_heads=2, d_ff=64, compute_dtype="float32"), rngs=nnx.Rngs(params=0))
+  graphdef, state = nnx.split(model)
+  config = config_lib.apply_variant(config_lib.base_config(), "tasks")
+  run = types.SimpleNamespace(config=config, graphdef=graphdef, params=nnx.to_pure_dict(state), tokenizer=tokenizer,
+                              vocab=vocab)
+  records = evaluate.load_records(limit_per_task=2)
+  assert [r["task"] for r in records] == ["add"] * 2 + ["reverse"] * 2 + ["sort"] * 2 + ["copy"] * 2
+  result = evaluate.evaluate_tasks(run, records, steps=4)
+  assert result["counts"] == {"add": 2, "reverse": 2, "sort": 2, "copy": 2, "overall": 8}
+  for mode in evaluate.MODES:
+    assert set(result["accuracy"][mode]) == set(result["counts"])
+    assert all(0.0 <= a <= 1.0 for a in result["accuracy"][mode].values())
+    assert len(result["answers"][mode]) == 8 and all(isinstance(a, str) for a in result["answers"][mode])
+  table = evaluate.format_table(result)
+  assert "overall" in table and "llada" in table and "flowlm" in table
