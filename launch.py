@@ -44,8 +44,9 @@ def main(argv):
 
   config = FLAGS.config
   try:
-    if FLAGS.config_yaml:
+    if FLAGS.config_yaml:  # precedence: preset < YAML overlay < command-line overrides
       config = config_lib.apply_yaml(config, FLAGS.config_yaml)
+      config_lib.apply_overrides(config, config_flags.get_override_values(FLAGS["config"]))
     config_lib.validate(config)
   except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
     sys.exit(f"config error: {_message(e)}")
@@ -58,12 +59,14 @@ def main(argv):
                                process_id=FLAGS.process_id)
 
   from flowlm_jax import loop
+  from flowlm_jax.checkpoint import CheckpointError
 
   try:
     if FLAGS.dry_run:
       return dry_run(config)
     loop.run(config, FLAGS.workdir, resume=FLAGS.resume, stop_at_step=FLAGS.stop_at_step)
-  except (KeyError, TypeError, ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError) as e:
+  except (KeyError, TypeError, ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError,
+          CheckpointError) as e:
     sys.exit(f"error: {_message(e)}")
 
 

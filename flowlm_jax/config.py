@@ -214,6 +214,16 @@ def apply_yaml(c: ConfigDict, path: str) -> ConfigDict:
   return c
 
 
+def apply_overrides(c: ConfigDict, flat: dict[str, Any]) -> ConfigDict:
+  """Sets dotted keys (`{"training.batch_size": 64}`), e.g. command-line overrides after a YAML overlay."""
+  for dotted, value in flat.items():
+    nested: Any = value
+    for part in reversed(dotted.split(".")):
+      nested = {part: nested}
+    _merge(c, nested, prefix="")
+  return c
+
+
 def _merge(node: ConfigDict, overlay: dict, prefix: str) -> None:
   for key, value in overlay.items():
     path = f"{prefix}{key}"

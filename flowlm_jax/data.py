@@ -84,13 +84,20 @@ def _load_files(files: list[str], **kwargs):
   for path in files:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"dataset file not found: {path}")
+    if os.path.getsize(path) == 0:
+      raise ValueError(f"dataset file is empty: {path}")
   exts = {os.path.splitext(f)[1].lower() for f in files}
   if exts <= {".txt", ".text"}:
-    ds = datasets.load_dataset("text", data_files=files, sample_by="paragraph", split="train", **kwargs)
+    builder, options = "text", {"sample_by": "paragraph"}
   elif exts <= {".json", ".jsonl"}:
-    ds = datasets.load_dataset("json", data_files=files, split="train", **kwargs)
+    builder, options = "json", {}
   else:
     raise ValueError(f"dataset files: unsupported extension(s) {sorted(exts)} (use .txt, .json or .jsonl)")
+  try:
+    ds = datasets.load_dataset(builder, data_files=files, split="train", **options, **kwargs)
+  except datasets.exceptions.DatasetGenerationError as e:
+    cause = e.__cause__ or e
+    raise ValueError(f"dataset files {', '.join(files)} could not be read: {str(cause).splitlines()[0]}") from None
   if len(ds) == 0:
     raise ValueError(f"dataset is empty: {', '.join(files)}")
   return ds

@@ -9,24 +9,15 @@ from helpers import diff_yaml, launch, metrics_rows, tiny_config
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def overlay(tmp_path_factory):
-  c = tiny_config("flowlm")
-  c.training.max_steps = 6
-  return diff_yaml("flowlm", None, c, str(tmp_path_factory.mktemp("cfg") / "tiny.yaml"))
-
-
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(overlay, tmp_path):
-  full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={overlay}", f"--workdir={full}")
-  assert r.returncode == 0, r.stderr[-2000:]
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={overlay}", f"--workdir={split}", "--stop_at_step=3")
+def test_stopped_and_relaunched_run_matches_an_uninterrupted_one(tiny_overlay, reference_run, tmp_path):
+  split = str(tmp_path / "split")
+  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={split}", "--stop_at_step=3")
   assert r.returncode == 0, r.stderr[-2000:]
   # The same command again continues from step 3.
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={overlay}", f"--workdir={split}")
+  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={split}")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resumed from" in r.stdout and "step 3" in r.stdout
-  a, b = metrics_rows(full), metrics_rows(split)
+  a, b = metrics_rows(reference_run), metrics_rows(split)
   assert sorted(b) == [1, 2, 3, 4, 5, 6]
   for step in (4, 5, 6):  # after the resume: same data, same noise, same optimiser state
     assert a[step]["loss"] == b[step]["loss"], step
