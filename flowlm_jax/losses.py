@@ -38,43 +38,10 @@ def token_nll_and_correct(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tu
 
 
 
-def chunked_token_nll_and_correct(
-  hidden_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array, num_real_tokens: int, chunk_size: int
+def diffusion_loss_weights(
+  corrupted_BxL: jax.Array, t_B: jax.Array, corruptible_BxL: jax.Array, weighting: str
 ) -> tuple[jax.Array, jax.Array]:
-  """`token_nll_and_correct(hidden @ w)` without holding float32 logits for the whole batch.
-
-  The sequence is cut into chunks of `chunk_size` positions; a scan computes each chunk's logits,
-  reduces them to (nll, correct) and drops them, and the backward pass recomputes them (remat), so peak
-  memory holds one chunk of [B, chunk, V] logits instead of [B, L, V]. Chunking along the sequence (not
-  the batch) keeps the batch axis, and with it its sharding over devices, intact.
-  """
-  B, L, D = hidden_BxLxD.shape
-  chunk = min(chunk_size, L)
-  n_chunks = -(-L // chunk)
-  pad = n_chunks * chunk - L
-  if pad:
-    hidden_BxLxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
-  hidden_NxBxCxD = hidden_BxLxD.reshape(B, n_chunks, chunk, D).swapaxes(0, 1)
-  targets_NxBxC = targets_BxL.reshape(B, n_chunks, chunk).swapaxes(0, 1)
-  vocab_real_V = jnp.arange(w_DxV.shape[1]) < num_real_tokens
-
-  @jax.checkpoint
-  def one_chunk(h_BxCxD, y_BxC):
-    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
-    logits = jnp.where(vocab_real_V, logits, jnp.finfo(jnp.float32).min)
-    return token_nll_and_correct(logits, y_BxC)
-
-  _, (nll_NxBxC, correct_NxBxC) = jax.lax.scan(
-    lambda carry, xs: (carry, one_chunk(*xs)), None, (hidden_NxBxCxD, targets_NxBxC))
-  nll_BxL = nll_NxBxC.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :L]
-  correct_BxL = correct_NxBxC.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :L]
-  return nll_BxL, correct_BxL
-
-def diffusion_loss_sum_and_count(
-  nll_BxL: jax.Array, corrupted_BxL: jax.Array, t_B: jax.Array, corruptible_BxL: jax.Array, weighting: str
-) -> tuple[jax.Array, jax.Array]:
-  """(weighted NLL sum, normaliser) as float32 scalars; `diffusion_loss` is sum / max(count, 1).
+  """(per-token weight float32[B, L], normaliser): the loss is sum(weight * nll) / max(normaliser, 1).
 
   weighting="inverse_t": sum of nll / t over corrupted positions, normalised by the number of corruptible
     positions. This is LLaDA's pretraining objective (Nie et al. 2025, Eq. 3 and Alg. 1), whose 1/t weight
@@ -91,9 +58,83 @@ def diffusion_loss_sum_and_count(
     count = jnp.sum(corrupted_BxL, dtype=jnp.float32)
   else:
     raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
-  # where(), not a product, outside the corrupted positions: their nll may be inf (e.g. masked-out logits).
-  total = jnp.sum(jnp.where(corrupted_BxL, nll_BxL.astype(jnp.float32) * weight_BxL, 0.0))
-  return total, count
+  return weight_BxL, count
+
+
+def weighted_nll_sum(nll_BxL: jax.Array, weight_BxL: jax.Array) -> jax.Array:
+  # where(), not a product alone: outside the weighted positions nll may be inf (e.g. masked-out logits).
+  return jnp.sum(jnp.where(weight_BxL != 0, nll_BxL.astype(jnp.float32) * weight_BxL, 0.0))
+
+
+def diffusion_loss_sum_and_count(
+  nll_BxL: jax.Array, corrupted_BxL: jax.Array, t_B: jax.Array, corruptible_BxL: jax.Array, weighting: str
+) -> tuple[jax.Array, jax.Array]:
+  """(weighted NLL sum, normaliser) as float32 scalars; see `diffusion_loss_weights`."""
+  weight_BxL, count = diffusion_loss_weights(corrupted_BxL, t_B, corruptible_BxL, weighting)
+  return weighted_nll_sum(nll_BxL, weight_BxL), count
+
+
+def loss_weights(name: str, weighting: str, corrupted_BxL, t_B, corruptible_BxL) -> jax.Array:
+  """Per-token weights w such that `loss_fn(name, weighting)(nll, ...) == sum(w * nll)`."""
+  loss_fn(name, weighting)  # validates the names
+  weight_BxL, count = diffusion_loss_weights(corrupted_BxL, t_B, corruptible_BxL,
+                                             "inverse_t" if name == "llada" else weighting)
+  return weight_BxL / jnp.maximum(count, 1.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fused_weighted_cross_entropy(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens: int, chunk_size: int):
+  """(sum(weight * nll), nll_BxL, correct_BxL) of logits = hidden @ w, one sequence chunk at a time.
+
+  The per-token weights are known before the forward pass (they depend only on the corruption), so the
+  gradient of the weighted sum with respect to hidden and w is computed in the same pass over each
+  chunk's logits: no float32 [B, L, V] array is ever held, and unlike remat the logits are not
+  recomputed in the backward pass. `nll` and `correct` are metrics: no gradient flows through them.
+  """
+  out, _ = _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size)
+  return out
+
+
+def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size):
+  B, L, D = hidden_BxLxD.shape
+  V = w_DxV.shape[1]
+  chunk = min(chunk_size, L)
+  n_chunks = -(-L // chunk)
+  pad = n_chunks * chunk - L
+  if pad:
+    hidden_BxLxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+    weight_BxL = jnp.pad(weight_BxL, ((0, 0), (0, pad)))
+  to_chunks = lambda x: x.reshape(B, n_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+  vocab_real_V = jnp.arange(V) < num_real_tokens
+
+  def one_chunk(dw_DxV, xs):
+    h_BxCxD, y_BxC, wt_BxC = xs
+    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+    logits = jnp.where(vocab_real_V, logits, jnp.finfo(jnp.float32).min)
+    nll, correct = token_nll_and_correct(logits, y_BxC)
+    # d(sum wt * nll)/d logits = wt * (softmax - onehot)
+    probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    g = (probs - jax.nn.one_hot(y_BxC, V, dtype=jnp.float32)) * wt_BxC[..., None]
+    g = g.astype(h_BxCxD.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", g, w_DxV, preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
+    dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", h_BxCxD, g, preferred_element_type=jnp.float32)
+    return dw_DxV, (weighted_nll_sum(nll, wt_BxC), nll, correct, dh)
+
+  dw, (sums, nll, correct, dh) = jax.lax.scan(
+    one_chunk, jnp.zeros((D, V), jnp.float32), (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(weight_BxL)))
+  from_chunks = lambda x: x.swapaxes(0, 1).reshape(B, n_chunks * chunk, *x.shape[3:])[:, :L]
+  out = (jnp.sum(sums), from_chunks(nll), from_chunks(correct))
+  return out, (from_chunks(dh), dw.astype(w_DxV.dtype))
+
+
+def _fused_ce_bwd(num_real_tokens, chunk_size, residuals, cotangents):
+  dh, dw = residuals
+  ct = cotangents[0]
+  return (ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype), None, None
+
+
+fused_weighted_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def diffusion_loss(

@@ -113,26 +113,27 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState) -> 
 # --- loss -------------------------------------------------------------------------------------
 
 
-def forward_token_stats(graphdef, params: Params, tokens_BxL, targets_BxL, cfg: StepConfig):
-  """Per-token (nll, correct) of predicting `targets` from `tokens` (training rows are right-padded)."""
-  model = nnx.merge(graphdef, params)
-  kv_lengths_B = jnp.sum(tokens_BxL != cfg.pad_id, axis=-1, dtype=jnp.int32)
-  hidden = model.hidden(tokens_BxL, kv_lengths_B=kv_lengths_B)
-  if cfg.loss_chunk_size:
-    return losses.chunked_token_nll_and_correct(hidden, model.output_matrix(), targets_BxL,
-                                                cfg.model.num_real_tokens, cfg.loss_chunk_size)
-  return losses.token_nll_and_correct(model.logits_from_hidden(hidden), targets_BxL)
-
-
 def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig):
-  """(loss, metric sums) of one (micro-)batch under fresh corruption drawn from `key`."""
+  """(loss, metric sums) of one (micro-)batch under fresh corruption drawn from `key`.
+
+  Training rows are right-padded, so key padding is passed as lengths (cuDNN's fast padded kernel).
+  With `loss_chunk_size` the cross-entropy is fused and chunked (losses.fused_weighted_cross_entropy).
+  """
   tokens, corruptible = batch["tokens"], batch["corruptible"]
   c = masking.corrupt(key, tokens, corruptible, cfg.masking)
-  nll, correct = forward_token_stats(graphdef, params, c.noisy_tokens, tokens, cfg)
-  loss = losses.loss_fn(cfg.loss, cfg.loss_weighting)(nll, c.corrupted, c.t, corruptible)
+  weight = losses.loss_weights(cfg.loss, cfg.loss_weighting, c.corrupted, c.t, corruptible)
+  model = nnx.merge(graphdef, params)
+  kv_lengths_B = jnp.sum(c.noisy_tokens != cfg.pad_id, axis=-1, dtype=jnp.int32)
+  hidden = model.hidden(c.noisy_tokens, kv_lengths_B=kv_lengths_B)
+  if cfg.loss_chunk_size:
+    loss, nll, correct = losses.fused_weighted_cross_entropy(
+        hidden, model.output_matrix(), tokens, weight, cfg.model.num_real_tokens, cfg.loss_chunk_size)
+  else:
+    nll, correct = losses.token_nll_and_correct(model.logits_from_hidden(hidden), tokens)
+    loss = losses.weighted_nll_sum(nll, weight)
   sums = losses.masking_metric_sums(correct, c.kind, c.corrupted, c.t)
   # Plain cross-entropy per corrupted token: comparable across methods and with the unigram entropy.
-  sums["nll/corrupted"] = jnp.sum(jnp.where(c.corrupted, nll, 0.0))
+  sums["nll/corrupted"] = jnp.sum(jnp.where(c.corrupted, jax.lax.stop_gradient(nll), 0.0))
   sums["count/corruptible"] = jnp.sum(corruptible, dtype=jnp.float32)
   return loss, sums
 

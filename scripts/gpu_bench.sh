@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the benchmark variants on the lent GPU in one call (see docs/performance.md).
+# Usage there: bash scripts/gpu_bench.sh   (writes JSON + logs under $OUT, or ./bench_out)
+set -uo pipefail
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+for variant in "${@:-default}"; do
+  case $variant in
+    default) args="--shapes small,1b" ;;
+    nochunk) args="--shapes small --loss_chunk 0 --samplers=" ;;
+    noremat) args="--shapes small,1b --remat none --samplers=" ;;
+    full)    args="--shapes 1b --remat full --samplers=" ;;
+    *) echo "unknown variant $variant"; continue ;;
+  esac
+  echo "=== $variant: $args"
+  timeout 300 python3 -m flowlm_jax.bench $args --out "$OUT/bench_$variant.json" 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/bench_$variant.log" | tail -20
+done
