@@ -141,9 +141,9 @@ def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str) -> d
 
 def _init_params(m: ModelConfig):
   from flax import nnx
-  from flowlm_jax.model import Transformer
+  from flowlm_jax.model import create
 
-  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(m, rngs=nnx.Rngs(params=0)), nnx.Param)))()
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(create(m, rngs=nnx.Rngs(params=0)), nnx.Param)))()
 
 
 def main(argv=None) -> list[dict]:

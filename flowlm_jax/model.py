@@ -197,8 +197,9 @@ def mask_padded_vocab(logits_BxTxV, num_real_tokens: int):
   return jnp.where(real, logits_BxTxV, jnp.finfo(logits_BxTxV.dtype).min)
 
 
-def build_model(model_cfg, vocab: Vocab, seed: int = 0) -> Transformer:
-  return Transformer(ModelConfig.from_config(model_cfg, vocab), rngs=nnx.Rngs(params=seed))
+def create(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The network a resolved model config describes (the one place that dispatches on the family)."""
+  return Transformer(model_cfg, rngs=rngs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -17,7 +17,8 @@ import optax
 from flax import nnx
 
 from flowlm_jax import losses, masking, sharding
-from flowlm_jax.model import Transformer, ModelConfig
+from flowlm_jax import model as model_lib
+from flowlm_jax.model import ModelConfig
 
 Params = dict[str, Any]
 
@@ -85,7 +86,7 @@ def make_optimizer(tcfg, total_steps: int, model_state) -> tuple[optax.GradientT
 
 def abstract_model(model_cfg: ModelConfig):
   """(graphdef, abstract nnx.State) without allocating parameters."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=0))))
+  return nnx.split(nnx.eval_shape(lambda: model_lib.create(model_cfg, rngs=nnx.Rngs(params=0))))
 
 
 def state_shardings(model_cfg: ModelConfig, tx, mesh) -> TrainState:
@@ -100,7 +101,7 @@ def state_shardings(model_cfg: ModelConfig, tx, mesh) -> TrainState:
 def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState) -> TrainState:
   """Parameters are created directly in their shards (one jit), so no device ever holds them whole."""
   def init():
-    model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
+    model = model_lib.create(model_cfg, rngs=nnx.Rngs(params=seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return TrainState(
         params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
