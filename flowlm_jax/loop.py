@@ -10,11 +10,13 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
 
 import jax
+import numpy as np
 from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import data, losses, masking, sharding, train
@@ -66,13 +68,15 @@ def prepare(config, *, num_devices: int | None = None) -> Setup:
       loss_weighting=t.loss_weighting, grad_accum=t.gradient_accumulation_steps,
       loss_chunk_size=config.model.loss_chunk_size, pad_id=vocab.pad_id)
   mesh = sharding.make_mesh(config)
+  for rows in {t.batch_size, config.evaluation.eval_batch_size or t.batch_size}:
+    sharding.check_process_split(mesh, rows)
   return Setup(config, tokenizer, vocab, train_split, valid_split, iterator, mesh, model_cfg, step_cfg, total_steps)
 
 
 def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    probe = os.path.join(workdir, f".write-test-{socket.gethostname()}-{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -156,7 +160,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         window_steps += 1
         bar.update(1)
         last = step == s.total_steps
-        halt = preemption.signal is not None or (stop_at_step is not None and step >= stop_at_step and not last)
+        halt = _any_process(preemption.signal is not None) or (
+            stop_at_step is not None and step >= stop_at_step and not last)
         if step % c.logging.log_every == 0 or last or halt:
           row = _train_row(jax.device_get(window), window_steps, step, schedule, tokens_per_step,
                            time.perf_counter() - window_start, int(state.nonfinite_count))
@@ -168,7 +173,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         if (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last:
           result["eval"] = evaluate(eval_step, state.params, s, step)
           logger.write(result["eval"])
-          bar.write(_format_eval(result["eval"]))
+          if is_main:
+            bar.write(_format_eval(result["eval"]))
         if c.inference.every_steps and (step % c.inference.every_steps == 0 or last):
           _sample_test_prompts(s, graphdef, state.params, step, logger, bar)
         if step % c.training.save_steps == 0 or last or halt:
@@ -187,6 +193,14 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
     checkpointer.close()  # waits for pending asynchronous saves
     logger.close()
   return result
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if it is true on any: all processes must stop (and save) at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _add(a, b):
@@ -274,5 +288,6 @@ def _sample_test_prompts(s: Setup, graphdef, params, step: int, logger: MetricsL
                                       s.config.inference, mode=mode, chat=s.config.dataset.prompt_format == "chat")
     for prompt, answer in zip(s.config.inference.test_prompts, answers):
       rows.append({"mode": mode, "prompt": prompt, "answer": answer})
-      bar.write(f"[{mode} @ {step}] {prompt!r} -> {answer!r}")
+      if jax.process_index() == 0:
+        bar.write(f"[{mode} @ {step}] {prompt!r} -> {answer!r}")
   logger.samples(step, rows)

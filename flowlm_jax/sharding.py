@@ -8,6 +8,7 @@ replicated (e.g. 2 KV heads on a tensor axis of 8), so every config runs on ever
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,6 +31,7 @@ LOGICAL_RULES = {
     "head_dim": None,
     "layers": None,
     "norm": None,
+    "bias": None,
 }
 
 
@@ -105,7 +107,41 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+  """Sorted indices of the global batch rows that this process's devices hold (rows split over data x fsdp)."""
+  rows = set()
+  for index in batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values():
+    rows.update(range(*index[0].indices(global_rows)))
+  return np.asarray(sorted(rows), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def check_process_split(mesh: Mesh, global_rows: int) -> None:
+  """Raises unless every process holds its own 1/process_count of each global batch.
+
+  data.BatchIterator gives process p its own rows, so no two processes may hold the same rows: the
+  batch axes (data x fsdp) must split over the processes, i.e. `tensor` (and any axis the batch is
+  replicated over) stays within a process. Process p's rows then land on its own devices: at rows
+  [p·B/P, (p+1)·B/P) of the global batch when the mesh orders devices by process (CPU, GPU), else at
+  other positions (the same rows, permuted). Without this check a batch replicated over processes that
+  read different rows is silently inconsistent (and half its size).
+  """
+  count = jax.process_count()
+  if count == 1:
+    return
+  held = len(process_rows(mesh, global_rows))
+  if global_rows % count or held != global_rows // count:
+    raise ValueError(
+        f"mesh {dict(mesh.shape)}: each of the {count} processes must hold its own {global_rows // count} of the "
+        f"{global_rows} rows of a batch, but this process's devices hold {held} rows: make mesh.data x mesh.fsdp "
+        f"a multiple of the process count and keep mesh.tensor within one host")
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles the global batch from each process's rows (rows split over data x fsdp)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  local_rows = len(next(iter(local_batch.values())))
+  global_rows = local_rows * jax.process_count()
+  check_process_split(mesh, global_rows)
+  return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
+          for k, v in local_batch.items()}

@@ -1,0 +1,154 @@
+"""Multi-host: each process reads its share of every batch; 2 processes x 4 CPU devices train like 1 x 8.
+
+The processes talk through jax.distributed on 127.0.0.1 (gloo CPU collectives). The single-process run
+is the demo launch command with a `--config.mesh.fsdp=4` override on 8 simulated devices; the two-process
+run is the same command plus the coordinator flags, so it must log the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flowlm_jax import data
+from helpers import REPO, diff_yaml, launch, metrics_rows, tiny_config
+from mesh_worker import cpu_env, parse
+
+STEPS = 3
+
+
+def _split(rows=40, length=4):
+  tokens = np.arange(rows * length, dtype=np.int32).reshape(rows, length)
+  return data.TokenizedSplit(tokens=tokens, corruptible=np.ones_like(tokens, bool))
+
+
+def _row_ids(batch, length=4):
+  return (batch["tokens"][:, 0] // length).tolist()
+
+
+def test_processes_read_disjoint_slices_that_make_up_the_global_batch():
+  split = _split()
+  whole = data.BatchIterator(split, 8, seed=5)
+  parts = [data.BatchIterator(split, 8, seed=5, process_index=p, process_count=4) for p in range(4)]
+  for _ in range(2 * whole.batches_per_epoch + 1):  # across epoch boundaries (reshuffled)
+    expected = _row_ids(next(whole))
+    got = [_row_ids(next(it)) for it in parts]
+    assert all(len(g) == 2 for g in got)
+    assert sum(got, []) == expected  # process p reads rows [2p, 2p+2) of the global batch, nothing else
+  assert all(it.state() == whole.state() for it in parts)
+
+
+def test_eval_batches_are_split_the_same_way():
+  split = _split(rows=10)
+  whole = list(data.eval_batches(split, 8))
+  parts = [list(data.eval_batches(split, 8, process_index=p, process_count=2)) for p in range(2)]
+  for b, batch in enumerate(whole):
+    for key in ("tokens", "corruptible"):
+      np.testing.assert_array_equal(np.concatenate([parts[0][b][key], parts[1][b][key]]), batch[key])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(args_of, timeout=300):
+  """Starts processes 0 and 1 (4 CPU devices each) and returns their CompletedProcess-like results."""
+  port = _free_port()
+  env = {**os.environ, **cpu_env(4)}
+  procs = [subprocess.Popen([sys.executable, *args_of(f"127.0.0.1:{port}", i)], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  results = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return results
+
+
+@pytest.mark.integration
+def test_two_processes_assemble_the_single_process_batch():
+  """BatchIterator slices + sharding.global_batch on several meshes, through jax.distributed."""
+  worker = os.path.join(REPO, "tests", "mesh_worker.py")
+  results = _two_processes(lambda coord, i: [worker, "split", coord, str(i)], timeout=180)
+  outs = []
+  for r in results:
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs.append(parse(r.stdout))
+  assert [o["process_index"] for o in outs] == [0, 1]
+  assert all(o["device_count"] == 8 and o["local_device_count"] == 4 for o in outs)
+  for mesh in ("8x1x1", "2x4x1", "2x2x2", "1x2x4"):
+    a, b = (o["meshes"][mesh] for o in outs)
+    assert len(a["read_rows"]) == len(b["read_rows"]) == 4 and not set(a["read_rows"]) & set(b["read_rows"])
+    assert a["held_rows"] == [0, 1, 2, 3] and b["held_rows"] == [4, 5, 6, 7], mesh
+    assert a["global_shape"] == [8, 4] and a["equals_single_process_batch"] and b["equals_single_process_batch"]
+  # tensor=8 spans both processes: the batch would be replicated over processes that read different
+  # rows; global_batch refuses instead of silently training on an inconsistent half batch.
+  for o in outs:
+    assert "keep mesh.tensor within one host" in o["meshes"]["1x1x8"]["error"]
+
+
+@pytest.fixture(scope="module")
+def overlay(tmp_path_factory):
+  c = tiny_config("flowlm")
+  c.training.max_steps = STEPS
+  return diff_yaml("flowlm", None, c, str(tmp_path_factory.mktemp("cfg") / "tiny.yaml"))
+
+
+def _launch_args(overlay, workdir):
+  return ["--config=configs/flowlm.py", f"--config_yaml={overlay}", f"--workdir={workdir}", "--config.mesh.fsdp=4"]
+
+
+@pytest.fixture(scope="module")
+def single(overlay, tmp_path_factory):
+  """The demo command, unchanged but for a mesh override, on 8 simulated devices in one process."""
+  workdir = str(tmp_path_factory.mktemp("single"))
+  return launch(*_launch_args(overlay, workdir), env=cpu_env(8)), workdir
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_command_runs_with_a_mesh_override_on_8_devices(single):
+  r, workdir = single
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "mesh: {'data': 2, 'fsdp': 4, 'tensor': 1}" in r.stdout
+  assert sorted(metrics_rows(workdir)) == list(range(1, STEPS + 1))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS)))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_processes_train_like_one(single, overlay, tmp_path):
+  r, single_dir = single
+  assert r.returncode == 0, r.stderr[-3000:]
+  workdir = str(tmp_path / "multi")  # one workdir for both processes, as on a shared filesystem
+  launch_py = os.path.join(REPO, "launch.py")
+  results = _two_processes(lambda coord, i: [launch_py, *_launch_args(overlay, workdir), f"--coordinator_address={coord}",
+                                             "--num_processes=2", f"--process_id={i}"])
+  for i, p in enumerate(results):
+    assert p.returncode == 0, f"process {i}:\n{p.stderr[-3000:]}"
+  assert "mesh: {'data': 2, 'fsdp': 4, 'tensor': 1}" in results[0].stdout
+  assert "mesh:" not in results[1].stdout  # process 1 prints no run summary
+  # Only process 0 writes metrics: one row per step (a second writer would append duplicates).
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [row["step"] for row in rows if "loss" in row] == list(range(1, STEPS + 1))
+  assert [row["step"] for row in rows if "eval_loss" in row] == [STEPS]
+  multi, one = metrics_rows(workdir), metrics_rows(single_dir)
+  for step in range(1, STEPS + 1):  # same global batches, same noise: the same losses
+    np.testing.assert_allclose(multi[step]["loss"], one[step]["loss"], rtol=1e-5, err_msg=f"step {step}")
+  eval_multi, eval_one = metrics_rows(workdir, "eval_loss"), metrics_rows(single_dir, "eval_loss")
+  np.testing.assert_allclose(eval_multi[STEPS]["eval_loss"], eval_one[STEPS]["eval_loss"], rtol=1e-5)
+  # One checkpoint, written by both processes into the shared directory and committed.
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(STEPS)]
