@@ -1,8 +1,11 @@
 """Masked-diffusion decoding as whole compiled loops: LLaDA and FlowLM any-position refinement.
 
-A batch row is [left-padded prompt (ending in [SEP]) | answer of `answer_length`]. Prompts of different
-lengths are left-padded with [PAD]: padded keys are masked out and RoPE positions count from the first
-real token, so a row computes what it would alone and the answer has the same columns in every row.
+A row is conceptually [left-padded prompt (ending in [SEP]) | answer of `answer_length`], with RoPE
+positions counted from the first real prompt token, so a row computes what it would alone. The model
+is fed the same tokens and positions in the order [answer | prompt | [PAD]s]: a bidirectional
+transformer with explicit positions does not care where a token sits in the array, and this order
+makes the padding trailing, which `kv_lengths` expresses (cuDNN's fast padded kernel on GPU, no
+[B, T] key mask), with the answer in the same columns of every row.
 
 - LLaDA (Nie et al. 2025, "Large Language Diffusion Models", Alg. 4 random / Alg. 5 low-confidence
   remasking, with semi-autoregressive blocks): the answer starts all [MASK]; each step predicts every
@@ -26,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowlm_jax import data
 from flowlm_jax.vocab import Vocab
 
 NEG_INF = float(np.finfo(np.float32).min)  # what the model puts on padded vocabulary rows
-PROMPT_BUCKET = 8  # prompts are left-padded to a multiple of this: fewer shapes, fewer compiles
+PROMPT_BUCKET = 8  # prompts are padded to a multiple of this: fewer shapes, fewer compiles
 STRATEGIES = ("below_threshold", "most_confident_changes", "fill_then_refine")
 
 
@@ -120,34 +124,36 @@ def select_top_k(score_BxA, eligible_BxA, k_B):
 
 
 def predict(logits_BxAxV, temperature: float, gumbel_key, vocab: Vocab):
-  """(prediction, its probability, all probabilities) per position.
+  """(prediction [B, A], its probability [B, A], prob_of: ids [B, A] -> their probabilities).
 
   [MASK] and [PAD] are never predicted (they are never training targets), so a prediction always fills a
   [MASK]. With temperature > 0 the prediction is Gumbel-max sampled: argmax(logits + T * gumbel), LLaDA's
-  `add_gumbel_noise` in log space; the probability is that of the unperturbed softmax, as in LLaDA.
+  `add_gumbel_noise` in log space; probabilities are those of the unperturbed softmax, as in LLaDA.
+  Probabilities are read off logsumexp, so no [B, A, V] softmax is kept (large vocabularies).
   """
   logits = logits_BxAxV.at[..., jnp.array([vocab.mask_id, vocab.pad_id])].set(NEG_INF)
-  probs_BxAxV = jax.nn.softmax(logits, axis=-1)
+  log_z_BxA = jax.nn.logsumexp(logits, axis=-1)
+  prob_of = lambda ids_BxA: jnp.exp(jnp.take_along_axis(logits, ids_BxA[..., None], axis=-1)[..., 0] - log_z_BxA)
+  noisy = logits
   if temperature > 0:
-    logits = logits + temperature * jax.random.gumbel(gumbel_key, logits.shape, jnp.float32)
-  pred_BxA = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return pred_BxA, _gather(probs_BxAxV, pred_BxA), probs_BxAxV
+    noisy = logits + temperature * jax.random.gumbel(gumbel_key, logits.shape, jnp.float32)
+  pred_BxA = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+  return pred_BxA, prob_of(pred_BxA), prob_of
 
 
-def _gather(probs_BxAxV, ids_BxA):
-  return jnp.take_along_axis(probs_BxAxV, ids_BxA[..., None], axis=-1)[..., 0]
+def answer_logits(graphdef, params, prompt_BxP, length_B, answer_BxA, padded: bool):
+  """float32 logits [B, A, V] of the answer for prompts [B, P] of `length_B` real tokens, then [PAD]s.
 
-
-def answer_logits(graphdef, params, prompt_BxP, valid_BxP, answer_BxA, padded: bool):
-  """float32 logits [B, A, V] of the answer columns (the vocabulary projection skips the prompt)."""
+  The row is fed as [answer | prompt | pads] with the positions of [prompt | answer] (module doc).
+  """
   model = nnx.merge(graphdef, params)
-  tokens_BxT = jnp.concatenate([prompt_BxP, answer_BxA], axis=1)
-  valid_BxT = positions_BxT = None
-  if padded:  # no padding: valid=None keeps the fast (cuDNN) attention path
-    valid_BxT = jnp.concatenate([valid_BxP, jnp.ones(answer_BxA.shape, bool)], axis=1)
-    positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1, dtype=jnp.int32) - 1, 0)
-  hidden = model.hidden(tokens_BxT, valid_BxT, positions_BxT)
-  return model.logits_from_hidden(hidden[:, prompt_BxP.shape[1]:])
+  (B, P), A = prompt_BxP.shape, answer_BxA.shape[1]
+  tokens_BxT = jnp.concatenate([answer_BxA, prompt_BxP], axis=1)
+  positions_BxT = jnp.concatenate([length_B[:, None] + jnp.arange(A, dtype=jnp.int32),
+                                   jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))], axis=1)
+  kv_lengths_B = A + length_B if padded else None  # no padding: no mask at all
+  hidden = model.hidden(tokens_BxT, positions_BxT=positions_BxT, kv_lengths_B=kv_lengths_B)
+  return model.logits_from_hidden(hidden[:, :A])  # the vocabulary projection skips the prompt
 
 
 def _record(trajectory, t, answer_BxA):
@@ -162,7 +168,7 @@ def _step_keys(step_key, t):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "padded", "return_trajectory"))
-def llada_sample(graphdef, params, prompt_BxP, valid_BxP, key, *, spec: LladaSpec, padded: bool,
+def llada_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: LladaSpec, padded: bool,
                  return_trajectory: bool = False):
   """(answer [B, A], trajectory [steps+1, B, A] or None): LLaDA low-confidence / random remasking."""
   B, A, vocab = prompt_BxP.shape[0], spec.answer_length, spec.vocab
@@ -170,13 +176,13 @@ def llada_sample(graphdef, params, prompt_BxP, valid_BxP, key, *, spec: LladaSpe
   block_of_A = jnp.arange(A) // spec.block_length
   _, step_key = jax.random.split(key)
   # Classifier-free guidance: the unconditional row sees the prompt as [MASK] (padding stays padding).
-  uncond_BxP = jnp.where(valid_BxP, vocab.mask_id, prompt_BxP)
+  uncond_BxP = jnp.where(jnp.arange(prompt_BxP.shape[1]) < length_B[:, None], vocab.mask_id, prompt_BxP)
 
   def logits_of(answer_BxA):
     if spec.cfg_scale <= 0:
-      return answer_logits(graphdef, params, prompt_BxP, valid_BxP, answer_BxA, padded)
+      return answer_logits(graphdef, params, prompt_BxP, length_B, answer_BxA, padded)
     both = answer_logits(graphdef, params, jnp.concatenate([prompt_BxP, uncond_BxP]),
-                         jnp.concatenate([valid_BxP, valid_BxP]), jnp.concatenate([answer_BxA, answer_BxA]),
+                         jnp.concatenate([length_B, length_B]), jnp.concatenate([answer_BxA, answer_BxA]),
                          padded)
     cond, uncond = both[:B], both[B:]
     return uncond + (spec.cfg_scale + 1) * (cond - uncond)
@@ -209,7 +215,7 @@ def initial_answer(key, shape, spec: FlowSpec):
   return ids[jax.random.randint(key, shape, 0, ids.shape[0])]
 
 
-def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, probs_BxAxV, fill_count_B):
+def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fill_count_B):
   """(positions to overwrite with the prediction [B, A], row has candidates [B]) for one step."""
   is_mask = answer_BxA == spec.vocab.mask_id
   B = answer_BxA.shape[0]
@@ -228,7 +234,7 @@ def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, probs_BxAxV
     update = select_top_k(conf_BxA, candidate, max_rep_B)
   else:  # fill_then_refine
     fill = select_top_k(conf_BxA, is_mask, transfer_count(fill_count_B, spec.fill_steps, t))
-    current_prob_BxA = _gather(probs_BxAxV, answer_BxA)
+    current_prob_BxA = prob_of(answer_BxA)
     # Only rewrites that change something: a token that is already the prediction stays.
     refinable = ~is_mask & (current_prob_BxA < spec.threshold) & (pred_BxA != answer_BxA)
     update = fill | select_top_k(-current_prob_BxA, refinable, max_rep_B)
@@ -237,7 +243,7 @@ def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, probs_BxAxV
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "padded", "return_trajectory"))
-def flowlm_sample(graphdef, params, prompt_BxP, valid_BxP, key, *, spec: FlowSpec, padded: bool,
+def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec, padded: bool,
                   return_trajectory: bool = False):
   """(answer [B, A], steps [B], trajectory [max_steps+1, B, A] or None): FlowLM any-position decoding.
 
@@ -252,9 +258,9 @@ def flowlm_sample(graphdef, params, prompt_BxP, valid_BxP, key, *, spec: FlowSpe
   def body(carry):
     t, answer_BxA, done_B, steps_B, trajectory = carry
     gumbel_key, _ = _step_keys(step_key, t)
-    logits = answer_logits(graphdef, params, prompt_BxP, valid_BxP, answer_BxA, padded)
-    pred_BxA, conf_BxA, probs_BxAxV = predict(logits, spec.temperature, gumbel_key, vocab)
-    update_BxA, has_candidates_B = flowlm_update(spec, t, answer_BxA, pred_BxA, conf_BxA, probs_BxAxV, fill_count_B)
+    logits = answer_logits(graphdef, params, prompt_BxP, length_B, answer_BxA, padded)
+    pred_BxA, conf_BxA, prob_of = predict(logits, spec.temperature, gumbel_key, vocab)
+    update_BxA, has_candidates_B = flowlm_update(spec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fill_count_B)
     # The last allowed step fills whatever [MASK] is left, so no answer ends with one.
     update_BxA |= (t == spec.max_steps - 1) & (answer_BxA == vocab.mask_id)
     new_BxA = jnp.where(update_BxA & ~done_B[:, None], pred_BxA, answer_BxA)
@@ -292,16 +298,19 @@ class SampleOutput:
 
 
 def pad_prompts(prompt_ids: list[list[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
-  """(prompt [B, P], valid [B, P]): prompts left-padded to a common length P, a multiple of `bucket`."""
+  """(prompt [B, P], length [B]): prompts followed by [PAD]s up to P, the longest rounded up to `bucket`."""
   if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
     raise ValueError("sampling: need at least one prompt, and no prompt may be empty")
   P = -(-max(len(p) for p in prompt_ids) // bucket) * bucket
   prompt_BxP = np.full((len(prompt_ids), P), pad_id, np.int32)
-  valid_BxP = np.zeros((len(prompt_ids), P), bool)
   for row, ids in enumerate(prompt_ids):
-    prompt_BxP[row, P - len(ids):] = ids
-    valid_BxP[row, P - len(ids):] = True
-  return prompt_BxP, valid_BxP
+    prompt_BxP[row, :len(ids)] = ids
+  return prompt_BxP, np.array([len(p) for p in prompt_ids], np.int32)
+
+
+def left_padded(prompt_BxP, length_B) -> np.ndarray:
+  """The same prompts with their [PAD]s moved in front (the conceptual row layout)."""
+  return np.stack([np.roll(row, len(row) - n) for row, n in zip(prompt_BxP, length_B)])
 
 
 def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, *, mode: str, key=None,
@@ -311,20 +320,21 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
   `key` defaults to `jax.random.key(icfg.seed)`. Compiled samplers are cached per (model, spec,
   shapes), so repeated calls with the same config and prompt bucket do not recompile.
   """
-  prompt_BxP, valid_BxP = pad_prompts(prompt_ids, vocab.pad_id)
+  prompt_BxP, length_B = pad_prompts(prompt_ids, vocab.pad_id)
   key = jax.random.key(icfg.seed) if key is None else key
-  kwargs = dict(padded=not valid_BxP.all(), return_trajectory=return_trajectory)
+  kwargs = dict(padded=bool(np.any(length_B < prompt_BxP.shape[1])), return_trajectory=return_trajectory)
   if mode == "llada":
     spec = LladaSpec.from_config(icfg, vocab)
-    answer, trajectory = llada_sample(graphdef, params, prompt_BxP, valid_BxP, key, spec=spec, **kwargs)
+    answer, trajectory = llada_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
     steps = np.full((len(prompt_ids),), spec.steps, np.int32)
   elif mode == "flowlm":
     spec = FlowSpec.from_config(icfg, vocab)
-    answer, steps, trajectory = flowlm_sample(graphdef, params, prompt_BxP, valid_BxP, key, spec=spec, **kwargs)
+    answer, steps, trajectory = flowlm_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
   else:
     raise ValueError(f"sampling: unknown mode {mode!r} (llada | flowlm)")
   answer, steps, trajectory = jax.device_get((answer, steps, trajectory))
-  return SampleOutput(tokens=np.concatenate([prompt_BxP, answer], axis=1), answer=np.asarray(answer),
+  tokens = np.concatenate([left_padded(prompt_BxP, length_B), answer], axis=1)
+  return SampleOutput(tokens=tokens, answer=np.asarray(answer),
                       steps=np.asarray(steps), trajectory=trajectory)
 
 
@@ -342,8 +352,6 @@ def answer_ids(answer_A, vocab: Vocab) -> list[int]:
 def generate_texts(graphdef, params, tokenizer, vocab: Vocab, prompts: list[str], icfg, *, mode: str,
                    chat: bool, key=None) -> list[str]:
   """Decoded, stripped answers to plain-text prompts (encoded the way training rows were)."""
-  from flowlm_jax import data  # data pulls the dataset machinery; only text generation needs it
-
   prompt_ids = [data.chat_prompt_ids(tokenizer, prompt, chat) for prompt in prompts]
   out = generate(graphdef, params, prompt_ids, vocab, icfg, mode=mode, key=key)
   return [tokenizer.decode(answer_ids(row, vocab), skip_special_tokens=True).strip() for row in out.answer]

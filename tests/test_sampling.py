@@ -1,7 +1,7 @@
 """Samplers against a plain-Python reference on a tiny random model, plus their invariants.
 
-The reference below runs the model eagerly once per step and does the selection in numpy/Python; it
-shares only the key derivation with `sampling.py` (init_key, step_key = split(key); step t:
+The reference below calls the model (one plain forward pass) once per step and does the selection
+in numpy/Python; it shares only the key derivation with `sampling.py` (init_key, step_key = split(key); step t:
 gumbel_key, conf_key = split(fold_in(step_key, t))), so the random draws are identical.
 """
 
@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from flowlm_jax import config as config_lib
-from flowlm_jax import evaluate, sampling
+from flowlm_jax import evaluate, sample, sampling
 from flowlm_jax.model import ModelConfig, Transformer
 from flowlm_jax.vocab import Vocab
 
@@ -24,21 +24,34 @@ MASK = VOCAB.mask_id
 NEG_INF = np.finfo(np.float32).min
 PROMPTS = [[5, 6, 7, 3], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 3], [20, 21, 22, 23, 24, 25, 26, 3]]
 STRATEGIES = ("below_threshold", "most_confident_changes", "fill_then_refine")
+# Configs with randomness, shared by the reference and determinism tests (same spec: no recompile).
+LLADA_RANDOM = dict(block_length=4, remasking="random", temperature=0.8, cfg_scale=1.5)
+FLOWLM_RANDOM = dict(replacement_strategy="below_threshold", initial_answer="random", temperature=0.7)
+FLOWLM_CASES = [*[(s, dict()) for s in STRATEGIES], ("most_confident_changes", dict(initial_answer="random")),
+                ("below_threshold", FLOWLM_RANDOM), ("fill_then_refine", dict(temperature=0.7, steps=4))]
+FLOWLM_IDS = [*STRATEGIES, "most_confident_changes-random", "below_threshold-random-temperature",
+              "fill_then_refine-temperature"]
+
+
+def build(model_cfg: ModelConfig):
+  """(graphdef, pure-dict params): N(0, init_std) matrices, unit norms, drawn with numpy (jax's init compiles)."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=0))))
+  rng = np.random.default_rng(0)
+  init = lambda name, x: (np.ones(x.shape) if "norm" in name else rng.normal(0, model_cfg.init_std, x.shape))
+  return graphdef, {name: jnp.asarray(init(name, x), jnp.float32) for name, x in nnx.to_pure_dict(abstract).items()}
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_model():
-  model = Transformer(ModelConfig(vocab_size=64, num_real_tokens=60, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
-                                  d_ff=64, compute_dtype="float32"), rngs=nnx.Rngs(params=0))
-  graphdef, state = nnx.split(model)
-  return graphdef, nnx.to_pure_dict(state)
+  return build(ModelConfig(vocab_size=64, num_real_tokens=60, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64,
+                           compute_dtype="float32"))
 
 
 @functools.lru_cache(maxsize=None)
 def params_at(logit_scale: float):
   """Weights x10 so predictions depend on the context; the output matrix sets how confident they are.
 
-  logit_scale 30 gives top probabilities spread over ~0.2-0.9; 300 gives ~1.0 everywhere.
+  logit_scale 30 spreads top probabilities over ~0.15-1 (median ~0.5, the tests' threshold).
   """
   graphdef, params = tiny_model()
   scaled = {name: w if "norm" in name else w * 10 for name, w in params.items()}
@@ -57,12 +70,24 @@ def inference_config(**overrides):
 # --- plain-Python reference -------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def model_forward(graphdef, params, tokens_BxT, valid_BxT, positions_BxT):
+  """One plain forward pass (jitted only because eager `lax.scan` over layers is slow)."""
+  return nnx.merge(graphdef, params)(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT)
+
+
+def ref_left_pad(prompt_ids):
+  """(prompt [B, P], valid [B, P]): left-padded to the longest prompt, the layout the brief describes."""
+  P = max(map(len, prompt_ids))
+  prompt = np.array([[VOCAB.pad_id] * (P - len(p)) + p for p in prompt_ids])
+  return prompt, prompt != VOCAB.pad_id
+
+
 def ref_logits(model, prompt_BxP, valid_BxP, answer_BxA):
   valid = np.concatenate([valid_BxP, np.ones(answer_BxA.shape, bool)], axis=1)
   positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
   tokens = np.concatenate([prompt_BxP, answer_BxA], axis=1)
-  logits = model(jnp.asarray(tokens), valid_BxT=jnp.asarray(valid), positions_BxT=jnp.asarray(positions))
-  return np.asarray(logits)[:, prompt_BxP.shape[1]:]
+  return np.asarray(model_forward(*model, tokens, valid, positions))[:, prompt_BxP.shape[1]:]
 
 
 def ref_predict(logits, temperature, gumbel_key):
@@ -86,8 +111,8 @@ def ref_schedule(count, steps):
 
 
 def ref_llada(graphdef, params, prompt_ids, key, icfg):
-  model = nnx.merge(graphdef, params)
-  prompt, valid = sampling.pad_prompts(prompt_ids, VOCAB.pad_id)
+  model = (graphdef, params)
+  prompt, valid = ref_left_pad(prompt_ids)
   B, A = len(prompt_ids), icfg.answer_length
   block = icfg.block_length or A
   steps_per_block = icfg.steps // (A // block)
@@ -132,8 +157,8 @@ def ref_flowlm_choose(strategy, x, pred, conf, probs, icfg, fill_schedule, t):
 
 
 def ref_flowlm(graphdef, params, prompt_ids, key, icfg):
-  model = nnx.merge(graphdef, params)
-  prompt, valid = sampling.pad_prompts(prompt_ids, VOCAB.pad_id)
+  model = (graphdef, params)
+  prompt, valid = ref_left_pad(prompt_ids)
   B, A, S = len(prompt_ids), icfg.answer_length, icfg.max_steps
   init_key, step_key = jax.random.split(key)
   if icfg.initial_answer == "mask":
@@ -171,7 +196,7 @@ def ref_flowlm(graphdef, params, prompt_ids, key, icfg):
 
 @pytest.mark.parametrize("overrides", [
     dict(),
-    dict(block_length=4, remasking="random", temperature=0.8, cfg_scale=1.5),
+    LLADA_RANDOM,
 ], ids=["greedy", "blocks-random-temperature-cfg"])
 def test_llada_matches_reference(overrides):
   graphdef, params = params_at(30.0)
@@ -181,14 +206,10 @@ def test_llada_matches_reference(overrides):
   np.testing.assert_array_equal(out.trajectory, ref_llada(graphdef, params, PROMPTS, key, icfg))
 
 
-@pytest.mark.parametrize("strategy, overrides", [
-    *[(s, dict()) for s in STRATEGIES],
-    ("below_threshold", dict(initial_answer="random", temperature=0.7)),
-    ("fill_then_refine", dict(temperature=0.7, steps=4)),
-], ids=[*STRATEGIES, "below_threshold-random-temperature", "fill_then_refine-temperature"])
+@pytest.mark.parametrize("strategy, overrides", FLOWLM_CASES, ids=FLOWLM_IDS)
 def test_flowlm_matches_reference(strategy, overrides):
   graphdef, params = params_at(30.0)
-  icfg = inference_config(replacement_strategy=strategy, **overrides)
+  icfg = inference_config(**{"replacement_strategy": strategy, **overrides})
   key = jax.random.key(4)
   out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", key=key, return_trajectory=True)
   trajectory, steps = ref_flowlm(graphdef, params, PROMPTS, key, icfg)
@@ -210,8 +231,9 @@ def test_llada_invariants():
   graphdef, params = params_at(30.0)
   icfg = inference_config(answer_length=8, block_length=4, steps=6)
   out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="llada", return_trajectory=True)
-  prompt, _ = sampling.pad_prompts(PROMPTS, VOCAB.pad_id)
-  np.testing.assert_array_equal(out.tokens[:, :prompt.shape[1]], prompt)
+  P = out.tokens.shape[1] - icfg.answer_length
+  for row, prompt in zip(out.tokens, PROMPTS):  # the prompt comes back as it went in, left-padded
+    assert row[P - len(prompt):P].tolist() == prompt and np.all(row[:P - len(prompt)] == VOCAB.pad_id)
   traj = out.trajectory  # [7, B, 8]; 3 steps per block of 4: commits 2, 1, 1
   filled = traj != MASK
   assert np.all(filled[1:] >= filled[:-1]), "a committed token was re-masked"
@@ -226,8 +248,9 @@ def test_llada_invariants():
 
 def test_llada_cfg_changes_the_answer():
   graphdef, params = params_at(30.0)
-  plain = sampling.generate(graphdef, params, PROMPTS, VOCAB, inference_config(), mode="llada")
-  guided = sampling.generate(graphdef, params, PROMPTS, VOCAB, inference_config(cfg_scale=3.0), mode="llada")
+  run = lambda icfg: sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="llada", key=jax.random.key(3),
+                                       return_trajectory=True)
+  plain, guided = run(inference_config()), run(inference_config(cfg_scale=3.0))
   assert not np.array_equal(plain.answer, guided.answer)
   assert not np.any(guided.answer == MASK)
 
@@ -235,36 +258,51 @@ def test_llada_cfg_changes_the_answer():
 # --- FlowLM invariants ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_flowlm_respects_strategy_rules(strategy):
+@pytest.mark.parametrize("strategy, overrides", FLOWLM_CASES, ids=FLOWLM_IDS)
+def test_flowlm_respects_strategy_rules(strategy, overrides):
+  """Each step's rewrites obey the strategy, judged by the model's probabilities at that step."""
   graphdef, params = params_at(30.0)
-  icfg = inference_config(replacement_strategy=strategy, max_replacements=2, max_steps=12, initial_answer="random")
-  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", return_trajectory=True)
-  model = nnx.merge(graphdef, params)
-  prompt, valid = sampling.pad_prompts(PROMPTS, VOCAB.pad_id)
+  icfg = inference_config(**{"replacement_strategy": strategy, **overrides})
+  key = jax.random.key(4)  # the same run as the reference test: the compiled sampler is cached
+  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", key=key, return_trajectory=True)
+  prompt, valid = ref_left_pad(PROMPTS)
+  _, step_key = jax.random.split(key)
   thr, rewrites = icfg.confidence_threshold, 0
   for t in range(icfg.max_steps):
     before, after = out.trajectory[t], out.trajectory[t + 1]
-    pred, conf, probs = ref_predict(ref_logits(model, prompt, valid, before), 0.0, None)
+    gumbel_key, _ = jax.random.split(jax.random.fold_in(step_key, t))
+    pred, conf, probs = ref_predict(ref_logits((graphdef, params), prompt, valid, before), icfg.temperature, gumbel_key)
     current = np.take_along_axis(probs, before[..., None], -1)[..., 0]
     changed = after != before
-    assert np.all(changed.sum(-1) <= icfg.max_replacements), t
-    np.testing.assert_array_equal(after[changed], pred[changed])  # a rewrite writes the prediction
+    rewritten = changed & (before != MASK)  # a real token replaced (not a [MASK] filled)
+    np.testing.assert_array_equal(after[changed], pred[changed])  # a change writes the prediction
+    capped = rewritten if strategy == "fill_then_refine" else changed  # fill_then_refine fills on a schedule
+    if t < icfg.max_steps - 1:  # the last step may also fill leftover [MASK]s
+      assert np.all(capped.sum(-1) <= icfg.max_replacements), t
     rule = {"below_threshold": conf < thr, "most_confident_changes": conf >= thr,
             "fill_then_refine": current < thr}[strategy]
-    assert np.all(rule[changed]), (strategy, t)
-    rewrites += changed.sum()
-    stopped = out.steps <= t
-    assert not changed[stopped].any(), "a stopped row changed"
-  assert rewrites > 0
+    assert np.all(rule[rewritten]), t
+    if strategy == "below_threshold":  # [MASK]s go first
+      assert not np.any(rewritten.any(-1) & (after == MASK).any(-1)), t
+    assert not changed[out.steps <= t].any(), "a stopped row changed"
+    rewrites += rewritten.sum()
+  assert rewrites > 0, "no real token was ever rewritten: the test exercises nothing"
   assert not np.any(out.answer == MASK)
+
+
+@functools.lru_cache(maxsize=None)
+def self_consistent_params():
+  """Output matrix = embedding^T x 30: a filled position confidently predicts its own token (p ~ 1)."""
+  graphdef, params = tiny_model()
+  return graphdef, {**params, "unembed": params["embed"].T * 30}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_flowlm_fills_every_mask_and_stops_when_confident(strategy):
-  graphdef, params = params_at(300.0)
-  icfg = inference_config(replacement_strategy=strategy, max_steps=16, confidence_threshold=0.6)
-  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", return_trajectory=True)
+  graphdef, params = self_consistent_params()
+  icfg = inference_config(replacement_strategy=strategy)  # the reference tests' config: no recompile
+  out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", key=jax.random.key(4),
+                          return_trajectory=True)
   assert not np.any(out.answer == MASK)
   assert np.all(out.steps < icfg.max_steps), out.steps
   # A stopped row's answer is the trajectory entry at its step and never changes afterwards.
@@ -286,19 +324,19 @@ def test_flowlm_fills_leftover_masks_at_the_last_step():
 @pytest.mark.parametrize("mode", ["llada", "flowlm"])
 def test_batched_mixed_lengths_match_each_prompt_alone(mode):
   graphdef, params = params_at(30.0)
-  icfg = inference_config()
-  together = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode).answer
-  for prompt, answer in zip(PROMPTS, together):
-    alone = sampling.generate(graphdef, params, [prompt], VOCAB, icfg, mode=mode).answer[0]
-    np.testing.assert_array_equal(alone, answer)
+  run = lambda prompts: sampling.generate(graphdef, params, prompts, VOCAB, inference_config(), mode=mode,
+                                          return_trajectory=True).trajectory
+  together = run(PROMPTS)  # prompt lengths 4, 12, 8: 12, 4 and 8 [PAD]s here; 4, 4 and none alone
+  for row, prompt in enumerate(PROMPTS):
+    np.testing.assert_array_equal(run([prompt])[:, 0], together[:, row])
 
 
-@pytest.mark.parametrize("mode", ["llada", "flowlm"])
-def test_deterministic_given_key(mode):
-  graphdef, params = params_at(3.0)  # flat distributions: sampling at temperature 1 varies a lot
-  icfg = inference_config(temperature=1.0)
-  run = lambda seed: sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode,
-                                       key=jax.random.key(seed)).answer
+@pytest.mark.parametrize("mode, overrides", [("llada", LLADA_RANDOM), ("flowlm", FLOWLM_RANDOM)])
+def test_deterministic_given_key(mode, overrides):
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(**overrides)
+  run = lambda seed: sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode, key=jax.random.key(seed),
+                                       return_trajectory=True).answer
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0), run(1))
 
@@ -311,17 +349,11 @@ def test_answer_ids_stop_at_eos_and_skip_specials():
   assert sampling.answer_ids(np.array([7, VOCAB.pad_id, 9]), VOCAB) == [7]
 
 
-def test_evaluate_tasks_runs_and_prints_table():
-  from flowlm_jax.tokenizer import load_tokenizer, vocab_of
-
-  tokenizer = load_tokenizer("embedded")
-  vocab = vocab_of(tokenizer)
-  model = Transformer(ModelConfig(vocab_size=vocab.size, num_real_tokens=vocab.size, d_model=32, n_layers=1,
-                                  n_heads=2, n_kv_heads=2, d_ff=64, compute_dtype="float32"), rngs=nnx.Rngs(params=0))
-  graphdef, state = nnx.split(model)
+def test_evaluate_tasks_runs_and_prints_table(tokenizer, vocab):
+  graphdef, params = build(ModelConfig(vocab_size=vocab.size, num_real_tokens=vocab.size, d_model=32, n_layers=1,
+                                       n_heads=2, n_kv_heads=2, d_ff=64, compute_dtype="float32"))
   config = config_lib.apply_variant(config_lib.base_config(), "tasks")
-  run = types.SimpleNamespace(config=config, graphdef=graphdef, params=nnx.to_pure_dict(state), tokenizer=tokenizer,
-                              vocab=vocab)
+  run = types.SimpleNamespace(config=config, graphdef=graphdef, params=params, tokenizer=tokenizer, vocab=vocab)
   records = evaluate.load_records(limit_per_task=2)
   assert [r["task"] for r in records] == ["add"] * 2 + ["reverse"] * 2 + ["sort"] * 2 + ["copy"] * 2
   result = evaluate.evaluate_tasks(run, records, steps=4)
@@ -332,3 +364,13 @@ def test_evaluate_tasks_runs_and_prints_table():
     assert len(result["answers"][mode]) == 8 and all(isinstance(a, str) for a in result["answers"][mode])
   table = evaluate.format_table(result)
   assert "overall" in table and "llada" in table and "flowlm" in table
+
+
+def test_sample_cli_maps_flags_to_inference_fields():
+  args = sample.parse_args(["--workdir=w", "--prompt", "a", "--prompt", "b", "--steps=6", "--gen_length=4",
+                            "--threshold=0.8", "--strategy=fill_then_refine"])
+  assert args.prompt == ["a", "b"]
+  icfg = sampling.run_config(inference_config(), **sample.overrides_of(args))
+  assert (icfg.steps, icfg.max_steps, icfg.answer_length) == (6, 6, 4)
+  assert (icfg.confidence_threshold, icfg.replacement_strategy) == (0.8, "fill_then_refine")
+  assert sample.overrides_of(sample.parse_args(["--workdir=w", "--steps=6", "--max_steps=9"]))["max_steps"] == 9
