@@ -1,12 +1,14 @@
 """Loading a trained run in a notebook or script: `flowlm_jax.load(workdir)`.
 
 Works on any machine (a CPU laptop included) for a checkpoint trained elsewhere: the parameters are
-restored onto this process's first device, whatever mesh they were saved from.
+restored onto this process's first device, whatever mesh they were saved from. `load` also takes a
+directory written by `python -m flowlm_jax.export` (model.safetensors + config.json + tokenizer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -35,18 +37,21 @@ class LoadedRun:
     """
     from flowlm_jax import sampling
 
-    icfg = self.config.inference.copy_and_resolve_references()
-    with icfg.unlocked():
-      for key, value in overrides.items():
-        if key not in icfg:
-          raise KeyError(f"unknown inference option {key!r}")
-        icfg[key] = value
+    icfg = sampling.run_config(self.config.inference, **overrides)
     return sampling.generate_texts(self.graphdef, self.params, self.tokenizer, self.vocab, list(prompts), icfg,
                                    mode=mode or icfg.mode, chat=self.config.dataset.prompt_format == "chat")
 
 
 def load(workdir: str, step: int | None = None) -> LoadedRun:
-  """Config, model, tokenizer and a `generate` helper from the newest (or given) checkpoint of a run."""
+  """Config, model, tokenizer and a `generate` helper from the newest (or given) checkpoint of a run.
+
+  `workdir` may be a run directory, its `checkpoints/` directory, one step's directory, or an exported
+  directory (`python -m flowlm_jax.export`; `step`, if given, must be the exported step).
+  """
+  from flowlm_jax import export
+
+  if export.is_exported(workdir):
+    return _load_exported(workdir, step)
   directory, resume_step = ckpt_lib.resolve_resume_path(workdir)
   step = resume_step if step is None else step
   checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
@@ -73,3 +78,40 @@ def load(workdir: str, step: int | None = None) -> LoadedRun:
   model = nnx.merge(graphdef, state.params)
   return LoadedRun(config=config, model=model, tokenizer=tokenizer, vocab=vocab, step=restored_step,
                    graphdef=graphdef, params=state.params)
+
+
+def _load_exported(path: str, step: int | None) -> LoadedRun:
+  """A LoadedRun from model.safetensors + config.json + tokenizer files (no Orbax, no optimiser state)."""
+  import numpy as np
+  from flax import nnx
+  from safetensors.numpy import load_file
+
+  from flowlm_jax import export
+
+  path = os.path.abspath(path)
+  meta = export.read_config_json(path)
+  if step is not None and step != meta["step"]:
+    raise ValueError(f"{path} holds the export of step {meta['step']}, not step {step}")
+  config = config_lib.from_dict(export.config_sections(meta))
+  with config.unlocked():
+    config.model.tokenizer = path  # the exported tokenizer files, not the run's original source
+  tokenizer = load_tokenizer(path)
+  vocab = vocab_of(tokenizer)
+  if "vocab" in meta and [meta["vocab"][k] for k in ("size", "mask_id", "pad_id", "eos_id", "sep_id")] != [
+      vocab.size, vocab.mask_id, vocab.pad_id, vocab.eos_id, vocab.sep_id]:
+    raise ValueError(f"{path}: the tokenizer files do not match config.json's vocab ({vocab} vs {meta['vocab']})")
+  model_cfg = export.model_config(meta)  # from config.json alone: no pretrained source or hub needed
+  if model_cfg.num_real_tokens != vocab.size:
+    raise ValueError(f"{path}: the tokenizer has {vocab.size} tokens, the exported model {model_cfg.num_real_tokens}")
+  graphdef, abstract_model_state = train.abstract_model(model_cfg)
+  template = nnx.to_pure_dict(abstract_model_state)
+  flat = load_file(os.path.join(path, export.WEIGHTS_FILE))
+  source = os.path.join(path, export.WEIGHTS_FILE)
+  arrays = export.unflatten_like(flat, template, source)
+  # Stored as float32; cast back to the model's parameter dtype (exact for bfloat16/float16 masters).
+  arrays = jax.tree.map(lambda a, t: np.asarray(a).astype(t.dtype), arrays, template)
+  shardings = sharding.param_shardings(abstract_model_state, sharding.single_device_mesh())
+  params = jax.device_put(arrays, shardings)
+  model = nnx.merge(graphdef, params)
+  return LoadedRun(config=config, model=model, tokenizer=tokenizer, vocab=vocab, step=int(meta["step"]),
+                   graphdef=graphdef, params=params)

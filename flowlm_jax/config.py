@@ -29,7 +29,9 @@ def base_config() -> ConfigDict:
   c = ConfigDict()
 
   c.model = m = ConfigDict()
-  m.family = "llama"            # "llama": bidirectional LLaMA-style transformer
+  m.family = "llama"            # "llama": bidirectional LLaMA-style transformer | "modernbert" (pretrained)
+  m.pretrained = ""             # HF model dir or hub name to start from (modernbert: its config.json is the
+                                # architecture; the size fields below are then ignored)
   m.tokenizer = "embedded"      # "embedded" (shipped byte-level BPE), a local dir, or a hub name
   m.vocab_size = 0              # embedding rows; 0 = len(tokenizer) rounded up to vocab_multiple
   m.vocab_multiple = 128        # pad the embedding table so matmuls tile well
@@ -45,6 +47,7 @@ def base_config() -> ConfigDict:
   m.param_dtype = "float32"     # master weights
   m.compute_dtype = "bfloat16"  # activations and matmuls
   m.remat = "none"              # "none" | "full" | "save_dots": what the backward pass recomputes
+                                # (docs/performance.md compares them)
   m.attention = "auto"          # "auto" (cuDNN flash on GPU, XLA elsewhere) | "xla" | "cudnn"
   m.loss_chunk_size = 0         # >0: cross-entropy over this many positions at a time (no full f32 logits)
 
@@ -162,14 +165,24 @@ SIZES = {
 }
 
 
+PRETRAINED = {
+    # name: the HF model (weights and tokenizer) a variant fine-tunes
+    "modernbert-large": "answerdotai/ModernBERT-large",
+}
+VARIANTS = (*SIZES, "tasks", *PRETRAINED)
+
+
 def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
   """Sets model size and data for a preset variant (`configs/flowlm.py:small`)."""
   variant = variant or "demo"
-  if variant not in (*SIZES, "tasks"):
-    raise ValueError(f"unknown config variant {variant!r}; known: {', '.join([*SIZES, 'tasks'])}")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(VARIANTS)}")
+  if variant in PRETRAINED:
+    return _fine_tune(c, PRETRAINED[variant])
   _set_size(c, "demo" if variant == "tasks" else variant)
   if variant in ("demo", "tasks"):  # CPU-sized: bf16 is emulated (slow) on CPUs, so compute in float32
     c.model.compute_dtype = "float32"
+    c.training.learning_rate = 1e-3  # 3e-3 learnt context far slower with the 8k vocabulary (measured)
   else:  # large shapes: bf16 compute, big-batch optimiser settings, remat, chunked cross-entropy
     c.training.learning_rate = 3e-4
     c.training.warmup_steps = 2000
@@ -180,12 +193,32 @@ def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
   if variant == "tasks":  # the embedded SFT task set: scores samplers by exact match
     c.dataset.name = "embedded:sft_tasks"
     c.dataset.kind = "sft"
-    c.dataset.max_length = 32
+    c.dataset.max_length = 24     # prompts take <= 8 tokens: answers get >= 16 slots, as at inference
     c.training.batch_size = 64
     c.training.num_epochs = 2.0
-    c.inference.answer_length = 8
-    c.inference.steps = 8
+    c.inference.answer_length = 16
+    c.inference.steps = 16
     c.inference.max_steps = 16
+  return c
+
+
+def _fine_tune(c: ConfigDict, pretrained: str) -> ConfigDict:
+  """Instruction-tunes a pretrained masked LM on tulu-3-sft-mixture (chat records, "User: ... [SEP] Assistant:").
+
+  Fine-tuning settings in the BERT tradition: small peak lr, 6% warmup, cosine to 0, light weight decay.
+  """
+  c.model.family = "modernbert"
+  c.model.pretrained = c.model.tokenizer = pretrained
+  c.model.remat = "save_dots"
+  c.model.loss_chunk_size = 256  # a 50k vocabulary: no full float32 [B, L, V] logits
+  c.dataset.name = "allenai/tulu-3-sft-mixture"
+  c.dataset.kind = "sft"
+  c.dataset.max_length = 512
+  t = c.training
+  t.batch_size, t.learning_rate, t.lr_schedule, t.min_learning_rate_ratio = 32, 2e-5, "cosine", 0.0
+  t.warmup_ratio, t.warmup_steps, t.weight_decay, t.num_epochs = 0.06, 0, 0.01, 1.0
+  c.evaluation.eval_steps = c.training.save_steps = 200
+  c.inference.answer_length, c.inference.confidence_threshold, c.inference.max_replacements = 16, 0.7, 2
   return c
 
 
@@ -334,7 +367,9 @@ def _check_values(c: ConfigDict) -> None:
   _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dimension must be even for RoPE")
   _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
   _require(m.loss_chunk_size >= 0, "model.loss_chunk_size", "must be >= 0")
-  _choice(c, "model.family", ("llama",))
+  _choice(c, "model.family", ("llama", "modernbert"))
+  if m.family == "modernbert":
+    _check_pretrained(m)
   _choice(c, "model.param_dtype", ("float32", "bfloat16"))
   _choice(c, "model.compute_dtype", ("float32", "bfloat16", "float16"))
   _choice(c, "model.remat", ("none", "full", "save_dots"))
@@ -398,6 +433,17 @@ def _check_values(c: ConfigDict) -> None:
   for key in ("data", "fsdp", "tensor"):
     _require(c.mesh[key] == -1 or c.mesh[key] > 0, f"mesh.{key}", f"must be -1 or > 0, got {c.mesh[key]}")
   _require([c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1, "mesh.data", "at most one mesh axis may be -1")
+
+
+def _check_pretrained(m: ConfigDict) -> None:
+  """ModernBERT starts from pretrained weights, read with the tokenizer they were trained with."""
+  _require(bool(m.pretrained), "model.pretrained", "model.family=modernbert needs an HF ModernBERT dir or hub name")
+  path = os.path.expanduser(m.pretrained)
+  if os.path.isdir(path) or m.pretrained.startswith(("/", ".", "~")):  # local (hub names are checked on load)
+    _require(os.path.isdir(path), "model.pretrained", f"no such directory: {path}")
+    _require(os.path.isfile(os.path.join(path, "config.json")), "model.pretrained", f"no config.json in {path}")
+  _require(m.tokenizer != "embedded", "model.tokenizer",
+           "a pretrained model needs its own tokenizer (usually the same dir or hub name as model.pretrained)")
 
 
 def split_files(spec: str) -> list[str]:

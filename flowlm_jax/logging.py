@@ -45,9 +45,13 @@ class MetricsLogger:
     for r in rows:
       self._samples.write(json.dumps({"step": step, **r}) + "\n")
     if self._wandb_run is not None:
-      import wandb
-      columns = list(rows[0])
-      table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+      try:
+        import wandb
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+      except Exception as e:  # noqa: BLE001 - tracking must never stop training
+        log.warning("wandb: could not build the samples table at step %d: %s", step, e)
+        return
       self._to_wandb({"samples": table}, step=step)
 
   def checkpoint_saved(self, step: int, path: str) -> None:
@@ -84,16 +88,26 @@ class MetricsLogger:
 
 def _start_wandb(workdir: str, config):
   w = config.logging.wandb
+  mode = w.mode
+  # WANDB_MODE=disabled|offline in the environment wins over the config (it may only make tracking more
+  # private): wandb itself lets an explicit `mode=` argument beat the variable.
+  env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+  if env_mode == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
+    return None
+  if env_mode in ("offline", "dryrun") and mode == "online":
+    mode = "offline"
   wandb_dir = os.path.join(workdir, "wandb")
   os.makedirs(wandb_dir, exist_ok=True)
   # Keep every wandb file (run, staging, cache) under the workdir unless the user pointed them elsewhere.
-  for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+  # wandb puts runs in `<dir>/wandb/`: dir=workdir gives `workdir/wandb/offline-run-*`.
+  os.environ.setdefault("WANDB_DIR", workdir)
+  for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
     os.environ.setdefault(var, wandb_dir)
   try:
     import wandb
     return wandb.init(
         project=w.project, name=w.name or os.path.basename(os.path.abspath(workdir)), entity=w.entity or None,
-        tags=list(w.tags), mode=w.mode, dir=wandb_dir, config=redact(config.to_dict()),
+        tags=list(w.tags), mode=mode, dir=workdir, config=redact(config.to_dict()),
         settings=wandb.Settings(init_timeout=30, silent=True))
   except Exception as e:  # noqa: BLE001 - no network, no key, no wandb: train anyway
     log.warning("wandb: could not start (%s: %s); continuing without it", type(e).__name__, str(e).splitlines()[0] if str(e) else "")

@@ -83,19 +83,21 @@ def loss_weights(name: str, weighting: str, corrupted_BxL, t_B, corruptible_BxL)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def fused_weighted_cross_entropy(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens: int, chunk_size: int):
-  """(sum(weight * nll), nll_BxL, correct_BxL) of logits = hidden @ w, one sequence chunk at a time.
+def fused_weighted_cross_entropy(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens: int, chunk_size: int,
+                                 bias_V=None):
+  """(sum(weight * nll), nll_BxL, correct_BxL) of logits = hidden @ w (+ bias_V), one sequence chunk at a time.
 
   The per-token weights are known before the forward pass (they depend only on the corruption), so the
   gradient of the weighted sum with respect to hidden and w is computed in the same pass over each
   chunk's logits: no float32 [B, L, V] array is ever held, and unlike remat the logits are not
   recomputed in the backward pass. `nll` and `correct` are metrics: no gradient flows through them.
+  `bias_V` (float32, optional) is an output bias such as ModernBERT's decoder bias; it gets a gradient too.
   """
-  out, _ = _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size)
+  out, _ = _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V)
   return out
 
 
-def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size):
+def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V=None):
   B, L, D = hidden_BxLxD.shape
   V = w_DxV.shape[1]
   chunk = min(chunk_size, L)
@@ -108,30 +110,39 @@ def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens,
   to_chunks = lambda x: x.reshape(B, n_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
   vocab_real_V = jnp.arange(V) < num_real_tokens
 
-  def one_chunk(dw_DxV, xs):
+  def one_chunk(carry, xs):
+    dw_DxV, db_V = carry
     h_BxCxD, y_BxC, wt_BxC = xs
     logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+    if bias_V is not None:
+      logits = logits + bias_V.astype(jnp.float32)
     logits = jnp.where(vocab_real_V, logits, jnp.finfo(jnp.float32).min)
     nll, correct = token_nll_and_correct(logits, y_BxC)
     # d(sum wt * nll)/d logits = wt * (softmax - onehot)
     probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-    g = (probs - jax.nn.one_hot(y_BxC, V, dtype=jnp.float32)) * wt_BxC[..., None]
-    g = g.astype(h_BxCxD.dtype)
+    g32 = (probs - jax.nn.one_hot(y_BxC, V, dtype=jnp.float32)) * wt_BxC[..., None]
+    g = g32.astype(h_BxCxD.dtype)
     dh = jnp.einsum("bcv,dv->bcd", g, w_DxV, preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
     dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", h_BxCxD, g, preferred_element_type=jnp.float32)
-    return dw_DxV, (weighted_nll_sum(nll, wt_BxC), nll, correct, dh)
+    if db_V is not None:
+      db_V = db_V + jnp.sum(g32, axis=(0, 1))
+    return (dw_DxV, db_V), (weighted_nll_sum(nll, wt_BxC), nll, correct, dh)
 
-  dw, (sums, nll, correct, dh) = jax.lax.scan(
-    one_chunk, jnp.zeros((D, V), jnp.float32), (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(weight_BxL)))
+  db0 = None if bias_V is None else jnp.zeros((V,), jnp.float32)
+  (dw, db), (sums, nll, correct, dh) = jax.lax.scan(
+    one_chunk, (jnp.zeros((D, V), jnp.float32), db0),
+    (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(weight_BxL)))
   from_chunks = lambda x: x.swapaxes(0, 1).reshape(B, n_chunks * chunk, *x.shape[3:])[:, :L]
   out = (jnp.sum(sums), from_chunks(nll), from_chunks(correct))
-  return out, (from_chunks(dh), dw.astype(w_DxV.dtype))
+  db = None if db is None else db.astype(bias_V.dtype)
+  return out, (from_chunks(dh), dw.astype(w_DxV.dtype), db)
 
 
 def _fused_ce_bwd(num_real_tokens, chunk_size, residuals, cotangents):
-  dh, dw = residuals
+  dh, dw, db = residuals
   ct = cotangents[0]
-  return (ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype), None, None
+  db = None if db is None else (ct * db).astype(db.dtype)
+  return (ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype), None, None, db
 
 
 fused_weighted_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)

@@ -42,7 +42,12 @@ class ModelConfig:
     return self.d_model // self.n_heads
 
   @classmethod
-  def from_config(cls, model_cfg, vocab: Vocab) -> "ModelConfig":
+  def from_config(cls, model_cfg, vocab: Vocab):
+    """The resolved model config of `model.family` (a ModernBertConfig for "modernbert")."""
+    if getattr(model_cfg, "family", "llama") == "modernbert":
+      from flowlm_jax import modernbert  # imports this module: resolved lazily
+
+      return modernbert.ModernBertConfig.from_config(model_cfg, vocab)
     return cls(
         vocab_size=padded_vocab_size(model_cfg, vocab), num_real_tokens=vocab.size,
         d_model=model_cfg.d_model, n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads,
@@ -172,8 +177,8 @@ def attention_implementation(requested: str) -> str | None:
 
 def attention(q, k, v, mask, kv_lengths, implementation: str, local_window: int | None = None):
   impl = attention_implementation(implementation)
-  if impl == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16)):
-    impl = "xla"  # cuDNN's fused kernel needs half-precision inputs
+  if impl == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or mask is not None):
+    impl = "xla"  # cuDNN's fused kernel needs half precision, and takes padding as lengths, not a [B,1,1,T] mask
   window = None if local_window is None else (local_window, local_window)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl, local_window_size=window)
@@ -199,6 +204,10 @@ def mask_padded_vocab(logits_BxTxV, num_real_tokens: int):
 
 def create(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
   """The network a resolved model config describes (the one place that dispatches on the family)."""
+  from flowlm_jax import modernbert
+
+  if isinstance(model_cfg, modernbert.ModernBertConfig):
+    return modernbert.ModernBert(model_cfg, rngs=rngs)
   return Transformer(model_cfg, rngs=rngs)
 
 

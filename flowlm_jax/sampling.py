@@ -131,7 +131,9 @@ def predict(logits_BxAxV, temperature: float, gumbel_key, vocab: Vocab):
   `add_gumbel_noise` in log space; probabilities are those of the unperturbed softmax, as in LLaDA.
   Probabilities are read off logsumexp, so no [B, A, V] softmax is kept (large vocabularies).
   """
-  logits = logits_BxAxV.at[..., jnp.array([vocab.mask_id, vocab.pad_id])].set(NEG_INF)
+  # A where() over a [V] mask fuses into the reductions below; a scatter into the logits would copy them.
+  banned_V = jnp.zeros(logits_BxAxV.shape[-1], bool).at[jnp.array([vocab.mask_id, vocab.pad_id])].set(True)
+  logits = jnp.where(banned_V, NEG_INF, logits_BxAxV)
   log_z_BxA = jax.nn.logsumexp(logits, axis=-1)
   prob_of = lambda ids_BxA: jnp.exp(jnp.take_along_axis(logits, ids_BxA[..., None], axis=-1)[..., 0] - log_z_BxA)
   noisy = logits

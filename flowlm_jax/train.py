@@ -98,17 +98,35 @@ def state_shardings(model_cfg: ModelConfig, tx, mesh) -> TrainState:
                     last_nonfinite_step=rep)
 
 
-def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState) -> TrainState:
-  """Parameters are created directly in their shards (one jit), so no device ever holds them whole."""
-  def init():
-    model = model_lib.create(model_cfg, rngs=nnx.Rngs(params=seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState,
+               params: Params | None = None) -> TrainState:
+  """Parameters are created directly in their shards (one jit), so no device ever holds them whole.
+
+  `params` (a pure dict) replaces the random initialisation; without it a config with pretrained weights
+  (ModernBERT's `model.pretrained`) loads them, except while traced for shapes (jax.eval_shape).
+  """
+  if params is None and getattr(model_cfg, "pretrained", "") and not _tracing():
+    from flowlm_jax import hf_import
+
+    params = hf_import.load_params(model_cfg)
+  if params is not None:
+    params = jax.device_put(params, shardings.params)
+
+  def init(params):
+    if params is None:
+      model = model_lib.create(model_cfg, rngs=nnx.Rngs(params=seed))
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return TrainState(
         params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
         rng=jax.random.PRNGKey(seed + 1), nonfinite_count=jnp.zeros((), jnp.int32),
         last_nonfinite_step=jnp.full((), -1, jnp.int32))
 
-  return jax.jit(init, out_shardings=shardings)()
+  return jax.jit(init, out_shardings=shardings)(params)
+
+
+def _tracing() -> bool:
+  """True inside a trace (eval_shape, jit): reading weights from disk there would only be thrown away."""
+  return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
 # --- loss -------------------------------------------------------------------------------------
@@ -127,8 +145,9 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig):
   kv_lengths_B = jnp.sum(c.noisy_tokens != cfg.pad_id, axis=-1, dtype=jnp.int32)
   hidden = model.hidden(c.noisy_tokens, kv_lengths_B=kv_lengths_B)
   if cfg.loss_chunk_size:
+    bias = model.output_bias() if hasattr(model, "output_bias") else None  # ModernBERT's decoder bias
     loss, nll, correct = losses.fused_weighted_cross_entropy(
-        hidden, model.output_matrix(), tokens, weight, cfg.model.num_real_tokens, cfg.loss_chunk_size)
+        hidden, model.output_matrix(), tokens, weight, cfg.model.num_real_tokens, cfg.loss_chunk_size, bias)
   else:
     nll, correct = losses.token_nll_and_correct(model.logits_from_hidden(hidden), tokens)
     loss = losses.weighted_nll_sum(nll, weight)

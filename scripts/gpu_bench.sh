@@ -17,6 +17,7 @@ for variant in "${@:-default}"; do
     nochunk) args="--shapes small --loss_chunk 0 --samplers=" ;;
     noremat) args="--shapes small,1b --remat none --samplers=" ;;
     full)    args="--shapes 1b --remat full --samplers=" ;;
+    samplers) args="--shapes small --samplers=llada,flowlm" ;;
     cublas)  args="--shapes small,1b --samplers=llada"; export XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" ;;
     *) echo "unknown variant $variant"; continue ;;
   esac

@@ -12,7 +12,7 @@ from helpers import tiny_config
 
 @pytest.fixture(scope="module")
 def setup():
-  return loop.prepare(tiny_config("llada"))
+  return loop.prepare(tiny_config("llada", learning_rate=3e-3))
 
 
 def build(setup, **step_overrides):

@@ -1,0 +1,285 @@
+"""ModernBERT weights in Hugging Face layout: import into the NNX parameters, export back.
+
+Import: `load_params(cfg)` reads `model.safetensors` (or a sharded `model.safetensors.index.json`) from
+`model.pretrained` — a local directory, or a hub name fetched into the HF cache when the hub is reachable —
+and returns the pure parameter dict of `modernbert.ModernBert` (numpy, `cfg.param_dtype`). A tensor that is
+missing, unexpected or of the wrong shape is a one-line ValueError naming it.
+
+Export: `save_hf(params, cfg, out, tokenizer)` writes `model.safetensors` (float32, HF names), `config.json`
+(the source config with the architecture fields set) and the tokenizer, which
+`transformers.ModernBertForMaskedLM.from_pretrained(out)` loads. From a training run:
+  python -m flowlm_jax.hf_import WORKDIR --out DIR [--step N]
+
+Layout: HF keeps one tensor per layer, ours are stacked on a leading `layers` axis; HF fuses q/k/v into
+`attn.Wqkv` ([q; k; v] rows, each [heads, head_dim]) and the MLP input and gate into `mlp.Wi` ([input; gate]
+rows); torch Linear weights are [out, in], ours [in, out]. Layer 0 has no `attn_norm` (an Identity in HF).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from flowlm_jax import modernbert
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# The decoder shares the embedding when tied; HF checkpoints may or may not carry the duplicate.
+TIED_DECODER = "decoder.weight"
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_pretrained(name: str) -> str:
+  """A local directory holding config.json and the weights: `name` itself, or its hub snapshot."""
+  if not name:
+    raise ValueError("model.pretrained: not set (an HF ModernBERT directory or hub name)")
+  path = os.path.abspath(os.path.expanduser(name))
+  if os.path.isdir(path):
+    return path
+  if name.startswith(("/", ".", "~")):
+    raise FileNotFoundError(f"model.pretrained: no such directory: {path}")
+  try:
+    from huggingface_hub import snapshot_download  # only for hub names
+
+    return snapshot_download(name, allow_patterns=[modernbert.HF_CONFIG_FILE, "model*.safetensors", INDEX_FILE])
+  except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: all mean "not available"
+    raise FileNotFoundError(f"model.pretrained: {name!r} is not a local directory and cannot be fetched from "
+                            f"the hub ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+# --- the name and layout table ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One HF tensor (per layer where `layers` is set) and the parameters of ours it holds."""
+  hf: str                                      # HF name; "{i}" stands for the layer index
+  ours: tuple[str, ...]                        # our parameters it holds (a fused HF tensor holds several)
+  split: Callable[[np.ndarray], tuple]         # HF tensor -> our arrays (one layer's slices when stacked)
+  merge: Callable[..., np.ndarray]             # our arrays -> HF tensor
+  layers: tuple[int, ...] | None = None        # layers it exists for, stacked on our axis 0; None: not per layer
+
+
+def _same(name_hf: str, ours: str, layers=None) -> Rule:
+  return Rule(name_hf, (ours,), lambda w: (w,), lambda w: w, layers)
+
+
+def _linear(name_hf: str, ours: str, layers=None) -> Rule:
+  """torch Linear weight [out, in] <-> ours [in, out]."""
+  return Rule(name_hf, (ours,), lambda w: (w.T,), lambda w: w.T, layers)
+
+
+def rules(cfg: modernbert.ModernBertConfig) -> list[Rule]:
+  """Every HF tensor of a ModernBertForMaskedLM with `cfg`'s architecture and where it goes."""
+  L, D, H, Dh, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
+  every, after_first = tuple(range(L)), tuple(range(1, L))
+  layer = "model.layers.{i}."
+  qkv = Rule(layer + "attn.Wqkv.weight", ("wq", "wk", "wv"),
+             lambda w: tuple(w.reshape(3, H, Dh, D).transpose(0, 3, 1, 2)),          # -> 3 x [D, H, Dh]
+             lambda q, k, v: np.stack([q, k, v]).transpose(0, 2, 3, 1).reshape(3 * H * Dh, D), every)
+  wo = Rule(layer + "attn.Wo.weight", ("wo",),
+            lambda w: (w.reshape(D, H, Dh).transpose(1, 2, 0),),                      # -> [H, Dh, D]
+            lambda w: w.transpose(2, 0, 1).reshape(D, H * Dh), every)
+  wi = Rule(layer + "mlp.Wi.weight", ("w_in", "w_gate"), lambda w: (w[:F].T, w[F:].T),
+            lambda a, b: np.concatenate([a.T, b.T]), every)
+  table = [
+      _same("model.embeddings.tok_embeddings.weight", "embed"),
+      _same("model.embeddings.norm.weight", "embed_norm"),
+      _same(layer + "attn_norm.weight", "attn_norm", after_first),
+      qkv, wo,
+      _same(layer + "mlp_norm.weight", "mlp_norm", every),
+      wi, _linear(layer + "mlp.Wo.weight", "w_out", every),
+      _same("model.final_norm.weight", "final_norm"),
+      _linear("head.dense.weight", "head_dense"),
+      _same("head.norm.weight", "head_norm"),
+  ]
+  if not cfg.tie_embeddings:
+    table.append(_linear(TIED_DECODER, "unembed"))
+  if cfg.decoder_bias:
+    table.append(_same("decoder.bias", "decoder_bias"))
+  if cfg.classifier_bias:
+    table.append(_same("head.dense.bias", "head_dense_bias"))
+  if cfg.norm_bias:
+    table += [_same("model.embeddings.norm.bias", "embed_norm_bias"),
+              _same(layer + "attn_norm.bias", "attn_norm_bias", after_first),
+              _same(layer + "mlp_norm.bias", "mlp_norm_bias", every),
+              _same("model.final_norm.bias", "final_norm_bias"), _same("head.norm.bias", "head_norm_bias")]
+  if cfg.attention_bias:
+    table += [Rule(layer + "attn.Wqkv.bias", ("bq", "bk", "bv"), lambda b: tuple(b.reshape(3, H, Dh)),
+                   lambda q, k, v: np.stack([q, k, v]).reshape(-1), every),
+              _same(layer + "attn.Wo.bias", "bo", every)]
+  if cfg.mlp_bias:
+    table += [Rule(layer + "mlp.Wi.bias", ("b_in", "b_gate"), lambda b: (b[:F], b[F:]),
+                   lambda a, b: np.concatenate([a, b]), every),
+              _same(layer + "mlp.Wo.bias", "b_out", every)]
+  return table
+
+
+def _names(rule: Rule) -> list[str]:
+  return [rule.hf] if rule.layers is None else [rule.hf.format(i=i) for i in rule.layers]
+
+
+def _hf_shape(rule: Rule, template: Mapping) -> tuple[int, ...]:
+  """The HF tensor's shape implied by our parameter shapes (merge applied to zero-stride placeholders)."""
+  per_layer = lambda shape: shape if rule.layers is None else shape[1:]
+  parts = [np.broadcast_to(np.zeros((), np.float32), per_layer(tuple(template[n].shape))) for n in rule.ours]
+  return tuple(rule.merge(*parts).shape)
+
+
+# --- import -----------------------------------------------------------------------------------
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], cfg, template: Mapping, source: str) -> dict:
+  """Our pure parameter dict (numpy, the template's dtypes) from HF-named tensors; errors name the tensor."""
+  table = rules(cfg)
+  tensors = _strip_prefix(tensors)
+  expected = [name for rule in table for name in _names(rule)]
+  missing = [n for n in expected if n not in tensors]
+  allowed = set(expected) | ({TIED_DECODER} if cfg.tie_embeddings else set())
+  unexpected = sorted(n for n in tensors if n not in allowed)
+  if missing:
+    raise ValueError(f"{source}: missing {len(missing)} tensor(s) {_few(missing)} for config.json's architecture")
+  if unexpected:
+    raise ValueError(f"{source}: unexpected {len(unexpected)} tensor(s) {_few(unexpected)} (not a "
+                     "ModernBertForMaskedLM of config.json's architecture?)")
+  params = {}
+  for rule in table:
+    want = _hf_shape(rule, template)
+    pieces = {name: [] for name in rule.ours}
+    for name in _names(rule):
+      got = tuple(tensors[name].shape)
+      if got != want:
+        raise ValueError(f"{source}: tensor {name!r} has shape {got}, config.json implies {want}")
+      for ours, piece in zip(rule.ours, rule.split(np.asarray(tensors[name]))):
+        pieces[ours].append(piece)
+    for ours, parts in pieces.items():
+      value = parts[0] if rule.layers is None else np.stack(parts)
+      params[ours] = np.ascontiguousarray(value.astype(template[ours].dtype))
+  return params
+
+
+def _strip_prefix(tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+  """Checkpoints of the bare ModernBertModel name the encoder without "model."; the head is then missing."""
+  if any(n.startswith("model.") for n in tensors):
+    return tensors
+  return {(n if n.startswith(("head.", "decoder.")) else f"model.{n}"): t for n, t in tensors.items()}
+
+
+def _few(names: list[str]) -> str:
+  return ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+  """Every tensor of `directory`'s model.safetensors, or of the shards its index lists."""
+  from safetensors import safe_open
+
+  index = os.path.join(directory, INDEX_FILE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
+    files = [WEIGHTS_FILE]
+  else:
+    raise FileNotFoundError(f"model.pretrained: no {WEIGHTS_FILE} (or {INDEX_FILE}) in {directory}")
+  tensors = {}
+  for name in files:
+    with safe_open(os.path.join(directory, name), framework="np") as f:
+      for key in f.keys():
+        tensors[key] = f.get_tensor(key)
+  return tensors
+
+
+def abstract_params(cfg) -> dict:
+  """{name: ShapeDtypeStruct} of the model `cfg` describes, allocating nothing."""
+  from flax import nnx
+
+  model = nnx.eval_shape(lambda: modernbert.ModernBert(cfg, rngs=nnx.Rngs(params=0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load_params(cfg) -> dict:
+  """The pure parameter dict of `cfg.pretrained`'s weights (numpy arrays in `cfg.param_dtype`)."""
+  directory = cfg.pretrained
+  return params_from_hf(read_safetensors(directory), cfg, abstract_params(cfg), directory)
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def hf_from_params(params: Mapping, cfg) -> dict[str, np.ndarray]:
+  """HF-named float32 tensors from our pure parameter dict (the tied decoder weight is left to HF)."""
+  tensors = {}
+  for rule in rules(cfg):
+    ours = [np.asarray(params[name], dtype=np.float32) for name in rule.ours]
+    for n, name in enumerate(_names(rule)):
+      parts = ours if rule.layers is None else [p[n] for p in ours]
+      tensors[name] = np.ascontiguousarray(rule.merge(*parts))
+  return tensors
+
+
+def save_hf(params: Mapping, cfg, out: str, tokenizer=None) -> dict:
+  """Writes `out`/model.safetensors + config.json (+ tokenizer files); returns a summary."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(out, exist_ok=True)
+  tensors = hf_from_params(params, cfg)
+  # transformers refuses safetensors files without a framework tag.
+  weights = os.path.join(out, WEIGHTS_FILE)
+  save_file(tensors, weights, metadata={"format": "pt"})
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(weights, 0o666 & ~umask)  # safetensors creates it owner-only; make it as shareable as the rest
+  hf = modernbert.hf_config_dict(cfg)
+  hf.pop("torch_dtype", None)  # the weights are float32 whatever the source said
+  hf["dtype"] = "float32"
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out)
+    hf.update({f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "cls", "sep")
+               if getattr(tokenizer, f"{k}_token_id", None) is not None})
+  with open(os.path.join(out, modernbert.HF_CONFIG_FILE), "w") as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return {"out": out, "tensors": len(tensors), "parameters": int(sum(t.size for t in tensors.values()))}
+
+
+def export_run(workdir: str, out: str, step: int | None = None) -> dict:
+  """The newest (or `step`) checkpoint of a ModernBERT run, written in HF layout to `out`."""
+  import jax
+
+  from flowlm_jax import api
+
+  if os.path.isdir(out) and os.listdir(out):
+    raise FileExistsError(f"export: {out} exists and is not empty")
+  run = api.load(workdir, step=step)
+  if not isinstance(run.model.cfg, modernbert.ModernBertConfig):
+    raise ValueError(f"export: {workdir} is not a ModernBERT run (model.family={run.config.model.family!r})")
+  summary = save_hf(jax.device_get(run.params), run.model.cfg, out, run.tokenizer)
+  return {**summary, "step": run.step}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m flowlm_jax.hf_import",
+                              description="Export a ModernBERT run's checkpoint in Hugging Face layout.")
+  p.add_argument("workdir", help="run directory (holds checkpoints/), a checkpoints dir or a step dir")
+  p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  args = p.parse_args(argv)
+  try:
+    s = export_run(args.workdir, args.out, args.step)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"exported step {s['step']} of {args.workdir} to {s['out']}: {s['tensors']} tensors, "
+        f"{s['parameters']:,} parameters (HF ModernBertForMaskedLM layout)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,236 @@
+"""`python -m flowlm_jax.export` and `flowlm_jax.load` of workdirs and exported directories."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import REPO, tiny_config
+
+
+def write_checkpoint(workdir: str, config, step: int = 7, seed: int = 3, mesh=None) -> tuple[dict, dict]:
+  """A checkpoint as loop.py saves it (train state, data state, resolved config) without training.
+
+  Returns ({name: parameter as a numpy array}, {name: number of devices holding a shard of it})."""
+  from flowlm_jax import checkpoint as ckpt_lib
+  from flowlm_jax import sharding, train
+  from flowlm_jax.model import ModelConfig
+  from flowlm_jax.tokenizer import load_tokenizer, vocab_of
+
+  vocab = vocab_of(load_tokenizer(config.model.tokenizer))
+  model_cfg = ModelConfig.from_config(config.model, vocab)
+  mesh = mesh if mesh is not None else sharding.single_device_mesh()
+  _, abstract = train.abstract_model(model_cfg)
+  tx, _ = train.make_optimizer(config.training, 20, abstract)
+  state = train.init_state(model_cfg, tx, seed, train.state_shardings(model_cfg, tx, mesh))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  checkpointer.save(step, state, {"epoch": 0, "position": 0}, config.to_dict())
+  checkpointer.close()
+  return ({k: np.asarray(jax.device_get(v)) for k, v in state.params.items()},
+          {k: len({s.device for s in v.addressable_shards if s.data.size < v.size}) for k, v in state.params.items()})
+
+
+def logits(run, tokens):
+  return np.asarray(jax.jit(lambda t: run.model.logits_from_hidden(run.model.hidden(t)))(tokens))
+
+
+def fixed_tokens(vocab, B=2, T=24):
+  return (np.arange(B * T, dtype=np.int32).reshape(B, T) * 37 + 5) % vocab.size
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("export") / "run")
+  write_checkpoint(path, tiny_config("flowlm"))
+  return path
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory):
+  from flowlm_jax import export
+
+  out = str(tmp_path_factory.mktemp("export") / "exported")
+  summary = export.export(workdir, out)
+  assert summary["step"] == 7
+  return out
+
+
+def test_export_writes_safetensors_config_and_tokenizer(workdir, exported):
+  from safetensors.numpy import load_file
+
+  import flowlm_jax
+
+  run = flowlm_jax.load(workdir)
+  tensors = load_file(os.path.join(exported, "model.safetensors"))
+  assert set(tensors) == set(run.params)
+  for name, value in run.params.items():
+    assert tensors[name].dtype == np.float32
+    np.testing.assert_array_equal(tensors[name], np.asarray(value))
+  with open(os.path.join(exported, "config.json")) as f:
+    meta = json.load(f)
+  assert meta["format"] == "flowlm_jax" and meta["step"] == 7
+  assert meta["model"] == run.config.model.to_dict()
+  assert meta["training"]["loss"] == run.config.training.loss
+  shape = meta["model_shape"]
+  assert (shape["d_model"], shape["n_layers"], shape["n_heads"], shape["d_ff"]) == (32, 2, 2, 64)
+  assert shape["vocab_size"] == run.model.cfg.vocab_size and shape["head_dim"] == 16
+  assert shape["num_parameters"] == sum(v.size for v in tensors.values())
+  assert meta["vocab"]["mask_id"] == run.vocab.mask_id
+  assert os.path.isfile(os.path.join(exported, "tokenizer.json"))
+  assert os.path.isfile(os.path.join(exported, "tokenizer_config.json"))
+
+
+def test_loading_the_export_gives_identical_logits(workdir, exported):
+  import flowlm_jax
+
+  a, b = flowlm_jax.load(workdir), flowlm_jax.load(exported)
+  assert b.step == a.step == 7
+  assert b.vocab == a.vocab and b.model.cfg == a.model.cfg
+  assert b.config.training.to_dict() == a.config.training.to_dict()
+  assert b.config.model.tokenizer == os.path.abspath(exported)
+  tokens = fixed_tokens(a.vocab)
+  la, lb = logits(a, tokens), logits(b, tokens)
+  assert la.dtype == np.float32 and np.isfinite(la[..., :a.vocab.size]).all()
+  np.testing.assert_array_equal(la, lb)
+  # The exported tokenizer encodes as the run's did.
+  assert b.tokenizer("To be, or not to be")["input_ids"] == a.tokenizer("To be, or not to be")["input_ids"]
+
+
+def test_load_of_an_export_checks_step_and_weights(exported, tmp_path):
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  import flowlm_jax
+
+  with pytest.raises(ValueError, match="not step 3"):
+    flowlm_jax.load(exported, step=3)
+  broken = str(tmp_path / "broken")
+  shutil.copytree(exported, broken)
+  tensors = load_file(os.path.join(broken, "model.safetensors"))
+  del tensors["wq"]
+  save_file(tensors, os.path.join(broken, "model.safetensors"))
+  with pytest.raises(ValueError, match="missing \\['wq'\\]"):
+    flowlm_jax.load(broken)
+
+
+def test_export_refuses_a_non_empty_out(workdir, tmp_path):
+  from flowlm_jax import export
+
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "keep.txt").write_text("x")
+  with pytest.raises(FileExistsError, match="not empty"):
+    export.export(workdir, str(tmp_path / "out"))
+
+
+def test_bfloat16_parameters_round_trip_exactly(tmp_path):
+  import flowlm_jax
+  from flowlm_jax import export
+
+  c = tiny_config("flowlm")
+  c.model.param_dtype = "bfloat16"
+  write_checkpoint(str(tmp_path / "run"), c, step=2)
+  export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  a, b = flowlm_jax.load(str(tmp_path / "run")), flowlm_jax.load(str(tmp_path / "out"))
+  for name, value in a.params.items():
+    assert b.params[name].dtype == value.dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(b.params[name]), np.asarray(value))
+
+
+def test_import_flowlm_jax_is_light_and_load_is_lazy():
+  code = ("import sys, flowlm_jax; heavy = [m for m in ('jax', 'transformers', 'orbax', 'flax') if m in sys.modules]; "
+          "assert not heavy, heavy; from flowlm_jax import api; assert flowlm_jax.load is api.load; "
+          "assert flowlm_jax.LoadedRun is api.LoadedRun; assert 'load' in dir(flowlm_jax)")
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+
+
+MESH_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from flowlm_jax import sharding
+from helpers import tiny_config
+from test_export import write_checkpoint
+assert jax.device_count() == 4, jax.devices()
+c = tiny_config("flowlm")
+c.mesh.fsdp, c.mesh.tensor = 2, 2
+params, split_over = write_checkpoint(sys.argv[1], c, step=5, mesh=sharding.make_mesh(c))
+assert split_over["wq"] == 4 and split_over["w_up"] == 4, split_over  # fsdp x tensor: really sharded
+np.savez(sys.argv[2], **params)
+"""
+
+
+@pytest.mark.integration
+def test_checkpoint_from_a_4_device_mesh_loads_and_exports_on_one_device(tmp_path):
+  """A run trained elsewhere (here: fsdp=2 x tensor=2 on 4 devices) loads onto this process's one device."""
+  import flowlm_jax
+  from flowlm_jax import export
+
+  workdir, saved = str(tmp_path / "run"), str(tmp_path / "params.npz")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, workdir, saved], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=180)
+  assert r.returncode == 0, r.stderr[-3000:]
+  run = flowlm_jax.load(workdir)
+  assert run.step == 5
+  expected = np.load(saved)
+  for name, value in run.params.items():
+    assert len(value.sharding.device_set) == 1
+    np.testing.assert_array_equal(np.asarray(value), expected[name])
+  out = str(tmp_path / "exported")
+  export.export(workdir, out)
+  tokens = fixed_tokens(run.vocab)
+  np.testing.assert_array_equal(logits(run, tokens), logits(flowlm_jax.load(out), tokens))
+
+
+@pytest.mark.integration
+def test_export_cli_on_a_trained_run(reference_run, tmp_path):
+  import flowlm_jax
+
+  out = str(tmp_path / "exported")
+  r = subprocess.run([sys.executable, "-m", "flowlm_jax.export", reference_run, "--out", out, "--step", "4"],
+                     cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=180)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "exported step 4" in r.stdout
+  a, b = flowlm_jax.load(reference_run, step=4), flowlm_jax.load(out)
+  assert a.step == b.step == 4
+  tokens = fixed_tokens(a.vocab)
+  np.testing.assert_array_equal(logits(a, tokens), logits(b, tokens))
+  assert b.generate(["add 12 30"], mode="llada") == a.generate(["add 12 30"], mode="llada")
+  r = subprocess.run([sys.executable, "-m", "flowlm_jax.export", reference_run, "--out", out], cwd=REPO,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=180)
+  assert r.returncode == 2 and "not empty" in r.stderr
+
+
+MODERNBERT_FIXTURE = os.path.join(REPO, "tests", "fixtures", "modernbert_tiny")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(MODERNBERT_FIXTURE, "config.json")), reason="no ModernBERT fixture")
+def test_modernbert_export_is_self_contained(tmp_path):
+  """A ModernBERT run's architecture comes from `model.pretrained`; its export must load without it."""
+  import shutil
+
+  import flowlm_jax
+  from flowlm_jax import export
+
+  pytest.importorskip("flowlm_jax.modernbert")
+  source = str(tmp_path / "pretrained")
+  shutil.copytree(MODERNBERT_FIXTURE, source)
+  c = tiny_config("flowlm")
+  c.model.family = "modernbert"
+  c.model.pretrained = c.model.tokenizer = source
+  c.model.compute_dtype = "float32"
+  write_checkpoint(str(tmp_path / "run"), c, step=3)
+  run = flowlm_jax.load(str(tmp_path / "run"))
+  tokens = fixed_tokens(run.vocab, T=16)
+  expected = logits(run, tokens)
+  export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  shutil.rmtree(source)  # the pretrained source is gone: the export alone must do
+  loaded = flowlm_jax.load(str(tmp_path / "out"))
+  assert type(loaded.model) is type(run.model) and loaded.model.cfg.pretrained == ""
+  np.testing.assert_array_equal(logits(loaded, tokens), expected)
