@@ -80,7 +80,8 @@ def dry_run(config) -> None:
         f"[PAD]={setup.vocab.pad_id})")
   print(f"train: {setup.train_split.summary()}  ({setup.iterator.batches_per_epoch} batches/epoch)")
   print(f"validation: {setup.valid_split.summary()}")
-  print(f"unigram entropy: {data.unigram_entropy(setup.train_split):.3f} nats/token")
+  print(f"unigram entropy: {data.unigram_entropy(setup.train_split):.3f} nats/token (train); context-free "
+        f"validation NLL: {data.unigram_cross_entropy(setup.train_split, setup.valid_split):.3f}")
   _, abstract = train.abstract_model(setup.model_cfg)
   n_params = sum(x.size for x in jax.tree.leaves(abstract))
   print(f"model: {n_params / 1e6:.2f}M parameters; steps: {setup.total_steps}; mesh: {dict(setup.mesh.shape)}")

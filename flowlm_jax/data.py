@@ -216,6 +216,15 @@ def unigram_entropy(split: TokenizedSplit) -> float:
   return float(-(p * np.log(p)).sum())
 
 
+def unigram_cross_entropy(train: TokenizedSplit, valid: TokenizedSplit) -> float:
+  """Validation NLL (nats/token) of the training unigram distribution (add-half smoothed): the loss a
+  context-free model reaches on the validation split — the baseline `eval_nll_corrupted` must beat."""
+  size = int(max(train.tokens.max(), valid.tokens.max())) + 1
+  counts = np.bincount(train.tokens[train.corruptible], minlength=size) + 0.5
+  log_p = np.log(counts / counts.sum())
+  return float(-log_p[valid.tokens[valid.corruptible]].mean())
+
+
 # --- batches ------------------------------------------------------------------------------------
 
 

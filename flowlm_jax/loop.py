@@ -124,7 +124,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
       f.write(config_lib.to_yaml(config_lib.from_dict(redact(c.to_dict()))))
     print(f"train: {s.train_split.summary()}\nvalidation: {s.valid_split.summary()}\n"
           f"mesh: {dict(s.mesh.shape)}  steps: {s.total_steps}  unigram entropy (nats/token): "
-          f"{data.unigram_entropy(s.train_split):.3f}", flush=True)
+          f"{data.unigram_entropy(s.train_split):.3f} (train), context-free validation NLL "
+          f"{data.unigram_cross_entropy(s.train_split, s.valid_split):.3f}", flush=True)
 
   graphdef, abstract_model_state = train.abstract_model(s.model_cfg)
   tx, schedule = train.make_optimizer(c.training, s.total_steps, abstract_model_state)

@@ -385,3 +385,12 @@ def test_unigram_entropy_matches_a_direct_count_on_real_data(sft_task_splits):
   counts = collections.Counter(validation.tokens[validation.corruptible].tolist())
   p = np.array(list(counts.values()), dtype=np.float64) / sum(counts.values())
   assert data.unigram_entropy(validation) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
+
+
+def test_unigram_cross_entropy_is_the_validation_nll_of_smoothed_training_counts():
+  train = data.TokenizedSplit(np.array([[5, 5, 6, 0]], np.int32), np.array([[True, True, True, False]]))
+  valid = data.TokenizedSplit(np.array([[5, 7]], np.int32), np.array([[True, True]]))
+  counts = np.array([0, 0, 0, 0, 0, 2, 1, 0], float) + 0.5
+  p = counts / counts.sum()
+  expected = -(np.log(p[5]) + np.log(p[7])) / 2
+  assert data.unigram_cross_entropy(train, valid) == pytest.approx(expected)

@@ -105,6 +105,17 @@ def test_tokenizer_lacking_mask_and_pad_gets_them_added(tmp_path):
   assert tok.encode("a b a", add_special_tokens=False) == [2, 3, 2]  # the original ids are untouched
 
 
+def test_tokenizer_that_cannot_take_a_mask_token_is_a_one_line_error(tmp_path, monkeypatch):
+  from transformers import PreTrainedTokenizerFast
+
+  def refuse(self, *args, **kwargs):
+    raise RuntimeError("frozen vocabulary")
+
+  monkeypatch.setattr(PreTrainedTokenizerFast, "add_special_tokens", refuse)
+  with pytest.raises(ValueError, match=r"model\.tokenizer: .* lacks \[MASK\], \[PAD\] and cannot add them"):
+    tokenizer_lib.load_tokenizer(build_tokenizer_without_mask_and_pad(tmp_path))
+
+
 def test_vocab_of_a_tokenizer_without_sep_uses_eos_as_separator(tmp_path):
   tok = tokenizer_lib.load_tokenizer(build_tokenizer_without_mask_and_pad(tmp_path))
   vocab = tokenizer_lib.vocab_of(tok)
