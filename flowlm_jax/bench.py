@@ -47,16 +47,17 @@ def forward_flops_per_token(m: ModelConfig, seq_len: int) -> float:
   return train_flops_per_token(m, seq_len) / 3
 
 
-def measure_peak_matmul(n: int = 8192, reps: int = 30, warmup: int = 20) -> float:
+def measure_peak_matmul(n: int = 8192, reps: int = 50, warmup_s: float = 3.0) -> float:
   """bf16 FLOP/s of an n x n x n product on random data (the MFU denominator).
 
-  Warm-up first: an idle GPU starts at low clocks, and a low peak would flatter the MFU.
+  Warm-up for a few seconds first: an idle GPU starts at low clocks, and a low peak would flatter the MFU.
   """
   keys = jax.random.split(jax.random.key(0), 2)
   a = jax.random.normal(keys[0], (n, n), jnp.bfloat16)
   b = jax.random.normal(keys[1], (n, n), jnp.bfloat16)
   f = jax.jit(lambda a, b: a @ b)
-  for _ in range(warmup):
+  start = time.perf_counter()
+  while time.perf_counter() - start < warmup_s:
     f(a, b).block_until_ready()
   times = []
   for _ in range(reps):
@@ -71,15 +72,16 @@ def peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def model_config(shape: str, remat: str, compute_dtype: str) -> tuple[ModelConfig, int, int]:
+def model_config(shape: str, remat: str, compute_dtype: str, unroll: bool = False) -> tuple[ModelConfig, int, int]:
   d, L, H, ff, V, S, B = SHAPES[shape]
   m = ModelConfig(vocab_size=V, num_real_tokens=V, d_model=d, n_layers=L, n_heads=H, n_kv_heads=H, d_ff=ff,
-                  compute_dtype=compute_dtype, remat=remat)
+                  compute_dtype=compute_dtype, remat=remat, scan_unroll=L if unroll else 1)
   return m, S, B
 
 
-def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_dtype: str) -> dict:
-  m, S, B = model_config(shape, remat, compute_dtype)
+def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_dtype: str,
+                profile_dir: str = "", unroll: bool = False) -> dict:
+  m, S, B = model_config(shape, remat, compute_dtype, unroll)
   vocab = synthetic_vocab(m.vocab_size)
   c = config_lib.base_config()
   spec = masking.MaskingSpec.from_config(c.masking, vocab)
@@ -107,16 +109,21 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
-  return {"shape": shape, "remat": remat, "loss_chunk": loss_chunk, "step_s": step_s, "compile_s": compile_s,
+  if profile_dir:  # a few steps under jax.profiler, with a Perfetto trace that needs no viewer to parse
+    with jax.profiler.trace(f"{profile_dir}/{shape}", create_perfetto_trace=True):
+      for _ in range(3):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+  return {"shape": shape, "remat": remat + ("+unroll" if unroll else ""), "loss_chunk": loss_chunk, "step_s": step_s, "compile_s": compile_s,
           "tokens_per_s": B * S / step_s, "flops_per_token": train_flops_per_token(m, S),
           "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30, "loss": float(metrics["loss"]),
           "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6}
 
 
-def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str) -> dict:
+def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str, unroll: bool = False) -> dict:
   from flowlm_jax import sampling
 
-  m, _, _ = model_config(shape, "none", compute_dtype)
+  m, _, _ = model_config(shape, "none", compute_dtype, unroll)
   vocab = synthetic_vocab(m.vocab_size)
   graphdef, _ = train.abstract_model(m)
   params = _init_params(m)
@@ -160,24 +167,28 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--compute_dtype", default="bfloat16")
   p.add_argument("--smoke", action="store_true", help="tiny shapes and few steps (CPU check)")
   p.add_argument("--out", default="bench.json")
+  p.add_argument("--unroll", action=argparse.BooleanOptionalAction, default=True,
+                 help="unroll the layer scan (no per-layer buffer copies; docs/performance.md)")
+  p.add_argument("--profile_dir", default="", help="also trace 3 train steps per shape with jax.profiler")
   args = p.parse_args(argv)
   shapes = ["smoke"] if args.smoke else args.shapes.split(",")
   steps = 2 if args.smoke else args.steps
   sampler = SMOKE_SAMPLER if args.smoke else SAMPLER
   peak_n = 512 if args.smoke else 8192
-  peak = measure_peak_matmul(peak_n)
+  peak = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   rows, sampler_rows = [], []
   for shape in shapes:
-    r = bench_train(shape, remat=args.remat, loss_chunk=args.loss_chunk, steps=steps, compute_dtype=args.compute_dtype)
+    r = bench_train(shape, remat=args.remat, loss_chunk=args.loss_chunk, steps=steps, compute_dtype=args.compute_dtype,
+                    profile_dir=args.profile_dir, unroll=args.unroll)
     r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
     rows.append(r)
     for mode in filter(None, args.samplers.split(",")):
-      sr = bench_sampler(shape, mode, sampler, args.compute_dtype)
+      sr = bench_sampler(shape, mode, sampler, args.compute_dtype, args.unroll)
       sr["floor_s"] = sr["floor_flops"] / peak
       sr["x_floor"] = sr["seconds"] / sr["floor_s"]
       sampler_rows.append(sr)
   # Measured again after the work (clocks fully up); the higher reading is the conservative denominator.
-  peak_after = measure_peak_matmul(peak_n)
+  peak_after = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   if peak_after > peak:
     for r in rows:
       r["mfu"] *= peak / peak_after

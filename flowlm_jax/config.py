@@ -48,6 +48,7 @@ def base_config() -> ConfigDict:
   m.compute_dtype = "bfloat16"  # activations and matmuls
   m.remat = "none"              # "none" | "full" | "save_dots": what the backward pass recomputes
                                 # (docs/performance.md compares them)
+  m.scan_unroll = 1             # layers per lax.scan iteration (n_layers: no loop; see performance.md)
   m.attention = "auto"          # "auto" (cuDNN flash on GPU, XLA elsewhere) | "xla" | "cudnn"
   m.loss_chunk_size = 0         # >0: cross-entropy over this many positions at a time (no full f32 logits)
 
@@ -188,6 +189,7 @@ def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
     c.training.warmup_steps = 2000
     c.model.remat = "save_dots"
     c.model.loss_chunk_size = 256
+    c.model.scan_unroll = c.model.n_layers  # a rolled scan copies each layer's saved activations
     c.evaluation.eval_steps = 1000
     c.training.save_steps = 1000
   if variant == "tasks":  # the embedded SFT task set: scores samplers by exact match
@@ -367,6 +369,7 @@ def _check_values(c: ConfigDict) -> None:
   _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dimension must be even for RoPE")
   _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
   _require(m.loss_chunk_size >= 0, "model.loss_chunk_size", "must be >= 0")
+  _require(m.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {m.scan_unroll}")
   _choice(c, "model.family", ("llama", "modernbert"))
   if m.family == "modernbert":
     _check_pretrained(m)

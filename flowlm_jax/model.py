@@ -36,6 +36,7 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   remat: str = "none"
   attention: str = "auto"
+  scan_unroll: int = 1       # layers per scan iteration; n_layers = a straight-line program
 
   @property
   def head_dim(self) -> int:
@@ -54,7 +55,8 @@ class ModelConfig:
         n_kv_heads=model_cfg.n_kv_heads or model_cfg.n_heads, d_ff=model_cfg.d_ff,
         rope_theta=model_cfg.rope_theta, norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std,
         tie_embeddings=model_cfg.tie_embeddings, param_dtype=model_cfg.param_dtype,
-        compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat, attention=model_cfg.attention)
+        compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat, attention=model_cfg.attention,
+        scan_unroll=model_cfg.scan_unroll)
 
   def params_per_token_flops(self) -> int:
     """Matmul parameters touched per token (for FLOP counts): layers plus the output projection."""
@@ -134,7 +136,7 @@ class Transformer(nnx.Module):
       x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
       return x, None
 
-    x, _ = jax.lax.scan(remat(layer, cfg.remat), x, layer_params)
+    x, _ = jax.lax.scan(remat(layer, cfg.remat), x, layer_params, unroll=cfg.scan_unroll)
     return rms_norm(x, self.final_norm[...].astype(dtype), cfg.norm_eps)
 
   def __call__(self, tokens_BxT, valid_BxT=None, positions_BxT=None, kv_lengths_B=None) -> jax.Array:

@@ -18,9 +18,15 @@ for variant in "${@:-default}"; do
     noremat) args="--shapes small,1b --remat none --samplers=" ;;
     full)    args="--shapes 1b --remat full --samplers=" ;;
     samplers) args="--shapes small --samplers=llada,flowlm" ;;
+    rolled)  args="--shapes small,1b --no-unroll --samplers=" ;;
+    profile) args="--shapes small,1b --samplers= --steps 5 --profile_dir /tmp/prof" ;;
     cublas)  args="--shapes small,1b --samplers=llada"; export XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" ;;
     *) echo "unknown variant $variant"; continue ;;
   esac
   echo "=== $variant: $args"
   timeout 300 python3 -m flowlm_jax.bench $args --out "$OUT/bench_$variant.json" 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/bench_$variant.log" | tail -20
+done
+# Perfetto traces (if any) come back as one file per shape.
+for f in /tmp/prof/*/plugins/profile/*/perfetto_trace.json.gz; do
+  [ -f "$f" ] && cp "$f" "$OUT/trace_$(echo "$f" | cut -d/ -f4).json.gz"
 done
