@@ -154,6 +154,27 @@ def base_config() -> ConfigDict:
   return c
 
 
+# --- methods: what distinguishes LLaDA from FlowLM ---------------------------------------------
+
+METHODS = {
+    # LLaDA (Nie et al. 2025): 90% [MASK] / 10% random, ratios 0.15-0.99, 1/t-weighted loss.
+    "llada": {"masking.strategy": "LLADA_STRATEGY", "training.loss": "llada", "inference.mode": "llada"},
+    # FlowLM: 30% [MASK] / 70% random, every corrupted position in the loss; the original FlowLM used
+    # plain masked-LM cross-entropy (no 1/t weight); decoding may rewrite any answer position.
+    "flowlm": {"masking.strategy": "FLOWLM_STRATEGY", "training.loss": "flowlm",
+               "training.loss_weighting": "none", "inference.mode": "flowlm"},
+}
+
+
+def preset(method: str, variant: str | None) -> ConfigDict:
+  """The config of `configs/<method>.py:<variant>`."""
+  c = base_config()
+  c.masking.min_ratio, c.masking.max_ratio = 0.15, 0.99  # as in the original system
+  apply_overrides(c, METHODS[method])
+  c.logging.wandb.tags = [method]
+  return apply_variant(c, variant)
+
+
 # --- size and data variants -------------------------------------------------------------------
 
 SIZES = {
