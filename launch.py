@@ -71,8 +71,8 @@ def main(argv):
 
 
 def dry_run(config) -> None:
-  import jax
   from flowlm_jax import config as config_lib, data, loop, train
+  from flowlm_jax.model import count_params
 
   setup = loop.prepare(config)
   print(config_lib.to_yaml(config))
@@ -83,7 +83,7 @@ def dry_run(config) -> None:
   print(f"unigram entropy: {data.unigram_entropy(setup.train_split):.3f} nats/token (train); context-free "
         f"validation NLL: {data.unigram_cross_entropy(setup.train_split, setup.valid_split):.3f}")
   _, abstract = train.abstract_model(setup.model_cfg)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract))
+  n_params = count_params(abstract)
   print(f"model: {n_params / 1e6:.2f}M parameters; steps: {setup.total_steps}; mesh: {dict(setup.mesh.shape)}")
   print("dry run: ok")
 

@@ -67,8 +67,7 @@ def load(workdir: str, step: int | None = None) -> LoadedRun:
     tx, _ = train.make_optimizer(config.training, 1000, abstract_model_state)
     mesh = sharding.single_device_mesh()
     shardings = train.state_shardings(model_cfg, tx, mesh)
-    shapes = jax.eval_shape(lambda: train.init_state(model_cfg, tx, 0, shardings))
-    found = checkpointer.restore_latest_good(ckpt_lib.abstract_state(shapes, shardings), step)
+    found = checkpointer.restore_latest_good(ckpt_lib.restore_target(model_cfg, tx, shardings), step)
   finally:
     checkpointer.close()
   if found is None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from flowlm_jax import config as config_lib
 from flowlm_jax import masking, sharding, train
-from flowlm_jax.model import ModelConfig
+from flowlm_jax.model import ModelConfig, count_params
 from flowlm_jax.vocab import Vocab
 
 SHAPES = {
@@ -117,7 +117,7 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
   return {"shape": shape, "remat": remat + ("+unroll" if unroll else ""), "loss_chunk": loss_chunk, "step_s": step_s, "compile_s": compile_s,
           "tokens_per_s": B * S / step_s, "flops_per_token": train_flops_per_token(m, S),
           "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30, "loss": float(metrics["loss"]),
-          "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6}
+          "params_m": count_params(state.params) / 1e6}
 
 
 def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str, unroll: bool = False) -> dict:

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from flowlm_jax import train
 from flowlm_jax.train import TrainState
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
 
   def save(self, step: int, state: TrainState, data_state: dict, config_dict: dict) -> None:
     """Starts an (asynchronous) save; call `wait()` before relying on it."""
@@ -108,7 +105,6 @@ class Checkpointer:
                     reason, moved)
     return None
 
-
   def _set_aside(self, step: int) -> str:
     """Renames a damaged step out of Orbax's sight (kept for inspection, never deleted)."""
     src = os.path.join(self.directory, str(step))
@@ -122,6 +118,11 @@ class Checkpointer:
 def abstract_state(shapes: TrainState, shardings: TrainState) -> TrainState:
   """ShapeDtypeStructs carrying the target shardings, the restore target for Orbax."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def restore_target(model_cfg, tx, shardings: TrainState) -> TrainState:
+  """The restore target of a train state for this model and optimiser, allocating nothing."""
+  return abstract_state(jax.eval_shape(lambda: train.init_state(model_cfg, tx, 0, shardings)), shardings)
 
 
 def resolve_resume_path(path: str) -> tuple[str, int | None]:

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from flowlm_jax.config import split_files
-from flowlm_jax.tokenizer import ASSETS_DIR
+from flowlm_jax.tokenizer import ASSETS_DIR, separator_id
 from flowlm_jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -127,14 +127,10 @@ def render_messages(messages: list[dict]) -> tuple[str, str]:
 
 def chat_prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
   """Token ids of a prompt up to and including [SEP] (and "Assistant:" for chat-rendered data)."""
-  ids = tokenizer.encode(prompt, add_special_tokens=False) + [vocab_sep(tokenizer)]
+  ids = tokenizer.encode(prompt, add_special_tokens=False) + [separator_id(tokenizer)]
   if chat:
     ids += tokenizer.encode(" Assistant:", add_special_tokens=False)
   return ids
-
-
-def vocab_sep(tokenizer) -> int:
-  return tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
 
 
 def tokenize_split(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:

@@ -118,11 +118,6 @@ def unflatten_like(flat: dict[str, Any], template: dict, source: str = "") -> di
   return build(template, "")
 
 
-def parameter_count(params: dict) -> int:
-  import math
-  return sum(math.prod(v.shape) for v in flatten_params(params).values())
-
-
 def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool = False) -> dict:
   """Writes `out` from the newest (or `step`) checkpoint of `workdir`; returns a summary dict."""
   import jax

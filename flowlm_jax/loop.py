@@ -131,8 +131,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   tx, schedule = train.make_optimizer(c.training, s.total_steps, abstract_model_state)
   shardings = train.state_shardings(s.model_cfg, tx, s.mesh)
   train_step, eval_step = train.compile_steps(graphdef, tx, s.step_cfg, shardings, s.mesh)
-  shapes = jax.eval_shape(lambda: train.init_state(s.model_cfg, tx, c.training.seed, shardings))
-  abstract = ckpt_lib.abstract_state(shapes, shardings)
+  abstract = ckpt_lib.restore_target(s.model_cfg, tx, shardings)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.training.save_total_limit,
                                        async_save=c.training.async_checkpointing)
@@ -166,7 +165,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         if step % c.logging.log_every == 0 or last or halt:
           row = _train_row(jax.device_get(window), window_steps, step, schedule, tokens_per_step,
                            time.perf_counter() - window_start, int(state.nonfinite_count))
-          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, c.training.nonfinite, row)
+          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, c.training.nonfinite)
           logger.write(row)
           bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
           result["train"] = row
@@ -179,7 +178,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         if c.inference.every_steps and (step % c.inference.every_steps == 0 or last):
           _sample_test_prompts(s, graphdef, state.params, step, logger, bar)
         if step % c.training.save_steps == 0 or last or halt:
-          _check_nonfinite(state, nonfinite_seen, c.training.nonfinite, None)
+          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, c.training.nonfinite)
           save(step)
           if last:
             checkpointer.wait()
@@ -243,7 +242,8 @@ def _train_row(sums, n_steps, step, schedule, tokens_per_step, seconds, nonfinit
   return row
 
 
-def _check_nonfinite(state, seen: int, policy: str, row) -> int:
+def _check_nonfinite(state, seen: int, policy: str) -> int:
+  """Stops (policy "stop") or warns once about updates skipped since `seen`; returns the new count."""
   count = int(state.nonfinite_count)
   if count > seen:
     step = int(state.last_nonfinite_step)

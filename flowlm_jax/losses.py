@@ -30,11 +30,15 @@ def token_nll_and_correct(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tu
 
   Upcast first: a bf16 logsumexp over a large vocab loses most of the loss's precision.
   """
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  nll_BxL, correct_BxL, _ = _nll_correct_and_log_z(logits_BxLxV.astype(jnp.float32), targets_BxL)
+  return nll_BxL, correct_BxL
+
+
+def _nll_correct_and_log_z(logits_BxLxV, targets_BxL):
   log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)  # max-shifted, so stable for large logits
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
   correct_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
-  return log_z_BxL - target_logit_BxL, correct_BxL
+  return log_z_BxL - target_logit_BxL, correct_BxL, log_z_BxL
 
 
 
@@ -117,9 +121,9 @@ def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens,
     if bias_V is not None:
       logits = logits + bias_V.astype(jnp.float32)
     logits = jnp.where(vocab_real_V, logits, jnp.finfo(jnp.float32).min)
-    nll, correct = token_nll_and_correct(logits, y_BxC)
+    nll, correct, log_z = _nll_correct_and_log_z(logits, y_BxC)
     # d(sum wt * nll)/d logits = wt * (softmax - onehot)
-    probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    probs = jnp.exp(logits - log_z[..., None])
     g32 = (probs - jax.nn.one_hot(y_BxC, V, dtype=jnp.float32)) * wt_BxC[..., None]
     g = g32.astype(h_BxCxD.dtype)
     dh = jnp.einsum("bcv,dv->bcd", g, w_DxV, preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)

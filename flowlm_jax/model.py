@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +58,6 @@ class ModelConfig:
         tie_embeddings=model_cfg.tie_embeddings, param_dtype=model_cfg.param_dtype,
         compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat, attention=model_cfg.attention,
         scan_unroll=model_cfg.scan_unroll)
-
-  def params_per_token_flops(self) -> int:
-    """Matmul parameters touched per token (for FLOP counts): layers plus the output projection."""
-    d, f = self.d_model, self.d_ff
-    attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-    return self.n_layers * (attn + 3 * d * f) + d * self.vocab_size
 
 
 def _param(key, shape, std, dtype, axes):
@@ -213,5 +208,8 @@ def create(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
   return Transformer(model_cfg, rngs=rngs)
 
 
-def count_params(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def count_params(tree) -> int:
+  """Parameters of an nnx module, or of a tree of arrays or shape structs (e.g. the params dict)."""
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree, nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

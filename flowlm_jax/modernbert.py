@@ -100,11 +100,6 @@ class ModernBertConfig:
                        f"{cfg.vocab_size} rows (use the tokenizer that came with the model)")
     return cfg
 
-  def params_per_token_flops(self) -> int:
-    """Matmul parameters touched per token (for FLOP counts): layers, MLM head and decoder."""
-    d, f = self.d_model, self.d_ff
-    return self.n_layers * (4 * d * d + 3 * d * f) + d * d + d * self.vocab_size
-
 
 def read_hf_config(directory: str) -> dict:
   path = os.path.join(directory, HF_CONFIG_FILE)

@@ -47,10 +47,15 @@ def load_tokenizer(name: str):
   return tokenizer
 
 
+def separator_id(tokenizer) -> int | None:
+  """[SEP], or [EOS] for tokenizers without one: what ends a prompt."""
+  return tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+
+
 def vocab_of(tokenizer) -> Vocab:
   """The ids the math needs. EOS falls back to SEP (BERT-style tokenizers have no EOS) and vice versa."""
   eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-  sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else eos
+  sep = separator_id(tokenizer)
   if eos is None:
     raise ValueError("model.tokenizer: needs an end-of-sequence or separator token ([EOS] or [SEP])")
   return Vocab(

@@ -21,8 +21,7 @@ def make_state(setup, model_cfg=None, seed=0):
   tx, _ = train.make_optimizer(setup.config.training, 20, abstract)
   shardings = train.state_shardings(model_cfg, tx, setup.mesh)
   state = train.init_state(model_cfg, tx, seed, shardings)
-  shapes = jax.eval_shape(lambda: train.init_state(model_cfg, tx, seed, shardings))
-  return state, ckpt_lib.abstract_state(shapes, shardings)
+  return state, ckpt_lib.restore_target(model_cfg, tx, shardings)
 
 
 def assert_trees_equal(a, b):
