@@ -197,11 +197,11 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
 
 
 def load_split(dcfg, split: str, tokenizer, vocab: Vocab, max_records: int = 0) -> TokenizedSplit:
+  if dcfg.name in EMBEDDED_DATASETS and EMBEDDED_DATASETS[dcfg.name][0] != dcfg.kind:  # before any loading
+    raise ValueError(f"dataset.kind={dcfg.kind!r} does not match {dcfg.name} (which is {EMBEDDED_DATASETS[dcfg.name][0]!r})")
   records = load_records(dcfg, split)
   if max_records:
     records = records.select(range(min(max_records, len(records))))
-  if dcfg.name in EMBEDDED_DATASETS and EMBEDDED_DATASETS[dcfg.name][0] != dcfg.kind:
-    raise ValueError(f"dataset.kind={dcfg.kind!r} does not match {dcfg.name} (which is {EMBEDDED_DATASETS[dcfg.name][0]!r})")
   return tokenize_split(records, dcfg, tokenizer, vocab)
 
 
