@@ -120,7 +120,8 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
           "params_m": count_params(state.params) / 1e6}
 
 
-def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str, unroll: bool = False) -> dict:
+def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str, unroll: bool = False,
+                  profile_dir: str = "") -> dict:
   from flowlm_jax import sampling
 
   m, _, _ = model_config(shape, "none", compute_dtype, unroll)
@@ -144,6 +145,9 @@ def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str, unro
     jax.block_until_ready(run().tokens)
     times.append(time.perf_counter() - t0)
   seconds = statistics.median(times)
+  if profile_dir:
+    with jax.profiler.trace(f"{profile_dir}/{shape}-{mode}", create_perfetto_trace=True):
+      jax.block_until_ready(run().tokens)
   T = sampler["prompt"] + sampler["answer"]
   floor_flops = sampler["steps"] * sampler["batch"] * T * forward_flops_per_token(m, T)
   return {"shape": shape, "mode": mode, "seconds": seconds, "first_call_s": first_s,
@@ -169,7 +173,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--out", default="bench.json")
   p.add_argument("--unroll", action=argparse.BooleanOptionalAction, default=True,
                  help="unroll the layer scan (no per-layer buffer copies; docs/performance.md)")
-  p.add_argument("--profile_dir", default="", help="also trace 3 train steps per shape with jax.profiler")
+  p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True, help="time the train step")
+  p.add_argument("--profile_dir", default="",
+                 help="also trace 3 train steps and one run of each sampler per shape with jax.profiler")
   args = p.parse_args(argv)
   shapes = ["smoke"] if args.smoke else args.shapes.split(",")
   steps = 2 if args.smoke else args.steps
@@ -178,12 +184,13 @@ def main(argv=None) -> list[dict]:
   peak = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   rows, sampler_rows = [], []
   for shape in shapes:
-    r = bench_train(shape, remat=args.remat, loss_chunk=args.loss_chunk, steps=steps, compute_dtype=args.compute_dtype,
-                    profile_dir=args.profile_dir, unroll=args.unroll)
-    r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-    rows.append(r)
+    if args.train:
+      r = bench_train(shape, remat=args.remat, loss_chunk=args.loss_chunk, steps=steps,
+                      compute_dtype=args.compute_dtype, profile_dir=args.profile_dir, unroll=args.unroll)
+      r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
+      rows.append(r)
     for mode in filter(None, args.samplers.split(",")):
-      sr = bench_sampler(shape, mode, sampler, args.compute_dtype, args.unroll)
+      sr = bench_sampler(shape, mode, sampler, args.compute_dtype, args.unroll, args.profile_dir)
       sr["floor_s"] = sr["floor_flops"] / peak
       sr["x_floor"] = sr["seconds"] / sr["floor_s"]
       sampler_rows.append(sr)
@@ -207,9 +214,10 @@ def main(argv=None) -> list[dict]:
 
 def format_report(report: dict) -> str:
   lines = [f"device: {report['device']} ({report['backend']}, jax {report['jax']}); measured bf16 peak "
-           f"{report['peak_bf16_tflops']:.0f} TFLOP/s",
-           "| shape | remat | loss chunk | step ms | tokens/s | MFU | peak mem GiB | compile s |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"{report['peak_bf16_tflops']:.0f} TFLOP/s"]
+  if report["train"]:
+    lines += ["| shape | remat | loss chunk | step ms | tokens/s | MFU | peak mem GiB | compile s |",
+              "|---|---|---|---|---|---|---|---|"]
   for r in report["train"]:
     lines.append(f"| {r['shape']} | {r['remat']} | {r['loss_chunk']} | {r['step_s'] * 1e3:.1f} | "
                  f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |")

@@ -65,6 +65,8 @@ def _param(key, shape, std, dtype, axes):
 
 
 class Transformer(nnx.Module):
+  FLOAT32_PARAMS = ()  # every parameter is cast to the compute dtype where the forward pass uses it
+
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     L, D, H, K, Dh, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
@@ -99,12 +101,18 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
     return mask_padded_vocab(logits, self.cfg.num_real_tokens)
 
+  def layer_inputs(self) -> dict:
+    """Per-layer parameters, stacked on axis 0: what the layer scan runs over."""
+    return {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+
   def hidden(self, tokens_BxT: jax.Array, valid_BxT: jax.Array | None = None,
-             positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None) -> jax.Array:
+             positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None,
+             layers: list[dict] | None = None) -> jax.Array:
     """Final (normed) hidden states [B, T, D] in the compute dtype.
 
     Padding: `valid_BxT` masks keys anywhere (left-padded prompts in sampling); `kv_lengths_B` says
     the first n keys are real (right padding, training rows) and keeps cuDNN's fast padded kernel.
+    `layers`: `unstack(layer_inputs())` prepared outside a decoding loop (see `run_layers`).
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -114,8 +122,6 @@ class Transformer(nnx.Module):
     sin, cos = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
     mask = None if valid_BxT is None else valid_BxT[:, None, None, :]
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype)
-
-    layer_params = {name: getattr(self, name)[...] for name in LAYER_PARAMS}
 
     def layer(x, p):
       p = jax.tree.map(lambda w: w.astype(dtype), p)
@@ -131,7 +137,7 @@ class Transformer(nnx.Module):
       x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
       return x, None
 
-    x, _ = jax.lax.scan(remat(layer, cfg.remat), x, layer_params, unroll=cfg.scan_unroll)
+    x = run_layers(layer, x, layers or self.layer_inputs(), cfg.remat, cfg.scan_unroll)
     return rms_norm(x, self.final_norm[...].astype(dtype), cfg.norm_eps)
 
   def __call__(self, tokens_BxT, valid_BxT=None, positions_BxT=None, kv_lengths_B=None) -> jax.Array:
@@ -179,6 +185,27 @@ def attention(q, k, v, mask, kv_lengths, implementation: str, local_window: int 
   window = None if local_window is None else (local_window, local_window)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl, local_window_size=window)
+
+
+def run_layers(layer, x, layers: dict | list[dict], remat_policy: str, unroll: int = 1):
+  """x after `layer(x, p) -> (x, None)` for each layer's inputs p.
+
+  `layers` stacked (a dict of [L, ...] arrays): one `lax.scan`, remat per layer. Unstacked (a list of
+  per-layer dicts, see `unstack`): straight-line code on those arrays. A decoding loop unstacks once,
+  before the loop: slicing the stacked weights inside it would copy every weight at every step (XLA
+  does not hoist those copies out of the loop).
+  """
+  if isinstance(layers, dict):
+    return jax.lax.scan(remat(layer, remat_policy), x, layers, unroll=unroll)[0]
+  for p in layers:
+    x, _ = layer(x, p)
+  return x
+
+
+def unstack(stacked: dict) -> list[dict]:
+  """[{name: array[i]} for each layer i] from stacked per-layer arrays."""
+  n = len(next(iter(stacked.values())))
+  return [{name: w[i] for name, w in stacked.items()} for i in range(n)]
 
 
 def remat(fn, policy: str):

@@ -180,6 +180,10 @@ def _const(value, shape, dtype, axes):
 class ModernBert(nnx.Module):
   """Random init (HF's stds, untruncated) is for shapes and tests; real use loads weights (hf_import)."""
 
+  # Read in float32 by the forward pass (the rest is cast to the compute dtype where it is used).
+  FLOAT32_PARAMS = ("embed_norm", "embed_norm_bias", "final_norm", "final_norm_bias", "head_norm",
+                    "head_norm_bias", "decoder_bias")
+
   def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     L, D, H, Dh, F, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
@@ -250,8 +254,12 @@ class ModernBert(nnx.Module):
   # -- forward -------------------------------------------------------------------------------
 
   def encode(self, tokens_BxT: jax.Array, valid_BxT: jax.Array | None = None,
-             positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None) -> jax.Array:
-    """The encoder's output after final_norm [B, T, D] (HF's `last_hidden_state`), compute dtype."""
+             positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None,
+             layers: list[dict] | None = None) -> jax.Array:
+    """The encoder's output after final_norm [B, T, D] (HF's `last_hidden_state`), compute dtype.
+
+    `layers`: `unstack(layer_inputs())` prepared outside a decoding loop (model.run_layers).
+    """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
     B, T = tokens_BxT.shape
@@ -277,10 +285,10 @@ class ModernBert(nnx.Module):
       h = layer_norm(x, p["mlp_norm"], p.get("mlp_norm_bias"), cfg.norm_eps)
       return x + gated_mlp(h, p, ACTIVATIONS[cfg.hidden_activation]), None
 
-    x, _ = jax.lax.scan(model_lib.remat(layer, cfg.remat), x, self._layer_inputs())
+    x = model_lib.run_layers(layer, x, layers or self.layer_inputs(), cfg.remat)
     return layer_norm(x, self.final_norm[...], self._get("final_norm_bias"), cfg.norm_eps)
 
-  def _layer_inputs(self) -> dict:
+  def layer_inputs(self) -> dict:
     """Per-layer parameters stacked on axis 0, plus the static per-layer flags the scan body reads."""
     cfg = self.cfg
     D = cfg.d_model
@@ -294,15 +302,16 @@ class ModernBert(nnx.Module):
     return xs
 
   def hidden(self, tokens_BxT: jax.Array, valid_BxT: jax.Array | None = None,
-             positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None) -> jax.Array:
+             positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None,
+             layers: list[dict] | None = None) -> jax.Array:
     """The MLM head's output [B, T, D] (compute dtype): what the decoder projects onto the vocabulary.
 
-    Padding as in model.Transformer: `valid_BxT` masks keys anywhere, `kv_lengths_B` says the first n
-    keys are real.
+    Padding and `layers` as in model.Transformer: `valid_BxT` masks keys anywhere, `kv_lengths_B` says
+    the first n keys are real.
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
-    x = self.encode(tokens_BxT, valid_BxT, positions_BxT, kv_lengths_B)
+    x = self.encode(tokens_BxT, valid_BxT, positions_BxT, kv_lengths_B, layers)
     x = jnp.einsum("btd,de->bte", x, self.head_dense[...].astype(dtype))
     bias = self._get("head_dense_bias")
     if bias is not None:

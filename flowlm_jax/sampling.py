@@ -30,11 +30,19 @@ import numpy as np
 from flax import nnx
 
 from flowlm_jax import data
+from flowlm_jax import model as model_lib
 from flowlm_jax.vocab import Vocab
 
 NEG_INF = float(np.finfo(np.float32).min)  # what the model puts on padded vocabulary rows
 PROMPT_BUCKET = 8  # prompts are padded to a multiple of this: fewer shapes, fewer compiles
 STRATEGIES = ("below_threshold", "most_confident_changes", "fill_then_refine")
+# XLA options for the decoding loops on GPU (measured in docs/performance.md: -3% time at `small`):
+# the loop body as one CUDA graph (command buffers including WHILE), and no dot merging, whose weight
+# concatenations are loop-invariant but were recomputed at every step.
+GPU_DECODING_OPTIONS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+    "xla_gpu_dot_merger_threshold_mb": 0,
+}
 
 
 # --- static configuration ---------------------------------------------------------------------
@@ -131,31 +139,99 @@ def predict(logits_BxAxV, temperature: float, gumbel_key, vocab: Vocab):
   `add_gumbel_noise` in log space; probabilities are those of the unperturbed softmax, as in LLaDA.
   Probabilities are read off logsumexp, so no [B, A, V] softmax is kept (large vocabularies).
   """
-  # A where() over a [V] mask fuses into the reductions below; a scatter into the logits would copy them.
+  # A where() over a [V] mask fuses into the reduction below; a scatter into the logits would copy them.
   banned_V = jnp.zeros(logits_BxAxV.shape[-1], bool).at[jnp.array([vocab.mask_id, vocab.pad_id])].set(True)
   logits = jnp.where(banned_V, NEG_INF, logits_BxAxV)
-  log_z_BxA = jax.nn.logsumexp(logits, axis=-1)
-  prob_of = lambda ids_BxA: jnp.exp(jnp.take_along_axis(logits, ids_BxA[..., None], axis=-1)[..., 0] - log_z_BxA)
-  noisy = logits
+  scores = logits
   if temperature > 0:
-    noisy = logits + temperature * jax.random.gumbel(gumbel_key, logits.shape, jnp.float32)
-  pred_BxA = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+    scores = logits + temperature * jax.random.gumbel(gumbel_key, logits.shape, jnp.float32)
+  pred_BxA, log_z_BxA = argmax_and_logsumexp(scores, logits)
+  prob_of = lambda ids_BxA: jnp.exp(jnp.take_along_axis(logits, ids_BxA[..., None], axis=-1)[..., 0] - log_z_BxA)
   return pred_BxA, prob_of(pred_BxA), prob_of
 
 
-def answer_logits(graphdef, params, prompt_BxP, length_B, answer_BxA, padded: bool):
-  """float32 logits [B, A, V] of the answer for prompts [B, P] of `length_B` real tokens, then [PAD]s.
+def argmax_and_logsumexp(scores_BxAxV, logits_BxAxV):
+  """(argmax of scores, logsumexp of logits) over the last axis, in one pass over the vocabulary.
 
-  The row is fed as [answer | prompt | pads] with the positions of [prompt | answer] (module doc).
+  One variadic reduction carries (best score, its index, running max of the logits, sum of exp(logit -
+  running max)) -- the online-softmax recurrence (Milakov & Gimelshein 2018) -- so the [B, A, V] logits
+  are read once per step instead of once for the max, once for the sum and once for the argmax.
+  Ties go to the lower index, as in `jnp.argmax`. Logits must be finite (banned entries hold NEG_INF).
+  """
+  index = jax.lax.broadcasted_iota(jnp.int32, logits_BxAxV.shape, logits_BxAxV.ndim - 1)
+  ones = jnp.ones_like(logits_BxAxV)  # each element is its own running max: exp(x - x) = 1
+
+  def combine(a, b):
+    (score_a, index_a, max_a, sum_a), (score_b, index_b, max_b, sum_b) = a, b
+    take_a = (score_a > score_b) | ((score_a == score_b) & (index_a < index_b))
+    # Only the sum under the smaller max is rescaled: one exp per combine, not two.
+    a_larger = max_a >= max_b
+    scale = jnp.exp(-jnp.abs(max_a - max_b))
+    new_sum = jnp.where(a_larger, sum_a + sum_b * scale, sum_a * scale + sum_b)
+    return (jnp.where(take_a, score_a, score_b), jnp.where(take_a, index_a, index_b),
+            jnp.maximum(max_a, max_b), new_sum)
+
+  # The identity is finite (NEG_INF, not -inf) so that combining two identities gives no inf - inf.
+  init = (jnp.float32(NEG_INF), jnp.int32(np.iinfo(np.int32).max), jnp.float32(NEG_INF), jnp.float32(0))
+  _, argmax, running_max, total = jax.lax.reduce(
+      (scores_BxAxV.astype(jnp.float32), index, logits_BxAxV.astype(jnp.float32), ones), init, combine,
+      (logits_BxAxV.ndim - 1,))
+  return argmax, running_max + jnp.log(total)
+
+
+def decoding_model(graphdef, params):
+  """(model, its layers unstacked) prepared once, before a decoding loop.
+
+  The forward pass casts each weight where it uses it, and a layer scan slices each layer out of the
+  stacked weights; inside a loop both would run again, copying every weight at every step (XLA does not
+  hoist them). So the samplers cast to the compute dtype (except what the model reads in float32) and
+  unstack the layers once: the same casts the forward pass makes, done earlier.
   """
   model = nnx.merge(graphdef, params)
+  dtype, keep = jnp.dtype(model.cfg.compute_dtype), model.FLOAT32_PARAMS
+
+  def cast(path, w):
+    floating = jnp.issubdtype(w.dtype, jnp.floating)
+    return w.astype(dtype) if floating and path[0].key not in keep else w
+
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, params))
+  return model, model_lib.unstack(model.layer_inputs())
+
+
+def answer_logits(model, layers, prompt_BxP, length_B, answer_BxA, padded: bool, first=0,
+                  count: int | None = None):
+  """float32 logits [B, count, V] of answer columns first..first+count (default: all) for prompts [B, P]
+  of `length_B` real tokens, then [PAD]s.
+
+  The row is fed as [answer | prompt | pads] with the positions of [prompt | answer] (module doc). Only
+  the requested columns go through the vocabulary projection: the prompt never does, and LLaDA's
+  semi-autoregressive blocks need only the current block.
+  """
   (B, P), A = prompt_BxP.shape, answer_BxA.shape[1]
   tokens_BxT = jnp.concatenate([answer_BxA, prompt_BxP], axis=1)
   positions_BxT = jnp.concatenate([length_B[:, None] + jnp.arange(A, dtype=jnp.int32),
                                    jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))], axis=1)
   kv_lengths_B = A + length_B if padded else None  # no padding: no mask at all
-  hidden = model.hidden(tokens_BxT, positions_BxT=positions_BxT, kv_lengths_B=kv_lengths_B)
-  return model.logits_from_hidden(hidden[:, :A])  # the vocabulary projection skips the prompt
+  hidden = model.hidden(tokens_BxT, positions_BxT=positions_BxT, kv_lengths_B=kv_lengths_B, layers=layers)
+  return model.logits_from_hidden(jax.lax.dynamic_slice_in_dim(hidden, first, count or A, axis=1))
+
+
+def _jit_sampler(fn):
+  """`jax.jit` of a sampler, with GPU_DECODING_OPTIONS when it runs on a GPU.
+
+  The backend is looked up at the first call, not at import (importing must not start a backend).
+  """
+  jitted = {}
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    backend = jax.default_backend()
+    if backend not in jitted:
+      jitted[backend] = jax.jit(fn, static_argnames=("graphdef", "spec", "padded", "return_trajectory"),
+                                compiler_options=GPU_DECODING_OPTIONS if backend == "gpu" else None)
+    return jitted[backend](*args, **kwargs)
+
+  return call
 
 
 def _record(trajectory, t, answer_BxA):
@@ -169,36 +245,41 @@ def _step_keys(step_key, t):
 # --- LLaDA ------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "padded", "return_trajectory"))
+@_jit_sampler
 def llada_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: LladaSpec, padded: bool,
                  return_trajectory: bool = False):
   """(answer [B, A], trajectory [steps+1, B, A] or None): LLaDA low-confidence / random remasking."""
   B, A, vocab = prompt_BxP.shape[0], spec.answer_length, spec.vocab
   steps_per_block = spec.steps // spec.num_blocks
-  block_of_A = jnp.arange(A) // spec.block_length
+  model, layers = decoding_model(graphdef, params)
   _, step_key = jax.random.split(key)
   # Classifier-free guidance: the unconditional row sees the prompt as [MASK] (padding stays padding).
   uncond_BxP = jnp.where(jnp.arange(prompt_BxP.shape[1]) < length_B[:, None], vocab.mask_id, prompt_BxP)
 
-  def logits_of(answer_BxA):
+  def logits_of(answer_BxA, first):
+    """Logits of the current block's columns only (the others are not eligible this step)."""
+    logits = functools.partial(answer_logits, model, layers, first=first, count=spec.block_length,
+                               padded=padded)
     if spec.cfg_scale <= 0:
-      return answer_logits(graphdef, params, prompt_BxP, length_B, answer_BxA, padded)
-    both = answer_logits(graphdef, params, jnp.concatenate([prompt_BxP, uncond_BxP]),
-                         jnp.concatenate([length_B, length_B]), jnp.concatenate([answer_BxA, answer_BxA]),
-                         padded)
+      return logits(prompt_BxP, length_B, answer_BxA)
+    both = logits(jnp.concatenate([prompt_BxP, uncond_BxP]), jnp.concatenate([length_B, length_B]),
+                  jnp.concatenate([answer_BxA, answer_BxA]))
     cond, uncond = both[:B], both[B:]
     return uncond + (spec.cfg_scale + 1) * (cond - uncond)
 
   def step(t, carry):
     answer_BxA, trajectory = carry
     gumbel_key, conf_key = _step_keys(step_key, t)
-    pred_BxA, conf_BxA, _ = predict(logits_of(answer_BxA), spec.temperature, gumbel_key, vocab)
+    first = (t // steps_per_block) * spec.block_length
+    block_BxL = jax.lax.dynamic_slice_in_dim(answer_BxA, first, spec.block_length, axis=1)
+    pred_BxL, conf_BxL, _ = predict(logits_of(answer_BxA, first), spec.temperature, gumbel_key, vocab)
     if spec.remasking == "random":
-      conf_BxA = jax.random.uniform(conf_key, (B, A))
-    # Only [MASK]s of the current block are eligible; every block starts all-[MASK].
-    eligible_BxA = (answer_BxA == vocab.mask_id) & (block_of_A == t // steps_per_block)[None, :]
+      conf_BxL = jax.lax.dynamic_slice_in_dim(jax.random.uniform(conf_key, (B, A)), first, spec.block_length, 1)
+    # Only the current block's [MASK]s are eligible; every block starts all-[MASK].
     k_B = transfer_count(jnp.full((B,), spec.block_length), steps_per_block, t % steps_per_block)
-    answer_BxA = jnp.where(select_top_k(conf_BxA, eligible_BxA, k_B), pred_BxA, answer_BxA)
+    commit_BxL = select_top_k(conf_BxL, block_BxL == vocab.mask_id, k_B)
+    block_BxL = jnp.where(commit_BxL, pred_BxL, block_BxL)
+    answer_BxA = jax.lax.dynamic_update_slice_in_dim(answer_BxA, block_BxL, first, axis=1)
     return answer_BxA, _record(trajectory, t + 1, answer_BxA)
 
   answer_BxA = jnp.full((B, A), vocab.mask_id, jnp.int32)
@@ -244,7 +325,7 @@ def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fi
   return update, jnp.any(candidate, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "padded", "return_trajectory"))
+@_jit_sampler
 def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec, padded: bool,
                   return_trajectory: bool = False):
   """(answer [B, A], steps [B], trajectory [max_steps+1, B, A] or None): FlowLM any-position decoding.
@@ -256,11 +337,12 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
   init_key, step_key = jax.random.split(key)
   answer0_BxA = initial_answer(init_key, (B, A), spec)
   fill_count_B = jnp.sum(answer0_BxA == vocab.mask_id, axis=-1, dtype=jnp.int32)
+  model, layers = decoding_model(graphdef, params)
 
   def body(carry):
     t, answer_BxA, done_B, steps_B, trajectory = carry
     gumbel_key, _ = _step_keys(step_key, t)
-    logits = answer_logits(graphdef, params, prompt_BxP, length_B, answer_BxA, padded)
+    logits = answer_logits(model, layers, prompt_BxP, length_B, answer_BxA, padded)
     pred_BxA, conf_BxA, prob_of = predict(logits, spec.temperature, gumbel_key, vocab)
     update_BxA, has_candidates_B = flowlm_update(spec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fill_count_B)
     # The last allowed step fills whatever [MASK] is left, so no answer ends with one.

@@ -17,7 +17,8 @@ for variant in "${@:-default}"; do
     nochunk) args="--shapes small --loss_chunk 0 --samplers=" ;;
     noremat) args="--shapes small,1b --remat none --samplers=" ;;
     full)    args="--shapes 1b --remat full --samplers=" ;;
-    samplers) args="--shapes small --samplers=llada,flowlm" ;;
+    samplers) args="--shapes small,1b --no-train --samplers=llada,flowlm" ;;
+    sampler_profile) args="--shapes small,1b --no-train --samplers=llada,flowlm --profile_dir /tmp/prof" ;;
     rolled)  args="--shapes small,1b --no-unroll --samplers=" ;;
     profile) args="--shapes small,1b --samplers= --steps 5 --profile_dir /tmp/prof" ;;
     cublas)  args="--shapes small,1b --samplers=llada"; export XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" ;;
@@ -26,7 +27,11 @@ for variant in "${@:-default}"; do
   echo "=== $variant: $args"
   timeout 300 python3 -m flowlm_jax.bench $args --out "$OUT/bench_$variant.json" 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/bench_$variant.log" | tail -20
 done
-# Perfetto traces (if any) come back as one file per shape.
+# Perfetto traces (if any) come back as one file per run, with a summary of where GPU time went.
 for f in /tmp/prof/*/plugins/profile/*/perfetto_trace.json.gz; do
-  [ -f "$f" ] && cp "$f" "$OUT/trace_$(echo "$f" | cut -d/ -f4).json.gz"
+  [ -f "$f" ] || continue
+  name=$(echo "$f" | cut -d/ -f4)
+  cp "$f" "$OUT/trace_$name.json.gz"
+  python3 scripts/trace_summary.py "$f" --top 15 > "$OUT/trace_$name.md" 2>&1
 done
+rm -rf /tmp/prof

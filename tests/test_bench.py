@@ -1,7 +1,9 @@
 import json
+import os
 
 from flowlm_jax import bench
 from flowlm_jax.model import ModelConfig
+from helpers import REPO
 
 
 def test_flops_per_token_follows_the_stated_formula():
@@ -22,3 +24,33 @@ def test_smoke_run_prints_a_table_and_writes_json(tmp_path, capsys):
   assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["compile_s"] > 0
   assert {r["mode"] for r in report["samplers"]} == {"llada", "flowlm"}
   assert all(r["x_floor"] > 0 for r in report["samplers"])
+
+
+def test_samplers_only_run_skips_the_train_table(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  bench.main(["--smoke", "--no-train", "--samplers=flowlm", f"--out={out}"])
+  report = json.loads(out.read_text())
+  assert report["train"] == [] and [r["mode"] for r in report["samplers"]] == ["flowlm"]
+  assert "MFU" not in capsys.readouterr().out
+
+
+def test_trace_summary_counts_stream_kernels_only():
+  """GPU time by kernel class from a Perfetto trace; op-level tracks and host events are left out."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("trace_summary", os.path.join(REPO, "scripts", "trace_summary.py"))
+  trace_summary = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(trace_summary)
+  meta = lambda kind, pid, name, tid=0: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+  kernel = lambda name, ts, dur, pid=1, tid=7: {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur}
+  trace = {"traceEvents": [
+      meta("process_name", 1, "/device:GPU:0"), meta("process_name", 2, "/host:CPU"),
+      meta("thread_name", 1, "Stream #7(Compute)", 7), meta("thread_name", 1, "XLA Ops", 8),
+      kernel("nvjet_sm90_gemm", 0, 60), kernel("cudnn_flash_fprop", 60, 30), kernel("loop_add_fusion", 90, 10),
+      kernel("fusion.3", 0, 100, tid=8),        # the same time again at op level: not counted
+      kernel("python_step", 0, 500, pid=2)]}    # host: not counted
+  events = trace_summary.gpu_kernel_events(trace)
+  assert sorted(e["name"] for e in events) == ["cudnn_flash_fprop", "loop_add_fusion", "nvjet_sm90_gemm"]
+  text = trace_summary.summarise(events, top=5)
+  assert "GPU busy 0.1 ms of a 0.1 ms span (0% idle); 3 kernels" in text
+  assert "| gemm | 0.06 | 60.0% |" in text and "| attention | 0.03 | 30.0% |" in text

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from flowlm_jax import config as config_lib
-from flowlm_jax import hf_import, losses, modernbert, train
+from flowlm_jax import hf_import, losses, modernbert, sampling, train
 from flowlm_jax import model as model_lib
 from flowlm_jax.vocab import Vocab
 from helpers import REPO, launch, load_preset, tiny_config
@@ -371,3 +371,25 @@ def test_fine_tune_resume_sample_and_export(tmp_path):
   exported = build(cfg, hf_import.load_params(cfg))
   e = expected()
   np.testing.assert_allclose(forward(exported, e)[1][e["valid"]], forward(run.model, e)[1][e["valid"]], atol=1e-5)
+
+
+def _decoding(directory, compute_dtype):
+  """(graphdef, pure-dict params, decoding model, its unstacked layers) of a fixture."""
+  cfg = fixture_config(directory, compute_dtype=compute_dtype)
+  graphdef, params = nnx.split(build(cfg, hf_import.load_params(cfg)))
+  params = nnx.to_pure_dict(params)
+  return (graphdef, params, *sampling.decoding_model(graphdef, params))
+
+
+@pytest.mark.parametrize("directory", [FIXTURE, ALL_BIASES], ids=["tied", "all-biases"])
+def test_decoding_model_keeps_float32_norms_and_gives_the_same_logits(directory):
+  """The samplers cast and unstack the weights before their loop; what is read in float32 stays float32."""
+  _, params, model, _ = _decoding(directory, "bfloat16")
+  kept = {name for name, w in nnx.to_pure_dict(nnx.state(model, nnx.Param)).items() if w.dtype == jnp.float32}
+  assert kept == set(modernbert.ModernBert.FLOAT32_PARAMS) & set(params)
+  graphdef, params, model, layers = _decoding(directory, "float32")
+  e = expected(directory)
+  tokens, valid, positions = (jnp.asarray(e[k]) for k in ("input_ids", "valid", "position_ids"))
+  reference = nnx.merge(graphdef, params)(tokens, valid_BxT=valid, positions_BxT=positions)
+  decoded = model.logits_from_hidden(model.hidden(tokens, valid_BxT=valid, positions_BxT=positions, layers=layers))
+  np.testing.assert_allclose(np.asarray(decoded), np.asarray(reference), atol=1e-4, rtol=0)

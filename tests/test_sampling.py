@@ -128,7 +128,9 @@ def ref_llada(graphdef, params, prompt_ids, key, icfg):
       if icfg.cfg_scale > 0:
         uncond = ref_logits(model, np.where(valid, MASK, prompt), valid, x)
         logits = uncond + (icfg.cfg_scale + 1) * (logits - uncond)
-      pred, conf, _ = ref_predict(logits, icfg.temperature, gumbel_key)
+      # Only the current block is predicted (the noise is drawn for its columns alone).
+      pred, conf = np.zeros((B, A), int), np.zeros((B, A))
+      pred[:, cols], conf[:, cols], _ = ref_predict(logits[:, cols], icfg.temperature, gumbel_key)
       if icfg.remasking == "random":
         conf = np.asarray(jax.random.uniform(conf_key, (B, A)))
       for r in range(B):
@@ -342,6 +344,32 @@ def test_deterministic_given_key(mode, overrides):
 
 
 # --- text API and evaluation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compute_dtype, atol", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_decoding_model_casts_and_unstacks_once_with_the_same_logits(compute_dtype, atol):
+  graphdef, params = build(ModelConfig(vocab_size=64, num_real_tokens=60, d_model=32, n_layers=2, n_heads=2,
+                                       n_kv_heads=2, d_ff=64, compute_dtype=compute_dtype))
+  model, layers = sampling.decoding_model(graphdef, params)
+  assert {w.dtype for w in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(compute_dtype)}
+  assert len(layers) == 2 and layers[1]["wq"].shape == params["wq"].shape[1:]
+  tokens = jnp.asarray(np.random.default_rng(0).integers(5, 60, (2, 12)), jnp.int32)
+  reference = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens))(params)
+  decoded = jax.jit(lambda: model.logits_from_hidden(model.hidden(tokens, layers=layers)))()
+  np.testing.assert_allclose(np.asarray(decoded)[..., :60], np.asarray(reference)[..., :60], atol=atol, rtol=0)
+
+
+def test_argmax_and_logsumexp_match_numpy_with_ties_and_banned_entries():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 5, (3, 7, 50)).astype(np.float32)
+  logits[..., :2] = NEG_INF                          # banned ids
+  logits[0, 0, 10] = logits[0, 0, 30] = 100.0       # a tie: the lower index wins
+  scores = logits + rng.normal(0, 1, logits.shape).astype(np.float32)
+  argmax, log_z = sampling.argmax_and_logsumexp(jnp.asarray(scores), jnp.asarray(logits))
+  np.testing.assert_array_equal(argmax, scores.argmax(-1))
+  m = logits.max(-1, keepdims=True)
+  np.testing.assert_allclose(log_z, (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0], rtol=1e-6)
+  assert int(sampling.argmax_and_logsumexp(jnp.asarray(logits), jnp.asarray(logits))[0][0, 0]) == 10
 
 
 def test_answer_ids_stop_at_eos_and_skip_specials():
