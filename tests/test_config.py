@@ -111,7 +111,7 @@ def test_default_variant_is_demo(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("variant, d_model, n_layers, n_heads, d_ff, max_length", [
-    ("demo", 128, 4, 4, 384, 128),
+    ("demo", 128, 2, 4, 384, 128),
     ("small", 768, 12, 12, 2048, 1024),
     ("1b", 2048, 22, 16, 5632, 2048),
     ("8b", 4096, 32, 32, 12288, 4096),
@@ -129,7 +129,7 @@ def test_only_8b_fixes_the_vocab_size_to_lladas(variant, vocab_size):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_tasks_variant_is_the_demo_model_on_the_embedded_sft_tasks(name):
+def test_tasks_variant_is_a_4_layer_demo_model_on_the_embedded_sft_tasks(name):
   c = preset(name, "tasks")
   assert (c.dataset.name, c.dataset.kind, c.dataset.max_length) == ("embedded:sft_tasks", "sft", 24)
   assert (c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff) == (128, 4, 4, 384)
@@ -139,7 +139,7 @@ def test_tasks_variant_is_the_demo_model_on_the_embedded_sft_tasks(name):
 
 
 @pytest.mark.parametrize("variant, compute_dtype, remat, learning_rate", [
-    ("demo", "float32", "none", 1e-3),
+    ("demo", "float32", "none", 2e-3),
     ("tasks", "float32", "none", 1e-3),
     ("small", "bfloat16", "save_dots", 3e-4),
     ("1b", "bfloat16", "save_dots", 3e-4),

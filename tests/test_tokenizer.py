@@ -64,6 +64,17 @@ def test_embedded_tokenizer_encodes_without_adding_special_tokens(tokenizer):
   assert tokenizer.encode(text) == tokenizer.encode(text, add_special_tokens=False)
 
 
+def test_embedded_byte_tokenizer_has_one_id_per_byte_and_the_same_specials():
+  tok = tokenizer_lib.load_tokenizer("embedded:bytes")
+  assert len(tok) == 261
+  assert tokenizer_lib.vocab_of(tok) == Vocab(size=261, mask_id=1, pad_id=0, eos_id=2, sep_id=3,
+                                             special_ids=(0, 1, 2, 3, 4))
+  texts = paragraphs(ASSETS / "shakespeare" / "valid.txt")[::20] + ["café 日本語 🙂", "add 37 58"]
+  for text in texts:
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text.encode("utf-8")) and tok.decode(ids) == text
+
+
 def test_vocab_of_embedded_tokenizer(tokenizer):
   assert tokenizer_lib.vocab_of(tokenizer) == Vocab(size=8192, mask_id=1, pad_id=0, eos_id=2, sep_id=3,
                                                     special_ids=(0, 1, 2, 3, 4))
