@@ -15,6 +15,8 @@ from typing import Any
 import ml_collections
 import yaml
 
+from flowlm_jax.tokenizer import EMBEDDED as EMBEDDED_TOKENIZERS
+
 ConfigDict = ml_collections.ConfigDict
 
 # The sections a config has, in the order `to_yaml` prints them.
@@ -477,7 +479,7 @@ def _check_pretrained(m: ConfigDict) -> None:
   if os.path.isdir(path) or m.pretrained.startswith(("/", ".", "~")):  # local (hub names are checked on load)
     _require(os.path.isdir(path), "model.pretrained", f"no such directory: {path}")
     _require(os.path.isfile(os.path.join(path, "config.json")), "model.pretrained", f"no config.json in {path}")
-  _require(not m.tokenizer.startswith("embedded"), "model.tokenizer",
+  _require(m.tokenizer not in EMBEDDED_TOKENIZERS, "model.tokenizer",
            "a pretrained model needs its own tokenizer (usually the same dir or hub name as model.pretrained)")
 
 

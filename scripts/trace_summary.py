@@ -3,9 +3,9 @@
   python scripts/trace_summary.py TRACE.json.gz [--top 25]
 
 `python -m flowlm_jax.bench --profile_dir DIR` writes the traces (DIR/<name>/plugins/profile/*/
-perfetto_trace.json.gz); `scripts/gpu_bench.sh profile` brings them back. Prints GPU busy time by kernel
-class (GEMM, attention, copies, sorts, reductions, other fusions), the busiest kernels, and how much of the traced span the
-GPU sat idle (launch gaps, host work).
+perfetto_trace.json.gz); `scripts/gpu_bench.sh profile` brings them back. Prints GPU busy time by
+kernel class (GEMM, attention, copies, sorts, reductions, other fusions), the busiest kernels, and how
+much of the traced span the GPU sat idle (launch gaps, host work).
 """
 
 from __future__ import annotations
