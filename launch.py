@@ -72,10 +72,11 @@ def main(argv):
 
 def dry_run(config) -> None:
   from flowlm_jax import config as config_lib, data, loop, train
+  from flowlm_jax.logging import redact
   from flowlm_jax.model import count_params
 
   setup = loop.prepare(config)
-  print(config_lib.to_yaml(config))
+  print(config_lib.to_yaml(config_lib.from_dict(redact(config.to_dict()))))
   print(f"tokenizer: {config.model.tokenizer} ({setup.vocab.size} tokens, [MASK]={setup.vocab.mask_id}, "
         f"[PAD]={setup.vocab.pad_id})")
   print(f"train: {setup.train_split.summary()}  ({setup.iterator.batches_per_epoch} batches/epoch)")
@@ -88,10 +89,20 @@ def dry_run(config) -> None:
   print("dry run: ok")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad `--config.*` override (e.g. a misspelled key) reported in one line."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    while isinstance(e, BaseException) and e.args:  # ml_collections wraps a KeyError in an AttributeError
+      e = e.args[0]
+    sys.exit(f"config error: {' '.join(str(e).split())}")
+
+
 def _message(e: BaseException) -> str:
   text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
   return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

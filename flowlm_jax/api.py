@@ -67,7 +67,9 @@ def load(workdir: str, step: int | None = None) -> LoadedRun:
     tx, _ = train.make_optimizer(config.training, 1000, abstract_model_state)
     mesh = sharding.single_device_mesh()
     shardings = train.state_shardings(model_cfg, tx, mesh)
-    found = checkpointer.restore_latest_good(ckpt_lib.restore_target(model_cfg, tx, shardings), step)
+    # A reader never renames anything (a run may be writing here): damaged steps are only skipped.
+    found = checkpointer.restore_latest_good(ckpt_lib.restore_target(model_cfg, tx, shardings), step,
+                                             set_aside=False)
   finally:
     checkpointer.close()
   if found is None:

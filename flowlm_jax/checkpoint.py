@@ -1,35 +1,98 @@
 """Orbax checkpoints of (train state, data-iterator state, resolved config).
 
 Orbax writes a step into a temporary directory and renames it only when every file is committed, so
-a crash mid-save never replaces a good checkpoint with a partial one. On restore the newest step is
-tried first; a damaged one (files missing or truncated) is reported in one line and the previous one
-is used. Arrays are restored straight into the shardings of the current mesh, so a checkpoint saved on
-one mesh or device count loads on another.
+a crash mid-save never replaces a good checkpoint with a partial one. Arrays are restored straight into
+the shardings of the current mesh, so a checkpoint saved on one mesh or device count loads on another.
+
+A failed restore is one of three kinds, and only the first ever moves a file:
+- damaged (files missing or truncated, undecodable metadata): the trainer renames the step
+  `N.damaged-<time>` (kept, never deleted) once every process has failed on it, and tries the previous one;
+- mismatch (saved config differs in a key a resumed run must keep, or the saved parameter/optimiser
+  tree differs from the model's): one-line `CheckpointMismatch`, nothing touched;
+- anything else (out of memory, I/O errors of a shared filesystem, processes that disagree): retried with
+  backoff, then a one-line `CheckpointError`, nothing touched.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from flowlm_jax import config as config_lib
 from flowlm_jax import train
 from flowlm_jax.train import TrainState
 
 log = logging.getLogger(__name__)
+
+RETRY_DELAYS_S = (2.0, 8.0, 30.0)  # waits before each retry of a step that failed for a non-damage reason
+# Status codes and messages by which tensorstore/Orbax report files that are missing, truncated or corrupt.
+DAMAGE_MARKERS = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "Truncated", "Error decoding", "checksum", "corrupt")
+TRANSIENT_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                     "ABORTED")
+START_FRESH = "to start a new run instead, use a new --workdir"
+OK, DAMAGED, OTHER, MISMATCH = range(4)  # outcomes of one restore attempt, compared across processes
 
 
 class CheckpointError(RuntimeError):
   pass
 
 
+class CheckpointMismatch(CheckpointError):
+  """The checkpoint belongs to a differently configured run: never set aside, never retried."""
+
+
 def _state_dict(state: TrainState) -> dict[str, Any]:
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def failure_kind(e: BaseException) -> int:
+  """DAMAGED when the error (or its cause) says a file is missing, truncated or corrupt, else OTHER."""
+  chain = []
+  while e is not None and len(chain) < 10:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  text = " ".join(f"{type(x).__name__}: {x}" for x in chain)
+  if any(isinstance(x, MemoryError) for x in chain) or any(m in text for m in TRANSIENT_MARKERS):
+    return OTHER
+  if any(isinstance(x, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)) for x in chain):
+    return DAMAGED
+  if any(isinstance(x, KeyError) and "Unknown key" in str(x) for x in chain):  # an item directory is missing
+    return DAMAGED
+  return DAMAGED if any(m in text for m in DAMAGE_MARKERS) else OTHER
+
+
+def _reason(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _tree_paths(tree) -> dict[str, tuple]:
+  """{"opt_state/1/0/mu/embed": shape}: key paths spelled the same for a restore target and Orbax metadata."""
+  def name(k):
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _all_processes(outcome: int) -> list[int]:
+  """Every process's outcome (one element on a single process)."""
+  if jax.process_count() == 1:
+    return [outcome]
+  from jax.experimental import multihost_utils
+  return [int(x) for x in np.asarray(multihost_utils.process_allgather(np.int32(outcome))).reshape(-1)]
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
@@ -62,48 +125,86 @@ class Checkpointer:
   def read_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
-  def check_shapes(self, step: int, abstract: TrainState) -> None:
-    """Fails with one line naming the first parameter whose saved shape differs from the model's."""
-    meta = self._manager.item_metadata(step)["state"]
-    saved = getattr(meta, "tree", meta)["params"]
-    expected = abstract.params
-    for name, want in expected.items():
-      if name not in saved:
-        raise CheckpointError(f"checkpoint {self.directory}/{step} has no parameter {name!r}: it was saved from a different model")
-      got = tuple(getattr(saved[name], "shape", ()))
-      if got != tuple(want.shape):
-        raise CheckpointError(f"checkpoint {self.directory}/{step}: parameter {name!r} has shape {got}, "
-                              f"the configured model expects {tuple(want.shape)}")
-    extra = set(saved) - set(expected)
-    if extra:
-      raise CheckpointError(f"checkpoint {self.directory}/{step} has parameters the model lacks: {sorted(extra)}")
+  def check_config(self, step: int, config_dict: dict) -> None:
+    """Fails naming the keys in which the new config differs from the saved one where a resume must not."""
+    diffs = config_lib.resume_differences(self.read_config(step), config_dict)
+    if diffs:
+      raise CheckpointMismatch(f"checkpoint {self.directory}/{step} was saved with a different config: "
+                               f"{', '.join(diffs)}; resume with the saved values, or {START_FRESH}")
 
-  def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict]:
-    """(state placed as `abstract`'s shardings say, data-iterator state)."""
-    self.check_shapes(step, abstract)
+  def check_structure(self, step: int, abstract: TrainState) -> None:
+    """Fails naming the parameter/optimiser paths whose saved shape or presence differs from the target's."""
+    meta = self._manager.item_metadata(step)["state"]
+    saved, want = _tree_paths(getattr(meta, "tree", meta)), _tree_paths(_state_dict(abstract))
+    order = sorted(want, key=lambda p: (not p.startswith("params/"), p))  # parameters first: the likelier cause
+    problems = [f"{p} has shape {saved[p]}, expected {want[p]}" for p in order if p in saved and saved[p] != want[p]]
+    missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    if missing:
+      problems.append(f"{len(missing)} path(s) missing from the checkpoint ({', '.join(missing[:3])}"
+                      f"{', ...' if len(missing) > 3 else ''})")
+    if extra:
+      problems.append(f"{len(extra)} path(s) the model lacks ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
+    if problems:
+      raise CheckpointMismatch(f"checkpoint {self.directory}/{step} was saved from a different model or optimiser: "
+                               f"{'; '.join(problems[:4])}; {START_FRESH}")
+
+  def restore(self, step: int, abstract: TrainState, config_dict: dict | None = None) -> tuple[TrainState, dict]:
+    """(state placed as `abstract`'s shardings say, data-iterator state), after the config/structure checks."""
+    if config_dict is not None:
+      self.check_config(step, config_dict)
+    self.check_structure(step, abstract)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_state_dict(abstract)), data=ocp.args.JsonRestore()))
     return TrainState(**restored.state), restored.data
 
-  def restore_latest_good(self, abstract: TrainState, step: int | None = None) -> tuple[int, TrainState, dict] | None:
-    """Newest restorable step at or below `step` (default: any); damaged ones are reported and skipped."""
+  def restore_latest_good(self, abstract: TrainState, step: int | None = None, *, config_dict: dict | None = None,
+                          set_aside: bool = True) -> tuple[int, TrainState, dict] | None:
+    """Newest restorable step at or below `step` (default: any); None only when there is no checkpoint.
+
+    A damaged step is skipped (and with `set_aside`, renamed by process 0); an explicitly asked `step`
+    that is damaged, a mismatch, or a step that keeps failing otherwise raises CheckpointError.
+    """
     candidates = [s for s in reversed(self.all_steps()) if step is None or s <= step]
     if step is not None and step not in candidates:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
     for s in candidates:
-      try:
-        state, data_state = self.restore(s, abstract)
-        return s, state, data_state
-      except CheckpointError:
-        raise
-      except Exception as e:  # noqa: BLE001 - any read failure means this step is damaged
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if step is not None:
-          raise CheckpointError(f"checkpoint {self.directory}/{s} is damaged ({reason})") from None
-        moved = self._set_aside(s)
-        log.warning("checkpoint %s/%d is damaged (%s); moved to %s, trying the previous one", self.directory, s,
-                    reason, moved)
+      found, reason = self._restore_agreed(s, abstract, config_dict)
+      if found is not None:
+        return (s, *found)
+      if step is not None:
+        raise CheckpointError(f"checkpoint {self.directory}/{s} is damaged ({reason})")
+      moved = self._set_aside(s) if set_aside else "(left in place)"
+      log.warning("checkpoint %s/%d is damaged (%s); moved to %s, trying the previous one", self.directory, s,
+                  reason, moved)
+    if candidates:
+      raise CheckpointError(f"no checkpoint in {self.directory} could be restored: all {len(candidates)} were damaged "
+                            f"(set aside as N.damaged-*); {START_FRESH}")
     return None
+
+  def _restore_agreed(self, step: int, abstract: TrainState, config_dict):
+    """((state, data), None) on success, (None, reason) when every process finds the step damaged."""
+    for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
+      time.sleep(delay)
+      found, error, outcome = None, None, OK
+      try:
+        found = self.restore(step, abstract, config_dict)
+      except CheckpointMismatch as e:
+        error, outcome = e, MISMATCH
+      except Exception as e:  # noqa: BLE001 - classified below; only agreed damage moves anything
+        error, outcome = e, failure_kind(e)
+      outcomes = _all_processes(outcome)
+      if MISMATCH in outcomes:
+        raise error if outcome == MISMATCH else CheckpointMismatch(
+            f"checkpoint {self.directory}/{step} does not match this run on another process; {START_FRESH}")
+      if all(o == OK for o in outcomes):
+        return found, None
+      if all(o == DAMAGED for o in outcomes):
+        return None, _reason(error)
+      why = _reason(error) if error is not None else "it failed on another process"
+      log.warning("checkpoint %s/%d could not be read (%s); attempt %d of %d", self.directory, step, why, attempt + 1,
+                  len(RETRY_DELAYS_S) + 1)
+    raise CheckpointError(f"checkpoint {self.directory}/{step} could not be read after {len(RETRY_DELAYS_S) + 1} "
+                          f"attempts ({why}); nothing was moved: relaunch when the cause is fixed")
 
   def _set_aside(self, step: int) -> str:
     """Renames a damaged step out of Orbax's sight (kept for inspection, never deleted)."""
@@ -111,6 +212,7 @@ class Checkpointer:
     dst = f"{src}.damaged-{int(time.time())}"
     if jax.process_index() == 0 and os.path.isdir(src):
       os.rename(src, dst)
+    _sync(f"flowlm-set-aside-{step}")  # no process lists the steps again before the rename
     self._manager.reload()
     return dst
 

@@ -109,8 +109,8 @@ def base_config() -> ConfigDict:
 
   c.dataloader = dl = ConfigDict()
   dl.shuffle = True             # reshuffle every epoch with a seed derived from (seed, epoch)
-  dl.seed = 0
-  dl.drop_last = True           # incomplete global batches are dropped (shapes stay static)
+  dl.seed = 0                   # an epoch's rows that do not fill a last global batch are left out of it
+                                # (shapes stay static for jit); the next epoch's order differs
 
   c.evaluation = e = ConfigDict()
   e.eval_steps = 100            # evaluate every this many steps (and at the end); 0 = only at end
@@ -511,8 +511,39 @@ def to_yaml(c: ConfigDict) -> str:
   return yaml.safe_dump(ordered, sort_keys=False)
 
 
+# Fields that existed once: ignored when a config saved with an older checkpoint is read back.
+RETIRED_KEYS = ("dataloader.drop_last",)
+
+# What a resumed run may change: how it is logged, evaluated, sampled, placed and saved, and how long it runs.
+# Every other key defines the train state or what the run trains on, so a resume with another value is refused.
+MAY_CHANGE_ON_RESUME = (
+    "evaluation.", "inference.", "logging.", "mesh.", "dataset.cache_dir",
+    "training.max_steps", "training.num_epochs", "training.save_steps", "training.save_total_limit",
+    "training.async_checkpointing", "training.nonfinite", "training.gradient_accumulation_steps",
+    "model.remat", "model.scan_unroll", "model.attention", "model.loss_chunk_size",  # same math, other memory/speed
+    "model.pretrained",  # only the initial weights: the checkpoint replaces them
+)
+
+
 def from_dict(d: dict) -> ConfigDict:
   """Rebuilds a config saved with a checkpoint (JSON), filling fields added to the schema since."""
   c = base_config()
+  d = {section: {k: v for k, v in values.items() if f"{section}.{k}" not in RETIRED_KEYS}
+       if isinstance(values, dict) else values for section, values in d.items()}
   _merge(c, d, prefix="")
   return c
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """{"training.batch_size": 32, ...} from a nested config dict."""
+  out = {}
+  for k, v in d.items():
+    out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def resume_differences(saved: dict, new: dict) -> list[str]:
+  """`key (saved -> new)` for every key outside MAY_CHANGE_ON_RESUME whose value differs."""
+  a, b = flatten(from_dict(saved).to_dict()), flatten(from_dict(new).to_dict())
+  return [f"{k} ({a[k]!r} -> {b[k]!r})" for k in a
+          if a[k] != b[k] and not k.startswith(MAY_CHANGE_ON_RESUME)]

@@ -160,15 +160,21 @@ def pack_documents(docs: list[list[int]], vocab: Vocab, max_length: int) -> Toke
 
 def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   columns = records.column_names
-  chat = dcfg.messages_field in columns
-  if dcfg.prompt_format != "auto" and (dcfg.prompt_format == "chat") != chat:
-    raise ValueError(f"dataset.prompt_format={dcfg.prompt_format!r} but the records "
-                     f"{'have' if chat else 'lack'} the {dcfg.messages_field!r} field")
-  if not chat and not {dcfg.prompt_field, dcfg.answer_field} <= set(columns):
+  has_messages = dcfg.messages_field in columns
+  if dcfg.prompt_format == "plain" and has_messages:
+    raise ValueError(f"dataset.prompt_format='plain' but the records have the {dcfg.messages_field!r} field "
+                     "(chat records are always rendered as chat)")
+  if not has_messages and not {dcfg.prompt_field, dcfg.answer_field} <= set(columns):
     raise KeyError(f"dataset: SFT records need {dcfg.prompt_field!r}/{dcfg.answer_field!r} or "
                    f"{dcfg.messages_field!r} fields (columns: {columns})")
-  pairs = ([render_messages(r[dcfg.messages_field]) for r in records] if chat else
-           list(zip(records[dcfg.prompt_field], records[dcfg.answer_field])))
+  chat = has_messages or dcfg.prompt_format == "chat"
+  if has_messages:
+    pairs = [render_messages(r[dcfg.messages_field]) for r in records]
+  else:  # prompt/answer records; as chat they read as a one-turn conversation
+    pairs = list(zip(records[dcfg.prompt_field], records[dcfg.answer_field]))
+    if chat:
+      pairs = [render_messages([{"role": "user", "content": p}, {"role": "assistant", "content": a}])
+               for p, a in pairs]
   L = dcfg.max_length
   answers = tokenizer([(" " if chat else "") + a for _, a in pairs], add_special_tokens=False)["input_ids"]
   rows, prompt_lens, truncated, dropped = [], [], 0, 0

@@ -54,13 +54,21 @@ def evaluate_tasks(run, records: list[dict], steps: int, *, batch_size: int = 12
       prompts = [r["prompt"] for r in records[start:start + batch_size]]
       answers[mode] += sampling.generate_texts(run.graphdef, run.params, run.tokenizer, run.vocab, prompts, icfg,
                                                mode=mode, chat=chat)
-    correct = collections.Counter()
-    for record, answer in zip(records, answers[mode]):
-      hit = answer == record["answer"].strip()
-      correct[record["task"]] += hit
-      correct["overall"] += hit
-    accuracy[mode] = {task: correct[task] / n for task, n in counts.items()}
+    accuracy[mode] = exact_match(records, answers[mode])
   return {"steps": steps, "counts": counts, "accuracy": accuracy, "answers": answers}
+
+
+def exact_match(records: list[dict], answers: list[str]) -> dict[str, float]:
+  """{task: accuracy, "overall": accuracy}: an answer counts when it equals the record's, both stripped."""
+  if len(answers) != len(records):
+    raise ValueError(f"{len(answers)} answers for {len(records)} records")
+  correct, total = collections.Counter(), collections.Counter()
+  for record, answer in zip(records, answers):
+    hit = answer.strip() == record["answer"].strip()
+    for key in (record["task"], "overall"):
+      correct[key] += hit
+      total[key] += 1
+  return {key: correct[key] / n for key, n in total.items()}
 
 
 def format_table(result: dict) -> str:

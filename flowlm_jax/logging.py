@@ -18,7 +18,10 @@ SECRET_ENV_VARS = ("WANDB_API_KEY",)
 
 
 class MetricsLogger:
-  def __init__(self, workdir: str, config, *, is_main: bool = True):
+  """`start_step`: rows of later steps (a previous attempt of this run beyond its restored checkpoint) are
+  dropped from metrics.jsonl and samples.jsonl first, so that no step appears twice."""
+
+  def __init__(self, workdir: str, config, *, is_main: bool = True, start_step: int = 0):
     self.workdir = workdir
     self.is_main = is_main
     self._wandb_run = None
@@ -26,6 +29,8 @@ class MetricsLogger:
     if not is_main:
       return
     os.makedirs(workdir, exist_ok=True)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+      _drop_rows_after(os.path.join(workdir, name), start_step)
     self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
     self._samples = open(os.path.join(workdir, "samples.jsonl"), "a", buffering=1)
     if self._wandb_config.mode != "disabled":
@@ -54,8 +59,13 @@ class MetricsLogger:
         return
       self._to_wandb({"samples": table}, step=step)
 
+  @property
+  def logs_model(self) -> bool:
+    return self._wandb_run is not None and self._wandb_config.log_model
+
   def checkpoint_saved(self, step: int, path: str) -> None:
-    if self._wandb_run is None or not self._wandb_config.log_model:
+    """Uploads a committed checkpoint as a version of the run's model artifact (wandb.log_model)."""
+    if not self.logs_model:
       return
     try:
       import wandb
@@ -84,6 +94,26 @@ class MetricsLogger:
         self._wandb_run.finish()
       except Exception as e:  # noqa: BLE001
         log.warning("wandb: finish failed: %s", e)
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites a .jsonl file without rows of steps > `step` (and without a line cut short by a kill)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except ValueError:
+      pass
+  if len(keep) != len(lines) or any(not line.endswith("\n") for line in lines):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def _start_wandb(workdir: str, config):

@@ -1,7 +1,8 @@
 """The training run: set up (validate, data, mesh, state, resume), then step, log, evaluate, sample, save.
 
 Side effects live here and in logging.py/checkpoint.py; the math is in train.py and below.
-Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint, wait for it and exit cleanly.
+Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint, wait for it and exit cleanly; a
+second signal exits at once (exit status 128 + signal), leaving an unfinished save uncommitted.
 """
 
 from __future__ import annotations
@@ -97,9 +98,12 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    if self.signal is not None:  # a second signal: stop now
-      signal.signal(signum, self._previous[signum])
-      raise KeyboardInterrupt
+    if self.signal is not None:
+      # A second signal: stop now, without waiting for a save in flight (Orbax never lists an
+      # uncommitted step, so the previous checkpoint stays the newest). os._exit skips the joins of
+      # non-daemon writer threads that an exception or sys.exit would wait for.
+      print(f"\nreceived {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+      os._exit(128 + signum)
     self.signal = signum
     print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
           file=sys.stderr, flush=True)
@@ -119,9 +123,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   s = prepare(config)
   is_main = jax.process_index() == 0
   c = s.config
+  config_dict = redact(c.to_dict())
   if is_main:
-    with open(os.path.join(workdir, "config.yaml"), "w") as f:
-      f.write(config_lib.to_yaml(config_lib.from_dict(redact(c.to_dict()))))
     print(f"train: {s.train_split.summary()}\nvalidation: {s.valid_split.summary()}\n"
           f"mesh: {dict(s.mesh.shape)}  steps: {s.total_steps}  unigram entropy (nats/token): "
           f"{data.unigram_entropy(s.train_split):.3f} (train), context-free validation NLL "
@@ -135,27 +138,50 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.training.save_total_limit,
                                        async_save=c.training.async_checkpointing)
-  state = _restore(checkpointer, abstract, s.iterator, resume_dir, resume_step, c.training)
+  try:
+    state = _restore(checkpointer, abstract, s.iterator, resume_dir, resume_step, c.training, config_dict)
+  except BaseException:
+    checkpointer.close()
+    raise
   if state is None:
     state = train.init_state(s.model_cfg, tx, c.training.seed, shardings)
   start_step = int(state.step)
-  logger = MetricsLogger(workdir, c, is_main=is_main)
-  config_dict = redact(c.to_dict())
+  if is_main:  # written only once the checkpoint (if any) is known to belong to this config
+    with open(os.path.join(workdir, "config.yaml"), "w") as f:
+      f.write(config_lib.to_yaml(config_lib.from_dict(config_dict)))
+  logger = MetricsLogger(workdir, c, is_main=is_main, start_step=start_step)
   tokens_per_step = c.training.batch_size * c.dataset.max_length
   result: dict[str, Any] = {}
 
-  def save(step: int) -> None:
-    checkpointer.save(step, state, s.iterator.state(), config_dict)
+  saved_unlogged = []  # steps whose (asynchronous) save may still run: uploaded to wandb once it is done
 
+  def upload_saved() -> None:
+    if saved_unlogged and logger.logs_model:
+      checkpointer.wait()
+      for saved in saved_unlogged:
+        logger.checkpoint_saved(saved, os.path.join(checkpointer.directory, str(saved)))
+    saved_unlogged.clear()
+
+  def save(step: int) -> None:
+    upload_saved()  # Orbax would wait for the previous save before starting this one anyway
+    checkpointer.save(step, state, s.iterator.state(), config_dict)
+    saved_unlogged.append(step)
+
+  stop_on_nonfinite = c.training.nonfinite == "stop"
   try:
     with _Preemption() as preemption, _progress(c, start_step, s.total_steps, is_main) as bar:
       window, window_start, window_steps = None, time.perf_counter(), 0
       nonfinite_seen = int(state.nonfinite_count)
+      previous = None  # (step, finite flag) of the last step, read one step late so the device never idles
       step = start_step
       while step < s.total_steps:
         batch = sharding.global_batch(next(s.iterator), s.mesh)
         state, metrics = train_step(state, batch)
         step += 1
+        if stop_on_nonfinite:
+          if previous is not None:
+            _stop_if_nonfinite(*previous)
+          previous = (step, metrics["finite"])
         window = metrics if window is None else _add(window, metrics)
         window_steps += 1
         bar.update(1)
@@ -165,7 +191,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         if step % c.logging.log_every == 0 or last or halt:
           row = _train_row(jax.device_get(window), window_steps, step, schedule, tokens_per_step,
                            time.perf_counter() - window_start, int(state.nonfinite_count))
-          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, c.training.nonfinite)
+          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           logger.write(row)
           bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
           result["train"] = row
@@ -178,11 +204,10 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         if c.inference.every_steps and (step % c.inference.every_steps == 0 or last):
           _sample_test_prompts(s, graphdef, state.params, step, logger, bar)
         if step % c.training.save_steps == 0 or last or halt:
-          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, c.training.nonfinite)
+          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           save(step)
           if last:
-            checkpointer.wait()
-            logger.checkpoint_saved(step, os.path.join(checkpointer.directory, str(step)))
+            upload_saved()
         if halt:
           checkpointer.wait()
           why = "preempted" if preemption.signal else f"stopped at step {stop_at_step} as asked"
@@ -190,8 +215,11 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           result["halted_at"] = step
           break
   finally:
-    checkpointer.close()  # waits for pending asynchronous saves
-    logger.close()
+    try:
+      upload_saved()
+    finally:
+      checkpointer.close()  # waits for pending asynchronous saves
+      logger.close()
   return result
 
 
@@ -213,16 +241,18 @@ def _progress(c, start: int, total: int, is_main: bool):
               dynamic_ncols=True, file=sys.stdout)
 
 
-def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg):
-  """Resumes from --resume or the workdir's newest good checkpoint; None for a fresh start."""
+def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, config_dict):
+  """Resumes from --resume or the workdir's newest good checkpoint; None only where there is none."""
   source = checkpointer
   if resume_dir is not None and os.path.abspath(resume_dir) != checkpointer.directory:
     source = ckpt_lib.Checkpointer(resume_dir, max_to_keep=tcfg.save_total_limit, async_save=False)
     if not source.all_steps():
       raise FileNotFoundError(f"--resume: no checkpoints in {resume_dir}")
-  found = source.restore_latest_good(abstract, resume_step)
-  if source is not checkpointer:
-    source.close()
+  try:
+    found = source.restore_latest_good(abstract, resume_step, config_dict=config_dict)
+  finally:
+    if source is not checkpointer:
+      source.close()
   if found is None:
     return None
   step, state, data_state = found
@@ -242,15 +272,22 @@ def _train_row(sums, n_steps, step, schedule, tokens_per_step, seconds, nonfinit
   return row
 
 
-def _check_nonfinite(state, seen: int, policy: str) -> int:
-  """Stops (policy "stop") or warns once about updates skipped since `seen`; returns the new count."""
+def _stop_if_nonfinite(step: int, finite) -> None:
+  if not bool(finite):
+    raise NonFiniteError(f"non-finite loss or gradient at step {step}: stopping (training.nonfinite=stop); "
+                         "the update was not applied and no later step was saved")
+
+
+def _check_nonfinite(state, seen: int, latest) -> int:
+  """Before a log row or a save. Policy "stop" (`latest` = (step, finite) of the step just taken): every
+  earlier step was checked one step late, so this names the first bad step. Policy "skip" (`latest` None):
+  warns about updates skipped since `seen`. Returns the new skip count."""
+  if latest is not None:
+    _stop_if_nonfinite(*latest)
   count = int(state.nonfinite_count)
   if count > seen:
-    step = int(state.last_nonfinite_step)
-    if policy == "stop":
-      raise NonFiniteError(f"non-finite loss or gradient at step {step}: stopping (training.nonfinite=stop); "
-                           "the update was not applied and the checkpoints are good")
-    log.warning("non-finite loss or gradient at step %d: update skipped (%d skipped so far)", step, count)
+    log.warning("non-finite loss or gradient at step %d: update skipped (%d skipped so far)",
+                int(state.last_nonfinite_step), count)
   return count
 
 
@@ -265,7 +302,7 @@ def evaluate(eval_step, params, s: Setup, step: int) -> dict[str, Any]:
     sums = eval_step(params, sharding.global_batch(local, s.mesh), jax.random.fold_in(key, i))
     totals = sums if totals is None else _add(totals, sums)
   totals = jax.device_get(totals)
-  row = {"step": step, "eval_loss": float(totals["loss_sum"]) / max(float(totals["count/corruptible"]), 1.0)}
+  row = {"step": step, "eval_loss": float(totals["loss_sum"]) / max(float(totals["count/loss"]), 1.0)}
   if totals["count/corrupted"] > 0:
     row["eval_nll_corrupted"] = float(totals["nll/corrupted"]) / float(totals["count/corrupted"])
   row.update({f"eval_{k}": v for k, v in losses.finalize_metrics(totals).items()})

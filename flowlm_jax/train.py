@@ -141,6 +141,10 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig):
   tokens, corruptible = batch["tokens"], batch["corruptible"]
   c = masking.corrupt(key, tokens, corruptible, cfg.masking)
   weight = losses.loss_weights(cfg.loss, cfg.loss_weighting, c.corrupted, c.t, corruptible)
+  # The loss's normaliser (corruptible positions for LLaDA, corrupted ones for FlowLM's plain weighting), so
+  # that loss * normaliser summed over batches, over the normalisers summed, is a per-token mean.
+  _, normaliser = losses.diffusion_loss_weights(c.corrupted, c.t, corruptible,
+                                                "inverse_t" if cfg.loss == "llada" else cfg.loss_weighting)
   model = nnx.merge(graphdef, params)
   kv_lengths_B = jnp.sum(c.noisy_tokens != cfg.pad_id, axis=-1, dtype=jnp.int32)
   hidden = model.hidden(c.noisy_tokens, kv_lengths_B=kv_lengths_B)
@@ -155,6 +159,7 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig):
   # Plain cross-entropy per corrupted token: comparable across methods and with the unigram entropy.
   sums["nll/corrupted"] = jnp.sum(jnp.where(c.corrupted, jax.lax.stop_gradient(nll), 0.0))
   sums["count/corruptible"] = jnp.sum(corruptible, dtype=jnp.float32)
+  sums["count/loss"] = jnp.maximum(normaliser, 1.0)
   return loss, sums
 
 
@@ -202,18 +207,22 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
 
 
 def eval_step(params: Params, batch, key, *, graphdef, cfg: StepConfig):
-  """Metric sums of one validation batch; `loss_sum`/`loss_weight` average over batches by token count."""
+  """Metric sums of one validation batch. `loss_sum` / `count/loss`, each summed over batches, is the loss
+  per token: per corruptible token (1/t-weighted) for LLaDA, per corrupted token for FlowLM."""
   loss, sums = batch_loss(graphdef, params, batch, key, cfg)
-  sums["loss_sum"] = loss * sums["count/corruptible"]
+  sums["loss_sum"] = loss * sums["count/loss"]
   return sums
 
 
 def compile_steps(graphdef, tx, cfg: StepConfig, shardings: TrainState, mesh):
-  """The jitted train and eval steps with explicit shardings; the train state is donated."""
+  """The jitted train and eval steps with explicit shardings; the train state is donated.
+
+  Both are traced on `mesh`, so the model's activation constraints (sharding.attention_spec) apply.
+  """
   batch_sh = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
-  train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg),
+  train = jax.jit(sharding.traced_on(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg)),
                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
+  evaluate = jax.jit(sharding.traced_on(mesh, functools.partial(eval_step, graphdef=graphdef, cfg=cfg)),
                      in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
   return train, evaluate

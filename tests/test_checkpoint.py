@@ -1,10 +1,15 @@
+import copy
+import errno
+import hashlib
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from flowlm_jax import checkpoint as ckpt_lib
+from flowlm_jax import config as config_lib
 from flowlm_jax import loop, train
 from flowlm_jax.model import ModelConfig
 from helpers import tiny_config
@@ -15,10 +20,11 @@ def setup():
   return loop.prepare(tiny_config("flowlm"))
 
 
-def make_state(setup, model_cfg=None, seed=0):
+def make_state(setup, model_cfg=None, seed=0, **training):
   model_cfg = model_cfg or setup.model_cfg
+  tcfg = setup.config.training.to_dict() | training
   _, abstract = train.abstract_model(model_cfg)
-  tx, _ = train.make_optimizer(setup.config.training, 20, abstract)
+  tx, _ = train.make_optimizer(config_lib.from_dict({"training": tcfg}).training, 20, abstract)
   shardings = train.state_shardings(model_cfg, tx, setup.mesh)
   state = train.init_state(model_cfg, tx, seed, shardings)
   return state, ckpt_lib.restore_target(model_cfg, tx, shardings)
@@ -27,6 +33,39 @@ def make_state(setup, model_cfg=None, seed=0):
 def assert_trees_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def saved_steps(setup, directory, steps, config_dict=None):
+  """A Checkpointer holding `steps` of one state; data position = step."""
+  state, abstract = make_state(setup)
+  ckpt = ckpt_lib.Checkpointer(str(directory), async_save=False)
+  for step in steps:
+    ckpt.save(step, state, {"epoch": 0, "position": step}, config_dict or {})
+  ckpt.wait()
+  return ckpt, state, abstract
+
+
+def listing(directory):
+  """{relative path: sha256} of every file below `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def truncate_state(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(0)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+  monkeypatch.setattr(ckpt_lib, "RETRY_DELAYS_S", (0.0, 0.0))
 
 
 def test_save_then_restore_is_exact(setup, tmp_path):
@@ -40,33 +79,111 @@ def test_save_then_restore_is_exact(setup, tmp_path):
   assert_trees_equal(state, restored)
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(setup, tmp_path, caplog):
-  state, abstract = make_state(setup)
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
-  ckpt.save(1, state, {"epoch": 0, "position": 1}, {})
-  ckpt.save(2, state, {"epoch": 0, "position": 2}, {})
-  ckpt.wait()
-  state_dir = tmp_path / "ckpt" / "2" / "state"
-  for root, _, files in os.walk(state_dir):  # truncate every data file of the newest step
-    for name in files:
-      with open(os.path.join(root, name), "r+b") as f:
-        f.truncate(0)
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(setup, tmp_path, caplog, damage):
+  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1, 2])
+  if damage == "truncate":
+    truncate_state(tmp_path / "ckpt" / "2")
+  else:
+    shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
+  before = listing(tmp_path / "ckpt" / "1")
   found = ckpt.restore_latest_good(abstract)
+  assert ckpt.all_steps() == [1]
   ckpt.close()
   assert found is not None and found[0] == 1 and found[2]["position"] == 1
+  assert [d.name.split(".")[1].split("-")[0] for d in (tmp_path / "ckpt").iterdir() if d.name.startswith("2.")] == ["damaged"]
+  assert listing(tmp_path / "ckpt" / "1") == before
   assert any("checkpoint" in r.message and "damaged" in r.message for r in caplog.records)
 
 
-def test_checkpoint_of_a_different_model_is_rejected_naming_the_parameter(setup, tmp_path):
-  state, _ = make_state(setup)
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
-  ckpt.save(1, state, {"epoch": 0, "position": 0}, {})
-  ckpt.wait()
-  wider = ModelConfig(**{**setup.model_cfg.__dict__, "d_ff": setup.model_cfg.d_ff * 2})
-  _, abstract = make_state(setup, wider)
-  with pytest.raises(ckpt_lib.CheckpointError, match="w_gate|w_up|w_down"):
+def test_a_reader_skips_a_damaged_checkpoint_without_moving_it(setup, tmp_path):
+  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1, 2])
+  truncate_state(tmp_path / "ckpt" / "2")
+  found = ckpt.restore_latest_good(abstract, set_aside=False)
+  ckpt.close()
+  assert found[0] == 1 and sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
+
+
+def test_when_every_checkpoint_is_damaged_restore_fails_instead_of_starting_fresh(setup, tmp_path):
+  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1])
+  truncate_state(tmp_path / "ckpt" / "1")
+  with pytest.raises(ckpt_lib.CheckpointError, match="could be restored"):
     ckpt.restore_latest_good(abstract)
   ckpt.close()
+
+
+def test_checkpoint_of_a_different_model_is_rejected_naming_the_parameter(setup, tmp_path):
+  ckpt, _, _ = saved_steps(setup, tmp_path / "ckpt", [1])
+  wider = ModelConfig(**{**setup.model_cfg.__dict__, "d_ff": setup.model_cfg.d_ff * 2})
+  _, abstract = make_state(setup, wider)
+  before = listing(tmp_path / "ckpt")
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match="params/w_gate has shape"):
+    ckpt.restore_latest_good(abstract)
+  ckpt.close()
+  assert listing(tmp_path / "ckpt") == before
+
+
+def test_checkpoint_of_a_different_optimiser_is_rejected_and_left_untouched(setup, tmp_path):
+  ckpt, _, _ = saved_steps(setup, tmp_path / "ckpt", [1, 2])  # gradient clipping on: one more optimiser stage
+  _, unclipped = make_state(setup, gradient_clip_val=0.0)
+  before = listing(tmp_path / "ckpt")
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"different model or optimiser: .*opt_state/"):
+    ckpt.restore_latest_good(unclipped)
+  ckpt.close()
+  assert listing(tmp_path / "ckpt") == before
+
+
+def test_saved_config_that_differs_in_a_key_the_run_must_keep_is_rejected_naming_it(setup, tmp_path):
+  saved = setup.config.to_dict()
+  ckpt, state, abstract = saved_steps(setup, tmp_path / "ckpt", [1], config_dict=saved)
+  changed = copy.deepcopy(saved)
+  changed["training"]["learning_rate"] *= 2
+  changed["logging"]["log_every"] += 1  # may change on resume
+  before = listing(tmp_path / "ckpt")
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"training\.learning_rate") as e:
+    ckpt.restore_latest_good(abstract, config_dict=changed)
+  assert "log_every" not in str(e.value) and "\n" not in str(e.value) and "--workdir" in str(e.value)
+  assert listing(tmp_path / "ckpt") == before
+  changed["training"]["learning_rate"] = saved["training"]["learning_rate"]
+  step, restored, _ = ckpt.restore_latest_good(abstract, config_dict=changed)
+  ckpt.close()
+  assert step == 1
+  assert_trees_equal(state, restored)
+
+
+def test_out_of_memory_while_restoring_is_retried_then_reported_without_moving_anything(setup, tmp_path, no_backoff,
+                                                                                        monkeypatch):
+  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1, 2])
+  calls = []
+
+  def out_of_memory(*args, **kwargs):
+    calls.append(args)
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes")
+
+  monkeypatch.setattr(ckpt._manager, "restore", out_of_memory)
+  before = listing(tmp_path / "ckpt")
+  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint .*/2 could not be read after 3 attempts"):
+    ckpt.restore_latest_good(abstract)
+  assert len(calls) == 3 and listing(tmp_path / "ckpt") == before
+  monkeypatch.undo()
+  ckpt.close()
+
+
+def test_a_read_error_that_goes_away_is_retried_and_restores_the_newest_step(setup, tmp_path, no_backoff,
+                                                                             monkeypatch):
+  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1, 2])
+  real, failures = ckpt._manager.restore, [OSError(errno.EIO, "Input/output error")]
+
+  def flaky(*args, **kwargs):
+    if failures:
+      raise failures.pop()
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(ckpt._manager, "restore", flaky)
+  found = ckpt.restore_latest_good(abstract)
+  monkeypatch.undo()
+  ckpt.close()
+  assert found[0] == 2 and sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
 
 
 def test_resume_path_accepts_step_dirs_checkpoint_dirs_and_workdirs(tmp_path):

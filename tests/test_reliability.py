@@ -1,6 +1,8 @@
 """Fault injection through launch.py: kills, preemption, numerical faults, bad input, secrets."""
 
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,17 @@ def start(overlay, workdir, *extra):
   return subprocess.Popen([sys.executable, "launch.py", "--config=configs/flowlm.py", f"--config_yaml={overlay}",
                            f"--workdir={workdir}", *extra], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
+
+
+def tree_hashes(directory):
+  """{relative path: sha256} of every file below `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
 
 
 def wait_for_step(workdir, step, proc, timeout=120):
@@ -90,11 +103,26 @@ def test_nonfinite_updates_are_skipped_and_counted_when_configured(tiny_overlay,
   assert "update skipped" in r.stderr
 
 
+def test_relaunch_with_a_different_optimiser_stops_naming_it_and_leaves_every_checkpoint_untouched(
+    tiny_overlay, reference_run, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference_run, workdir)
+  before = tree_hashes(workdir)
+  # Gradient clipping off: a different optimiser-state structure and a different run.
+  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
+             "--config.training.gradient_clip_val=0")
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and "training.gradient_clip_val (1.0 -> 0.0)" in last and "--workdir" in last, last
+  assert "Traceback" not in r.stderr
+  assert tree_hashes(workdir) == before  # checkpoints, metrics.jsonl and config.yaml
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.dataset.name=", "--config.dataset.train_files={empty}"], "empty"),
     (["--resume=/nonexistent/checkpoints/10"], "--resume"),
     (["--config.model.tokenizer=/nonexistent/tokenizer"], "model.tokenizer"),
-    (["--config.model.d_model=64"], "shape"),  # the reference checkpoint was saved from d_model=32
+    (["--config.model.d_model=64"], "model.d_model (32 -> 64)"),  # the reference was saved from d_model=32
 ])
 def test_bad_input_fails_in_one_line_before_compiling(tiny_overlay, reference_run, tmp_path, args, message):
   empty = tmp_path / "empty.txt"
@@ -108,6 +136,7 @@ def test_bad_input_fails_in_one_line_before_compiling(tiny_overlay, reference_ru
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error:") and message in last, last
+  assert "Traceback" not in r.stderr
 
 
 def test_unwritable_workdir_is_reported(tiny_overlay, tmp_path):
