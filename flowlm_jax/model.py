@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowlm_jax import sharding
 from flowlm_jax.tokenizer import padded_vocab_size
 from flowlm_jax.vocab import Vocab
 
@@ -183,6 +184,7 @@ def attention(q, k, v, mask, kv_lengths, implementation: str, local_window: int 
   if impl == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or mask is not None):
     impl = "xla"  # cuDNN's fused kernel needs half precision, and takes padding as lengths, not a [B,1,1,T] mask
   window = None if local_window is None else (local_window, local_window)
+  q, k, v = sharding.constrain_attention_inputs(q, k, v)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl, local_window_size=window)
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowlm_jax import data
+from flowlm_jax import data, sharding
 from flowlm_jax import model as model_lib
 from flowlm_jax.vocab import Vocab
 
@@ -224,12 +224,15 @@ def _jit_sampler(fn):
   jitted = {}
 
   @functools.wraps(fn)
-  def call(*args, **kwargs):
+  def call(graphdef, params, *args, **kwargs):
     backend = jax.default_backend()
     if backend not in jitted:
       jitted[backend] = jax.jit(fn, static_argnames=("graphdef", "spec", "padded", "return_trajectory"),
                                 compiler_options=GPU_DECODING_OPTIONS if backend == "gpu" else None)
-    return jitted[backend](*args, **kwargs)
+    mesh = sharding.mesh_of(params)  # sharded weights (sampling during training): trace on their mesh
+    if mesh is None:
+      return jitted[backend](graphdef, params, *args, **kwargs)
+    return sharding.traced_on(mesh, jitted[backend])(graphdef, params, *args, **kwargs)
 
   return call
 

@@ -99,6 +99,50 @@ def _key(k):
   return str(k)
 
 
+def traced_on(mesh: Mesh, fn):
+  """`fn`, traced with `mesh` as the context mesh: what activation constraints (below) read."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def mesh_of(tree) -> Mesh | None:
+  """The mesh a tree of arrays is sharded over (the first multi-device NamedSharding's), if any."""
+  for leaf in jax.tree.leaves(tree):
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh.size > 1:
+      return s.mesh
+  return None
+
+
+def attention_spec(batch: int, heads: int, kv_heads: int) -> P | None:
+  """The one layout of q, k and v [B, T, heads, head_dim] in the context mesh; None outside one.
+
+  Rows over data x fsdp, heads over tensor, sequence and head_dim whole: cuDNN's fused attention
+  (jax's custom partitioner) rejects anything else — q, k, v whose shardings differ, or a split of
+  the sequence or head_dim — while sharding propagation alone can give k and v another layout than q
+  (under fsdp the projections' d_model split offers several). Heads split only when the tensor axis
+  divides both head counts (grouped-query attention), rows only when data x fsdp divides them.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or mesh.size == 1:
+    return None
+  rows = BATCH_AXES if batch % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0 else None
+  tensor = mesh.shape["tensor"]
+  split_heads = tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0
+  return P(rows, None, "tensor" if split_heads else None, None)
+
+
+def constrain_attention_inputs(q, k, v):
+  """q, k, v pinned to `attention_spec` (unchanged outside a mesh context)."""
+  spec = attention_spec(q.shape[0], q.shape[2], k.shape[2])
+  if spec is None:
+    return q, k, v
+  return tuple(jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

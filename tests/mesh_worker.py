@@ -12,6 +12,11 @@ collectives, and XLA flags that cut CPU compile time ~5x). The result is one std
       checkpoint.Checkpointer after STEPS - 1 steps and restored on (2, 2, 2) and on one device; each
       restore reports whether every leaf equals what was saved and the loss of one more step.
 
+  python tests/mesh_worker.py attention
+      Compiles the train step of a tiny llama and a tiny ModernBERT on ATTENTION_MESHES with
+      tests/attention_probe.py standing in for cuDNN attention: reports the q, k, v shardings its
+      partitioner received and the compile error, if any (what a GPU compile would raise).
+
   python tests/mesh_worker.py split COORDINATOR PROCESS_ID   (2 processes x 4 devices)
       jax.distributed over 127.0.0.1; each process reads its rows with data.BatchIterator and
       sharding.global_batch assembles them on several meshes; reports the rows each process read and
@@ -37,6 +42,7 @@ INIT_MESH = (2, 2, 2)  # init_state is compiled on this mesh (others get the ref
 STEPS = 4
 MARKER = "MESH_WORKER_RESULT "
 SPLIT_MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8))
+ATTENTION_MESHES = ((1, 2, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8))  # every axis, alone and combined
 
 # Test-only compile-time savers (XLA CPU, 2 cores: a train-step compile ~10 s -> ~5 s with the first two,
 # ~1.5 s with all three). The first two are what jax's own tests use (jax_disable_most_optimizations);
@@ -252,6 +258,49 @@ def meshes(workdir: str) -> dict:
   return out
 
 
+# --- what reaches the attention kernel ------------------------------------------------------------
+
+
+def modernbert_mesh_config():
+  """The tiny ModernBERT fixture (4 heads, d_model 32) as a training run."""
+  c = mesh_config()
+  fixture = os.path.join(HERE, "fixtures", "modernbert_tiny")
+  c.model.family, c.model.pretrained, c.model.tokenizer = "modernbert", fixture, fixture
+  return c
+
+
+def attention_shardings() -> dict:
+  """{family: {mesh: {"calls": [{q, k, v specs}, ...], "error": str}}}: the train step compiled with
+  attention_probe's stand-in for cuDNN attention (its partitioner's checks, its sharding rule)."""
+  import jax
+  import jax.numpy as jnp
+  import attention_probe
+  from flowlm_jax import loop, sharding
+
+  kernel, jax.nn.dot_product_attention = jax.nn.dot_product_attention, attention_probe.probed_attention
+  out = {}
+  try:
+    for family, config in (("llama", mesh_config), ("modernbert", modernbert_mesh_config)):
+      setup = loop.prepare(config())
+      rows, length = setup.config.training.batch_size, setup.config.dataset.max_length
+      out[family] = {}
+      for shape in ATTENTION_MESHES:
+        run = Run(setup, shape)
+        batch_sh = sharding.batch_sharding(run.mesh)
+        batch = {"tokens": jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sh),
+                 "corruptible": jax.ShapeDtypeStruct((rows, length), jnp.bool_, sharding=batch_sh)}
+        attention_probe.CALLS.clear()
+        result = out[family][name(shape)] = {}
+        try:
+          run.step.lower(run.abstract(), batch).compile()
+        except Exception as e:  # noqa: BLE001 - reported to the test
+          result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        result["calls"] = [dict(call) for call in attention_probe.CALLS]
+  finally:
+    jax.nn.dot_product_attention = kernel
+  return out
+
+
 # --- the two-process data split ------------------------------------------------------------------
 
 
@@ -296,6 +345,8 @@ if __name__ == "__main__":
   mode, *args = sys.argv[1:]
   if mode == "meshes":
     result = meshes(*args)
+  elif mode == "attention":
+    result = attention_shardings()
   elif mode == "split":
     result = split(args[0], int(args[1]))
   else:

@@ -156,3 +156,32 @@ def test_checkpoint_from_8x1x1_restores_on_other_meshes_and_continues(meshes, me
   assert r["next_batch_matches"]  # the data iterator resumes at the next batch
   np.testing.assert_allclose(r["next_loss"], meshes["saved_next_loss"], rtol=1e-5)
   np.testing.assert_allclose(r["next_loss"], meshes["reference"]["losses"][3], rtol=1e-5)
+
+
+# --- what reaches the attention kernel (tests/attention_probe.py stands in for cuDNN's partitioner) ---
+
+
+@pytest.fixture(scope="module")
+def attention_calls():
+  return run_worker("attention", devices=8)
+
+
+def expected_attention_spec(mesh_shape, heads: int) -> list:
+  """Rows over the batch axes that are > 1, heads over tensor when it divides them, nothing else split."""
+  size = dict(zip(sharding.MESH_AXES, mesh_shape))
+  rows = [a for a in sharding.BATCH_AXES if size[a] > 1]
+  split_heads = size["tensor"] > 1 and heads % size["tensor"] == 0
+  return [rows[0] if len(rows) == 1 else (rows or None), None, "tensor" if split_heads else None, None]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family, heads", [("llama", 8), ("modernbert", 4)])
+def test_attention_inputs_share_one_layout_with_only_rows_and_heads_split(attention_calls, family, heads):
+  # What failed on 2 H200s before: under fsdp cuDNN's partitioner got q, k, v in differing layouts; on the
+  # CPU stand-in the batch arrived unsplit (every fsdp device attending over the whole batch).
+  for mesh, result in attention_calls[family].items():
+    assert "error" not in result, (mesh, result["error"])
+    assert {call["kind"] for call in result["calls"]} == {"forward", "backward"}, mesh
+    want = expected_attention_spec(tuple(int(n) for n in mesh.split("x")), heads)
+    for call in result["calls"]:
+      assert call["q"] == call["k"] == call["v"] == want, (mesh, call)
