@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import jax
@@ -6,7 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from flowlm_jax import losses, loop, sharding, train
+from flax import nnx
+
+from flowlm_jax import data, losses, loop, masking, sharding, train
 from helpers import tiny_config
 
 
@@ -41,24 +44,32 @@ def test_compiled_step_lowers_the_loss_on_a_fixed_batch(setup):
   assert float(after["loss_sum"]) < 0.9 * float(before["loss_sum"])
 
 
-def test_gradient_accumulation_matches_one_big_batch_with_the_same_noise(setup):
-  """Accumulating over 2 micro-batches averages their gradients: equal to averaging two separate passes."""
-  graphdef, abstract = train.abstract_model(setup.model_cfg)
+def test_gradient_accumulation_averages_micro_batch_gradients_like_one_full_batch(setup):
+  """With a corruption that draws nothing (every position [MASK], t = 1) and micro-batches holding equal token
+  counts, accumulating 2 micro-batches must give the gradient of the full batch's mean NLL per token,
+  computed here directly from the model's logits."""
+  graphdef, _ = train.abstract_model(setup.model_cfg)
   state = train.init_state(setup.model_cfg, optax.identity(), 0,
                            train.state_shardings(setup.model_cfg, optax.identity(), setup.mesh))
-  batch = first_batch(setup)
-  cfg2 = train.StepConfig(**{**setup.step_cfg.__dict__, "grad_accum": 2})
-  _, step_key = jax.random.split(state.rng)
-  keys = jax.random.split(step_key, 2)
-  micro = train.split_micro_batches(batch, 2)
-  grad_fn = jax.jit(jax.grad(lambda p, b, k: train.batch_loss(graphdef, p, b, k, cfg2)[0]))  # eager is slow
-  expected = jax.tree.map(lambda a, b: (a + b) / 2, *[grad_fn(state.params, jax.tree.map(lambda x: x[i], micro), keys[i])
-                                                        for i in range(2)])
+  vocab = setup.vocab
+  tokens = jax.random.choice(jax.random.PRNGKey(3), jnp.asarray(vocab.random_token_ids), (8, 16))
+  batch = {"tokens": tokens.astype(jnp.int32), "corruptible": jnp.ones((8, 16), bool)}
+  all_masked = dataclasses.replace(setup.step_cfg.masking, mask_prob=1.0, random_prob=0.0, keep_prob=0.0,
+                                   min_ratio=1.0, max_ratio=1.0, eps=0.0)
+  cfg = train.StepConfig(**{**setup.step_cfg.__dict__, "grad_accum": 2, "masking": all_masked})
+
+  def full_batch_loss(params):
+    model = nnx.merge(graphdef, params)
+    logits = model(jnp.full_like(batch["tokens"], vocab.mask_id))
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["tokens"][..., None], axis=-1)[..., 0]
+    return jnp.mean(nll)  # LLaDA with t = 1: the NLL summed over corrupted positions / corruptible positions
+
+  expected = jax.jit(jax.grad(full_batch_loss))(state.params)
   sgd = optax.sgd(1.0)
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=sgd, cfg=cfg2))
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=sgd, cfg=cfg))
   new_state, _ = step(train.TrainState(state.params, sgd.init(state.params), state.step, state.rng,
                                        state.nonfinite_count, state.last_nonfinite_step), batch)
-  for name in ("wq", "embed", "w_down"):
+  for name in ("wq", "embed", "w_down", "final_norm"):
     np.testing.assert_allclose(state.params[name] - new_state.params[name], expected[name], rtol=1e-4, atol=1e-7)
 
 
@@ -75,12 +86,44 @@ def test_nonfinite_update_is_skipped_and_counted(setup):
   params = dict(state.params)
   params["final_norm"] = params["final_norm"].at[0].set(jnp.nan)
   state = train.TrainState(params, state.opt_state, state.step, state.rng, state.nonfinite_count, state.last_nonfinite_step)
-  before = jax.tree.map(np.asarray, state.params)
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))  # copies: the step donates the state
   state, metrics = step(state, first_batch(setup))
   assert not bool(metrics["finite"])
   assert int(state.nonfinite_count) == 1 and int(state.last_nonfinite_step) == 1 and int(state.step) == 1
-  for name, value in before.items():
-    np.testing.assert_array_equal(np.asarray(state.params[name]), value)
+  after = (state.params, state.opt_state)
+  assert jax.tree.structure(after) == jax.tree.structure(before)
+  for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):  # incl. Adam's count, mu, nu
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("preset", ["flowlm", "llada"])
+def test_eval_loss_is_the_per_token_mean_over_the_whole_evaluation(preset):
+  """FlowLM: mean NLL per corrupted token; LLaDA: NLL / t summed over corrupted tokens, per corruptible token.
+  Computed here from the model's logits over every evaluation batch at once (batches differ in their
+  corrupted/corruptible ratio, so a mean of per-batch means would differ)."""
+  s = loop.prepare(tiny_config(preset))
+  graphdef, abstract = train.abstract_model(s.model_cfg)
+  tx, _ = train.make_optimizer(s.config.training, 10, abstract)
+  shardings = train.state_shardings(s.model_cfg, tx, s.mesh)
+  _, eval_step = train.compile_steps(graphdef, tx, s.step_cfg, shardings, s.mesh)
+  params = train.init_state(s.model_cfg, tx, 0, shardings).params
+  params["unembed"] = params["unembed"] * 50  # sharp logits: per-token losses (and batch means) vary widely
+  row = loop.evaluate(eval_step, params, s, step=0)
+
+  model, key = nnx.merge(graphdef, params), jax.random.PRNGKey(s.config.evaluation.seed)
+  numerator = denominator = 0.0
+  for i, b in enumerate(data.eval_batches(s.valid_split, s.config.training.batch_size, s.config.evaluation.eval_batches)):
+    c = masking.corrupt(jax.random.fold_in(key, i), jnp.asarray(b["tokens"]), jnp.asarray(b["corruptible"]),
+                        s.step_cfg.masking)
+    logits = model(c.noisy_tokens, kv_lengths_B=jnp.sum(c.noisy_tokens != s.vocab.pad_id, axis=-1))
+    nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), b["tokens"][..., None], axis=-1)[..., 0]
+    corrupted, t = np.asarray(c.corrupted), np.asarray(c.t)
+    if preset == "flowlm":
+      numerator, denominator = numerator + nll[corrupted].sum(), denominator + corrupted.sum()
+    else:
+      numerator += (nll / t[:, None])[corrupted].sum()
+      denominator += b["corruptible"].sum()
+  np.testing.assert_allclose(row["eval_loss"], numerator / denominator, rtol=1e-5)
 
 
 def test_weight_decay_skips_norms_and_the_embedding(setup):
