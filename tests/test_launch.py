@@ -51,5 +51,7 @@ def test_dry_run_reports_the_data_and_exits_without_training(tmp_path):
 def test_bad_config_fails_with_one_line_naming_the_key(tmp_path, args, message):
   r = launch("--config=configs/flowlm.py", f"--workdir={tmp_path}", *args, timeout=120)
   assert r.returncode != 0
-  assert message in r.stderr.strip().splitlines()[-1] or message in r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("config error:") and message in last, last
+  assert "Traceback" not in r.stderr
   assert not os.path.isdir(os.path.join(tmp_path, "checkpoints"))

@@ -1,7 +1,9 @@
 """Fault injection through launch.py: kills, preemption, numerical faults, bad input, secrets."""
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from helpers import REPO, launch, metrics_rows
 
@@ -17,10 +20,42 @@ pytestmark = pytest.mark.integration
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
 
 
-def start(overlay, workdir, *extra):
-  return subprocess.Popen([sys.executable, "launch.py", "--config=configs/flowlm.py", f"--config_yaml={overlay}",
+# launch.py with Orbax's commit of step SLOW_FROM and later held back for a minute: the step's files are
+# written into `N.orbax-checkpoint-tmp-*` but not renamed, so a test can act while that save is in flight.
+SLOW_SAVE = """
+import asyncio, runpy, sys
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def slow_finalize(self, *args, **kwargs):
+  name = self.get_final().name  # a step directory, or an item (state, data, config) inside one
+  if name.isdigit() and int(name) >= {slow_from}:
+    await asyncio.sleep(60)
+  return await finalize(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def start(overlay, workdir, *extra, slow_save_from=None):
+  head = [sys.executable, "launch.py"] if slow_save_from is None else [
+      sys.executable, "-c", SLOW_SAVE.format(slow_from=slow_save_from)]
+  return subprocess.Popen([*head, "--config=configs/flowlm.py", f"--config_yaml={overlay}",
                            f"--workdir={workdir}", *extra], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_save_in_flight(workdir, step, proc, timeout=120):
+  directory = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+    if os.path.isdir(directory) and any(re.match(rf"{step or '[0-9]+'}\.orbax-checkpoint-tmp", d)
+                                        for d in os.listdir(directory)):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no save of step {step} in flight after {timeout}s")
 
 
 def tree_hashes(directory):
@@ -48,15 +83,18 @@ def wait_for_step(workdir, step, proc, timeout=120):
 
 def test_sigkill_then_relaunch_reproduces_the_uninterrupted_losses(tiny_overlay, reference_run, tmp_path):
   workdir = str(tmp_path / "killed")
-  # Asynchronous saves every 2 steps; kill right after step 5 is logged (a save of step 4 may be in flight).
-  proc = start(tiny_overlay, workdir, "--config.training.async_checkpointing=true")
-  wait_for_step(workdir, 5, proc)
+  # Asynchronous saves every 2 steps; killed while the save of step 4 is written but not committed.
+  proc = start(tiny_overlay, workdir, "--config.training.async_checkpointing=true", slow_save_from=4)
+  wait_for_save_in_flight(workdir, 4, proc)
   proc.kill()
   proc.wait()
+  assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2"]
   r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}")
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "resumed from" in r.stdout
-  reference, resumed = metrics_rows(reference_run), metrics_rows(workdir)  # last row per step wins
+  assert "resumed from" in r.stdout and "(step 2," in r.stdout
+  reference, resumed = metrics_rows(reference_run), metrics_rows(workdir)
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in line]
+  assert steps == sorted(reference)  # each step once: rows of steps 3-4 from before the kill were dropped
   assert sorted(resumed) == sorted(reference)
   for step, row in reference.items():
     assert resumed[step]["loss"] == row["loss"], step
@@ -77,15 +115,34 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tiny_overlay,
   assert r.returncode == 0 and f"step {saved[0]}" in r.stdout, r.stderr[-2000:]
 
 
+def test_a_second_signal_exits_at_once_without_waiting_for_the_save_in_flight(tiny_overlay, tmp_path):
+  workdir = str(tmp_path / "twice")
+  proc = start(tiny_overlay, workdir, "--config.training.max_steps=400", "--config.training.save_steps=1000",
+               "--config.training.async_checkpointing=true", slow_save_from=1)
+  wait_for_step(workdir, 2, proc)
+  proc.send_signal(signal.SIGTERM)  # saves the current step: its commit is held back for a minute
+  wait_for_save_in_flight(workdir, None, proc)
+  proc.send_signal(signal.SIGTERM)
+  start_time = time.time()
+  out, err = proc.communicate(timeout=60)
+  assert time.time() - start_time < 20, "the second signal waited for the pending checkpoint"
+  assert proc.returncode == 128 + signal.SIGTERM and "exiting now" in err, err[-2000:]
+  assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]  # nothing half-listed
+
+
 def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_good_checkpoints(tiny_overlay, tmp_path):
   workdir = str(tmp_path / "nan")
-  # An absurd learning rate drives the weights to inf within a few steps: a real numerical fault.
+  # A real numerical fault: the learning rate is 0 at step 1 (warmup), 1e30 at step 2 (finite weights of
+  # ~1e30, saved: save_steps=2), and the forward pass of step 3 overflows. Metrics every 10 steps only:
+  # the run must still stop at step 3, not at the next log or save boundary.
   r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
              "--config.training.learning_rate=1e30", "--config.training.gradient_clip_val=0",
-             "--config.training.warmup_steps=1", "--config.training.nonfinite=stop")
+             "--config.training.warmup_steps=1", "--config.training.nonfinite=stop",
+             "--config.logging.log_every=10", "--config.training.max_steps=12")
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
-  assert "non-finite loss or gradient at step" in last, last
+  assert "non-finite loss or gradient at step 3:" in last, last
+  assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2"]
   from flowlm_jax import api
   for step in [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]:
     loaded = api.load(workdir, step=step)
@@ -149,7 +206,14 @@ def test_unwritable_workdir_is_reported(tiny_overlay, tmp_path):
 def test_no_secret_reaches_the_workdir_or_the_output(tiny_overlay, tmp_path):
   secret = "sk-test-0123456789abcdef0123456789abcdef"
   workdir = str(tmp_path / "secret")
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
+  # The key also sits in a config value (one the embedded dataset never reads), as a pasted secret would:
+  # config.yaml, the checkpoints' config and wandb's config must not hold it. (In the YAML overlay, not on
+  # the command line: wandb records the command line.)
+  overlay = yaml.safe_load(open(tiny_overlay))
+  overlay.setdefault("dataset", {})["hub_config"] = secret
+  with open(tmp_path / "overlay.yaml", "w") as f:
+    yaml.safe_dump(overlay, f)
+  r = launch("--config=configs/flowlm.py", f"--config_yaml={tmp_path / 'overlay.yaml'}", f"--workdir={workdir}",
              "--config.training.max_steps=2", "--config.logging.wandb.mode=offline",
              env={"WANDB_API_KEY": secret, "WANDB_MODE": "offline"})
   assert r.returncode == 0, r.stderr[-2000:]
