@@ -503,6 +503,27 @@ def test_from_dict_fills_fields_missing_from_an_older_saved_config():
   assert changed(preset("llada", "small"), c) == {}
 
 
+def test_from_dict_ignores_a_retired_field_of_an_older_saved_config():
+  d = preset("llada", "small").to_dict()
+  d["dataloader"]["drop_last"] = True  # dataloader.drop_last was removed: it never changed anything
+  assert config_lib.from_dict(d).to_dict() == preset("llada", "small").to_dict()
+
+
+def test_resume_differences_name_keys_that_change_the_run_and_ignore_those_a_resume_may_change():
+  saved = preset("flowlm", None).to_dict()
+  new = preset("flowlm", None)
+  new.training.gradient_clip_val = 0.0
+  new.masking.min_ratio = 0.2
+  new.training.max_steps = 10_000         # a longer run
+  new.logging.log_every = 1
+  new.evaluation.eval_steps = 7
+  new.mesh.fsdp = 2
+  new.model.remat = "full"
+  assert config_lib.resume_differences(saved, new.to_dict()) == [
+      "masking.min_ratio (0.15 -> 0.2)", "training.gradient_clip_val (1.0 -> 0.0)"]
+  assert config_lib.resume_differences(saved, saved) == []
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", PRESETS)
 def test_to_yaml_reloads_to_the_same_dict(name, variant):

@@ -164,17 +164,25 @@ def test_overlong_error_mode_raises_naming_max_length(tokenizer, vocab):
     data.encode_sft(records(rows), sft_cfg(max_length=16, overlong="error"), tokenizer, vocab)
 
 
-@pytest.mark.parametrize("prompt_format, rows", [
-    ("chat", [{"prompt": "add 1 2", "answer": "3"}]),
-    ("plain", [chat(("user", "add 1 2"), ("assistant", "3"))]),
-])
-def test_prompt_format_that_does_not_match_the_records_is_an_error(tokenizer, vocab, prompt_format, rows):
-  with pytest.raises(ValueError, match=f"dataset.prompt_format='{prompt_format}'"):
-    data.encode_sft(records(rows), sft_cfg(prompt_format=prompt_format), tokenizer, vocab)
+def test_plain_prompt_format_for_chat_records_is_an_error(tokenizer, vocab):
+  rows = [chat(("user", "add 1 2"), ("assistant", "3"))]
+  with pytest.raises(ValueError, match="dataset.prompt_format='plain'"):
+    data.encode_sft(records(rows), sft_cfg(prompt_format="plain"), tokenizer, vocab)
+
+
+def test_chat_prompt_format_renders_prompt_answer_records_as_a_one_turn_chat(tokenizer, vocab):
+  as_chat = data.encode_sft(records([{"prompt": "add 1 2", "answer": "3"}]), sft_cfg(prompt_format="chat"),
+                            tokenizer, vocab)
+  from_messages = data.encode_sft(records([chat(("user", "add 1 2"), ("assistant", "3"))]), sft_cfg(), tokenizer, vocab)
+  assert as_chat.chat
+  np.testing.assert_array_equal(as_chat.tokens, from_messages.tokens)
+  np.testing.assert_array_equal(as_chat.corruptible, from_messages.corruptible)
+  assert tokenizer.decode(as_chat.tokens[0][~as_chat.corruptible[0]]).startswith("User: add 1 2")
 
 
 @pytest.mark.parametrize("prompt_format, rows, is_chat", [
     ("plain", [{"prompt": "add 1 2", "answer": "3"}], False),
+    ("auto", [{"prompt": "add 1 2", "answer": "3"}], False),
     ("chat", [chat(("user", "add 1 2"), ("assistant", "3"))], True),
 ])
 def test_prompt_format_that_matches_the_records_is_accepted(tokenizer, vocab, prompt_format, rows, is_chat):

@@ -394,6 +394,29 @@ def test_evaluate_tasks_runs_and_prints_table(tokenizer, vocab):
   assert "overall" in table and "llada" in table and "flowlm" in table
 
 
+def test_exact_match_counts_only_answers_equal_to_the_records_up_to_surrounding_space():
+  records = [{"task": "add", "prompt": "add 1 2", "answer": "3"}, {"task": "add", "prompt": "add 2 2", "answer": "4"},
+             {"task": "sort", "prompt": "sort 2 1", "answer": "1 2"},
+             {"task": "sort", "prompt": "sort 3 1", "answer": "1 3"}]
+  answers = [" 3 ", "5", "1 2", "1 3 3"]  # right (padded), wrong, right, a prefix match is wrong
+  assert evaluate.exact_match(records, answers) == {"add": 0.5, "sort": 0.5, "overall": 0.5}
+  assert evaluate.exact_match(records, ["3", "4", "1 2", "1 3"])["overall"] == 1.0
+  assert evaluate.exact_match(records, ["", "", "", ""]) == {"add": 0.0, "sort": 0.0, "overall": 0.0}
+
+
+def test_evaluate_tasks_scores_the_samplers_answers(tokenizer, vocab, monkeypatch):
+  records = evaluate.load_records(limit_per_task=1)
+  right = {r["prompt"]: r["answer"] for r in records}
+  # An oracle sampler for LLaDA decoding, a wrong one for FlowLM decoding.
+  monkeypatch.setattr(sampling, "generate_texts", lambda graphdef, params, tok, voc, prompts, icfg, mode, chat:
+                      [right[p] if mode == "llada" else "wrong" for p in prompts])
+  run = types.SimpleNamespace(config=config_lib.apply_variant(config_lib.base_config(), "tasks"), graphdef=None,
+                              params=None, tokenizer=tokenizer, vocab=vocab)
+  result = evaluate.evaluate_tasks(run, records, steps=4)
+  assert result["accuracy"]["llada"] == {"add": 1.0, "reverse": 1.0, "sort": 1.0, "copy": 1.0, "overall": 1.0}
+  assert result["accuracy"]["flowlm"] == {"add": 0.0, "reverse": 0.0, "sort": 0.0, "copy": 0.0, "overall": 0.0}
+
+
 def test_sample_cli_maps_flags_to_inference_fields():
   args = sample.parse_args(["--workdir=w", "--prompt", "a", "--prompt", "b", "--steps=6", "--gen_length=4",
                             "--threshold=0.8", "--strategy=fill_then_refine"])
