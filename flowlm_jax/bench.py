@@ -2,10 +2,13 @@
 
   python -m flowlm_jax.bench [--shapes small,1b] [--remat save_dots] [--loss_chunk 256] [--out bench.json]
   python -m flowlm_jax.bench --smoke         # tiny shapes, a few steps: checks the script on a CPU
+  python -m flowlm_jax.bench --scaling small:data,1b:fsdp,1b:data_fsdp --gpus 1,2,4 --samplers=
+                                             # weak scaling: the same per-device batch on 1, 2, 4 devices
 
 MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6(L(4d^2 + 3 d ff) + d V) + 12 L S d
-(bidirectional attention: not halved) and peak = a large bf16 matmul's rate measured in the same run.
-Sampler floor = steps x forward FLOPs of the whole batch / peak.
+(bidirectional attention: not halved). Two peaks: the device's dense bf16 datasheet figure (DATASHEET,
+the headline where the device is known) and a large bf16 matmul's rate measured in the same run.
+Sampler floor = steps x forward FLOPs of the whole batch / measured peak.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ SHAPES = {
     "1b": (2048, 22, 16, 5632, 32000, 2048, 8),
     "smoke": (64, 2, 4, 128, 512, 64, 4),
 }
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (first match of the device kind wins).
+DATASHEET = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0))
+# Meshes for --scaling: name -> (data, fsdp, tensor) on n devices.
+SCALING_MESHES = {"data": lambda n: (n, 1, 1), "fsdp": lambda n: (1, n, 1),
+                  "data_fsdp": lambda n: (max(n // 2, 1), min(n, 2), 1)}
 SAMPLER = dict(batch=32, prompt=64, answer=256, steps=64, block=32)
 SMOKE_SAMPLER = dict(batch=2, prompt=8, answer=16, steps=4, block=8)
 
@@ -47,10 +55,18 @@ def forward_flops_per_token(m: ModelConfig, seq_len: int) -> float:
   return train_flops_per_token(m, seq_len) / 3
 
 
-def measure_peak_matmul(n: int = 8192, reps: int = 50, warmup_s: float = 3.0) -> float:
-  """bf16 FLOP/s of an n x n x n product on random data (the MFU denominator).
+def datasheet_peak_flops(device_kind: str) -> float | None:
+  for name, tflops in DATASHEET:
+    if name.lower() in device_kind.lower():
+      return tflops * 1e12
+  return None
 
-  Warm-up for a few seconds first: an idle GPU starts at low clocks, and a low peak would flatter the MFU.
+
+def measure_peak_matmul(n: int = 8192, reps: int = 50, warmup_s: float = 3.0, per_timing: int = 10) -> float:
+  """bf16 FLOP/s of n x n x n products on random data, `per_timing` dispatched back to back per timing.
+
+  A host round-trip after every product reads low (606 vs ~800 TFLOP/s on an H200). Warm-up for a few
+  seconds first: an idle GPU starts at low clocks, and a low peak would flatter the MFU.
   """
   keys = jax.random.split(jax.random.key(0), 2)
   a = jax.random.normal(keys[0], (n, n), jnp.bfloat16)
@@ -60,16 +76,18 @@ def measure_peak_matmul(n: int = 8192, reps: int = 50, warmup_s: float = 3.0) ->
   while time.perf_counter() - start < warmup_s:
     f(a, b).block_until_ready()
   times = []
-  for _ in range(reps):
+  for _ in range(max(reps // per_timing, 3)):
     t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
+    outs = [f(a, b) for _ in range(per_timing)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) / per_timing)
   return 2 * n ** 3 / statistics.median(times)
 
 
-def peak_memory_bytes() -> int | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
+def peak_memory_bytes(devices=None) -> int | None:
+  """The largest peak among `devices` (default: the first)."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in (devices or jax.devices()[:1])]
+  return max((p for p in peaks if p is not None), default=None)
 
 
 def model_config(shape: str, remat: str, compute_dtype: str, unroll: bool = False) -> tuple[ModelConfig, int, int]:
@@ -80,21 +98,26 @@ def model_config(shape: str, remat: str, compute_dtype: str, unroll: bool = Fals
 
 
 def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_dtype: str,
-                profile_dir: str = "", unroll: bool = False) -> dict:
+                profile_dir: str = "", unroll: bool = False, mesh_shape=(1, 1, 1)) -> dict:
+  """One shape's train step on a mesh of the first prod(mesh_shape) devices; the batch in SHAPES is per
+  data x fsdp replica (weak scaling)."""
   m, S, B = model_config(shape, remat, compute_dtype, unroll)
+  B *= mesh_shape[0] * mesh_shape[1]
   vocab = synthetic_vocab(m.vocab_size)
   c = config_lib.base_config()
   spec = masking.MaskingSpec.from_config(c.masking, vocab)
   step_cfg = train.StepConfig(model=m, masking=spec, loss="llada", loss_weighting="inverse_t", grad_accum=1,
                               loss_chunk_size=loss_chunk, pad_id=vocab.pad_id)
-  mesh = sharding.single_device_mesh()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(c, devices)
   graphdef, abstract = train.abstract_model(m)
   tx, _ = train.make_optimizer(c.training, 10_000, abstract)
   shardings = train.state_shardings(m, tx, mesh)
   step_fn, _ = train.compile_steps(graphdef, tx, step_cfg, shardings, mesh)
   state = train.init_state(m, tx, 0, shardings)
   tokens = jax.random.randint(jax.random.key(1), (B, S), 5, m.vocab_size, dtype=jnp.int32)
-  batch = {"tokens": tokens, "corruptible": jnp.ones((B, S), bool)}
+  batch = jax.device_put({"tokens": tokens, "corruptible": jnp.ones((B, S), bool)}, sharding.batch_sharding(mesh))
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -114,9 +137,11 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
       for _ in range(3):
         state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
-  return {"shape": shape, "remat": remat + ("+unroll" if unroll else ""), "loss_chunk": loss_chunk, "step_s": step_s, "compile_s": compile_s,
-          "tokens_per_s": B * S / step_s, "flops_per_token": train_flops_per_token(m, S),
-          "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30, "loss": float(metrics["loss"]),
+  return {"shape": shape, "remat": remat + ("+unroll" if unroll else ""), "loss_chunk": loss_chunk,
+          "mesh": "x".join(map(str, mesh_shape)), "devices": len(devices), "batch": B, "step_s": step_s,
+          "compile_s": compile_s, "tokens_per_s": B * S / step_s, "tokens_per_s_per_device": B * S / step_s / len(devices),
+          "flops_per_token": train_flops_per_token(m, S),
+          "peak_memory_gib": (peak_memory_bytes(devices) or 0) / 2 ** 30, "loss": float(metrics["loss"]),
           "params_m": count_params(state.params) / 1e6}
 
 
@@ -176,6 +201,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True, help="time the train step")
   p.add_argument("--profile_dir", default="",
                  help="also trace 3 train steps and one run of each sampler per shape with jax.profiler")
+  p.add_argument("--scaling", default="", help="weak scaling instead of --shapes: comma list of shape:mesh, "
+                 f"mesh one of {', '.join(SCALING_MESHES)}; each at every --gpus count")
+  p.add_argument("--gpus", default="1,2,4", help="device counts for --scaling (those present)")
   args = p.parse_args(argv)
   shapes = ["smoke"] if args.smoke else args.shapes.split(",")
   steps = 2 if args.smoke else args.steps
@@ -183,12 +211,16 @@ def main(argv=None) -> list[dict]:
   peak_n = 512 if args.smoke else 8192
   peak = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   rows, sampler_rows = [], []
-  for shape in shapes:
-    if args.train:
-      r = bench_train(shape, remat=args.remat, loss_chunk=args.loss_chunk, steps=steps,
-                      compute_dtype=args.compute_dtype, profile_dir=args.profile_dir, unroll=args.unroll)
-      r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-      rows.append(r)
+  for shape, mesh_kind, mesh_shape in train_runs(args, shapes):
+    r = bench_train(shape, remat=args.remat, loss_chunk=args.loss_chunk, steps=steps,
+                    compute_dtype=args.compute_dtype, profile_dir=args.profile_dir, unroll=args.unroll,
+                    mesh_shape=mesh_shape)
+    r["mesh_kind"] = mesh_kind
+    r["mfu"] = r["tokens_per_s_per_device"] * r["flops_per_token"] / peak
+    one = next((o for o in rows if (o["shape"], o["devices"]) == (shape, 1)), None)
+    r["scaling_efficiency"] = r["tokens_per_s_per_device"] / one["tokens_per_s_per_device"] if one else None
+    rows.append(r)
+  for shape in shapes if not args.scaling else ():
     for mode in filter(None, args.samplers.split(",")):
       sr = bench_sampler(shape, mode, sampler, args.compute_dtype, args.unroll, args.profile_dir)
       sr["floor_s"] = sr["floor_flops"] / peak
@@ -203,8 +235,13 @@ def main(argv=None) -> list[dict]:
       r["floor_s"] *= peak / peak_after
       r["x_floor"] = r["seconds"] / r["floor_s"]
     peak = peak_after
-  report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-            "peak_bf16_tflops": peak / 1e12, "train": rows, "samplers": sampler_rows,
+  device = jax.devices()[0].device_kind
+  datasheet = datasheet_peak_flops(device)
+  for r in rows:
+    r["mfu_datasheet"] = r["tokens_per_s_per_device"] * r["flops_per_token"] / datasheet if datasheet else None
+  report = {"device": device, "device_count": jax.device_count(), "backend": jax.default_backend(),
+            "jax": jax.__version__, "peak_bf16_tflops": peak / 1e12,
+            "datasheet_bf16_tflops": datasheet / 1e12 if datasheet else None, "train": rows, "samplers": sampler_rows,
             "args": vars(args), "date": time.strftime("%Y-%m-%d")}
   with open(args.out, "w") as f:
     json.dump(report, f, indent=1)
@@ -212,15 +249,40 @@ def main(argv=None) -> list[dict]:
   return rows
 
 
+def train_runs(args, shapes):
+  """(shape, mesh kind, mesh shape) to time: one device per shape, or --scaling's grid."""
+  if not args.train:
+    return []
+  if not args.scaling:
+    return [(shape, "one", (1, 1, 1)) for shape in shapes]
+  counts = [n for n in map(int, args.gpus.split(",")) if n <= jax.device_count()]
+  runs = []
+  for item in args.scaling.split(","):
+    shape, _, kind = item.partition(":")
+    if shape not in SHAPES or kind not in SCALING_MESHES:
+      raise SystemExit(f"--scaling: {item!r} is not shape:mesh with a shape of {list(SHAPES)} and a mesh of "
+                       f"{list(SCALING_MESHES)}")
+    runs += [(shape, kind, SCALING_MESHES[kind](n)) for n in counts
+             if all((shape, SCALING_MESHES[kind](n)) != (r[0], r[2]) for r in runs)]  # e.g. data_fsdp on 2 = fsdp
+  return runs
+
+
+def _percent(x) -> str:
+  return "n/a" if x is None else f"{x:.1%}"
+
+
 def format_report(report: dict) -> str:
-  lines = [f"device: {report['device']} ({report['backend']}, jax {report['jax']}); measured bf16 peak "
-           f"{report['peak_bf16_tflops']:.0f} TFLOP/s"]
+  datasheet = report.get("datasheet_bf16_tflops")
+  lines = [f"device: {report['device_count']} x {report['device']} ({report['backend']}, jax {report['jax']}); "
+           f"bf16 peak: datasheet {datasheet or 'unknown'}, measured {report['peak_bf16_tflops']:.0f} TFLOP/s "
+           "(MFU per device against each)"]
   if report["train"]:
-    lines += ["| shape | remat | loss chunk | step ms | tokens/s | MFU | peak mem GiB | compile s |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| shape | mesh (d x f x t) | devices | batch | step ms | tokens/s | tokens/s/device | weak scaling "
+              "| MFU datasheet | MFU measured | peak mem GiB | compile s |", "|---" * 12 + "|"]
   for r in report["train"]:
-    lines.append(f"| {r['shape']} | {r['remat']} | {r['loss_chunk']} | {r['step_s'] * 1e3:.1f} | "
-                 f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |")
+    lines.append(f"| {r['shape']} | {r['mesh']} | {r['devices']} | {r['batch']} | {r['step_s'] * 1e3:.1f} | "
+                 f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | {_percent(r['scaling_efficiency'])} "
+                 f"| {_percent(r['mfu_datasheet'])} | {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |")
   if report["samplers"]:
     lines += ["", "| shape | sampler | seconds | generated tok/s | floor s | x floor |", "|---|---|---|---|---|---|"]
     for r in report["samplers"]:
