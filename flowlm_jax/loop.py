@@ -249,7 +249,9 @@ def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, co
     if not source.all_steps():
       raise FileNotFoundError(f"--resume: no checkpoints in {resume_dir}")
   try:
-    found = source.restore_latest_good(abstract, resume_step, config_dict=config_dict)
+    # Damaged steps of another run's directory (--resume) are skipped, never renamed.
+    found = source.restore_latest_good(abstract, resume_step, config_dict=config_dict,
+                                       set_aside=source is checkpointer)
   finally:
     if source is not checkpointer:
       source.close()
