@@ -106,6 +106,8 @@ def base_config() -> ConfigDict:
   t.save_total_limit = 3        # checkpoints kept
   t.async_checkpointing = True
   t.nonfinite = "skip"          # NaN/inf loss or gradient: "skip" the update (counted) | "stop"
+  t.stop_check_every = 10       # multi-process: steps between the processes' agreement on a stop (a signal
+                                # reaching one of them); one process checks every step
 
   c.dataloader = dl = ConfigDict()
   dl.shuffle = True             # reshuffle every epoch with a seed derived from (seed, epoch)
@@ -519,7 +521,7 @@ RETIRED_KEYS = ("dataloader.drop_last",)
 MAY_CHANGE_ON_RESUME = (
     "evaluation.", "inference.", "logging.", "mesh.", "dataset.cache_dir",
     "training.max_steps", "training.num_epochs", "training.save_steps", "training.save_total_limit",
-    "training.async_checkpointing", "training.nonfinite", "training.gradient_accumulation_steps",
+    "training.async_checkpointing", "training.nonfinite", "training.stop_check_every", "training.gradient_accumulation_steps",
     "model.remat", "model.scan_unroll", "model.attention", "model.loss_chunk_size",  # same math, other memory/speed
     "model.pretrained",  # only the initial weights: the checkpoint replaces them
 )

@@ -220,9 +220,10 @@ def report(paths: list[str]) -> str:
                 "| restore s | next loss live / restored | note |", "|---" * 10 + "|"]
       for a in r["attempts"]:
         if "error" in a:
-          lines.append(f"| {a['remat']} | {a['batch_size']} | | | | | | | | {a['error'][:120]} |")
+          lines.append(f"| {a['remat']}, unroll {a.get('scan_unroll')} | {a['batch_size']} | | | | | | | | "
+                       f"{a.get('compiled_gib')} {a['error'][:120]} |")
           continue
-        lines.append(f"| {a['remat']} | {a['batch_size']} | {a['step_s']:.2f} | {a['tokens_per_s_per_gpu']:,.0f} | "
+        lines.append(f"| {a['remat']}, unroll {a.get('scan_unroll')} | {a['batch_size']} | {a['step_s']:.2f} | {a['tokens_per_s_per_gpu']:,.0f} | "
                      f"{a['mfu_datasheet']:.1%} | {a['peak_memory_gib']:.1f} | {a.get('save_s')} | {a.get('restore_s')} | "
                      f"{a.get('live_next_loss')} / {a.get('restored_next_loss')} | {a.get('checkpoint_gb')} GB |")
     elif "train" in r:
@@ -235,7 +236,9 @@ def report(paths: list[str]) -> str:
 # --- the 8b preset ------------------------------------------------------------------------------
 
 BIG_STEPS = 32
-BIG_CHOICES = (("save_dots", 8), ("full", 16), ("full", 8))  # per 4 GPUs: B_dev 2, 4, 2
+# (remat, global batch, layers per scan iteration): B_dev 2 or 4 on 4 GPUs. The preset unrolls its 32
+# layers; under fsdp a rolled scan gathers one layer's weights at a time.
+BIG_CHOICES = (("save_dots", 8, 1), ("full", 16, 1), ("save_dots", 8, 32), ("full", 8, 1))
 
 
 def big(args) -> dict:
@@ -246,9 +249,10 @@ def big(args) -> dict:
   from helpers import load_preset
 
   out = {"devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__, "attempts": []}
-  for remat, batch_size in BIG_CHOICES:
+  for remat, batch_size, unroll in BIG_CHOICES:
     c = load_preset("llada", "8b")
     c.model.remat, c.training.batch_size, c.training.max_steps = remat, batch_size, BIG_STEPS + 1
+    c.model.scan_unroll = unroll
     c.mesh.data, c.mesh.fsdp = 1, args.gpus
     c.logging.wandb.mode = "disabled"
     s = loop.prepare(c)
@@ -256,7 +260,7 @@ def big(args) -> dict:
     tx, _ = train.make_optimizer(c.training, s.total_steps, abstract_model_state)
     shardings = train.state_shardings(s.model_cfg, tx, s.mesh)
     step_fn, _ = train.compile_steps(graphdef, tx, s.step_cfg, shardings, s.mesh)
-    attempt = {"remat": remat, "batch_size": batch_size, "seq_len": c.dataset.max_length,
+    attempt = {"remat": remat, "batch_size": batch_size, "scan_unroll": unroll, "seq_len": c.dataset.max_length,
                "mesh": dict(s.mesh.shape)}
     out["attempts"].append(attempt)
     try:
@@ -265,6 +269,10 @@ def big(args) -> dict:
       batches = [sharding.global_batch(next(s.iterator), s.mesh) for _ in range(BIG_STEPS + 1)]
       compiled = step_fn.lower(state, batches[0]).compile()
       attempt["init_and_compile_s"] = round(time.perf_counter() - t0, 1)
+      memory = compiled.memory_analysis()
+      attempt["compiled_gib"] = {k: round(getattr(memory, f"{k}_size_in_bytes") / 2**30, 1)
+                                 for k in ("argument", "output", "alias", "temp")}
+      print(attempt, flush=True)
       times, losses = [], []
       for batch in batches[:BIG_STEPS]:
         t0 = time.perf_counter()
@@ -284,25 +292,36 @@ def big(args) -> dict:
                     "peak_memory_gib": max(d.memory_stats()["peak_bytes_in_use"] for d in jax.local_devices()) / 2**30,
                     "params_b": sum(int(np.prod(p.shape)) for p in state.params.values()) / 1e9})
     directory = os.path.join(args.checkpoint_dir, f"{remat}-{batch_size}")
-    saver = ckpt_lib.Checkpointer(directory, async_save=False)
-    t0 = time.perf_counter()
-    saver.save(BIG_STEPS, state, s.iterator.state(), {})
-    saver.wait()
-    attempt["save_s"] = round(time.perf_counter() - t0, 1)
-    attempt["checkpoint_gb"] = round(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(directory)
-                                         for f in fs) / 1e9, 1)
-    _, live = compiled(state, batches[BIG_STEPS])
-    attempt["live_next_loss"] = float(live["loss"])
-    del state
-    t0 = time.perf_counter()
-    restored, _ = saver.restore(BIG_STEPS, ckpt_lib.restore_target(s.model_cfg, tx, shardings))
-    jax.block_until_ready(restored)
-    attempt["restore_s"] = round(time.perf_counter() - t0, 1)
-    saver.close()
-    _, again = compiled(restored, batches[BIG_STEPS])
-    attempt["restored_next_loss"] = float(again["loss"])
+    try:
+      _save_and_restore(attempt, directory, state, s, compiled, batches[BIG_STEPS],
+                        ckpt_lib.restore_target(s.model_cfg, tx, shardings))
+    except Exception as e:  # noqa: BLE001 - reported with the training figures
+      attempt["checkpoint_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     break
   return out
+
+
+def _save_and_restore(attempt: dict, directory: str, state, s, compiled, batch, target) -> None:
+  """Saves `state` (synchronously), restores it into `target`'s shardings, and compares one more step."""
+  import jax
+  from flowlm_jax import checkpoint as ckpt_lib
+
+  saver = ckpt_lib.Checkpointer(directory, async_save=False)
+  t0 = time.perf_counter()
+  saver.save(BIG_STEPS, state, s.iterator.state(), {})
+  saver.wait()
+  attempt["save_s"] = round(time.perf_counter() - t0, 1)
+  attempt["checkpoint_gb"] = round(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(directory)
+                                       for f in fs) / 1e9, 1)
+  _, live = compiled(state, batch)  # donates `state`; the new state is dropped at once (no room for two)
+  attempt["live_next_loss"] = float(live["loss"])
+  del _
+  t0 = time.perf_counter()
+  restored, _ = saver.restore(BIG_STEPS, target)
+  jax.block_until_ready(restored)
+  attempt["restore_s"] = round(time.perf_counter() - t0, 1)
+  saver.close()
+  attempt["restored_next_loss"] = float(compiled(restored, batch)[1]["loss"])
 
 
 def _train_flops_per_token(model_cfg, seq_len: int) -> float:
