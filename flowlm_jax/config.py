@@ -226,6 +226,8 @@ def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
     c.model.remat = "save_dots"
     c.model.loss_chunk_size = 256
     c.model.scan_unroll = c.model.n_layers  # a rolled scan copies each layer's saved activations
+    if variant == "8b":  # ... but unrolled, XLA holds more layers' gathered weights at once: under fsdp on
+      c.model.scan_unroll = 1  # 4 x 80 GB it needed 77 GiB per GPU, rolled 55.6 (docs/scaling.md)
     c.evaluation.eval_steps = 1000
     c.training.save_steps = 1000
   if variant == "tasks":  # the embedded SFT task set: scores samplers by exact match
