@@ -30,6 +30,8 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (automa
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which jax.distributed takes a "
+                     "process for dead and stops the others (multi-host).")
 FLAGS = flags.FLAGS
 
 
@@ -56,7 +58,7 @@ def main(argv):
   if FLAGS.distributed or FLAGS.coordinator_address:
     import jax
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
+                               process_id=FLAGS.process_id, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
 
   from flowlm_jax import loop
   from flowlm_jax.checkpoint import CheckpointError
