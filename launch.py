@@ -75,7 +75,7 @@ def main(argv):
 def dry_run(config) -> None:
   from flowlm_jax import config as config_lib, data, loop, train
   from flowlm_jax.logging import redact
-  from flowlm_jax.model import count_params
+  from flowlm_jax.models.registry import count_params
 
   setup = loop.prepare(config)
   print(config_lib.to_yaml(config_lib.from_dict(redact(config.to_dict()))))

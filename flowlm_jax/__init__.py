@@ -6,7 +6,7 @@ It is imported on first use, so `import flowlm_jax` itself stays light (no jax, 
 
 __all__ = ["LoadedRun", "load"]
 
-_LAZY = {"load": "flowlm_jax.api", "LoadedRun": "flowlm_jax.api"}
+_LAZY = {"load": "flowlm_jax.loading", "LoadedRun": "flowlm_jax.loading"}
 
 
 def __getattr__(name: str):

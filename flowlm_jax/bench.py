@@ -24,7 +24,8 @@ import numpy as np
 
 from flowlm_jax import config as config_lib
 from flowlm_jax import masking, sharding, train
-from flowlm_jax.model import ModelConfig, count_params
+from flowlm_jax.models.llama import ModelConfig
+from flowlm_jax.models.registry import count_params
 from flowlm_jax.vocab import Vocab
 
 SHAPES = {
@@ -181,7 +182,7 @@ def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str, unro
 
 def _init_params(m: ModelConfig):
   from flax import nnx
-  from flowlm_jax.model import create
+  from flowlm_jax.models.registry import create
 
   return jax.jit(lambda: nnx.to_pure_dict(nnx.state(create(m, rngs=nnx.Rngs(params=0)), nnx.Param)))()
 
@@ -274,8 +275,8 @@ def _percent(x) -> str:
 def format_report(report: dict) -> str:
   datasheet = report.get("datasheet_bf16_tflops")
   lines = [f"device: {report['device_count']} x {report['device']} ({report['backend']}, jax {report['jax']}); "
-           f"bf16 peak: datasheet {datasheet or 'unknown'}, measured {report['peak_bf16_tflops']:.0f} TFLOP/s "
-           "(MFU per device against each)"]
+           f"bf16 peak: datasheet {datasheet or 'unknown'}, measured {report['peak_bf16_tflops']:.0f} TFLOP/s"
+           + (" (MFU per device against each)" if report["train"] else "")]  # no MFU without a train table
   if report["train"]:
     lines += ["| shape | mesh (d x f x t) | devices | batch | step ms | tokens/s | tokens/s/device | weak scaling "
               "| MFU datasheet | MFU measured | peak mem GiB | compile s |", "|---" * 12 + "|"]

@@ -37,7 +37,7 @@ def load_records(path: str = TEST_FILE, limit_per_task: int = 0) -> list[dict]:
 def evaluate_tasks(run, records: list[dict], steps: int, *, batch_size: int = 128, modes=MODES) -> dict:
   """Accuracy per task and overall for each sampler at `steps` steps.
 
-  `run` is an `api.LoadedRun` (or anything with graphdef, params, tokenizer, vocab, config). Returns
+  `run` is an `loading.LoadedRun` (or anything with graphdef, params, tokenizer, vocab, config). Returns
   {"steps", "counts": {task: n, "overall": n}, "accuracy": {mode: {task: acc, "overall": acc}},
   "answers": {mode: [str]}}.
   """
@@ -93,9 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from flowlm_jax import api
+  from flowlm_jax import loading
 
-  run = api.load(args.workdir, step=args.step)
+  run = loading.load(args.workdir, step=args.step)
   records = load_records(args.records, args.limit)
   result = evaluate_tasks(run, records, args.steps or run.config.inference.steps, batch_size=args.batch_size)
   print(f"checkpoint step {run.step} of {args.workdir}")

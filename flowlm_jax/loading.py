@@ -3,6 +3,8 @@
 Works on any machine (a CPU laptop included) for a checkpoint trained elsewhere: the parameters are
 restored onto this process's first device, whatever mesh they were saved from. `load` also takes a
 directory written by `python -m flowlm_jax.export` (model.safetensors + config.json + tokenizer).
+The one place that turns a directory into a model: checkpoints (checkpoint.py), exported directories
+(formats/flowlm_export.py); pretrained HF weights come through train.init_state (formats/modernbert_hf.py).
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import jax
 from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import sharding, train
-from flowlm_jax.model import ModelConfig
+from flowlm_jax.formats import flowlm_export as exported
+from flowlm_jax.models import registry
 from flowlm_jax.tokenizer import load_tokenizer, vocab_of
 
 
 @dataclasses.dataclass
 class LoadedRun:
   config: Any
-  model: Any           # the nnx Transformer with restored parameters
+  model: Any           # the nnx network (any family) with restored parameters
   tokenizer: Any
   vocab: Any
   step: int
@@ -48,9 +51,7 @@ def load(workdir: str, step: int | None = None) -> LoadedRun:
   `workdir` may be a run directory, its `checkpoints/` directory, one step's directory, or an exported
   directory (`python -m flowlm_jax.export`; `step`, if given, must be the exported step).
   """
-  from flowlm_jax import export
-
-  if export.is_exported(workdir):
+  if exported.is_exported(workdir):
     return _load_exported(workdir, step)
   directory, resume_step = ckpt_lib.resolve_resume_path(workdir)
   step = resume_step if step is None else step
@@ -62,7 +63,7 @@ def load(workdir: str, step: int | None = None) -> LoadedRun:
     config = config_lib.from_dict(checkpointer.read_config(step if step is not None else steps[-1]))
     tokenizer = load_tokenizer(config.model.tokenizer)
     vocab = vocab_of(tokenizer)
-    model_cfg = ModelConfig.from_config(config.model, vocab)
+    model_cfg = registry.model_config(config.model, vocab)
     graphdef, abstract_model_state = train.abstract_model(model_cfg)
     tx, _ = train.make_optimizer(config.training, 1000, abstract_model_state)
     mesh = sharding.single_device_mesh()
@@ -87,13 +88,11 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
   from flax import nnx
   from safetensors.numpy import load_file
 
-  from flowlm_jax import export
-
   path = os.path.abspath(path)
-  meta = export.read_config_json(path)
+  meta = exported.read_config_json(path)
   if step is not None and step != meta["step"]:
     raise ValueError(f"{path} holds the export of step {meta['step']}, not step {step}")
-  config = config_lib.from_dict(export.config_sections(meta))
+  config = config_lib.from_dict(exported.config_sections(meta))
   with config.unlocked():
     config.model.tokenizer = path  # the exported tokenizer files, not the run's original source
   tokenizer = load_tokenizer(path)
@@ -101,14 +100,14 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
   if "vocab" in meta and [meta["vocab"][k] for k in ("size", "mask_id", "pad_id", "eos_id", "sep_id")] != [
       vocab.size, vocab.mask_id, vocab.pad_id, vocab.eos_id, vocab.sep_id]:
     raise ValueError(f"{path}: the tokenizer files do not match config.json's vocab ({vocab} vs {meta['vocab']})")
-  model_cfg = export.model_config(meta)  # from config.json alone: no pretrained source or hub needed
+  model_cfg = model_config(meta)  # from config.json alone: no pretrained source or hub needed
   if model_cfg.num_real_tokens != vocab.size:
     raise ValueError(f"{path}: the tokenizer has {vocab.size} tokens, the exported model {model_cfg.num_real_tokens}")
   graphdef, abstract_model_state = train.abstract_model(model_cfg)
   template = nnx.to_pure_dict(abstract_model_state)
-  flat = load_file(os.path.join(path, export.WEIGHTS_FILE))
-  source = os.path.join(path, export.WEIGHTS_FILE)
-  arrays = export.unflatten_like(flat, template, source)
+  flat = load_file(os.path.join(path, exported.WEIGHTS_FILE))
+  source = os.path.join(path, exported.WEIGHTS_FILE)
+  arrays = exported.unflatten_like(flat, template, source)
   # Stored as float32; cast back to the model's parameter dtype (exact for bfloat16/float16 masters).
   arrays = jax.tree.map(lambda a, t: np.asarray(a).astype(t.dtype), arrays, template)
   shardings = sharding.param_shardings(abstract_model_state, sharding.single_device_mesh())
@@ -116,3 +115,22 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
   model = nnx.merge(graphdef, params)
   return LoadedRun(config=config, model=model, tokenizer=tokenizer, vocab=vocab, step=int(meta["step"]),
                    graphdef=graphdef, params=params)
+
+
+def model_config(meta: dict):
+  """The resolved model config (ModelConfig, or another family's) rebuilt from config.json's `model_shape`.
+
+  Self-contained: nothing is read from `model.pretrained` or the hub. A pretrained source is cleared, so
+  building the model never loads weights other than the exported ones.
+  """
+  cls = registry.config_class(meta.get("model_class", "flowlm_jax.model.ModelConfig"))
+  fields = {f.name for f in dataclasses.fields(cls)}
+  shape = meta["model_shape"]
+  unknown = set(shape) - fields - set(exported.DERIVED_SHAPE_KEYS)
+  if unknown:
+    raise ValueError(f"config.json: model_shape has fields {sorted(unknown)} that {cls.__name__} lacks "
+                     "(exported by a newer flowlm_jax?)")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in shape.items() if k in fields}
+  if "pretrained" in fields:
+    values["pretrained"] = ""
+  return cls(**values)

@@ -22,7 +22,8 @@ from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import data, losses, masking, sharding, train
 from flowlm_jax.logging import MetricsLogger, redact
-from flowlm_jax.model import ModelConfig
+from flowlm_jax.models import registry
+from flowlm_jax.models.llama import ModelConfig
 from flowlm_jax.tokenizer import load_tokenizer, vocab_of
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def prepare(config, *, num_devices: int | None = None) -> Setup:
     config.dataset.prompt_format = "chat" if train_split.chat else "plain"
   t = config.training
   total_steps = t.max_steps or max(1, int(t.num_epochs * iterator.batches_per_epoch))
-  model_cfg = ModelConfig.from_config(config.model, vocab)
+  model_cfg = registry.model_config(config.model, vocab)
   step_cfg = train.StepConfig(
       model=model_cfg, masking=masking.MaskingSpec.from_config(config.masking, vocab), loss=t.loss,
       loss_weighting=t.loss_weighting, grad_accum=t.gradient_accumulation_steps,

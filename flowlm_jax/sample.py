@@ -1,6 +1,6 @@
 """Answer prompts with a trained run: `python -m flowlm_jax.sample --workdir=W --prompt "add 2 3"`.
 
-Loads the newest (or `--step`) checkpoint through `flowlm_jax.api.load` and decodes each prompt the
+Loads the newest (or `--step`) checkpoint through `flowlm_jax.loading.load` and decodes each prompt the
 LLaDA or FlowLM way (default: the run's `inference.mode`); options left out keep the run's config.
 """
 
@@ -50,9 +50,9 @@ def overrides_of(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from flowlm_jax import api, sampling  # heavy imports after argument errors
+  from flowlm_jax import loading, sampling  # heavy imports after argument errors
 
-  run = api.load(args.workdir, step=args.step)
+  run = loading.load(args.workdir, step=args.step)
   icfg = sampling.run_config(run.config.inference, **overrides_of(args))
   prompts = args.prompt or list(icfg.test_prompts)
   modes = ("llada", "flowlm") if args.mode == "both" else (args.mode or icfg.mode,)

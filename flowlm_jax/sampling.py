@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from flowlm_jax import data, sharding
-from flowlm_jax import model as model_lib
+from flowlm_jax.models.layers import unstack
 from flowlm_jax.vocab import Vocab
 
 NEG_INF = float(np.finfo(np.float32).min)  # what the model puts on padded vocabulary rows
@@ -195,7 +195,7 @@ def decoding_model(graphdef, params):
     return w.astype(dtype) if floating and path[0].key not in keep else w
 
   model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, params))
-  return model, model_lib.unstack(model.layer_inputs())
+  return model, unstack(model.layer_inputs())
 
 
 def answer_logits(model, layers, prompt_BxP, length_B, answer_BxA, padded: bool, first=0,

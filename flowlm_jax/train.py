@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 
 from flowlm_jax import losses, masking, sharding
-from flowlm_jax import model as model_lib
-from flowlm_jax.model import ModelConfig
+from flowlm_jax.models import registry
+from flowlm_jax.models.llama import ModelConfig
 
 Params = dict[str, Any]
 
@@ -86,7 +86,7 @@ def make_optimizer(tcfg, total_steps: int, model_state) -> tuple[optax.GradientT
 
 def abstract_model(model_cfg: ModelConfig):
   """(graphdef, abstract nnx.State) without allocating parameters."""
-  return nnx.split(nnx.eval_shape(lambda: model_lib.create(model_cfg, rngs=nnx.Rngs(params=0))))
+  return nnx.split(nnx.eval_shape(lambda: registry.create(model_cfg, rngs=nnx.Rngs(params=0))))
 
 
 def state_shardings(model_cfg: ModelConfig, tx, mesh) -> TrainState:
@@ -106,15 +106,13 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState,
   (ModernBERT's `model.pretrained`) loads them, except while traced for shapes (jax.eval_shape).
   """
   if params is None and getattr(model_cfg, "pretrained", "") and not _tracing():
-    from flowlm_jax import hf_import
-
-    params = hf_import.load_params(model_cfg)
+    params = registry.pretrained_params(model_cfg)
   if params is not None:
     params = jax.device_put(params, shardings.params)
 
   def init(params):
     if params is None:
-      model = model_lib.create(model_cfg, rngs=nnx.Rngs(params=seed))
+      model = registry.create(model_cfg, rngs=nnx.Rngs(params=seed))
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return TrainState(
         params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),

@@ -2,7 +2,7 @@ import json
 import os
 
 from flowlm_jax import bench
-from flowlm_jax.model import ModelConfig
+from flowlm_jax.models.llama import ModelConfig
 from helpers import REPO
 
 

@@ -11,7 +11,7 @@ import pytest
 from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import loop, train
-from flowlm_jax.model import ModelConfig
+from flowlm_jax.models.llama import ModelConfig
 from helpers import tiny_config
 
 

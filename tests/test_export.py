@@ -18,11 +18,11 @@ def write_checkpoint(workdir: str, config, step: int = 7, seed: int = 3, mesh=No
   Returns ({name: parameter as a numpy array}, {name: number of devices holding a shard of it})."""
   from flowlm_jax import checkpoint as ckpt_lib
   from flowlm_jax import sharding, train
-  from flowlm_jax.model import ModelConfig
+  from flowlm_jax.models import registry
   from flowlm_jax.tokenizer import load_tokenizer, vocab_of
 
   vocab = vocab_of(load_tokenizer(config.model.tokenizer))
-  model_cfg = ModelConfig.from_config(config.model, vocab)
+  model_cfg = registry.model_config(config.model, vocab)
   mesh = mesh if mesh is not None else sharding.single_device_mesh()
   _, abstract = train.abstract_model(model_cfg)
   tx, _ = train.make_optimizer(config.training, 20, abstract)
@@ -143,8 +143,8 @@ def test_bfloat16_parameters_round_trip_exactly(tmp_path):
 
 def test_import_flowlm_jax_is_light_and_load_is_lazy():
   code = ("import sys, flowlm_jax; heavy = [m for m in ('jax', 'transformers', 'orbax', 'flax') if m in sys.modules]; "
-          "assert not heavy, heavy; from flowlm_jax import api; assert flowlm_jax.load is api.load; "
-          "assert flowlm_jax.LoadedRun is api.LoadedRun; assert 'load' in dir(flowlm_jax)")
+          "assert not heavy, heavy; from flowlm_jax import loading; assert flowlm_jax.load is loading.load; "
+          "assert flowlm_jax.LoadedRun is loading.LoadedRun; assert 'load' in dir(flowlm_jax)")
   r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
 
@@ -218,7 +218,7 @@ def test_modernbert_export_is_self_contained(tmp_path):
   import flowlm_jax
   from flowlm_jax import export
 
-  pytest.importorskip("flowlm_jax.modernbert")
+  pytest.importorskip("flowlm_jax.models.modernbert")
   source = str(tmp_path / "pretrained")
   shutil.copytree(MODERNBERT_FIXTURE, source)
   c = tiny_config("flowlm")

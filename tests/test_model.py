@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowlm_jax.model import ModelConfig, Transformer, count_params
+from flowlm_jax.models.llama import ModelConfig, Transformer
+from flowlm_jax.models.registry import count_params
 
 CFG = ModelConfig(vocab_size=128, num_real_tokens=120, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   compute_dtype="float32")

@@ -18,8 +18,9 @@ import pytest
 from flax import nnx
 
 from flowlm_jax import config as config_lib
-from flowlm_jax import hf_import, losses, modernbert, sampling, train
-from flowlm_jax import model as model_lib
+from flowlm_jax import export, losses, sampling, train
+from flowlm_jax.formats import modernbert_hf
+from flowlm_jax.models import modernbert, registry
 from flowlm_jax.vocab import Vocab
 from helpers import REPO, launch, load_preset, tiny_config
 
@@ -29,15 +30,15 @@ N_TOKENS = 8192  # the fixture's tokenizer (the embedded one); its embedding has
 
 
 def fixture_config(directory=FIXTURE, **overrides) -> modernbert.ModernBertConfig:
-  hf = modernbert.read_hf_config(directory)
+  hf = modernbert_hf.read_hf_config(directory)
   real = N_TOKENS if directory == FIXTURE else None
-  return modernbert.from_hf_config(hf, num_real_tokens=real, **{"compute_dtype": "float32", "pretrained": directory,
+  return modernbert_hf.from_hf_config(hf, num_real_tokens=real, **{"compute_dtype": "float32", "pretrained": directory,
                                                                 **overrides})
 
 
 def build(cfg, params=None):
   """The model `cfg` describes: random, or with `params` (a pure dict)."""
-  model = model_lib.create(cfg, rngs=nnx.Rngs(params=0))
+  model = registry.create(cfg, rngs=nnx.Rngs(params=0))
   if params is None:
     return model
   graphdef, _ = nnx.split(model)
@@ -47,7 +48,7 @@ def build(cfg, params=None):
 @pytest.fixture(scope="module")
 def main_model():
   cfg = fixture_config()
-  return build(cfg, hf_import.load_params(cfg))
+  return build(cfg, modernbert_hf.load_params(cfg))
 
 
 def expected(directory=FIXTURE):
@@ -96,7 +97,7 @@ def test_every_optional_bias_and_untied_decoder_match_hf():
   """all_biases/: norm/attention/MLP/head biases, untied decoder, tanh GELU, SiLU head, odd layer pattern."""
   cfg = fixture_config(ALL_BIASES)
   assert cfg.global_layers == (False, True, False, False) and not cfg.tie_embeddings
-  model = build(cfg, hf_import.load_params(cfg))
+  model = build(cfg, modernbert_hf.load_params(cfg))
   e = expected(ALL_BIASES)
   hidden, logits = forward(model, e)
   valid = e["valid"]
@@ -127,7 +128,7 @@ def test_samplers_reordered_rows_see_the_same_window(main_model):
 
 def test_bfloat16_compute_stays_close():
   cfg = fixture_config(compute_dtype="bfloat16")
-  model = build(cfg, hf_import.load_params(cfg))
+  model = build(cfg, modernbert_hf.load_params(cfg))
   e = expected()
   _, logits = forward(model, e)
   assert logits.dtype == np.float32
@@ -195,13 +196,13 @@ def test_chunked_loss_equals_full_logits_loss_with_the_decoder_bias(main_model):
 def test_dispatch_from_the_run_config(tokenizer, vocab):
   c = load_preset("flowlm", "tasks")
   c.model.family, c.model.pretrained, c.model.tokenizer = "modernbert", FIXTURE, FIXTURE
-  cfg = model_lib.ModelConfig.from_config(c.model, vocab)
+  cfg = registry.model_config(c.model, vocab)
   assert isinstance(cfg, modernbert.ModernBertConfig) and cfg.compute_dtype == "float32"
-  assert isinstance(model_lib.create(cfg, rngs=nnx.Rngs(params=0)), modernbert.ModernBert)
+  assert isinstance(registry.create(cfg, rngs=nnx.Rngs(params=0)), modernbert.ModernBert)
   hash(cfg)  # lives in the graphdef: a static argument of the compiled samplers
   bigger = dataclasses.replace(vocab, size=9000)
   with pytest.raises(ValueError, match="8256 rows"):
-    model_lib.ModelConfig.from_config(c.model, bigger)
+    registry.model_config(c.model, bigger)
 
 
 def test_init_state_loads_the_pretrained_weights_but_not_while_traced(monkeypatch):
@@ -213,14 +214,14 @@ def test_init_state_loads_the_pretrained_weights_but_not_while_traced(monkeypatc
   tx = optax.adamw(1e-3)
   shardings = train.state_shardings(cfg, tx, sharding.single_device_mesh())
   state = train.init_state(cfg, tx, 0, shardings)
-  reference = hf_import.load_params(cfg)
+  reference = modernbert_hf.load_params(cfg)
   for name, value in reference.items():
     np.testing.assert_array_equal(np.asarray(state.params[name]), value)
 
   def fail(_):
     raise AssertionError("weights read under eval_shape")
 
-  monkeypatch.setattr(hf_import, "load_params", fail)
+  monkeypatch.setattr(modernbert_hf, "load_params", fail)
   shapes = jax.eval_shape(lambda: train.init_state(cfg, tx, 0, shardings))
   assert shapes.params["embed"].shape == (8256, 32)
 
@@ -233,7 +234,7 @@ def _copy_fixture(tmp_path, edit):
 
   out = tmp_path / "mb"
   shutil.copytree(FIXTURE, out, ignore=shutil.ignore_patterns("all_biases", "*.npz"))
-  tensors = hf_import.read_safetensors(str(out))
+  tensors = modernbert_hf.read_safetensors(str(out))
   edit(tensors)
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   return str(out)
@@ -250,20 +251,20 @@ def test_bad_checkpoints_fail_in_one_line_naming_the_tensor(tmp_path, edit, mess
   directory = _copy_fixture(tmp_path, edit)
   cfg = fixture_config(pretrained=directory)
   with pytest.raises(ValueError, match=message) as info:
-    hf_import.load_params(cfg)
+    modernbert_hf.load_params(cfg)
   assert "\n" not in str(info.value)
 
 
 def test_missing_directory_and_unreachable_hub_are_one_line_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no such directory"):
-    hf_import.resolve_pretrained(str(tmp_path / "nope"))
+    modernbert_hf.resolve_pretrained(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="cannot be fetched from the hub") as info:  # HF_HUB_OFFLINE=1
-    hf_import.resolve_pretrained("answerdotai/ModernBERT-large-not-cached")
+    modernbert_hf.resolve_pretrained("answerdotai/ModernBERT-large-not-cached")
   assert "\n" not in str(info.value)
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "config.json").write_text(json.dumps({"model_type": "bert"}))
   with pytest.raises(ValueError, match="expected 'modernbert'"):
-    modernbert.read_hf_config(str(tmp_path / "empty"))
+    modernbert_hf.read_hf_config(str(tmp_path / "empty"))
 
 
 # --- export ---------------------------------------------------------------------------------------
@@ -274,24 +275,24 @@ def test_export_round_trips_and_hf_accepts_the_config(tmp_path, tokenizer, direc
   from transformers import AutoConfig
 
   cfg = fixture_config(directory)
-  params = hf_import.load_params(cfg)
+  params = modernbert_hf.load_params(cfg)
   out = str(tmp_path / "export")
-  hf_import.save_hf(params, cfg, out, tokenizer if directory == FIXTURE else None)
+  modernbert_hf.save_hf(params, cfg, out, tokenizer if directory == FIXTURE else None)
   hf = AutoConfig.from_pretrained(out)
   assert hf.model_type == "modernbert" and hf.num_hidden_layers == cfg.n_layers
   assert [t == "full_attention" for t in hf.layer_types] == list(cfg.global_layers)
-  again = modernbert.from_hf_config(modernbert.read_hf_config(out), num_real_tokens=cfg.num_real_tokens,
+  again = modernbert_hf.from_hf_config(modernbert_hf.read_hf_config(out), num_real_tokens=cfg.num_real_tokens,
                                     compute_dtype="float32", pretrained=out)
   assert dataclasses.replace(again, hf_config="") == dataclasses.replace(cfg, hf_config="", pretrained=out)
-  reloaded = hf_import.load_params(again)
+  reloaded = modernbert_hf.load_params(again)
   for name, value in params.items():
     np.testing.assert_array_equal(reloaded[name], value)
 
 
 def test_hf_names_cover_every_parameter():
   cfg = fixture_config(ALL_BIASES)
-  template = hf_import.abstract_params(cfg)
-  covered = [name for rule in hf_import.rules(cfg) for name in rule.ours]
+  template = modernbert_hf.abstract_params(cfg)
+  covered = [name for rule in modernbert_hf.rules(cfg) for name in rule.ours]
   assert sorted(covered) == sorted(template)
 
 
@@ -337,7 +338,7 @@ def test_fine_tune_resume_sample_and_export(tmp_path):
   decoder bias), stops and resumes, samples both ways, and exports a directory HF's loader accepts."""
   from transformers import AutoConfig
 
-  from flowlm_jax import api
+  from flowlm_jax import loading
 
   workdir = str(tmp_path / "run")
   args = ["--config=configs/flowlm.py:tasks", "--config.model.family=modernbert",
@@ -356,19 +357,19 @@ def test_fine_tune_resume_sample_and_export(tmp_path):
   losses_by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
   assert sorted(losses_by_step) == [1, 2, 3, 4] and all(np.isfinite(list(losses_by_step.values())))
 
-  run = api.load(workdir)
+  run = loading.load(workdir)
   assert run.step == 4 and isinstance(run.model, modernbert.ModernBert)
   for mode in ("llada", "flowlm"):
     answers = run.generate(["add 12 30", "reverse d o g"], mode=mode)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
   out = str(tmp_path / "hf")
-  summary = hf_import.export_run(workdir, out)
+  summary = export.export_hf(workdir, out)
   assert summary["step"] == 4
   assert AutoConfig.from_pretrained(out).model_type == "modernbert"
-  cfg = modernbert.from_hf_config(modernbert.read_hf_config(out), num_real_tokens=N_TOKENS,
+  cfg = modernbert_hf.from_hf_config(modernbert_hf.read_hf_config(out), num_real_tokens=N_TOKENS,
                                   compute_dtype="float32", pretrained=out)
-  exported = build(cfg, hf_import.load_params(cfg))
+  exported = build(cfg, modernbert_hf.load_params(cfg))
   e = expected()
   np.testing.assert_allclose(forward(exported, e)[1][e["valid"]], forward(run.model, e)[1][e["valid"]], atol=1e-5)
 
@@ -376,7 +377,7 @@ def test_fine_tune_resume_sample_and_export(tmp_path):
 def _decoding(directory, compute_dtype):
   """(graphdef, pure-dict params, decoding model, its unstacked layers) of a fixture."""
   cfg = fixture_config(directory, compute_dtype=compute_dtype)
-  graphdef, params = nnx.split(build(cfg, hf_import.load_params(cfg)))
+  graphdef, params = nnx.split(build(cfg, modernbert_hf.load_params(cfg)))
   params = nnx.to_pure_dict(params)
   return (graphdef, params, *sampling.decoding_model(graphdef, params))
 

@@ -143,9 +143,9 @@ def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_good_checkpoints
   last = r.stderr.strip().splitlines()[-1]
   assert "non-finite loss or gradient at step 3:" in last, last
   assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2"]
-  from flowlm_jax import api
+  from flowlm_jax import loading
   for step in [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]:
-    loaded = api.load(workdir, step=step)
+    loaded = loading.load(workdir, step=step)
     assert all(bool((abs(v) < float("inf")).all()) for v in loaded.params.values())
 
 

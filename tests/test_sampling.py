@@ -16,7 +16,7 @@ from flax import nnx
 
 from flowlm_jax import config as config_lib
 from flowlm_jax import evaluate, sample, sampling
-from flowlm_jax.model import ModelConfig, Transformer
+from flowlm_jax.models.llama import ModelConfig, Transformer
 from flowlm_jax.vocab import Vocab
 
 VOCAB = Vocab(size=60, mask_id=1, pad_id=0, eos_id=2, sep_id=3, special_ids=(0, 1, 2, 3, 4))

@@ -15,7 +15,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from flowlm_jax import config as config_lib
 from flowlm_jax import sharding, train
-from flowlm_jax.model import ModelConfig
+from flowlm_jax.models.llama import ModelConfig
 from mesh_worker import run_worker
 
 # Each parameter's logical axes (model.py) and the rules (sharding.LOGICAL_RULES), written out here on

@@ -1,34 +1,36 @@
-"""ModernBERT weights in Hugging Face layout: import into the NNX parameters, export back.
+"""ModernBERT in Hugging Face layout: config.json and tensors <-> `ModernBertConfig` and our parameters.
 
 Import: `load_params(cfg)` reads `model.safetensors` (or a sharded `model.safetensors.index.json`) from
 `model.pretrained` — a local directory, or a hub name fetched into the HF cache when the hub is reachable —
-and returns the pure parameter dict of `modernbert.ModernBert` (numpy, `cfg.param_dtype`). A tensor that is
-missing, unexpected or of the wrong shape is a one-line ValueError naming it.
+and returns the pure parameter dict of `models.modernbert.ModernBert` (numpy, `cfg.param_dtype`). A tensor
+that is missing, unexpected or of the wrong shape is a one-line ValueError naming it. `model_config` builds
+the architecture from the directory's config.json (both HF field layouts).
 
 Export: `save_hf(params, cfg, out, tokenizer)` writes `model.safetensors` (float32, HF names), `config.json`
 (the source config with the architecture fields set) and the tokenizer, which
 `transformers.ModernBertForMaskedLM.from_pretrained(out)` loads. From a training run:
-  python -m flowlm_jax.hf_import WORKDIR --out DIR [--step N]
+  python -m flowlm_jax.export WORKDIR --out DIR --format=hf [--step N]
 
 Layout: HF keeps one tensor per layer, ours are stacked on a leading `layers` axis; HF fuses q/k/v into
 `attn.Wqkv` ([q; k; v] rows, each [heads, head_dim]) and the MLP input and gate into `mlp.Wi` ([input; gate]
 rows); torch Linear weights are [out, in], ours [in, out]. Layer 0 has no `attn_norm` (an Identity in HF).
+Only names, shapes and files: nothing here knows about runs, checkpoints or the training loop.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
-import sys
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from flowlm_jax import modernbert
+from flowlm_jax.models.modernbert import ACTIVATIONS, ModernBert, ModernBertConfig
+from flowlm_jax.vocab import Vocab
 
+HF_CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # The decoder shares the embedding when tied; HF checkpoints may or may not carry the duplicate.
@@ -48,10 +50,110 @@ def resolve_pretrained(name: str) -> str:
   try:
     from huggingface_hub import snapshot_download  # only for hub names
 
-    return snapshot_download(name, allow_patterns=[modernbert.HF_CONFIG_FILE, "model*.safetensors", INDEX_FILE])
+    return snapshot_download(name, allow_patterns=[HF_CONFIG_FILE, "model*.safetensors", INDEX_FILE])
   except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: all mean "not available"
     raise FileNotFoundError(f"model.pretrained: {name!r} is not a local directory and cannot be fetched from "
                             f"the hub ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+# --- config.json ------------------------------------------------------------------------------
+
+
+def model_config(model_cfg, vocab: Vocab) -> ModernBertConfig:
+  """The architecture of `model.pretrained` (its config.json), with the dtypes etc. of `model_cfg`."""
+  directory = resolve_pretrained(model_cfg.pretrained)
+  cfg = from_hf_config(read_hf_config(directory), num_real_tokens=vocab.size, pretrained=directory,
+                       param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
+                       remat=model_cfg.remat, attention=model_cfg.attention)
+  if vocab.size > cfg.vocab_size:
+    raise ValueError(f"model.tokenizer: {vocab.size} tokens, but {directory}'s embedding has only "
+                     f"{cfg.vocab_size} rows (use the tokenizer that came with the model)")
+  return cfg
+
+
+def read_hf_config(directory: str) -> dict:
+  path = os.path.join(directory, HF_CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"model.pretrained: no {HF_CONFIG_FILE} in {directory}")
+  with open(path) as f:
+    hf = json.load(f)
+  if hf.get("model_type") != "modernbert":
+    raise ValueError(f"model.pretrained: {path} has model_type {hf.get('model_type')!r}, expected 'modernbert'")
+  return hf
+
+
+def from_hf_config(hf: dict, *, num_real_tokens: int | None = None, **overrides) -> ModernBertConfig:
+  """A ModernBertConfig from an HF ModernBERT config dict (old and new field layouts), HF's defaults filled."""
+  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "intermediate_size") if k not in hf]
+  if missing:
+    raise ValueError(f"model.pretrained: config.json lacks {', '.join(missing)}")
+  n_layers, d_model, n_heads = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
+  if d_model % n_heads or (d_model // n_heads) % 2:
+    raise ValueError(f"model.pretrained: hidden_size={d_model} must split into an even head size over "
+                     f"num_attention_heads={n_heads}")
+  if hf.get("head_dim") not in (None, d_model // n_heads):
+    raise ValueError(f"model.pretrained: head_dim={hf['head_dim']} != hidden_size / num_attention_heads "
+                     "(unsupported)")
+  for key in ("hidden_activation", "classifier_activation"):
+    if hf.get(key, "gelu") not in ACTIVATIONS:
+      raise ValueError(f"model.pretrained: {key}={hf[key]!r} is not one of {', '.join(ACTIVATIONS)}")
+  global_theta, local_theta = _rope_thetas(hf)
+  return ModernBertConfig(
+      vocab_size=hf["vocab_size"],
+      num_real_tokens=hf["vocab_size"] if num_real_tokens is None else num_real_tokens,
+      d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=hf["intermediate_size"],
+      global_layers=_global_layers(hf, n_layers), local_window=hf.get("local_attention", 128) // 2,
+      global_rope_theta=global_theta, local_rope_theta=local_theta,
+      norm_eps=hf.get("norm_eps", 1e-5), norm_bias=hf.get("norm_bias", False),
+      attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+      classifier_bias=hf.get("classifier_bias", False), decoder_bias=hf.get("decoder_bias", True),
+      hidden_activation=hf.get("hidden_activation", "gelu"),
+      classifier_activation=hf.get("classifier_activation", "gelu"),
+      tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02),
+      hf_config=json.dumps(hf, sort_keys=True), **overrides)
+
+
+def _global_layers(hf: dict, n_layers: int) -> tuple[bool, ...]:
+  """transformers >= 5 writes `layer_types`; hub configs written before have `global_attn_every_n_layers`."""
+  types = hf.get("layer_types")
+  if types is None:
+    every = hf.get("global_attn_every_n_layers", 3)
+    return tuple(i % every == 0 for i in range(n_layers))
+  unknown = set(types) - {"full_attention", "sliding_attention"}
+  if len(types) != n_layers or unknown:
+    raise ValueError(f"model.pretrained: layer_types must list {n_layers} of full_attention/sliding_attention")
+  return tuple(t == "full_attention" for t in types)
+
+
+def _rope_thetas(hf: dict) -> tuple[float, float]:
+  """(global, local) RoPE bases: `rope_parameters` (transformers >= 5) or `global_/local_rope_theta`."""
+  rope = hf.get("rope_parameters") or {}
+  if hf.get("rope_scaling") or any((p or {}).get("rope_type", "default") != "default" for p in rope.values()):
+    raise ValueError("model.pretrained: only the default RoPE is supported (no rope_scaling / rope_type)")
+  global_theta = (rope.get("full_attention") or {}).get("rope_theta", hf.get("global_rope_theta", 160_000.0))
+  local_theta = (rope.get("sliding_attention") or {}).get("rope_theta", hf.get("local_rope_theta", 10_000.0))
+  return float(global_theta), float(local_theta)
+
+
+def hf_config_dict(cfg: ModernBertConfig) -> dict:
+  """An HF ModernBERT config dict for `cfg`: the source config.json with the architecture fields set."""
+  hf = json.loads(cfg.hf_config) if cfg.hf_config else {}
+  hf.update(
+      model_type="modernbert", architectures=["ModernBertForMaskedLM"], vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+      intermediate_size=cfg.d_ff, local_attention=2 * cfg.local_window, norm_eps=cfg.norm_eps,
+      norm_bias=cfg.norm_bias, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+      classifier_bias=cfg.classifier_bias, decoder_bias=cfg.decoder_bias,
+      hidden_activation=cfg.hidden_activation, classifier_activation=cfg.classifier_activation,
+      tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+      layer_types=["full_attention" if g else "sliding_attention" for g in cfg.global_layers],
+      rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
+                       "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}})
+  # The older spellings would contradict layer_types / rope_parameters if left behind.
+  for stale in ("global_attn_every_n_layers", "global_rope_theta", "local_rope_theta", "rope_scaling"):
+    hf.pop(stale, None)
+  return hf
 
 
 # --- the name and layout table ----------------------------------------------------------------
@@ -76,7 +178,7 @@ def _linear(name_hf: str, ours: str, layers=None) -> Rule:
   return Rule(name_hf, (ours,), lambda w: (w.T,), lambda w: w.T, layers)
 
 
-def rules(cfg: modernbert.ModernBertConfig) -> list[Rule]:
+def rules(cfg: ModernBertConfig) -> list[Rule]:
   """Every HF tensor of a ModernBertForMaskedLM with `cfg`'s architecture and where it goes."""
   L, D, H, Dh, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
   every, after_first = tuple(range(L)), tuple(range(1, L))
@@ -200,7 +302,7 @@ def abstract_params(cfg) -> dict:
   """{name: ShapeDtypeStruct} of the model `cfg` describes, allocating nothing."""
   from flax import nnx
 
-  model = nnx.eval_shape(lambda: modernbert.ModernBert(cfg, rngs=nnx.Rngs(params=0)))
+  model = nnx.eval_shape(lambda: ModernBert(cfg, rngs=nnx.Rngs(params=0)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -236,50 +338,14 @@ def save_hf(params: Mapping, cfg, out: str, tokenizer=None) -> dict:
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(weights, 0o666 & ~umask)  # safetensors creates it owner-only; make it as shareable as the rest
-  hf = modernbert.hf_config_dict(cfg)
+  hf = hf_config_dict(cfg)
   hf.pop("torch_dtype", None)  # the weights are float32 whatever the source said
   hf["dtype"] = "float32"
   if tokenizer is not None:
     tokenizer.save_pretrained(out)
     hf.update({f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "cls", "sep")
                if getattr(tokenizer, f"{k}_token_id", None) is not None})
-  with open(os.path.join(out, modernbert.HF_CONFIG_FILE), "w") as f:
+  with open(os.path.join(out, HF_CONFIG_FILE), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
     f.write("\n")
   return {"out": out, "tensors": len(tensors), "parameters": int(sum(t.size for t in tensors.values()))}
-
-
-def export_run(workdir: str, out: str, step: int | None = None) -> dict:
-  """The newest (or `step`) checkpoint of a ModernBERT run, written in HF layout to `out`."""
-  import jax
-
-  from flowlm_jax import api
-
-  if os.path.isdir(out) and os.listdir(out):
-    raise FileExistsError(f"export: {out} exists and is not empty")
-  run = api.load(workdir, step=step)
-  if not isinstance(run.model.cfg, modernbert.ModernBertConfig):
-    raise ValueError(f"export: {workdir} is not a ModernBERT run (model.family={run.config.model.family!r})")
-  summary = save_hf(jax.device_get(run.params), run.model.cfg, out, run.tokenizer)
-  return {**summary, "step": run.step}
-
-
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m flowlm_jax.hf_import",
-                              description="Export a ModernBERT run's checkpoint in Hugging Face layout.")
-  p.add_argument("workdir", help="run directory (holds checkpoints/), a checkpoints dir or a step dir")
-  p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  args = p.parse_args(argv)
-  try:
-    s = export_run(args.workdir, args.out, args.step)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"exported step {s['step']} of {args.workdir} to {s['out']}: {s['tensors']} tensors, "
-        f"{s['parameters']:,} parameters (HF ModernBertForMaskedLM layout)")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

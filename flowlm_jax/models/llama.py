@@ -1,22 +1,22 @@
-"""Bidirectional LLaMA-style transformer (Flax NNX): RoPE, RMSNorm, SwiGLU, no causal mask.
+"""The "llama" family: bidirectional LLaMA-style transformer (Flax NNX), RoPE, RMSNorm, SwiGLU, no causal mask.
 
 The layers' parameters are stacked along a leading `layers` axis and the forward pass runs them with
 `jax.lax.scan`, so compile time does not grow with depth and remat wraps one layer body. Every
 parameter carries `logical_axes` metadata (`embed`, `heads`, `mlp`, `vocab`, ...); `sharding.py` maps
-those names onto mesh axes, so the model never mentions devices.
+those names onto mesh axes, so the model never mentions devices. The building blocks are `layers.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowlm_jax import sharding
+from flowlm_jax.models.layers import (apply_rope, attention, mask_padded_vocab, normal_param, rms_norm,
+                                      rope_tables, run_layers)
 from flowlm_jax.tokenizer import padded_vocab_size
 from flowlm_jax.vocab import Vocab
 
@@ -45,12 +45,8 @@ class ModelConfig:
     return self.d_model // self.n_heads
 
   @classmethod
-  def from_config(cls, model_cfg, vocab: Vocab):
-    """The resolved model config of `model.family` (a ModernBertConfig for "modernbert")."""
-    if getattr(model_cfg, "family", "llama") == "modernbert":
-      from flowlm_jax import modernbert  # imports this module: resolved lazily
-
-      return modernbert.ModernBertConfig.from_config(model_cfg, vocab)
+  def from_config(cls, model_cfg, vocab: Vocab) -> "ModelConfig":
+    """The architecture a run config's `model` section describes (models.registry picks the family)."""
     return cls(
         vocab_size=padded_vocab_size(model_cfg, vocab), num_real_tokens=vocab.size,
         d_model=model_cfg.d_model, n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads,
@@ -59,10 +55,6 @@ class ModelConfig:
         tie_embeddings=model_cfg.tie_embeddings, param_dtype=model_cfg.param_dtype,
         compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat, attention=model_cfg.attention,
         scan_unroll=model_cfg.scan_unroll)
-
-
-def _param(key, shape, std, dtype, axes):
-  return nnx.Param(jax.random.normal(key, shape, dtype) * std, logical_axes=axes)
 
 
 class Transformer(nnx.Module):
@@ -74,7 +66,7 @@ class Transformer(nnx.Module):
                             cfg.d_ff, cfg.vocab_size)
     dtype = jnp.dtype(cfg.param_dtype)
     std, out_std = cfg.init_std, cfg.init_std / (2 * L) ** 0.5  # GPT-2 style: residual writes scaled
-    p = functools.partial(_param, dtype=dtype)
+    p = functools.partial(normal_param, dtype=dtype)
     self.embed = p(rngs.params(), (V, D), std, axes=("vocab", "embed"))
     self.attn_norm = nnx.Param(jnp.ones((L, D), dtype), logical_axes=("layers", "norm"))
     self.wq = p(rngs.params(), (L, D, H, Dh), std, axes=("layers", "embed", "heads", "head_dim"))
@@ -147,98 +139,3 @@ class Transformer(nnx.Module):
 
 
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-
-
-# --- functional building blocks -------------------------------------------------------------
-
-
-def rms_norm(x, scale, eps):
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (normed * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def rope_tables(positions_BxT, head_dim: int, theta: float):
-  """sin/cos [B, T, 1, head_dim/2] for rotary embeddings (Su et al. 2021), computed in float32."""
-  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-
-
-def apply_rope(x_BxTxHxK, sin, cos):
-  """Rotates pairs (first half, second half) of each head — the LLaMA/NeoX layout."""
-  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxHxK.dtype)
-
-
-def attention_implementation(requested: str) -> str | None:
-  """cuDNN flash attention on GPU, XLA elsewhere (CPU/TPU have no cuDNN)."""
-  if requested == "auto":
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
-  return requested
-
-
-def attention(q, k, v, mask, kv_lengths, implementation: str, local_window: int | None = None):
-  impl = attention_implementation(implementation)
-  if impl == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or mask is not None):
-    impl = "xla"  # cuDNN's fused kernel needs half precision, and takes padding as lengths, not a [B,1,1,T] mask
-  window = None if local_window is None else (local_window, local_window)
-  q, k, v = sharding.constrain_attention_inputs(q, k, v)
-  return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl, local_window_size=window)
-
-
-def run_layers(layer, x, layers: dict | list[dict], remat_policy: str, unroll: int = 1):
-  """x after `layer(x, p) -> (x, None)` for each layer's inputs p.
-
-  `layers` stacked (a dict of [L, ...] arrays): one `lax.scan`, remat per layer. Unstacked (a list of
-  per-layer dicts, see `unstack`): straight-line code on those arrays. A decoding loop unstacks once,
-  before the loop: slicing the stacked weights inside it would copy every weight at every step (XLA
-  does not hoist those copies out of the loop).
-  """
-  if isinstance(layers, dict):
-    return jax.lax.scan(remat(layer, remat_policy), x, layers, unroll=unroll)[0]
-  for p in layers:
-    x, _ = layer(x, p)
-  return x
-
-
-def unstack(stacked: dict) -> list[dict]:
-  """[{name: array[i]} for each layer i] from stacked per-layer arrays."""
-  n = len(next(iter(stacked.values())))
-  return [{name: w[i] for name, w in stacked.items()} for i in range(n)]
-
-
-def remat(fn, policy: str):
-  if policy == "none":
-    return fn
-  if policy == "full":
-    return jax.checkpoint(fn)
-  if policy == "save_dots":
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  raise ValueError(f"model.remat: unknown policy {policy!r}")
-
-
-def mask_padded_vocab(logits_BxTxV, num_real_tokens: int):
-  V = logits_BxTxV.shape[-1]
-  if num_real_tokens >= V:
-    return logits_BxTxV
-  real = jnp.arange(V) < num_real_tokens
-  return jnp.where(real, logits_BxTxV, jnp.finfo(logits_BxTxV.dtype).min)
-
-
-def create(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The network a resolved model config describes (the one place that dispatches on the family)."""
-  from flowlm_jax import modernbert
-
-  if isinstance(model_cfg, modernbert.ModernBertConfig):
-    return modernbert.ModernBert(model_cfg, rngs=rngs)
-  return Transformer(model_cfg, rngs=rngs)
-
-
-def count_params(tree) -> int:
-  """Parameters of an nnx module, or of a tree of arrays or shape structs (e.g. the params dict)."""
-  if isinstance(tree, nnx.Module):
-    tree = nnx.state(tree, nnx.Param)
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

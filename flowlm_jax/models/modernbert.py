@@ -1,4 +1,4 @@
-"""ModernBERT (Warner et al. 2024) in Flax NNX, built from a Hugging Face `config.json`.
+"""The "modernbert" family: ModernBERT (Warner et al. 2024) in Flax NNX.
 
 The network is HF transformers' `ModernBertForMaskedLM` (`models/modernbert/modeling_modernbert.py`):
   tok embedding -> LayerNorm -> L x [ (attn_norm) -> attention -> + ; mlp_norm -> gated GELU MLP -> + ]
@@ -7,9 +7,10 @@ Layer 0 has no attn_norm (HF uses an Identity there). Layers are global (full at
 `global_rope_theta`) or local (a key j is visible from query i iff |i - j| <= local_attention // 2, RoPE theta
 `local_rope_theta`); `layer_types` (or the older `global_attn_every_n_layers`) says which. LayerNorms have no
 bias unless `norm_bias`; `attention_bias`, `mlp_bias`, `classifier_bias`, `decoder_bias` add the others.
-Dropout is not implemented (ModernBERT's released configs set every dropout to 0).
+Dropout is not implemented (ModernBERT's released configs set every dropout to 0). HF's config.json and
+tensor names map onto `ModernBertConfig` and these parameters in `formats/modernbert_hf.py`.
 
-Same interface as `model.Transformer`: `hidden()` returns the features the decoder reads (the MLM head's
+Same interface as `llama.Transformer`: `hidden()` returns the features the decoder reads (the MLM head's
 output), `output_matrix()` / `output_bias()` the decoder, `logits_from_hidden()` float32 logits with the padded
 vocabulary rows at -inf. The local window is measured in RoPE positions, not array columns: the two agree
 for ordinary rows (HF's definition), and the samplers' reordered rows ([answer | prompt | pads] with explicit
@@ -23,17 +24,14 @@ all and compile time does not grow with depth.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowlm_jax import model as model_lib
-from flowlm_jax.vocab import Vocab
+from flowlm_jax.models.layers import (apply_rope, attention, layer_norm, mask_padded_vocab, normal_param,
+                                      rope_tables, run_layers, window_mask, with_bias)
 
-HF_CONFIG_FILE = "config.json"
 # HF ACT2FN names -> jax; "gelu" is the exact (erf) GELU, the *_tanh/new variants the tanh approximation.
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -86,99 +84,11 @@ class ModernBertConfig:
   def n_kv_heads(self) -> int:  # for code written against ModelConfig (FLOP counts)
     return self.n_heads
 
-  @classmethod
-  def from_config(cls, model_cfg, vocab: Vocab) -> "ModernBertConfig":
-    """The architecture of `model.pretrained` (its config.json), with the dtypes etc. of `model_cfg`."""
-    from flowlm_jax import hf_import  # resolves hub names; kept out of the model's import path
-
-    directory = hf_import.resolve_pretrained(model_cfg.pretrained)
-    cfg = from_hf_config(read_hf_config(directory), num_real_tokens=vocab.size, pretrained=directory,
-                         param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
-                         remat=model_cfg.remat, attention=model_cfg.attention)
-    if vocab.size > cfg.vocab_size:
-      raise ValueError(f"model.tokenizer: {vocab.size} tokens, but {directory}'s embedding has only "
-                       f"{cfg.vocab_size} rows (use the tokenizer that came with the model)")
-    return cfg
-
-
-def read_hf_config(directory: str) -> dict:
-  path = os.path.join(directory, HF_CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"model.pretrained: no {HF_CONFIG_FILE} in {directory}")
-  with open(path) as f:
-    hf = json.load(f)
-  if hf.get("model_type") != "modernbert":
-    raise ValueError(f"model.pretrained: {path} has model_type {hf.get('model_type')!r}, expected 'modernbert'")
-  return hf
-
-
-def from_hf_config(hf: dict, *, num_real_tokens: int | None = None, **overrides) -> ModernBertConfig:
-  """A ModernBertConfig from an HF ModernBERT config dict (old and new field layouts), HF's defaults filled."""
-  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                         "intermediate_size") if k not in hf]
-  if missing:
-    raise ValueError(f"model.pretrained: config.json lacks {', '.join(missing)}")
-  n_layers, d_model, n_heads = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
-  if d_model % n_heads or (d_model // n_heads) % 2:
-    raise ValueError(f"model.pretrained: hidden_size={d_model} must split into an even head size over "
-                     f"num_attention_heads={n_heads}")
-  if hf.get("head_dim") not in (None, d_model // n_heads):
-    raise ValueError(f"model.pretrained: head_dim={hf['head_dim']} != hidden_size / num_attention_heads "
-                     "(unsupported)")
-  for key in ("hidden_activation", "classifier_activation"):
-    if hf.get(key, "gelu") not in ACTIVATIONS:
-      raise ValueError(f"model.pretrained: {key}={hf[key]!r} is not one of {', '.join(ACTIVATIONS)}")
-  global_theta, local_theta = _rope_thetas(hf)
-  return ModernBertConfig(
-      vocab_size=hf["vocab_size"],
-      num_real_tokens=hf["vocab_size"] if num_real_tokens is None else num_real_tokens,
-      d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=hf["intermediate_size"],
-      global_layers=_global_layers(hf, n_layers), local_window=hf.get("local_attention", 128) // 2,
-      global_rope_theta=global_theta, local_rope_theta=local_theta,
-      norm_eps=hf.get("norm_eps", 1e-5), norm_bias=hf.get("norm_bias", False),
-      attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-      classifier_bias=hf.get("classifier_bias", False), decoder_bias=hf.get("decoder_bias", True),
-      hidden_activation=hf.get("hidden_activation", "gelu"),
-      classifier_activation=hf.get("classifier_activation", "gelu"),
-      tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02),
-      hf_config=json.dumps(hf, sort_keys=True), **overrides)
-
-
-def _global_layers(hf: dict, n_layers: int) -> tuple[bool, ...]:
-  """transformers >= 5 writes `layer_types`; hub configs written before have `global_attn_every_n_layers`."""
-  types = hf.get("layer_types")
-  if types is None:
-    every = hf.get("global_attn_every_n_layers", 3)
-    return tuple(i % every == 0 for i in range(n_layers))
-  unknown = set(types) - {"full_attention", "sliding_attention"}
-  if len(types) != n_layers or unknown:
-    raise ValueError(f"model.pretrained: layer_types must list {n_layers} of full_attention/sliding_attention")
-  return tuple(t == "full_attention" for t in types)
-
-
-def _rope_thetas(hf: dict) -> tuple[float, float]:
-  """(global, local) RoPE bases: `rope_parameters` (transformers >= 5) or `global_/local_rope_theta`."""
-  rope = hf.get("rope_parameters") or {}
-  if hf.get("rope_scaling") or any((p or {}).get("rope_type", "default") != "default" for p in rope.values()):
-    raise ValueError("model.pretrained: only the default RoPE is supported (no rope_scaling / rope_type)")
-  global_theta = (rope.get("full_attention") or {}).get("rope_theta", hf.get("global_rope_theta", 160_000.0))
-  local_theta = (rope.get("sliding_attention") or {}).get("rope_theta", hf.get("local_rope_theta", 10_000.0))
-  return float(global_theta), float(local_theta)
-
-
 # --- the network ------------------------------------------------------------------------------
 
 
-def _normal(key, shape, std, dtype, axes):
-  return nnx.Param(jax.random.normal(key, shape, dtype) * std, logical_axes=axes)
-
-
-def _const(value, shape, dtype, axes):
-  return nnx.Param(jnp.full(shape, value, dtype), logical_axes=axes)
-
-
 class ModernBert(nnx.Module):
-  """Random init (HF's stds, untruncated) is for shapes and tests; real use loads weights (hf_import)."""
+  """Random init (HF's stds, untruncated) is for shapes and tests; real use loads weights (formats.modernbert_hf)."""
 
   # Read in float32 by the forward pass (the rest is cast to the compute dtype where it is used).
   FLOAT32_PARAMS = ("embed_norm", "embed_norm_bias", "final_norm", "final_norm_bias", "head_norm",
@@ -189,9 +99,9 @@ class ModernBert(nnx.Module):
     L, D, H, Dh, F, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
     dtype = jnp.dtype(cfg.param_dtype)
     std, out_std = cfg.init_std, cfg.init_std / (2 * L) ** 0.5
-    normal = lambda shape, s, axes: _normal(rngs.params(), shape, s, dtype, axes)
-    ones = lambda shape, axes: _const(1.0, shape, dtype, axes)
-    zeros = lambda shape, axes: _const(0.0, shape, dtype, axes)
+    normal = lambda shape, s, axes: normal_param(rngs.params(), shape, s, dtype, axes)
+    ones = lambda shape, axes: nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
+    zeros = lambda shape, axes: nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
 
     self.embed = normal((V, D), std, ("vocab", "embed"))
     self.embed_norm = ones((D,), ("norm",))
@@ -249,7 +159,7 @@ class ModernBert(nnx.Module):
     bias = self.output_bias()
     if bias is not None:
       logits = logits + bias
-    return model_lib.mask_padded_vocab(logits, self.cfg.num_real_tokens)
+    return mask_padded_vocab(logits, self.cfg.num_real_tokens)
 
   # -- forward -------------------------------------------------------------------------------
 
@@ -258,7 +168,7 @@ class ModernBert(nnx.Module):
              layers: list[dict] | None = None) -> jax.Array:
     """The encoder's output after final_norm [B, T, D] (HF's `last_hidden_state`), compute dtype.
 
-    `layers`: `unstack(layer_inputs())` prepared outside a decoding loop (model.run_layers).
+    `layers`: `unstack(layer_inputs())` prepared outside a decoding loop (layers.run_layers).
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -267,7 +177,7 @@ class ModernBert(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype)
     x = layer_norm(x, self.embed_norm[...], self._get("embed_norm_bias"), cfg.norm_eps)
-    rope = {kind: model_lib.rope_tables(positions_BxT, cfg.head_dim, theta)
+    rope = {kind: rope_tables(positions_BxT, cfg.head_dim, theta)
             for kind, theta in (("global", cfg.global_rope_theta), ("local", cfg.local_rope_theta))}
     near_Bx1xTxT = window_mask(positions_BxT, cfg.local_window)
     valid_Bx1x1xT = None if valid_BxT is None else valid_BxT[:, None, None, :]
@@ -285,7 +195,7 @@ class ModernBert(nnx.Module):
       h = layer_norm(x, p["mlp_norm"], p.get("mlp_norm_bias"), cfg.norm_eps)
       return x + gated_mlp(h, p, ACTIVATIONS[cfg.hidden_activation]), None
 
-    x = model_lib.run_layers(layer, x, layers or self.layer_inputs(), cfg.remat)
+    x = run_layers(layer, x, layers or self.layer_inputs(), cfg.remat)
     return layer_norm(x, self.final_norm[...], self._get("final_norm_bias"), cfg.norm_eps)
 
   def layer_inputs(self) -> dict:
@@ -306,7 +216,7 @@ class ModernBert(nnx.Module):
              layers: list[dict] | None = None) -> jax.Array:
     """The MLM head's output [B, T, D] (compute dtype): what the decoder projects onto the vocabulary.
 
-    Padding and `layers` as in model.Transformer: `valid_BxT` masks keys anywhere, `kv_lengths_B` says
+    Padding and `layers` as in llama.Transformer: `valid_BxT` masks keys anywhere, `kv_lengths_B` says
     the first n keys are real.
     """
     cfg = self.cfg
@@ -337,61 +247,16 @@ def _norm_biases(L: int, D: int):
           ("head_norm_bias", (D,), ("norm",)))
 
 
-# --- functional building blocks -------------------------------------------------------------
-
-
-def layer_norm(x, scale, bias, eps):
-  """torch.nn.LayerNorm (biased variance, eps inside the root), computed in float32."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
-  if bias is not None:
-    y = y + bias.astype(jnp.float32)
-  return y.astype(x.dtype)
-
-
-def window_mask(positions_BxT, half_window: int):
-  """bool [B, 1, T, T]: key j within `half_window` positions of query i (HF: |i - j| <= local_attention // 2)."""
-  distance = jnp.abs(positions_BxT[:, :, None] - positions_BxT[:, None, :])
-  return (distance <= half_window)[:, None]
-
-
-def _bias(x, b):
-  return x if b is None else x + b
-
-
 def self_attention(h_BxTxD, p, sin, cos, mask, kv_lengths_B, implementation: str):
-  q = model_lib.apply_rope(_bias(jnp.einsum("btd,dhk->bthk", h_BxTxD, p["wq"]), p.get("bq")), sin, cos)
-  k = model_lib.apply_rope(_bias(jnp.einsum("btd,dhk->bthk", h_BxTxD, p["wk"]), p.get("bk")), sin, cos)
-  v = _bias(jnp.einsum("btd,dhk->bthk", h_BxTxD, p["wv"]), p.get("bv"))
-  a = model_lib.attention(q, k, v, mask, kv_lengths_B, implementation)
-  return _bias(jnp.einsum("bthk,hkd->btd", a, p["wo"]), p.get("bo"))
+  q = apply_rope(with_bias(jnp.einsum("btd,dhk->bthk", h_BxTxD, p["wq"]), p.get("bq")), sin, cos)
+  k = apply_rope(with_bias(jnp.einsum("btd,dhk->bthk", h_BxTxD, p["wk"]), p.get("bk")), sin, cos)
+  v = with_bias(jnp.einsum("btd,dhk->bthk", h_BxTxD, p["wv"]), p.get("bv"))
+  a = attention(q, k, v, mask, kv_lengths_B, implementation)
+  return with_bias(jnp.einsum("bthk,hkd->btd", a, p["wo"]), p.get("bo"))
 
 
 def gated_mlp(h_BxTxD, p, activation):
   """HF ModernBertMLP: Wi -> (input, gate); Wo(act(input) * gate)."""
-  inp = _bias(jnp.einsum("btd,df->btf", h_BxTxD, p["w_in"]), p.get("b_in"))
-  gate = _bias(jnp.einsum("btd,df->btf", h_BxTxD, p["w_gate"]), p.get("b_gate"))
-  return _bias(jnp.einsum("btf,fd->btd", activation(inp) * gate, p["w_out"]), p.get("b_out"))
-
-
-def hf_config_dict(cfg: ModernBertConfig) -> dict:
-  """An HF ModernBERT config dict for `cfg`: the source config.json with the architecture fields set."""
-  hf = json.loads(cfg.hf_config) if cfg.hf_config else {}
-  hf.update(
-      model_type="modernbert", architectures=["ModernBertForMaskedLM"], vocab_size=cfg.vocab_size,
-      hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      intermediate_size=cfg.d_ff, local_attention=2 * cfg.local_window, norm_eps=cfg.norm_eps,
-      norm_bias=cfg.norm_bias, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
-      classifier_bias=cfg.classifier_bias, decoder_bias=cfg.decoder_bias,
-      hidden_activation=cfg.hidden_activation, classifier_activation=cfg.classifier_activation,
-      tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
-      layer_types=["full_attention" if g else "sliding_attention" for g in cfg.global_layers],
-      rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
-                       "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}})
-  # The older spellings would contradict layer_types / rope_parameters if left behind.
-  for stale in ("global_attn_every_n_layers", "global_rope_theta", "local_rope_theta", "rope_scaling"):
-    hf.pop(stale, None)
-  return hf
-
+  inp = with_bias(jnp.einsum("btd,df->btf", h_BxTxD, p["w_in"]), p.get("b_in"))
+  gate = with_bias(jnp.einsum("btd,df->btf", h_BxTxD, p["w_gate"]), p.get("b_gate"))
+  return with_bias(jnp.einsum("btf,fd->btd", activation(inp) * gate, p["w_out"]), p.get("b_out"))
