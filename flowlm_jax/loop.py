@@ -187,8 +187,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         window_steps += 1
         bar.update(1)
         last = step == s.total_steps
-        halt = _stop_requested(preemption, step, c.training.stop_check_every) or (
-            stop_at_step is not None and step >= stop_at_step and not last)
+        preempted = _stop_requested(preemption, step, c.training.stop_check_every)
+        halt = preempted or (stop_at_step is not None and step >= stop_at_step and not last)
         if step % c.logging.log_every == 0 or last or halt:
           row = _train_row(jax.device_get(window), window_steps, step, schedule, tokens_per_step,
                            time.perf_counter() - window_start, int(state.nonfinite_count))
@@ -211,7 +211,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
             upload_saved()
         if halt:
           checkpointer.wait()
-          why = "preempted" if preemption.signal else f"stopped at step {stop_at_step} as asked"
+          why = "preempted" if preempted else f"stopped at step {stop_at_step} as asked"  # a signal may have reached another process
           print(f"{why}: saved checkpoint at step {step} in {checkpointer.directory}; exiting", flush=True)
           result["halted_at"] = step
           break

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -152,3 +154,56 @@ def test_two_processes_train_like_one(single, overlay, tmp_path):
   np.testing.assert_allclose(eval_multi[STEPS]["eval_loss"], eval_one[STEPS]["eval_loss"], rtol=1e-5)
   # One checkpoint, written by both processes into the shared directory and committed.
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(STEPS)]
+
+
+def _start(args_of, log_dir, port):
+  env = {**os.environ, **cpu_env(4)}
+  return [subprocess.Popen([sys.executable, *args_of(f"127.0.0.1:{port}", i)], cwd=REPO, env=env, text=True,
+                           stdout=open(os.path.join(log_dir, f"out{i}"), "w"),
+                           stderr=open(os.path.join(log_dir, f"err{i}"), "w")) for i in range(2)]
+
+
+def _wait_for_steps(workdir, count, procs, timeout=240):
+  """Blocks until metrics.jsonl holds `count` training rows (fails if a process exits first)."""
+  deadline = time.monotonic() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.monotonic() < deadline:
+    assert all(p.poll() is None for p in procs), [p.returncode for p in procs]
+    if os.path.exists(path) and len(metrics_rows(workdir)) >= count:
+      return max(metrics_rows(workdir))
+    time.sleep(0.2)
+  raise AssertionError(f"no {count} steps within {timeout} s")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_and_a_killed_process_takes_the_other_down(tmp_path):
+  c = tiny_config("flowlm")
+  c.training.max_steps = c.training.save_steps = 100_000
+  c.training.stop_check_every = 4
+  overlay = diff_yaml("flowlm", None, c, str(tmp_path / "long.yaml"))
+  workdir, logs = str(tmp_path / "w"), str(tmp_path)
+  launch_py = os.path.join(REPO, "launch.py")
+  args_of = lambda coord, i: [launch_py, *_launch_args(overlay, workdir), f"--coordinator_address={coord}",
+                              "--num_processes=2", f"--process_id={i}", "--heartbeat_timeout=10"]
+  read = lambda name: open(os.path.join(logs, name)).read()
+
+  # SIGTERM to process 1 only: both stop after the same step (the next agreement), save it, exit 0.
+  procs = _start(args_of, logs, _free_port())
+  signalled_after = _wait_for_steps(workdir, 3, procs)
+  procs[1].send_signal(signal.SIGTERM)
+  assert [p.wait(timeout=120) for p in procs] == [0, 0], read("err0")[-2000:] + read("err1")[-2000:]
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert len(saved) == 1 and saved[0] % 4 == 0 and saved[0] >= signalled_after, saved
+  assert max(metrics_rows(workdir)) == saved[0]
+  assert f"preempted: saved checkpoint at step {saved[0]}" in read("out0")
+
+  # Relaunched, both resume; kill -9 one and the other exits non-zero within a bounded time, saying why.
+  procs = _start(args_of, logs, _free_port())
+  _wait_for_steps(workdir, saved[0] + 3, procs)
+  procs[1].kill()
+  start = time.monotonic()
+  returncode = procs[0].wait(timeout=120)
+  assert returncode != 0 and time.monotonic() - start < 60, (returncode, time.monotonic() - start)
+  assert "another task died" in read("err0"), read("err0")[-2000:]
+  assert f"resumed from {os.path.join(workdir, 'checkpoints')}/{saved[0]}" in read("out0")
