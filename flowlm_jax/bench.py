@@ -8,7 +8,9 @@
 MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6(L(4d^2 + 3 d ff) + d V) + 12 L S d
 (bidirectional attention: not halved). Two peaks: the device's dense bf16 datasheet figure (DATASHEET,
 the headline where the device is known) and a large bf16 matmul's rate measured in the same run.
-Sampler floor = steps x forward FLOPs of the whole batch / measured peak.
+Sampler floor = the forward FLOPs the sampler needs / measured peak: per step, the transformer body over
+every position (prompt + answer) and the vocabulary projection only where the sampler projects (LLaDA:
+its current block; FlowLM: the answer).
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int) -> float:
   return train_flops_per_token(m, seq_len) / 3
+
+
+def sampler_floor_flops(m: ModelConfig, sampler: dict, mode: str) -> float:
+  """Forward FLOPs of one sampler call: body over all positions, vocabulary projection where projected."""
+  T = sampler["prompt"] + sampler["answer"]
+  head = 2 * m.d_model * m.vocab_size  # per projected position
+  projected = sampler["block"] if mode == "llada" else sampler["answer"]
+  per_step = T * (forward_flops_per_token(m, T) - head) + projected * head
+  return sampler["steps"] * sampler["batch"] * per_step
 
 
 def datasheet_peak_flops(device_kind: str) -> float | None:
@@ -174,8 +185,7 @@ def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str, unro
   if profile_dir:
     with jax.profiler.trace(f"{profile_dir}/{shape}-{mode}", create_perfetto_trace=True):
       jax.block_until_ready(run().tokens)
-  T = sampler["prompt"] + sampler["answer"]
-  floor_flops = sampler["steps"] * sampler["batch"] * T * forward_flops_per_token(m, T)
+  floor_flops = sampler_floor_flops(m, sampler, mode)
   return {"shape": shape, "mode": mode, "seconds": seconds, "first_call_s": first_s,
           "generated_tokens_per_s": sampler["batch"] * sampler["answer"] / seconds, "floor_flops": floor_flops}
 

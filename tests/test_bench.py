@@ -14,6 +14,18 @@ def test_flops_per_token_follows_the_stated_formula():
   assert bench.forward_flops_per_token(m, S) * 3 == bench.train_flops_per_token(m, S)
 
 
+def test_sampler_floor_projects_the_vocabulary_only_where_the_sampler_does():
+  m = ModelConfig(vocab_size=32000, num_real_tokens=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                  d_ff=2048)
+  d, L, ff, V = 768, 12, 2048, 32000
+  sampler = dict(batch=2, prompt=64, answer=256, steps=8, block=32)
+  T = 64 + 256
+  body = 2 * L * (4 * d * d + 3 * d * ff) + 4 * L * T * d  # per position, attention over T keys
+  for mode, projected in (("llada", 32), ("flowlm", 256)):
+    want = 8 * 2 * (T * body + projected * 2 * d * V)
+    assert abs(bench.sampler_floor_flops(m, sampler, mode) - want) <= 1e-9 * want, mode
+
+
 def test_smoke_run_prints_a_table_and_writes_json(tmp_path, capsys):
   out = tmp_path / "bench.json"
   bench.main(["--smoke", f"--out={out}"])
