@@ -125,6 +125,11 @@ def render_messages(messages: list[dict]) -> tuple[str, str]:
   return "\n".join(lines), messages[last]["content"]
 
 
+def as_user_turn(prompt: str) -> str:
+  """A plain prompt the way chat data renders it: one user turn ("User: …")."""
+  return render_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}])[0]
+
+
 def chat_prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
   """Token ids of a prompt up to and including [SEP] (and "Assistant:" for chat-rendered data)."""
   ids = tokenizer.encode(prompt, add_special_tokens=False) + [separator_id(tokenizer)]
@@ -173,8 +178,7 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   else:  # prompt/answer records; as chat they read as a one-turn conversation
     pairs = list(zip(records[dcfg.prompt_field], records[dcfg.answer_field]))
     if chat:
-      pairs = [render_messages([{"role": "user", "content": p}, {"role": "assistant", "content": a}])
-               for p, a in pairs]
+      pairs = [(as_user_turn(p), a) for p, a in pairs]
   L = dcfg.max_length
   answers = tokenizer([(" " if chat else "") + a for _, a in pairs], add_special_tokens=False)["input_ids"]
   rows, prompt_lens, truncated, dropped = [], [], 0, 0

@@ -436,10 +436,15 @@ def answer_ids(answer_A, vocab: Vocab) -> list[int]:
   return ids
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+  """Ids of a plain-text prompt as training rows hold it; for a chat-trained model, as one user turn."""
+  return data.chat_prompt_ids(tokenizer, data.as_user_turn(prompt) if chat else prompt, chat)
+
+
 def generate_texts(graphdef, params, tokenizer, vocab: Vocab, prompts: list[str], icfg, *, mode: str,
                    chat: bool, key=None) -> list[str]:
   """Decoded, stripped answers to plain-text prompts (encoded the way training rows were)."""
-  prompt_ids = [data.chat_prompt_ids(tokenizer, prompt, chat) for prompt in prompts]
+  prompt_ids = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
   out = generate(graphdef, params, prompt_ids, vocab, icfg, mode=mode, key=key)
   return [tokenizer.decode(answer_ids(row, vocab), skip_special_tokens=True).strip() for row in out.answer]
 

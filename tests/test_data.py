@@ -124,6 +124,15 @@ def test_chat_messages_are_rendered_user_sep_assistant(tokenizer, vocab):
   assert split.chat
 
 
+def test_a_plain_prompt_for_a_chat_trained_model_is_encoded_as_training_rendered_it(tokenizer, vocab):
+  from flowlm_jax import sampling
+
+  split = data.encode_sft(records([chat(("user", "hi there"), ("assistant", "hello you"))]), sft_cfg(), tokenizer, vocab)
+  prompt = split.tokens[0][~split.corruptible[0]].tolist()  # "User: hi there[SEP] Assistant:"
+  assert sampling.encode_prompt(tokenizer, "hi there", chat=True) == prompt
+  assert tokenizer.decode(sampling.encode_prompt(tokenizer, "hi there", chat=False)) == "hi there[SEP]"
+
+
 def test_chat_history_goes_into_the_prompt_and_the_last_assistant_turn_is_the_answer(tokenizer, vocab):
   record = chat(("system", "be brief"), ("user", "add 1 2"), ("assistant", "3"), ("user", "add 2 2"),
                 ("assistant", "4"))
