@@ -1,15 +1,9 @@
 #!/usr/bin/env bash
 # Runs the benchmark variants on the lent GPU in one call (see docs/performance.md).
-# Usage there: bash scripts/gpu_bench.sh   (writes JSON + logs under $OUT, or ./bench_out)
+# Usage there: bash scripts/gpu_bench.sh   (writes JSON + logs under $OUT, or ./gpu_out)
 set -uo pipefail
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=.
-fi
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+source "$(dirname "$0")/gpu_env.sh"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 for variant in "${@:-default}"; do
   case $variant in

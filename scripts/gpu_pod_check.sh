@@ -4,21 +4,14 @@
 #   processes  one process per GPU (2 and 4) vs one process driving them all
 #   scaling    weak scaling of the bench shapes (small: data; 1b: fsdp, data x fsdp) at 1, 2, 4 GPUs
 #   8b         the 8b preset with FSDP on 4 GPUs, capped at 80 GB each: 30+ steps, save, restore
-# Usage there: bash scripts/gpu_pod_check.sh meshes processes scaling   (JSON + logs under $OUT)
+# Usage there: bash scripts/gpu_pod_check.sh meshes processes scaling   (JSON + report.md under $OUT, or ./gpu_out)
 set -uo pipefail
-OUT=${OUT:-pod_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=.
-fi
-# NVLink multicast stays off (it can take a shared host's GPUs out of service: device README).
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 GPUS=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 quiet() { grep -v "^W0000\|^I0000\|^E0000"; }
-for section in "${@:-meshes processes scaling}"; do
+[ $# -gt 0 ] || set -- meshes processes scaling
+for section in "$@"; do
   echo "=== $section ($(date -u +%H:%M:%S))"
   case $section in
     meshes) timeout 300 python3 scripts/pod_check.py meshes --out "$OUT/meshes.json" 2>&1 | quiet | tail -5 ;;

@@ -1,0 +1,11 @@
+# Sourced by the scripts/gpu_*.sh runners on a lent GPU machine: installs the carried wheels (.whl/,
+# the packages that machine lacks) and sets PYTHONPATH, OUT and the environment every run needs.
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+# NVLink multicast stays off (it can take a shared host's GPUs out of service: device README).
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
