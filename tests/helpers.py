@@ -67,6 +67,52 @@ def launch(*args: str, timeout: int = 300, env: dict | None = None):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def launch_in_process(*args: str, env: dict | None = None):
+  """launch.py's flag parsing and `main` in this process, as `launch` would run them in a subprocess.
+
+  For behaviours a fresh interpreter proves nothing extra about (config errors, one-line failures, short
+  runs): saves an interpreter start and the jax/transformers imports. Resume, signals and multi-process
+  runs keep a real subprocess. Returns a CompletedProcess: exit code, stdout, stderr (log records included).
+  """
+  import contextlib
+  import importlib.util
+  import io
+  import logging
+  import subprocess
+  import sys
+  from unittest import mock
+
+  module = sys.modules.get("launch_cli")
+  if module is None:  # imported once: absl flags can be defined only once per process
+    spec = importlib.util.spec_from_file_location("launch_cli", os.path.join(REPO, "launch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["launch_cli"] = module
+  module.FLAGS.unparse_flags()
+  for name in [n for n in module.FLAGS if n.startswith("config.")]:  # each parse defines its overrides anew
+    delattr(module.FLAGS, name)
+  argv = ["launch.py", *args]
+  out, err = io.StringIO(), io.StringIO()
+  handler = logging.StreamHandler(err)
+  handler.setLevel(logging.WARNING)
+  logging.getLogger().addHandler(handler)
+  code = 0
+  try:
+    # ml_collections reads the `--config.*` overrides from sys.argv, not from the argv it is given.
+    with contextlib.chdir(REPO), mock.patch.dict(os.environ, env or {}), mock.patch.object(sys, "argv", argv), \
+        contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        module._parse_flags(argv)
+        module.main([])
+      except SystemExit as e:  # sys.exit("message") prints the message and exits 1
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+          print(e.code, file=err)
+  finally:
+    logging.getLogger().removeHandler(handler)
+  return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def metrics_rows(workdir: str, key: str = "loss") -> dict[int, dict]:
   import json
 

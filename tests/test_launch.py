@@ -1,10 +1,10 @@
-"""End to end through launch.py (subprocesses): train, resume, dry run, bad input."""
+"""End to end through launch.py: train, resume (a real subprocess), dry run, bad input (in-process)."""
 
 import os
 
 import pytest
 
-from helpers import diff_yaml, launch, metrics_rows, tiny_config
+from helpers import diff_yaml, launch, launch_in_process, metrics_rows, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def test_llada_preset_trains_and_evaluates(tmp_path):
   c = tiny_config("llada")
   c.training.max_steps = 3
   overlay = diff_yaml("llada", None, c, str(tmp_path / "tiny.yaml"))
-  r = launch("--config=configs/llada.py", f"--config_yaml={overlay}", f"--workdir={tmp_path / 'w'}")
+  r = launch_in_process("--config=configs/llada.py", f"--config_yaml={overlay}", f"--workdir={tmp_path / 'w'}")
   assert r.returncode == 0, r.stderr[-2000:]
   evals = metrics_rows(str(tmp_path / "w"), "eval_loss")
   assert list(evals) == [3] and evals[3]["eval_loss"] > 0
@@ -38,7 +38,7 @@ def test_llada_preset_trains_and_evaluates(tmp_path):
 
 
 def test_dry_run_reports_the_data_and_exits_without_training(tmp_path):
-  r = launch("--config=configs/flowlm.py:tasks", "--dry_run")
+  r = launch_in_process("--config=configs/flowlm.py:tasks", "--dry_run")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "dry run: ok" in r.stdout and "rows x 24" in r.stdout and "unigram entropy" in r.stdout
 
@@ -49,7 +49,7 @@ def test_dry_run_reports_the_data_and_exits_without_training(tmp_path):
     (["--config.training.batch_sise=3"], "batch_sise"),
 ])
 def test_bad_config_fails_with_one_line_naming_the_key(tmp_path, args, message):
-  r = launch("--config=configs/flowlm.py", f"--workdir={tmp_path}", *args, timeout=120)
+  r = launch_in_process("--config=configs/flowlm.py", f"--workdir={tmp_path}", *args)
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("config error:") and message in last, last

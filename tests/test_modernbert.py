@@ -22,7 +22,7 @@ from flowlm_jax import export, losses, sampling, train
 from flowlm_jax.formats import modernbert_hf
 from flowlm_jax.models import modernbert, registry
 from flowlm_jax.vocab import Vocab
-from helpers import REPO, launch, load_preset, tiny_config
+from helpers import REPO, launch_in_process, load_preset, tiny_config
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "modernbert_tiny")
 ALL_BIASES = os.path.join(FIXTURE, "all_biases")
@@ -347,9 +347,9 @@ def test_fine_tune_resume_sample_and_export(tmp_path):
           "--config.training.save_steps=2", "--config.training.batch_size=8", "--config.model.loss_chunk_size=16",
           "--config.training.async_checkpointing=False", "--config.evaluation.eval_batches=1",
           "--config.logging.progress_bar=False", "--config.logging.log_every=1", f"--workdir={workdir}"]
-  first = launch(*args, "--stop_at_step=2")
+  first = launch_in_process(*args, "--stop_at_step=2")
   assert first.returncode == 0, first.stderr[-3000:]
-  second = launch(*args)
+  second = launch_in_process(*args)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from" in second.stdout and "step 2" in second.stdout
 

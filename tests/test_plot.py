@@ -3,13 +3,10 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
 from flowlm_jax import plot
-from helpers import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BUCKETS = ("ratio_le_0.25", "ratio_0.25_to_0.5", "ratio_0.5_to_0.75", "ratio_gt_0.75")
@@ -104,12 +101,10 @@ def test_run_without_eval_or_random_metrics_still_plots(tmp_path):
 
 
 @pytest.mark.integration
-def test_cli_on_a_real_run(reference_run, tmp_path):
+def test_cli_on_a_real_run(reference_run, tmp_path, capsys):
   out = tmp_path / "plots"
-  r = subprocess.run([sys.executable, "-m", "flowlm_jax.plot", reference_run, "--out", str(out), "--labels", "ref"],
-                     cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert r.returncode == 0, r.stderr
-  printed = r.stdout.split()
+  assert plot.main([reference_run, "--out", str(out), "--labels", "ref"]) == 0  # in-process: `-m` adds nothing
+  printed = capsys.readouterr().out.split()
   assert len(printed) == 3 and all(os.path.basename(p).startswith("ref_") for p in printed)
   for path in printed:
     assert_png(path)

@@ -1,4 +1,5 @@
-"""Fault injection through launch.py: kills, preemption, numerical faults, bad input, secrets."""
+"""Fault injection through launch.py: kills, preemption and secrets in subprocesses; numerical faults and bad
+input in-process (a fresh interpreter proves nothing more there)."""
 
 import hashlib
 import json
@@ -13,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from helpers import REPO, launch, metrics_rows
+from helpers import REPO, launch, launch_in_process, metrics_rows
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +136,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_good_checkpoints
   # A real numerical fault: the learning rate is 0 at step 1 (warmup), 1e30 at step 2 (finite weights of
   # ~1e30, saved: save_steps=2), and the forward pass of step 3 overflows. Metrics every 10 steps only:
   # the run must still stop at step 3, not at the next log or save boundary.
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
              "--config.training.learning_rate=1e30", "--config.training.gradient_clip_val=0",
              "--config.training.warmup_steps=1", "--config.training.nonfinite=stop",
              "--config.logging.log_every=10", "--config.training.max_steps=12")
@@ -151,7 +152,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_good_checkpoints
 
 def test_nonfinite_updates_are_skipped_and_counted_when_configured(tiny_overlay, tmp_path):
   workdir = str(tmp_path / "skip")
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
              "--config.training.learning_rate=1e30", "--config.training.gradient_clip_val=0",
              "--config.training.warmup_steps=1", "--config.training.nonfinite=skip")
   assert r.returncode == 0, r.stderr[-2000:]
@@ -166,7 +167,7 @@ def test_relaunch_with_a_different_optimiser_stops_naming_it_and_leaves_every_ch
   shutil.copytree(reference_run, workdir)
   before = tree_hashes(workdir)
   # Gradient clipping off: a different optimiser-state structure and a different run.
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
              "--config.training.gradient_clip_val=0")
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
@@ -189,7 +190,7 @@ def test_bad_input_fails_in_one_line_before_compiling(tiny_overlay, reference_ru
   if not os.path.exists(workdir):
     import shutil
     shutil.copytree(reference_run, workdir)
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}", *args, timeout=120)
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}", *args)
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error:") and message in last, last
@@ -199,7 +200,7 @@ def test_bad_input_fails_in_one_line_before_compiling(tiny_overlay, reference_ru
 def test_unwritable_workdir_is_reported(tiny_overlay, tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={blocker}/run", timeout=120)
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={blocker}/run")
   assert r.returncode != 0 and "not writable" in r.stderr.strip().splitlines()[-1]
 
 
