@@ -11,9 +11,10 @@ pytestmark = pytest.mark.integration
 
 def test_stopped_and_relaunched_run_matches_an_uninterrupted_one(tiny_overlay, reference_run, tmp_path):
   split = str(tmp_path / "split")
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={split}", "--stop_at_step=3")
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={split}",
+                        "--stop_at_step=3")
   assert r.returncode == 0, r.stderr[-2000:]
-  # The same command again continues from step 3.
+  # The same command again, in a fresh process, continues from step 3.
   r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={split}")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resumed from" in r.stdout and "step 3" in r.stdout

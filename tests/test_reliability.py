@@ -90,7 +90,8 @@ def test_sigkill_then_relaunch_reproduces_the_uninterrupted_losses(tiny_overlay,
   proc.kill()
   proc.wait()
   assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2"]
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}")
+  # The relaunch is an ordinary resume (a subprocess in test_launch.py): in-process here.
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resumed from" in r.stdout and "(step 2," in r.stdout
   reference, resumed = metrics_rows(reference_run), metrics_rows(workdir)
@@ -111,8 +112,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tiny_overlay,
   assert "preempted: saved checkpoint at step" in out
   saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
   assert len(saved) == 1 and 2 <= saved[0] < 400
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
-             f"--stop_at_step={saved[0] + 1}")
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}",
+                        f"--stop_at_step={saved[0] + 1}")
   assert r.returncode == 0 and f"step {saved[0]}" in r.stdout, r.stderr[-2000:]
 
 
