@@ -16,7 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flowlm_jax import masking
+from jax.sharding import PartitionSpec as P
+
+from flowlm_jax import masking, sharding
 
 WEIGHTINGS = ("inverse_t", "none")
 
@@ -102,6 +104,34 @@ def fused_weighted_cross_entropy(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, n
 
 
 def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V=None):
+  """Per device on its own rows when traced on a mesh that splits the batch (sharding.traced_on).
+
+  Left to sharding propagation, the chunk loop's [D, V] gradient accumulator (sharded like w over fsdp)
+  made XLA all-gather every chunk's float32 logits across the batch shards, so each fsdp device
+  computed the whole batch's output layer (seen in the compiled CPU program). Here each device gathers
+  w once, runs the loop on its rows, and the sums and dw are reduced once after it.
+  """
+  rows = sharding.batch_rows_spec(hidden_BxLxD.shape[0])
+  if rows is None:
+    return _fused_ce_local(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V)
+  has_bias = bias_V is not None
+
+  def local(h, w, y, wt, *bias):
+    (total, nll, correct), (dh, dw, db) = _fused_ce_local(h, w, y, wt, num_real_tokens, chunk_size, *bias)
+    reduce = lambda x: None if x is None else jax.lax.psum(x, sharding.BATCH_AXES)
+    return (reduce(total), nll, correct), (dh, reduce(dw), reduce(db))
+
+  row, whole = P(rows), P()
+  bias = (bias_V,) if has_bias else ()
+  return jax.shard_map(
+      local, mesh=jax.sharding.get_abstract_mesh(),
+      in_specs=(row, whole, row, row) + (whole,) * has_bias,
+      out_specs=((whole, row, row), (row, whole, whole if has_bias else None)),
+      check_vma=False,  # the loop's carries start as (unvarying) zeros; the psums above make the outputs whole
+  )(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, *bias)
+
+
+def _fused_ce_local(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V=None):
   B, L, D = hidden_BxLxD.shape
   V = w_DxV.shape[1]
   chunk = min(chunk_size, L)

@@ -117,6 +117,16 @@ def mesh_of(tree) -> Mesh | None:
   return None
 
 
+def batch_rows_spec(rows: int):
+  """The mesh axes that split `rows` batch rows in the context mesh (BATCH_AXES), or None: outside a
+  mesh, on one device, or where data x fsdp is 1 or does not divide the rows."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return None
+  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  return BATCH_AXES if ways > 1 and rows % ways == 0 else None
+
+
 def attention_spec(batch: int, heads: int, kv_heads: int) -> P | None:
   """The one layout of q, k and v [B, T, heads, head_dim] in the context mesh; None outside one.
 
@@ -129,7 +139,7 @@ def attention_spec(batch: int, heads: int, kv_heads: int) -> P | None:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or mesh.size == 1:
     return None
-  rows = BATCH_AXES if batch % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0 else None
+  rows = batch_rows_spec(batch)
   tensor = mesh.shape["tensor"]
   split_heads = tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0
   return P(rows, None, "tensor" if split_heads else None, None)

@@ -100,6 +100,7 @@ def mesh_config():
   c.training.adam_eps = 1e-6
   c.training.batch_size = 16
   c.training.max_steps = STEPS
+  c.model.loss_chunk_size = 8  # the fused chunked cross-entropy, per device on its rows (losses.py)
   return c
 
 
