@@ -232,3 +232,20 @@ def test_modernbert_export_is_self_contained(tmp_path):
   loaded = flowlm_jax.load(str(tmp_path / "out"))
   assert type(loaded.model) is type(run.model) and loaded.model.cfg.pretrained == ""
   np.testing.assert_array_equal(logits(loaded, tokens), expected)
+
+
+def test_exports_that_name_the_config_classes_by_their_old_paths_still_load():
+  """Exports written before models/ existed name flowlm_jax.model.ModelConfig / flowlm_jax.modernbert.*."""
+  import dataclasses
+
+  from flowlm_jax import loading
+  from flowlm_jax.models import modernbert, registry
+  from flowlm_jax.models.llama import ModelConfig
+
+  cfg = ModelConfig(vocab_size=64, num_real_tokens=60, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64)
+  shape = {**dataclasses.asdict(cfg), "head_dim": cfg.head_dim, "num_parameters": 1}
+  assert loading.model_config({"model_class": "flowlm_jax.model.ModelConfig", "model_shape": shape}) == cfg
+  assert loading.model_config({"model_class": registry.class_path(ModelConfig), "model_shape": shape}) == cfg
+  assert registry.config_class("flowlm_jax.modernbert.ModernBertConfig") is modernbert.ModernBertConfig
+  with pytest.raises(ValueError, match="not a flowlm_jax model config"):
+    loading.model_config({"model_class": "os.path.join", "model_shape": shape})
