@@ -383,6 +383,28 @@ def _type_ok(default: Any, value: Any) -> bool:
   return isinstance(value, type(default))
 
 
+# Fields whose value must be one of a fixed set of names.
+CHOICES = {
+    "model.family": ("llama", "modernbert"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "save_dots"),
+    "model.attention": ("auto", "xla", "cudnn"),
+    "dataset.kind": ("text", "sft"),
+    "dataset.overlong": ("truncate", "error"),
+    "dataset.prompt_format": ("auto", "plain", "chat"),
+    "training.loss": ("llada", "flowlm"),
+    "training.loss_weighting": ("inverse_t", "none"),
+    "training.lr_schedule": ("cosine", "linear", "constant"),
+    "training.nonfinite": ("skip", "stop"),
+    "inference.mode": ("llada", "flowlm"),
+    "inference.remasking": ("low_confidence", "random"),
+    "inference.replacement_strategy": ("below_threshold", "most_confident_changes", "fill_then_refine"),
+    "inference.initial_answer": ("mask", "random"),
+    "logging.wandb.mode": ("disabled", "offline", "online"),
+}
+
+
 def _require(ok: bool, key: str, message: str) -> None:
   if not ok:
     raise ValueError(f"{key}: {message}")
@@ -399,6 +421,8 @@ def _check_values(c: ConfigDict) -> None:
   from flowlm_jax import masking  # local import: masking pulls jax
 
   m, d, k, t, e, i = c.model, c.dataset, c.masking, c.training, c.evaluation, c.inference
+  for key, options in CHOICES.items():
+    _choice(c, key, options)
   for key in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_multiple"):
     _require(m[key] > 0, f"model.{key}", f"must be > 0, got {m[key]}")
   _require(m.d_model % m.n_heads == 0, "model.n_heads", f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
@@ -408,18 +432,10 @@ def _check_values(c: ConfigDict) -> None:
   _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
   _require(m.loss_chunk_size >= 0, "model.loss_chunk_size", "must be >= 0")
   _require(m.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {m.scan_unroll}")
-  _choice(c, "model.family", ("llama", "modernbert"))
   if m.family == "modernbert":
     _check_pretrained(m)
-  _choice(c, "model.param_dtype", ("float32", "bfloat16"))
-  _choice(c, "model.compute_dtype", ("float32", "bfloat16", "float16"))
-  _choice(c, "model.remat", ("none", "full", "save_dots"))
-  _choice(c, "model.attention", ("auto", "xla", "cudnn"))
 
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
-  _choice(c, "dataset.kind", ("text", "sft"))
-  _choice(c, "dataset.overlong", ("truncate", "error"))
-  _choice(c, "dataset.prompt_format", ("auto", "plain", "chat"))
   _require(0.0 <= d.validation_split_ratio < 1.0, "dataset.validation_split_ratio", "must be in [0, 1)")
   _require(bool(d.name or d.train_files), "dataset.name", "set a dataset name or dataset.train_files")
   for key in ("train_files", "validation_files"):
@@ -436,10 +452,6 @@ def _check_values(c: ConfigDict) -> None:
     _require(math.isclose(total, 1.0, abs_tol=1e-6), "masking.mask_prob",
              f"mask_prob + random_prob + keep_prob = {total:g}, must sum to 1")
 
-  _choice(c, "training.loss", ("llada", "flowlm"))
-  _choice(c, "training.loss_weighting", ("inverse_t", "none"))
-  _choice(c, "training.lr_schedule", ("cosine", "linear", "constant"))
-  _choice(c, "training.nonfinite", ("skip", "stop"))
   for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "save_total_limit"):
     _require(t[key] > 0, f"training.{key}", f"must be > 0, got {t[key]}")
   _require(t.batch_size % t.gradient_accumulation_steps == 0, "training.gradient_accumulation_steps",
@@ -453,10 +465,6 @@ def _check_values(c: ConfigDict) -> None:
 
   _require(e.eval_steps >= 0 and e.eval_batches >= 0 and e.eval_batch_size >= 0, "evaluation.eval_steps",
            "eval_steps, eval_batches and eval_batch_size must be >= 0")
-  _choice(c, "inference.mode", ("llada", "flowlm"))
-  _choice(c, "inference.remasking", ("low_confidence", "random"))
-  _choice(c, "inference.replacement_strategy", ("below_threshold", "most_confident_changes", "fill_then_refine"))
-  _choice(c, "inference.initial_answer", ("mask", "random"))
   for key in ("answer_length", "steps", "max_steps", "max_replacements"):
     _require(i[key] > 0, f"inference.{key}", f"must be > 0, got {i[key]}")
   _require(0.0 <= i.confidence_threshold <= 1.0, "inference.confidence_threshold", "must be in [0, 1]")
@@ -469,7 +477,6 @@ def _check_values(c: ConfigDict) -> None:
   _require(i.every_steps >= 0, "inference.every_steps", "must be >= 0")
   _require(all(isinstance(p, str) for p in i.test_prompts), "inference.test_prompts", "must be a list of strings")
 
-  _choice(c, "logging.wandb.mode", ("disabled", "offline", "online"))
   _require(c.logging.log_every > 0, "logging.log_every", "must be > 0")
   for key in ("data", "fsdp", "tensor"):
     _require(c.mesh[key] == -1 or c.mesh[key] > 0, f"mesh.{key}", f"must be -1 or > 0, got {c.mesh[key]}")

@@ -4,7 +4,7 @@ Works on any machine (a CPU laptop included) for a checkpoint trained elsewhere:
 restored onto this process's first device, whatever mesh they were saved from. `load` also takes a
 directory written by `python -m flowlm_jax.export` (model.safetensors + config.json + tokenizer).
 The one place that turns a directory into a model: checkpoints (checkpoint.py), exported directories
-(formats/flowlm_export.py); pretrained HF weights come through train.init_state (formats/modernbert_hf.py).
+(formats/flowlm_export.py); pretrained HF weights come through train.init_state (models/registry.py).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 
@@ -123,3 +124,14 @@ def metrics_rows(workdir: str, key: str = "loss") -> dict[int, dict]:
       if key in row:
         rows[row["step"]] = row
   return rows
+
+
+def tree_hashes(directory) -> dict[str, str]:
+  """{relative path: sha256} of every file below `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out

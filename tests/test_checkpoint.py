@@ -1,6 +1,5 @@
 import copy
 import errno
-import hashlib
 import os
 import shutil
 
@@ -12,7 +11,7 @@ from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import loop, train
 from flowlm_jax.models.llama import ModelConfig
-from helpers import tiny_config
+from helpers import tiny_config, tree_hashes
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +44,6 @@ def saved_steps(setup, directory, steps, config_dict=None):
   return ckpt, state, abstract
 
 
-def listing(directory):
-  """{relative path: sha256} of every file below `directory`."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 def truncate_state(step_dir):
   for root, _, files in os.walk(os.path.join(step_dir, "state")):
     for name in files:
@@ -86,13 +74,13 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(setup,
     truncate_state(tmp_path / "ckpt" / "2")
   else:
     shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
-  before = listing(tmp_path / "ckpt" / "1")
+  before = tree_hashes(tmp_path / "ckpt" / "1")
   found = ckpt.restore_latest_good(abstract)
   assert ckpt.all_steps() == [1]
   ckpt.close()
   assert found is not None and found[0] == 1 and found[2]["position"] == 1
   assert [d.name.split(".")[1].split("-")[0] for d in (tmp_path / "ckpt").iterdir() if d.name.startswith("2.")] == ["damaged"]
-  assert listing(tmp_path / "ckpt" / "1") == before
+  assert tree_hashes(tmp_path / "ckpt" / "1") == before
   assert any("checkpoint" in r.message and "damaged" in r.message for r in caplog.records)
 
 
@@ -116,21 +104,21 @@ def test_checkpoint_of_a_different_model_is_rejected_naming_the_parameter(setup,
   ckpt, _, _ = saved_steps(setup, tmp_path / "ckpt", [1])
   wider = ModelConfig(**{**setup.model_cfg.__dict__, "d_ff": setup.model_cfg.d_ff * 2})
   _, abstract = make_state(setup, wider)
-  before = listing(tmp_path / "ckpt")
+  before = tree_hashes(tmp_path / "ckpt")
   with pytest.raises(ckpt_lib.CheckpointMismatch, match="params/w_gate has shape"):
     ckpt.restore_latest_good(abstract)
   ckpt.close()
-  assert listing(tmp_path / "ckpt") == before
+  assert tree_hashes(tmp_path / "ckpt") == before
 
 
 def test_checkpoint_of_a_different_optimiser_is_rejected_and_left_untouched(setup, tmp_path):
   ckpt, _, _ = saved_steps(setup, tmp_path / "ckpt", [1, 2])  # gradient clipping on: one more optimiser stage
   _, unclipped = make_state(setup, gradient_clip_val=0.0)
-  before = listing(tmp_path / "ckpt")
+  before = tree_hashes(tmp_path / "ckpt")
   with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"different model or optimiser: .*opt_state/"):
     ckpt.restore_latest_good(unclipped)
   ckpt.close()
-  assert listing(tmp_path / "ckpt") == before
+  assert tree_hashes(tmp_path / "ckpt") == before
 
 
 def test_saved_config_that_differs_in_a_key_the_run_must_keep_is_rejected_naming_it(setup, tmp_path):
@@ -139,11 +127,11 @@ def test_saved_config_that_differs_in_a_key_the_run_must_keep_is_rejected_naming
   changed = copy.deepcopy(saved)
   changed["training"]["learning_rate"] *= 2
   changed["logging"]["log_every"] += 1  # may change on resume
-  before = listing(tmp_path / "ckpt")
+  before = tree_hashes(tmp_path / "ckpt")
   with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"training\.learning_rate") as e:
     ckpt.restore_latest_good(abstract, config_dict=changed)
   assert "log_every" not in str(e.value) and "\n" not in str(e.value) and "--workdir" in str(e.value)
-  assert listing(tmp_path / "ckpt") == before
+  assert tree_hashes(tmp_path / "ckpt") == before
   changed["training"]["learning_rate"] = saved["training"]["learning_rate"]
   step, restored, _ = ckpt.restore_latest_good(abstract, config_dict=changed)
   ckpt.close()
@@ -161,10 +149,10 @@ def test_out_of_memory_while_restoring_is_retried_then_reported_without_moving_a
     raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes")
 
   monkeypatch.setattr(ckpt._manager, "restore", out_of_memory)
-  before = listing(tmp_path / "ckpt")
+  before = tree_hashes(tmp_path / "ckpt")
   with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint .*/2 could not be read after 3 attempts"):
     ckpt.restore_latest_good(abstract)
-  assert len(calls) == 3 and listing(tmp_path / "ckpt") == before
+  assert len(calls) == 3 and tree_hashes(tmp_path / "ckpt") == before
   monkeypatch.undo()
   ckpt.close()
 

@@ -1,7 +1,6 @@
 """Fault injection through launch.py: kills, preemption and secrets in subprocesses; numerical faults and bad
 input in-process (a fresh interpreter proves nothing more there)."""
 
-import hashlib
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from helpers import REPO, launch, launch_in_process, metrics_rows
+from helpers import REPO, launch, launch_in_process, metrics_rows, tree_hashes
 
 pytestmark = pytest.mark.integration
 
@@ -46,40 +45,29 @@ def start(overlay, workdir, *extra, slow_save_from=None):
                           stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_save_in_flight(workdir, step, proc, timeout=120):
+def wait_until(done, proc, what, timeout=120):
+  """Polls `done()` until true; fails if `proc` exits first or `timeout` seconds pass."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+    if done():
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"{what} not seen in {timeout}s")
+
+
+def wait_for_save_in_flight(workdir, step, proc):
   directory = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
-    if os.path.isdir(directory) and any(re.match(rf"{step or '[0-9]+'}\.orbax-checkpoint-tmp", d)
-                                        for d in os.listdir(directory)):
-      return
-    time.sleep(0.05)
-  raise AssertionError(f"no save of step {step} in flight after {timeout}s")
+  wait_until(lambda: os.path.isdir(directory) and any(
+      re.match(rf"{step or '[0-9]+'}\.orbax-checkpoint-tmp", d) for d in os.listdir(directory)),
+             proc, f"a save of step {step} in flight")
 
 
-def tree_hashes(directory):
-  """{relative path: sha256} of every file below `directory`."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
-def wait_for_step(workdir, step, proc, timeout=120):
+def wait_for_step(workdir, step, proc):
   path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
-    if os.path.exists(path) and any(f'"step": {step},' in line for line in open(path)):
-      return
-    time.sleep(0.05)
-  raise AssertionError(f"step {step} not reached in {timeout}s")
+  wait_until(lambda: os.path.exists(path) and any(f'"step": {step},' in line for line in open(path)),
+             proc, f"step {step}")
 
 
 def test_sigkill_then_relaunch_reproduces_the_uninterrupted_losses(tiny_overlay, reference_run, tmp_path):
