@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,3 +95,51 @@ def test_tied_embeddings_share_the_table():
   tied = Transformer(CFG.__class__(**{**CFG.__dict__, "tie_embeddings": True}), rngs=nnx.Rngs(params=0))
   assert not hasattr(tied, "unembed")
   np.testing.assert_array_equal(tied.output_matrix(), tied.embed[...].T)
+
+
+# --- architecture options of imported checkpoints (Dream: q/k/v biases, shifted predictions) ---------------
+
+
+def with_params_of(cfg, model):
+  """A model of `cfg` carrying `model`'s parameters (the architectures differ only in how they are used)."""
+  graphdef, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=1)))
+  return nnx.merge(graphdef, nnx.state(model, nnx.Param))
+
+
+def test_qkv_biases_are_used_not_decayed_and_replicated():
+  from flowlm_jax import train
+
+  cfg = dataclasses.replace(CFG, qkv_bias=True)
+  model, x = make(cfg), tokens()
+  state = nnx.state(model, nnx.Param)
+  assert (model.bq.shape, model.bk.shape, model.bv.shape) == ((2, 4, 8), (2, 2, 8), (2, 2, 8))
+  np.testing.assert_allclose(model(x), make()(x), atol=1e-6)  # zero-initialised: the same network
+  decays = train.decay_mask(state)
+  assert not any(decays[name] for name in ("bq", "bk", "bv")) and decays["wq"]
+  for name in ("bq", "bk", "bv"):
+    before = model(x)
+    getattr(model, name)[...] = getattr(model, name)[...] + 0.5
+    assert not np.allclose(model(x), before), name  # each bias reaches the output
+
+
+def test_shifted_logits_read_the_previous_position():
+  plain, x = make(), tokens()
+  shifted = with_params_of(dataclasses.replace(CFG, shift_logits=True), plain)
+  a, b = np.asarray(plain(x)), np.asarray(shifted(x))
+  np.testing.assert_array_equal(b[:, 1:], a[:, :-1])
+  np.testing.assert_array_equal(b[:, 0], a[:, 0])  # position 0 has no predecessor: its own (as in Dream)
+
+
+def test_shift_follows_positions_not_columns_in_the_samplers_row_order():
+  """[answer | prompt | pads] with the positions of [prompt | answer] (sampling.answer_logits): the first answer
+  column reads the last real prompt token, never a padding column whose position number it shares."""
+  cfg = dataclasses.replace(CFG, shift_logits=True)
+  model, x = make(cfg), tokens(B=1, T=10)
+  n_prompt, n_pad = 6, 3
+  prompt, answer = x[:, :n_prompt], x[:, n_prompt:]
+  row = jnp.concatenate([answer, prompt, jnp.zeros((1, n_pad), x.dtype)], axis=1)
+  positions = jnp.concatenate([n_prompt + jnp.arange(4), jnp.arange(n_prompt + n_pad)])[None]
+  reordered = model(row, positions_BxT=positions, kv_lengths_B=jnp.array([4 + n_prompt], jnp.int32))
+  in_order = model(x)
+  np.testing.assert_allclose(reordered[:, :4], in_order[:, n_prompt:], atol=1e-5)
+  np.testing.assert_allclose(reordered[:, 4:4 + n_prompt], in_order[:, :n_prompt], atol=1e-5)

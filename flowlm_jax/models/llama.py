@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowlm_jax.models.layers import (apply_rope, attention, mask_padded_vocab, normal_param, rms_norm,
-                                      rope_tables, run_layers)
+                                      rope_tables, run_layers, with_bias)
 from flowlm_jax.tokenizer import padded_vocab_size
 from flowlm_jax.vocab import Vocab
 
@@ -39,6 +39,12 @@ class ModelConfig:
   remat: str = "none"
   attention: str = "auto"
   scan_unroll: int = 1       # layers per scan iteration; n_layers = a straight-line program
+  # Architecture of imported checkpoints (formats/llada_hf.py, formats/dream_hf.py):
+  qkv_bias: bool = False     # q/k/v projections carry biases (Qwen2, hence Dream)
+  shift_logits: bool = False  # position p is predicted from the output at position p - 1 (Dream, see `hidden`)
+  pretrained: str = ""       # HF checkpoint directory whose weights train.init_state loads ("" = random init)
+  hf_config: str = ""        # its config.json as JSON text: export writes it back in the same layout
+
 
   @property
   def head_dim(self) -> int:
@@ -73,6 +79,10 @@ class Transformer(nnx.Module):
     self.wk = p(rngs.params(), (L, D, K, Dh), std, axes=("layers", "embed", "kv_heads", "head_dim"))
     self.wv = p(rngs.params(), (L, D, K, Dh), std, axes=("layers", "embed", "kv_heads", "head_dim"))
     self.wo = p(rngs.params(), (L, H, Dh, D), out_std, axes=("layers", "heads", "head_dim", "embed"))
+    if cfg.qkv_bias:  # a "bias" axis keeps them replicated and out of weight decay
+      self.bq = nnx.Param(jnp.zeros((L, H, Dh), dtype), logical_axes=("layers", "heads", "bias"))
+      self.bk = nnx.Param(jnp.zeros((L, K, Dh), dtype), logical_axes=("layers", "kv_heads", "bias"))
+      self.bv = nnx.Param(jnp.zeros((L, K, Dh), dtype), logical_axes=("layers", "kv_heads", "bias"))
     self.mlp_norm = nnx.Param(jnp.ones((L, D), dtype), logical_axes=("layers", "norm"))
     self.w_gate = p(rngs.params(), (L, D, F), std, axes=("layers", "embed", "mlp"))
     self.w_up = p(rngs.params(), (L, D, F), std, axes=("layers", "embed", "mlp"))
@@ -96,7 +106,7 @@ class Transformer(nnx.Module):
 
   def layer_inputs(self) -> dict:
     """Per-layer parameters, stacked on axis 0: what the layer scan runs over."""
-    return {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+    return {name: getattr(self, name)[...] for name in LAYER_PARAMS if hasattr(self, name)}
 
   def hidden(self, tokens_BxT: jax.Array, valid_BxT: jax.Array | None = None,
              positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None,
@@ -110,6 +120,7 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
     B, T = tokens_BxT.shape
+    explicit_positions = positions_BxT is not None
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     sin, cos = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
@@ -119,9 +130,9 @@ class Transformer(nnx.Module):
     def layer(x, p):
       p = jax.tree.map(lambda w: w.astype(dtype), p)
       h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-      q = apply_rope(jnp.einsum("btd,dhk->bthk", h, p["wq"]), sin, cos)
-      k = apply_rope(jnp.einsum("btd,dhk->bthk", h, p["wk"]), sin, cos)
-      v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
+      q = apply_rope(with_bias(jnp.einsum("btd,dhk->bthk", h, p["wq"]), p.get("bq")), sin, cos)
+      k = apply_rope(with_bias(jnp.einsum("btd,dhk->bthk", h, p["wk"]), p.get("bk")), sin, cos)
+      v = with_bias(jnp.einsum("btd,dhk->bthk", h, p["wv"]), p.get("bv"))
       a = attention(q, k, v, mask, kv_lengths_B, cfg.attention)
       x = x + jnp.einsum("bthk,hkd->btd", a, p["wo"])
       h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
@@ -131,11 +142,45 @@ class Transformer(nnx.Module):
       return x, None
 
     x = run_layers(layer, x, layers or self.layer_inputs(), cfg.remat, cfg.scan_unroll)
-    return rms_norm(x, self.final_norm[...].astype(dtype), cfg.norm_eps)
+    x = rms_norm(x, self.final_norm[...].astype(dtype), cfg.norm_eps)
+    if cfg.shift_logits:
+      x = from_previous_position(x, positions_BxT if explicit_positions else None,
+                                 _real_keys(valid_BxT, kv_lengths_B, T))
+    return x
 
   def __call__(self, tokens_BxT, valid_BxT=None, positions_BxT=None, kv_lengths_B=None) -> jax.Array:
     """float32 logits [B, T, V]."""
     return self.logits_from_hidden(self.hidden(tokens_BxT, valid_BxT, positions_BxT, kv_lengths_B))
 
 
-LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+# Stacked per-layer parameters (the q/k/v biases exist only with `qkv_bias`).
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+def from_previous_position(hidden_BxTxD, positions_BxT, real_BxT):
+  """Each column's hidden state replaced by that of the real column one RoPE position earlier.
+
+  Dream (initialised from the autoregressive Qwen2.5) predicts the token at position p from the output at
+  p - 1: its generate loop reads `logits[:, i - 1]` for position i and position 0 reads its own. Doing the
+  shift here means `hidden()` / the logits at a column always predict that column's token, so the
+  losses and both samplers work unchanged. The previous position is looked up, not the previous array
+  column: the samplers feed rows as [answer | prompt | pads] with explicit positions (sampling.py), where
+  the first answer token's predecessor is the last prompt token. Without explicit positions (training
+  rows: position = column) it is a plain shift by one column.
+  """
+  if positions_BxT is None:
+    return jnp.concatenate([hidden_BxTxD[:, :1], hidden_BxTxD[:, :-1]], axis=1)
+  # [B, T, T] comparisons: cheap at sampling lengths (training rows pass no positions).
+  previous_BxTxT = (positions_BxT[:, None, :] == positions_BxT[:, :, None] - 1) & real_BxT[:, None, :]
+  own_T = jnp.arange(positions_BxT.shape[1])
+  source_BxT = jnp.where(previous_BxTxT.any(-1), jnp.argmax(previous_BxTxT, axis=-1), own_T)
+  return jnp.take_along_axis(hidden_BxTxD, source_BxT[..., None], axis=1)
+
+
+def _real_keys(valid_BxT, kv_lengths_B, T: int):
+  """bool [B or 1, T]: the columns that hold real tokens (not padding)."""
+  if valid_BxT is not None:
+    return valid_BxT
+  if kv_lengths_B is not None:
+    return jnp.arange(T)[None, :] < kv_lengths_B[:, None]
+  return jnp.ones((1, T), bool)
