@@ -20,6 +20,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from flowlm_jax import cli
+
+cli.register_config_parsers()  # list-valued fields: `--config.inference.test_prompts='("a", "b")'` or repeated
 config_flags.DEFINE_config_file("config", "configs/flowlm.py", "Preset file, optionally `:variant`.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_string("config_yaml", None, "YAML overlay with the values that differ from the preset.")
@@ -38,9 +41,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax", "orbax", "datasets", "httpx", "urllib3"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+  cli.quiet_libraries()
 
   from flowlm_jax import config as config_lib
 

@@ -86,7 +86,8 @@ def base_config() -> ConfigDict:
 
   c.training = t = ConfigDict()
   t.loss = "llada"              # "llada" (1/t-weighted) | "flowlm" (all corrupted positions)
-  t.loss_weighting = "none"     # flowlm loss only: "none" (plain MLM cross-entropy) | "inverse_t"
+  t.loss_weighting = "none"     # flowlm loss only: "none" (plain MLM cross-entropy) | "inverse_t" | "gidd"
+                                # (the exact ELBO of the masking strategy's [MASK] + uniform mix; losses.py)
   t.batch_size = 32             # global sequences per optimiser step
   t.gradient_accumulation_steps = 1
   t.learning_rate = 3e-3
@@ -121,7 +122,7 @@ def base_config() -> ConfigDict:
   e.seed = 1234                 # fixed corruption key: every evaluation sees the same noise
 
   c.inference = i = ConfigDict()
-  i.test_prompts = list(DEFAULT_TEST_PROMPTS)
+  i.test_prompts = DEFAULT_TEST_PROMPTS  # list-valued fields are tuples, which the command line can set
   i.every_steps = 0             # sample test prompts every this many steps; 0 = off
   i.test_both_modes = True      # run both LLaDA and FlowLM decoding on the test prompts
   i.mode = "flowlm"             # the mode used when only one runs: "llada" | "flowlm"
@@ -139,6 +140,11 @@ def base_config() -> ConfigDict:
   i.replacement_strategy = "below_threshold"  # | "most_confident_changes" | "fill_then_refine"
   i.max_steps = 32
   i.initial_answer = "mask"     # "mask" | "random"
+  # Fast decoding for both (Fast-dLLM, Wu et al. 2025; docs/sampling.md)
+  i.cache = "none"              # key/value cache between refreshes: "none" | "prefix" | "dual" (approximate)
+  i.cache_refresh = 0           # also refresh the cache every this many steps (0: LLaDA at each block's
+                                # first step, FlowLM at the first step only)
+  i.parallel_threshold = 0.0    # > 0: also commit every candidate whose confidence is above it; 0 = off
 
   c.logging = lg = ConfigDict()
   lg.log_every = 10             # training metrics every this many steps
@@ -148,7 +154,7 @@ def base_config() -> ConfigDict:
   w.project = "flowlm-jax"
   w.name = ""                   # "" = the workdir's name
   w.entity = ""
-  w.tags = []
+  w.tags = ()
   w.log_model = False           # upload checkpoints as wandb model artifacts
 
   c.mesh = ms = ConfigDict()
@@ -175,7 +181,7 @@ def preset(method: str, variant: str | None) -> ConfigDict:
   c = base_config()
   c.masking.min_ratio, c.masking.max_ratio = 0.15, 0.99  # as in the original system
   apply_overrides(c, METHODS[method])
-  c.logging.wandb.tags = [method]
+  c.logging.wandb.tags = (method,)
   return apply_variant(c, variant)
 
 
@@ -328,7 +334,7 @@ def _coerce(path: str, default: Any, value: Any) -> Any:
     except ValueError:
       raise TypeError(f"config key {path!r} expects a float, got {value!r}") from None
   if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
-    return list(value)
+    return tuple(value)  # YAML and JSON give lists; the schema holds tuples (command-line overridable)
   return value
 
 
@@ -394,13 +400,14 @@ CHOICES = {
     "dataset.overlong": ("truncate", "error"),
     "dataset.prompt_format": ("auto", "plain", "chat"),
     "training.loss": ("llada", "flowlm"),
-    "training.loss_weighting": ("inverse_t", "none"),
+    "training.loss_weighting": ("inverse_t", "none", "gidd"),
     "training.lr_schedule": ("cosine", "linear", "constant"),
     "training.nonfinite": ("skip", "stop"),
     "inference.mode": ("llada", "flowlm"),
     "inference.remasking": ("low_confidence", "random"),
     "inference.replacement_strategy": ("below_threshold", "most_confident_changes", "fill_then_refine"),
     "inference.initial_answer": ("mask", "random"),
+    "inference.cache": ("none", "prefix", "dual"),
     "logging.wandb.mode": ("disabled", "offline", "online"),
 }
 
@@ -468,6 +475,8 @@ def _check_values(c: ConfigDict) -> None:
   for key in ("answer_length", "steps", "max_steps", "max_replacements"):
     _require(i[key] > 0, f"inference.{key}", f"must be > 0, got {i[key]}")
   _require(0.0 <= i.confidence_threshold <= 1.0, "inference.confidence_threshold", "must be in [0, 1]")
+  _require(0.0 <= i.parallel_threshold <= 1.0, "inference.parallel_threshold", "must be in [0, 1] (0 = off)")
+  _require(i.cache_refresh >= 0, "inference.cache_refresh", f"must be >= 0, got {i.cache_refresh}")
   _require(i.temperature >= 0 and i.cfg_scale >= 0, "inference.temperature", "temperature and cfg_scale must be >= 0")
   block = i.block_length or i.answer_length
   _require(i.answer_length % block == 0, "inference.block_length",

@@ -135,3 +135,19 @@ def tree_hashes(directory) -> dict[str, str]:
       with open(path, "rb") as f:
         out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return out
+
+
+def parse_launch_flags(*args: str):
+  """launch.py's `--config` flag parsed in-process on a fresh flag set: (config, {dotted key: override})."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from flowlm_jax import cli
+
+  cli.register_config_parsers()  # as launch.py does
+  argv = ["launch.py", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "flowlm.py"), flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config, config_flags.get_override_values(fv["config"])
