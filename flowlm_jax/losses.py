@@ -9,6 +9,7 @@ eval batches and devices, and `finalize_metrics` divides once at the edge.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +21,9 @@ from jax.sharding import PartitionSpec as P
 
 from flowlm_jax import masking, sharding
 
-WEIGHTINGS = ("inverse_t", "none")
+WEIGHTINGS = ("inverse_t", "none")  # per-token NLL weightings (`diffusion_loss_weights`)
+GIDD = "gidd"  # the exact ELBO of the mixed [MASK] + uniform process: not an NLL weighting (`gidd_loss_sum`)
+LOSS_WEIGHTINGS = (*WEIGHTINGS, GIDD)  # what `training.loss_weighting` may name
 
 # Upper edges of the per-sequence t buckets; the last bucket is open. Names say which t they hold.
 RATIO_EDGES = (0.25, 0.5, 0.75)
@@ -58,13 +61,17 @@ def diffusion_loss_weights(
   if weighting == "inverse_t":
     # t is data, not a parameter; where() keeps a t == 0 sequence (nothing corrupted) from making 0 * inf.
     weight_BxL = jnp.where(corrupted_BxL, 1.0 / t_B.astype(jnp.float32)[:, None], 0.0)
-    count = jnp.sum(corruptible_BxL, dtype=jnp.float32)
   elif weighting == "none":
     weight_BxL = corrupted_BxL.astype(jnp.float32)
-    count = jnp.sum(corrupted_BxL, dtype=jnp.float32)
   else:
     raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
-  return weight_BxL, count
+  return weight_BxL, loss_normaliser(weighting, corrupted_BxL, corruptible_BxL)
+
+
+def loss_normaliser(weighting: str, corrupted_BxL: jax.Array, corruptible_BxL: jax.Array) -> jax.Array:
+  """float32 count a loss sum is divided by: corruptible positions for the likelihood bounds ("inverse_t",
+  "gidd": nats per token), corrupted ones for the plain masked-LM mean ("none")."""
+  return jnp.sum(corrupted_BxL if weighting == "none" else corruptible_BxL, dtype=jnp.float32)
 
 
 def weighted_nll_sum(nll_BxL: jax.Array, weight_BxL: jax.Array) -> jax.Array:
@@ -131,17 +138,27 @@ def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens,
   )(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, *bias)
 
 
-def _fused_ce_local(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V=None):
-  B, L, D = hidden_BxLxD.shape
-  V = w_DxV.shape[1]
-  chunk = min(chunk_size, L)
+def sequence_chunks(L: int, chunk_size: int):
+  """(to_chunks, from_chunks) for scanning over the sequence axis `chunk_size` positions at a time (0: one
+  chunk): to_chunks [B, L, ...] -> [n, B, C, ...] (zero-padded at the end), from_chunks the inverse."""
+  chunk = min(chunk_size or L, L)
   n_chunks = -(-L // chunk)
   pad = n_chunks * chunk - L
-  if pad:
-    hidden_BxLxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
-    weight_BxL = jnp.pad(weight_BxL, ((0, 0), (0, pad)))
-  to_chunks = lambda x: x.reshape(B, n_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  def to_chunks(x):
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+    return x.reshape(x.shape[0], n_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  def from_chunks(x):
+    return x.swapaxes(0, 1).reshape(x.shape[1], n_chunks * chunk, *x.shape[3:])[:, :L]
+
+  return to_chunks, from_chunks
+
+
+def _fused_ce_local(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V=None):
+  _, L, D = hidden_BxLxD.shape
+  V = w_DxV.shape[1]
+  to_chunks, from_chunks = sequence_chunks(L, chunk_size)
   vocab_real_V = jnp.arange(V) < num_real_tokens
 
   def one_chunk(carry, xs):
@@ -166,7 +183,6 @@ def _fused_ce_local(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_token
   (dw, db), (sums, nll, correct, dh) = jax.lax.scan(
     one_chunk, (jnp.zeros((D, V), jnp.float32), db0),
     (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(weight_BxL)))
-  from_chunks = lambda x: x.swapaxes(0, 1).reshape(B, n_chunks * chunk, *x.shape[3:])[:, :L]
   out = (jnp.sum(sums), from_chunks(nll), from_chunks(correct))
   db = None if db is None else db.astype(bias_V.dtype)
   return out, (from_chunks(dh), dw.astype(w_DxV.dtype), db)
@@ -221,9 +237,171 @@ def loss_fn(name: str, weighting: str | None = None) -> LossFn:
     raise ValueError(f"unknown training.loss={name!r}; expected one of {list(LOSSES)}")
   if name == "llada" or weighting is None:
     return LOSSES[name]
+  if weighting == GIDD:
+    raise ValueError("training.loss_weighting='gidd' needs the model's whole distribution, not one NLL per token: "
+                     "use gidd_loss_sum")
   if weighting not in WEIGHTINGS:  # fail at setup, not at the first traced step
-    raise ValueError(f"unknown training.loss_weighting={weighting!r}; expected one of {WEIGHTINGS}")
+    raise ValueError(f"unknown training.loss_weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}")
   return functools.partial(flowlm_loss, weighting=weighting)
+
+
+# --- the exact ELBO of mixed [MASK] + uniform noise (GIDD) -------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedNoise:
+  """The corruption `masking.corrupt` applies, read as an interpolating diffusion process (GIDD).
+
+  A corruptible position is chosen with probability t and then becomes [MASK] (mask_prob), a token drawn
+  uniformly from the R `random_token_ids` (random_prob) or stays itself (keep_prob). Its marginal is
+      q_t(z | x) = (1 - s t) [z = x] + s t pi(z),   pi = p_m [z = MASK] + p_u / R [z in random ids],
+  with s = 1 - keep_prob, p_m = mask_prob / s, p_u = random_prob / s: a "kept" position is one not chosen,
+  so keep_prob only slows the clock (tau = s t). Hashable: closed over by jitted functions.
+  """
+  time_scale: float  # s
+  mask_prob: float   # p_m
+  random_prob: float  # p_u
+  mask_id: int
+  random_token_ids: tuple[int, ...]
+
+  def __post_init__(self):
+    if not 0.0 < self.time_scale <= 1.0:
+      raise ValueError("mixed noise: keep_prob must be < 1 (with keep_prob = 1 nothing is ever corrupted)")
+    if self.random_prob > 0 and not self.random_token_ids:
+      raise ValueError("mixed noise: random_prob > 0 but there are no random token ids")
+
+  @classmethod
+  def from_masking(cls, spec: masking.MaskingSpec) -> MixedNoise:
+    s = spec.mask_prob + spec.random_prob
+    return cls(time_scale=s, mask_prob=spec.mask_prob / s, random_prob=spec.random_prob / s,
+               mask_id=spec.mask_id, random_token_ids=spec.random_token_ids)
+
+  def is_random_id(self, vocab_size: int) -> jax.Array:
+    """bool[V]: the ids uniform noise draws from."""
+    return jnp.zeros((vocab_size,), bool).at[jnp.asarray(self.random_token_ids, jnp.int32)].set(True)
+
+  def in_random_ids(self, ids: jax.Array) -> jax.Array:
+    """bool[ids.shape]: whether each id is one uniform noise draws from (any id; larger ones are not)."""
+    table = self.is_random_id(max(self.random_token_ids, default=0) + 1)
+    return jnp.take(table, ids, mode="fill", fill_value=False)
+
+
+# t is clipped into (0, 1) so that 1 / (t (1 - t)) stays finite at a sampled endpoint; the ELBO's integrand is
+# bounded near t = 1 and the mass cut off at either end is below float32 resolution of the loss.
+GIDD_T_MIN, GIDD_T_MAX = 1e-6, 1.0 - 1e-6
+
+
+def gidd_weights(noisy_BxL: jax.Array, targets_BxL: jax.Array, corruptible_BxL: jax.Array, t_B: jax.Array,
+                 noise: MixedNoise) -> jax.Array:
+  """float32[B, L]: the ELBO weight w_t(z, x) of each position's state z (the noisy token) given x.
+
+  GIDD (von Rütte et al. 2025, Sec. 3) writes the continuous-time ELBO of a process with marginals
+  q_t(z|x) = alpha_t [z = x] + (1 - alpha_t) pi_t(z) as
+      -log p(x) <= E_{t ~ U(0,1), z ~ q_t(.|x)} [ w_t(z, x) (KL(q_t(.|x) || q_t(.|x_theta)) + IS(z)) ],
+      w_t(z, x) = ( (1 - alpha_t) pi_t'(z) - (alpha_t' / alpha_t) pi_t(z) ) / q_t(z | x),
+      IS(z) = r - log r - 1, r = q_t(z|x) / q_t(z|x_theta),
+  x_theta being the model's distribution over clean tokens (their reference code's hybrid schedule gives the
+  same weights through this formula). Derivation for a fixed pi: the process is a CTMC in which a token is
+  redrawn from pi at rate lambda = -alpha'/alpha, so the reverse rate z -> z' given x is
+  lambda pi(z) q_t(z'|x) / q_t(z|x), and the model's is the same with x_theta plugged in. The path-space
+  bound (Campbell et al. 2022) sums R_theta - R + R log(R / R_theta) over z' != z, which collapses to
+  lambda pi(z) / q_t(z|x) (KL + IS). With alpha = 1 - tau and tau = s t, per unit of t
+      w = s pi(z) / ((1 - tau) q_tau(z | x)),
+  and the three states a position can hold give
+      [MASK]:       q = tau p_m                          -> w = s / (tau (1 - tau))
+      wrong token:  q = tau p_u / R                      -> w = s / (tau (1 - tau))
+      right token:  q = (1 - tau) + tau p_u / R          -> w = s (p_u / R) / ((1 - tau) (1 - tau + tau p_u / R))
+  ([MASK] and wrong tokens share a weight because the mix is fixed; their loss terms differ). A right token
+  outside the random ids (e.g. [EOS]) has pi(x) = 0: weight 0. Positions outside `corruptible` get 0. With pure
+  [MASK] noise (p_u = 0) w (KL + IS) is the 1/t-weighted cross-entropy. A full bound needs keep_prob = 0:
+  otherwise tau only reaches s and the prior term at tau = 1 is left out (as a training loss that is fine).
+  """
+  tau_B = jnp.clip(noise.time_scale * t_B.astype(jnp.float32), GIDD_T_MIN, GIDD_T_MAX)[:, None]
+  a, r_count = 1.0 - tau_B, max(len(noise.random_token_ids), 1)
+  c = tau_B * noise.random_prob / r_count  # q_tau(z|x) of one random id z != x
+  in_random_x = noise.in_random_ids(targets_BxL)
+  is_mask, is_right = noisy_BxL == noise.mask_id, noisy_BxL == targets_BxL
+  reachable_wrong = ~is_mask & ~is_right & noise.in_random_ids(noisy_BxL)
+  reachable_wrong &= noise.random_prob > 0
+  noised = jnp.where(is_mask & (noise.mask_prob > 0) | reachable_wrong, 1.0 / (tau_B * a), 0.0)
+  right = jnp.where(is_right & in_random_x, (noise.random_prob / r_count) / (a * (a + c)), 0.0)
+  return jnp.where(corruptible_BxL, noise.time_scale * (noised + right), 0.0)
+
+
+def gidd_divergences(logits_BxLxV: jax.Array, targets_BxL: jax.Array, noisy_BxL: jax.Array, t_B: jax.Array,
+                     noise: MixedNoise) -> jax.Array:
+  """float32[B, L]: KL(q_t(.|x) || q_t(.|x_theta)) + IS(z) of each position (see `gidd_weights`).
+
+  x_theta = softmax(logits) with [MASK] banned (a clean token is never [MASK]). With a = 1 - tau and
+  c = tau p_u / R the two marginals differ only on the random ids and on x:
+      KL = q(x|x) log(q(x|x) / (a x_theta(x) + c_x)) - sum_{z in R, z != x} c log(1 + a x_theta(z) / c),
+  where c_x = c if x is a random id, else 0; the [MASK] entries (tau p_m on both sides) cancel. IS is 0 on
+  [MASK]; r = c / (a x_theta(z) + c) on a wrong token z and r = q(x|x) / (a x_theta(x) + c_x) on the right one.
+  log(1 + a p / c) is computed as softplus(log(a / c) + log p), stable for tiny c and p.
+  """
+  V = logits_BxLxV.shape[-1]
+  logits = jnp.where(jnp.arange(V) == noise.mask_id, -jnp.inf, logits_BxLxV.astype(jnp.float32))
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  tau = jnp.clip(noise.time_scale * t_B.astype(jnp.float32), GIDD_T_MIN, GIDD_T_MAX)[:, None]
+  a = 1.0 - tau
+  at = lambda ids: jnp.take_along_axis(log_p, ids[..., None], axis=-1)[..., 0]
+  log_p_x = at(targets_BxL)
+  if noise.random_prob > 0:
+    c = tau * noise.random_prob / len(noise.random_token_ids)
+    c_x = jnp.where(noise.in_random_ids(targets_BxL), c, 0.0)
+    log_gain = lambda lp: jax.nn.softplus(jnp.log(a / c) + lp)  # log(1 + a p / c), lp [B, L]
+    spread_V = jnp.where(noise.is_random_id(V), jax.nn.softplus(jnp.log(a / c)[..., None] + log_p), 0.0)
+    others = jnp.sum(spread_V, axis=-1) - jnp.where(c_x > 0, log_gain(log_p_x), 0.0)
+    kl_rest = -c * others
+  else:
+    c_x, kl_rest = jnp.zeros_like(log_p_x), 0.0
+  q_x, has_c = a + c_x, c_x > 0
+  log_q_theta_x = jnp.where(has_c, jnp.logaddexp(jnp.log(a) + log_p_x, jnp.log(jnp.where(has_c, c_x, 1.0))),
+                            jnp.log(a) + log_p_x)
+  log_r_right = jnp.log(q_x) - log_q_theta_x
+  kl = q_x * log_r_right + kl_rest
+  is_mask, is_right = noisy_BxL == noise.mask_id, noisy_BxL == targets_BxL
+  log_r_wrong = -log_gain(at(noisy_BxL)) if noise.random_prob > 0 else jnp.zeros_like(log_p_x)
+  # r = 1 (IS = 0) on [MASK], and on a right token outside the random ids, whose weight is 0 and whose r
+  # (1 / x_theta(x)) may overflow.
+  log_r = jnp.where(is_mask | (is_right & ~has_c), 0.0, jnp.where(is_right, log_r_right, log_r_wrong))
+  return kl + jnp.expm1(log_r) - log_r
+
+
+def gidd_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array, noisy_BxL: jax.Array,
+                    corruptible_BxL: jax.Array, t_B: jax.Array, noise: MixedNoise) -> jax.Array:
+  """float32[B, L]: w_t(z, x) (KL + IS) per position, 0 outside `corruptible`; its sum is one draw of the
+  mixed-noise ELBO's integrand (`gidd_weights`)."""
+  weight_BxL = gidd_weights(noisy_BxL, targets_BxL, corruptible_BxL, t_B, noise)
+  divergence_BxL = gidd_divergences(logits_BxLxV, targets_BxL, noisy_BxL, t_B, noise)
+  return jnp.where(weight_BxL != 0, weight_BxL * divergence_BxL, 0.0)
+
+
+def gidd_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden_BxLxD: jax.Array, targets_BxL: jax.Array,
+                  noisy_BxL: jax.Array, corruptible_BxL: jax.Array, t_B: jax.Array, noise: MixedNoise,
+                  chunk_size: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of `gidd_token_loss`, nll_BxL, correct_BxL) from the final hidden states, `chunk_size` positions at
+  a time (0: all at once).
+
+  The loss needs the whole predicted distribution, so the fused cross-entropy does not apply; instead each
+  chunk's logits are rematerialised in the backward pass (jax.checkpoint), so at most one chunk's float32
+  [B, C, V] logits are alive. nll and correct are metrics (no gradient).
+  """
+  to_chunks, from_chunks = sequence_chunks(hidden_BxLxD.shape[1], chunk_size)
+
+  @jax.checkpoint
+  def one_chunk(total, xs):
+    h, y, z, ok = xs
+    logits = logits_fn(h)
+    nll, correct = token_nll_and_correct(logits, y)
+    total = total + jnp.sum(gidd_token_loss(logits, y, z, ok, t_B, noise))
+    return total, (jax.lax.stop_gradient(nll), correct)
+
+  total, (nll, correct) = jax.lax.scan(
+      one_chunk, jnp.zeros((), jnp.float32),
+      (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(noisy_BxL), to_chunks(corruptible_BxL)))
+  return total, from_chunks(nll), from_chunks(correct)
+
 
 
 def ratio_bucket_ids(t_B: jax.Array) -> jax.Array:

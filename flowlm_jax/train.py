@@ -138,15 +138,21 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig):
   """
   tokens, corruptible = batch["tokens"], batch["corruptible"]
   c = masking.corrupt(key, tokens, corruptible, cfg.masking)
-  weight = losses.loss_weights(cfg.loss, cfg.loss_weighting, c.corrupted, c.t, corruptible)
-  # The loss's normaliser (corruptible positions for LLaDA, corrupted ones for FlowLM's plain weighting), so
-  # that loss * normaliser summed over batches, over the normalisers summed, is a per-token mean.
-  _, normaliser = losses.diffusion_loss_weights(c.corrupted, c.t, corruptible,
-                                                "inverse_t" if cfg.loss == "llada" else cfg.loss_weighting)
+  weighting = "inverse_t" if cfg.loss == "llada" else cfg.loss_weighting
+  # The loss's normaliser (corruptible positions for the likelihood bounds, corrupted ones for FlowLM's plain
+  # weighting), so that loss * normaliser summed over batches, over the normalisers summed, is a per-token mean.
+  normaliser = losses.loss_normaliser(weighting, c.corrupted, corruptible)
+  if weighting != losses.GIDD:
+    weight = losses.loss_weights(cfg.loss, cfg.loss_weighting, c.corrupted, c.t, corruptible)
   model = nnx.merge(graphdef, params)
   kv_lengths_B = jnp.sum(c.noisy_tokens != cfg.pad_id, axis=-1, dtype=jnp.int32)
   hidden = model.hidden(c.noisy_tokens, kv_lengths_B=kv_lengths_B)
-  if cfg.loss_chunk_size:
+  if weighting == losses.GIDD:  # the mixed-noise ELBO needs the whole predicted distribution, not one NLL
+    total, nll, correct = losses.gidd_loss_sum(
+        model.logits_from_hidden, hidden, tokens, c.noisy_tokens, corruptible, c.t,
+        losses.MixedNoise.from_masking(cfg.masking), cfg.loss_chunk_size)
+    loss = total / jnp.maximum(normaliser, 1.0)
+  elif cfg.loss_chunk_size:
     bias = model.output_bias() if hasattr(model, "output_bias") else None  # ModernBERT's decoder bias
     loss, nll, correct = losses.fused_weighted_cross_entropy(
         hidden, model.output_matrix(), tokens, weight, cfg.model.num_real_tokens, cfg.loss_chunk_size, bias)

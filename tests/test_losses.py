@@ -190,3 +190,148 @@ def test_metric_sums_add_over_micro_batches():
   summed = jax.tree.map(lambda a, b: a + b, *halves)
   assert losses.finalize_metrics(summed) == pytest.approx(losses.finalize_metrics(whole))
   assert losses.finalize_metrics(whole)["accuracy"] == pytest.approx(correct[corrupted].mean())
+
+
+# --- the mixed [MASK] + uniform ELBO (GIDD) -----------------------------------------------------
+
+MASK = 0
+RANDOM_IDS = (1, 2, 3, 4)  # id 5 plays [EOS]: a target that uniform noise never draws
+
+
+def mixed_noise(mask_prob=0.3, random_prob=0.7, keep_prob=0.0):
+  spec = masking.MaskingSpec(mask_prob=mask_prob, random_prob=random_prob, keep_prob=keep_prob, min_ratio=0.0,
+                             max_ratio=1.0, eps=0.0, mask_id=MASK, random_token_ids=RANDOM_IDS)
+  return losses.MixedNoise.from_masking(spec)
+
+
+def test_loss_weighting_choices_in_config_are_the_losses():
+  from flowlm_jax import config
+  assert config.CHOICES["training.loss_weighting"] == losses.LOSS_WEIGHTINGS
+
+
+@pytest.mark.parametrize("keep_prob", [0.0, 0.2])
+def test_gidd_weights_match_a_hand_computation_in_each_state(keep_prob):
+  mask_prob, random_prob, t, R = 0.3 * (1 - keep_prob), 0.7 * (1 - keep_prob), 0.4, len(RANDOM_IDS)
+  noise = mixed_noise(mask_prob, random_prob, keep_prob)
+  targets = jnp.asarray([[2, 2, 2, 5, 2, 2]])
+  noisy = jnp.asarray([[MASK, 3, 2, 5, 2, 5]])  # [MASK], wrong, right, right but [EOS], not corruptible, unreachable
+  corruptible = jnp.asarray([[True, True, True, True, False, True]])
+  w = losses.gidd_weights(noisy, targets, corruptible, jnp.asarray([t]), noise)[0]
+  s = 1 - keep_prob  # the clock: tau = s t; pi = 0.3 [MASK] + 0.7 uniform over the 4 random ids
+  tau = s * t
+  q_right = (1 - tau) + tau * 0.7 / R
+  expected = [s * 0.3 / ((1 - tau) * tau * 0.3),            # pi(MASK) / ((1 - tau) q(MASK | x))
+              s * (0.7 / R) / ((1 - tau) * tau * 0.7 / R),  # pi(z) / ((1 - tau) q(z | x)), z wrong
+              s * (0.7 / R) / ((1 - tau) * q_right),        # pi(x) / ((1 - tau) q(x | x))
+              0.0, 0.0, 0.0]
+  np.testing.assert_allclose(w, expected, rtol=1e-5)
+  assert expected[0] == pytest.approx(1 / (t * (1 - tau)))  # [MASK] and wrong tokens: 1 / (t (1 - tau))
+
+
+def brute_force_gidd_divergence(log_p, x, z, t, noise, V):
+  """KL(q_t(.|x) || q_t(.|p)) + IS(z) from the full marginal vectors, in float64."""
+  tau = noise.time_scale * t
+  pi = np.zeros(V)
+  pi[MASK] = noise.mask_prob
+  pi[list(RANDOM_IDS)] = noise.random_prob / len(RANDOM_IDS)
+  p = np.exp(log_p.astype(np.float64))
+  p[MASK] = 0.0
+  p /= p.sum()
+  q_x = (1 - tau) * np.eye(V)[x] + tau * pi
+  q_p = (1 - tau) * p + tau * pi
+  kl = sum(q_x[v] * np.log(q_x[v] / q_p[v]) for v in range(V) if q_x[v] > 0)
+  r = q_x[z] / q_p[z]
+  return kl + r - np.log(r) - 1
+
+
+@pytest.mark.parametrize("mix", [(0.3, 0.7), (1.0, 0.0), (0.0, 1.0)])
+def test_gidd_divergences_match_the_full_marginals(mix):
+  V = 7
+  noise = mixed_noise(*mix)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(scale=2.0, size=(3, 4, V)).astype(np.float32)
+  targets = np.asarray([[2, 5, 1, 4]] * 3)
+  states = {"mask": [MASK] * 4, "wrong": [3, 1, 2, 1], "right": [2, 5, 1, 4]}
+  t = np.asarray([0.05, 0.5, 0.97], np.float32)
+  for name, z in states.items():
+    if (name == "mask" and not mix[0]) or (name == "wrong" and not mix[1]):
+      continue  # a state this mix never produces
+    noisy = np.asarray([z] * 3)
+    got = losses.gidd_divergences(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(noisy), jnp.asarray(t), noise)
+    weight = losses.gidd_weights(jnp.asarray(noisy), jnp.asarray(targets), jnp.ones((3, 4), bool), jnp.asarray(t),
+                                 noise)
+    for b in range(3):
+      for i in range(4):
+        if weight[b, i] == 0:
+          continue  # a right token uniform noise never draws: unused, and its IS term is set to 0
+        want = brute_force_gidd_divergence(logits[b, i], targets[b, i], noisy[b, i], t[b], noise, V)
+        np.testing.assert_allclose(got[b, i], want, rtol=2e-4, atol=1e-6, err_msg=f"{name} b={b} i={i}")
+
+
+def test_gidd_loss_with_pure_mask_noise_is_the_inverse_t_loss():
+  logits, targets, corrupted, t, corruptible, _ = make_batch(seed=3)
+  noise = losses.MixedNoise(time_scale=1.0, mask_prob=1.0, random_prob=0.0, mask_id=V - 1, random_token_ids=())
+  logits[..., V - 1] = -1e9  # the model never predicts [MASK] (the mixed-noise loss bans it too)
+  targets = np.minimum(targets, V - 2)
+  noisy = np.where(corrupted, V - 1, targets)
+  per_token = losses.gidd_token_loss(jnp.asarray(logits), targets, noisy, corruptible, t, noise)
+  nll = numpy_nll_and_correct(logits, targets)[0]
+  np.testing.assert_allclose(per_token, np.where(corrupted, nll / t[:, None], 0.0), rtol=1e-4, atol=1e-5)
+
+
+def test_gidd_elbo_is_tight_for_the_exact_reverse_process_and_an_upper_bound_otherwise():
+  """One position, data uniform over two tokens. Integrating w (KL + IS) over t (midpoint rule) and the states z
+  gives the ELBO. The model whose plugged-in reverse rates are the true ones (here: x_theta = the data
+  distribution, whatever z is) makes it -log p(x) = log 2; the posterior p(x | z) as x_theta gives more."""
+  noise, V, n = mixed_noise(0.3, 0.7), 6, 4000
+  data = (1, 2)  # x is 1 or 2, equally likely; ids 3 and 4 are random ids outside the data
+  t = (np.arange(n) + 0.5) / n
+  c = t * 0.7 / len(RANDOM_IDS)
+
+  def elbo(x, model):
+    total = np.zeros(n)
+    for z in (MASK, *RANDOM_IDS):
+      like = {y: np.where(z == y, 1 - t, 0.0) + (t * 0.3 if z == MASK else c) for y in data}  # q_t(z | y)
+      p = model(like)
+      probs = np.stack([p[y] / (p[1] + p[2]) if y in data else np.zeros(n) for y in range(V)], -1)
+      logits = np.log(np.maximum(probs, 1e-30)).astype(np.float32)[:, None, :]
+      loss = losses.gidd_token_loss(jnp.asarray(logits), jnp.full((n, 1), x), jnp.full((n, 1), z),
+                                    jnp.ones((n, 1), bool), jnp.asarray(t, jnp.float32), noise)
+      total += like[x] * np.asarray(loss[:, 0], np.float64)
+    return total.mean()
+
+  for x in data:
+    assert elbo(x, lambda like: {y: np.ones(n) for y in data}) == pytest.approx(np.log(2), rel=1e-4)
+    assert elbo(x, lambda like: like) > np.log(2) + 0.1
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_gidd_loss_sum_chunks_agree_and_give_finite_gradients(chunk_size):
+  rng = np.random.default_rng(4)
+  D, Vs = 6, 6
+  hidden = jnp.asarray(rng.normal(size=(2, 12, D)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(D, Vs)), jnp.float32)
+  targets = jnp.asarray(rng.integers(1, 6, size=(2, 12)))
+  noisy = jnp.where(rng.random((2, 12)) < 0.5, rng.integers(0, 5, size=(2, 12)), targets)
+  corruptible = jnp.asarray(rng.random((2, 12)) < 0.9)
+  t = jnp.asarray([0.3, 0.8])
+  noise = mixed_noise()
+  logits_fn = lambda h, w: h @ w
+  full = losses.gidd_token_loss(logits_fn(hidden, w), targets, noisy, corruptible, t, noise)
+
+  def total(hidden, w):
+    return losses.gidd_loss_sum(lambda h: logits_fn(h, w), hidden, targets, noisy, corruptible, t, noise,
+                                chunk_size)[0]
+
+  np.testing.assert_allclose(jax.jit(total)(hidden, w), jnp.sum(full), rtol=1e-5)
+  grads = jax.jit(jax.grad(total, argnums=(0, 1)))(hidden, w)
+  want = jax.jit(jax.grad(lambda h, w: jnp.sum(losses.gidd_token_loss(logits_fn(h, w), targets, noisy, corruptible,
+                                                                       t, noise)), argnums=(0, 1)))(hidden, w)
+  for g, ref in zip(grads, want):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_fn_refuses_gidd_as_an_nll_weighting():
+  with pytest.raises(ValueError, match="gidd_loss_sum"):
+    losses.loss_fn("flowlm", "gidd")
