@@ -1,7 +1,8 @@
 """Where metrics go: `WORKDIR/metrics.jsonl`, `WORKDIR/samples.jsonl` and (optionally) wandb.
 
-Only process 0 writes. wandb is imported lazily, defaults to offline with its files under the workdir,
-and any failure of it is reported once and then ignored: tracking never stops training.
+Only process 0 writes. wandb is imported lazily and defaults to offline with its files under the workdir;
+`online` without a key or a server falls back to offline there (one warning naming the `wandb sync`
+command). Any other failure of it is reported once and then ignored: tracking never stops training.
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def _drop_rows_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+# Seconds allowed to find the tracking server before an online run falls back to offline, and (a backstop)
+# for wandb.init online itself: with a key but no server, wandb retries until its init_timeout (90 s default).
+ONLINE_PROBE_TIMEOUT = 5.0
+ONLINE_INIT_TIMEOUT = 30.0
+
+
 def _start_wandb(workdir: str, config):
   w = config.logging.wandb
   mode = w.mode
@@ -135,13 +142,54 @@ def _start_wandb(workdir: str, config):
     os.environ.setdefault(var, wandb_dir)
   try:
     import wandb
+  except ImportError as e:
+    log.warning("wandb: cannot import it (%s); continuing without it", e)
+    return None
+
+  def init(mode: str, timeout: float):
     return wandb.init(
         project=w.project, name=w.name or os.path.basename(os.path.abspath(workdir)), entity=w.entity or None,
         tags=list(w.tags), mode=mode, dir=workdir, config=redact(config.to_dict()),
-        settings=wandb.Settings(init_timeout=30, silent=True))
-  except Exception as e:  # noqa: BLE001 - no network, no key, no wandb: train anyway
-    log.warning("wandb: could not start (%s: %s); continuing without it", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        settings=wandb.Settings(init_timeout=timeout, silent=True))
+
+  why_not_online = None
+  if mode == "online":
+    why_not_online = _unreachable(wandb.setup().settings.base_url)
+    if why_not_online is None:
+      try:
+        return init("online", ONLINE_INIT_TIMEOUT)
+      except Exception as e:  # noqa: BLE001 - no key, key refused, server trouble: track offline instead
+        why_not_online = _first_line(e)
+    mode = "offline"
+  try:
+    run = init(mode, ONLINE_INIT_TIMEOUT)
+  except Exception as e:  # noqa: BLE001 - a broken wandb install or disk: train anyway
+    log.warning("wandb: could not start (%s); continuing without it", _first_line(e))
     return None
+  if why_not_online is not None:  # one line, with what to run once the network or key is there
+    log.warning("wandb: cannot track online (%s): logging offline instead; upload it later with `wandb sync %s`",
+                why_not_online, run.sync_dir)
+  return run
+
+
+def _unreachable(url: str, timeout: float = ONLINE_PROBE_TIMEOUT) -> str | None:
+  """Why the tracking server at `url` cannot be reached (None: it answered, whatever the status)."""
+  import urllib.error
+  import urllib.request
+
+  try:
+    urllib.request.urlopen(url, timeout=timeout).close()  # honours HTTP(S)_PROXY, as wandb does
+  except urllib.error.HTTPError:
+    return None  # an HTTP answer (401, 404, ...): the server is there
+  except (OSError, ValueError) as e:
+    reason = getattr(e, "reason", e)
+    return f"{url} unreachable: {reason}"
+  return None
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def redact(obj: Any) -> Any:
