@@ -1,17 +1,16 @@
 """Masked-diffusion decoding as whole compiled loops: LLaDA and FlowLM any-position refinement.
 
-A row is conceptually [left-padded prompt (ending in [SEP]) | answer of `answer_length`], with RoPE
-positions counted from the first real prompt token, so a row computes what it would alone. The model
-is fed the same tokens and positions in the order [answer | prompt | [PAD]s]: a bidirectional
-transformer with explicit positions does not care where a token sits in the array, and this order
-makes the padding trailing, which `kv_lengths` expresses (cuDNN's fast padded kernel on GPU, no
-[B, T] key mask), with the answer in the same columns of every row.
+Rows, their layout and the model passes over them (whole rows, or slices against a key/value cache)
+are `decoding_passes.py`; this module holds the decoding rules.
 
 - LLaDA (Nie et al. 2025, "Large Language Diffusion Models", Alg. 4 random / Alg. 5 low-confidence
   remasking, with semi-autoregressive blocks): the answer starts all [MASK]; each step predicts every
   masked position and commits the most confident ones of the current block; committed tokens are final.
 - FlowLM: each step re-predicts every answer position and rewrites a few of them according to
   `replacement_strategy`; a row stops on its own (docs/sampling.md has the exact rules).
+
+Both can decode faster (Fast-dLLM, Wu et al. 2025): `parallel_threshold` > 0 also commits every
+candidate whose confidence is above it, and `cache` = prefix | dual reuses keys/values between refreshes.
 
 Each sampler is one `jax.jit` (a fori/while loop inside), batched, with no host work per step.
 Randomness: `init_key, step_key = split(key)`; step t draws `gumbel_key, conf_key =
@@ -27,10 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from flowlm_jax import data, sharding
-from flowlm_jax.models.layers import unstack
+from flowlm_jax.decoding_passes import CACHES, Rows, check_cacheable, decoding_model
 from flowlm_jax.vocab import Vocab
 
 NEG_INF = float(np.finfo(np.float32).min)  # what the model puts on padded vocabulary rows
@@ -58,9 +56,13 @@ class LladaSpec:
   remasking: str
   cfg_scale: float
   vocab: Vocab
+  cache: str = "none"             # none | prefix | dual (decoding_passes.py)
+  cache_refresh: int = 0          # also refresh every this many steps of a block (0: only at its first step)
+  parallel_threshold: float = 0.0  # > 0: also commit every [MASK] of the block above this confidence
 
   def __post_init__(self):
     _check(self.answer_length > 0 and self.steps > 0, "answer_length and steps must be > 0")
+    _check_fast_options(self)
     _check(self.answer_length % self.block_length == 0,
            f"answer_length={self.answer_length} is not a multiple of block_length={self.block_length}")
     _check(self.steps % self.num_blocks == 0,
@@ -75,7 +77,7 @@ class LladaSpec:
   def from_config(cls, icfg, vocab: Vocab) -> "LladaSpec":
     return cls(answer_length=int(icfg.answer_length), steps=int(icfg.steps),
                block_length=int(icfg.block_length or icfg.answer_length), temperature=float(icfg.temperature),
-               remasking=icfg.remasking, cfg_scale=float(icfg.cfg_scale), vocab=vocab)
+               remasking=icfg.remasking, cfg_scale=float(icfg.cfg_scale), vocab=vocab, **_fast_options(icfg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +92,14 @@ class FlowSpec:
   temperature: float
   initial_answer: str
   vocab: Vocab
+  cache: str = "none"             # prefix and dual alike cache the prompt: every answer column is re-predicted
+  cache_refresh: int = 0          # refresh every this many steps (0: only at the first step)
+  parallel_threshold: float = 0.0  # > 0: also rewrite every candidate above this confidence, not just k
 
   def __post_init__(self):
     _check(self.answer_length > 0 and self.max_steps > 0 and self.fill_steps > 0,
            "answer_length, max_steps and steps must be > 0")
+    _check_fast_options(self)
     _check(self.max_replacements > 0, "max_replacements must be > 0")
     _check(self.strategy in STRATEGIES, f"unknown replacement_strategy {self.strategy!r}")
     _check(self.initial_answer in ("mask", "random"), f"unknown initial_answer {self.initial_answer!r}")
@@ -103,7 +109,19 @@ class FlowSpec:
     return cls(answer_length=int(icfg.answer_length), max_steps=int(icfg.max_steps),
                fill_steps=min(int(icfg.steps), int(icfg.max_steps)), threshold=float(icfg.confidence_threshold),
                max_replacements=int(icfg.max_replacements), strategy=icfg.replacement_strategy,
-               temperature=float(icfg.temperature), initial_answer=icfg.initial_answer, vocab=vocab)
+               temperature=float(icfg.temperature), initial_answer=icfg.initial_answer, vocab=vocab,
+               **_fast_options(icfg))
+
+
+def _fast_options(icfg) -> dict:
+  return dict(cache=icfg.cache, cache_refresh=int(icfg.cache_refresh),
+              parallel_threshold=float(icfg.parallel_threshold))
+
+
+def _check_fast_options(spec) -> None:
+  _check(spec.cache in CACHES, f"unknown cache {spec.cache!r} (one of {', '.join(CACHES)})")
+  _check(spec.cache_refresh >= 0, f"cache_refresh must be >= 0, got {spec.cache_refresh}")
+  _check(0.0 <= spec.parallel_threshold <= 1.0, f"parallel_threshold must be in [0, 1], got {spec.parallel_threshold}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -179,43 +197,6 @@ def argmax_and_logsumexp(scores_BxAxV, logits_BxAxV):
   return argmax, running_max + jnp.log(total)
 
 
-def decoding_model(graphdef, params):
-  """(model, its layers unstacked) prepared once, before a decoding loop.
-
-  The forward pass casts each weight where it uses it, and a layer scan slices each layer out of the
-  stacked weights; inside a loop both would run again, copying every weight at every step (XLA does not
-  hoist them). So the samplers cast to the compute dtype (except what the model reads in float32) and
-  unstack the layers once: the same casts the forward pass makes, done earlier.
-  """
-  model = nnx.merge(graphdef, params)
-  dtype, keep = jnp.dtype(model.cfg.compute_dtype), model.FLOAT32_PARAMS
-
-  def cast(path, w):
-    floating = jnp.issubdtype(w.dtype, jnp.floating)
-    return w.astype(dtype) if floating and path[0].key not in keep else w
-
-  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, params))
-  return model, unstack(model.layer_inputs())
-
-
-def answer_logits(model, layers, prompt_BxP, length_B, answer_BxA, padded: bool, first=0,
-                  count: int | None = None):
-  """float32 logits [B, count, V] of answer columns first..first+count (default: all) for prompts [B, P]
-  of `length_B` real tokens, then [PAD]s.
-
-  The row is fed as [answer | prompt | pads] with the positions of [prompt | answer] (module doc). Only
-  the requested columns go through the vocabulary projection: the prompt never does, and LLaDA's
-  semi-autoregressive blocks need only the current block.
-  """
-  (B, P), A = prompt_BxP.shape, answer_BxA.shape[1]
-  tokens_BxT = jnp.concatenate([answer_BxA, prompt_BxP], axis=1)
-  positions_BxT = jnp.concatenate([length_B[:, None] + jnp.arange(A, dtype=jnp.int32),
-                                   jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))], axis=1)
-  kv_lengths_B = A + length_B if padded else None  # no padding: no mask at all
-  hidden = model.hidden(tokens_BxT, positions_BxT=positions_BxT, kv_lengths_B=kv_lengths_B, layers=layers)
-  return model.logits_from_hidden(jax.lax.dynamic_slice_in_dim(hidden, first, count or A, axis=1))
-
-
 def _jit_sampler(fn):
   """`jax.jit` of a sampler, with GPU_DECODING_OPTIONS when it runs on a GPU.
 
@@ -241,6 +222,14 @@ def _record(trajectory, t, answer_BxA):
   return None if trajectory is None else trajectory.at[t].set(answer_BxA)
 
 
+def _hold_final(trajectory, t_end, answer_BxA):
+  """The trajectory with the entries the loop never reached holding the final answer."""
+  if trajectory is None:
+    return None
+  unreached = jnp.arange(trajectory.shape[0])[:, None, None] > t_end
+  return jnp.where(unreached, answer_BxA[None], trajectory)
+
+
 def _step_keys(step_key, t):
   return jax.random.split(jax.random.fold_in(step_key, t))
 
@@ -248,46 +237,106 @@ def _step_keys(step_key, t):
 # --- LLaDA ------------------------------------------------------------------------------------
 
 
+def guided_rows(rows: Rows, spec: LladaSpec):
+  """(rows the model runs, answer -> their answers, their logits -> the rows' logits).
+
+  Classifier-free guidance runs a second copy of each row whose prompt is [MASK] (padding stays
+  padding) and combines `uncond + (cfg_scale + 1) * (cond - uncond)`; without it all three are plain.
+  """
+  if spec.cfg_scale <= 0:
+    return rows, lambda answer_BxA: answer_BxA, lambda logits: logits
+  B, P = rows.prompt_BxP.shape
+  uncond_BxP = jnp.where(jnp.arange(P) < rows.length_B[:, None], spec.vocab.mask_id, rows.prompt_BxP)
+  both = dataclasses.replace(rows, prompt_BxP=jnp.concatenate([rows.prompt_BxP, uncond_BxP]),
+                             length_B=jnp.concatenate([rows.length_B, rows.length_B]))
+
+  def combine(logits):
+    cond, uncond = logits[:B], logits[B:]
+    return uncond + (spec.cfg_scale + 1) * (cond - uncond)
+
+  return both, lambda answer_BxA: jnp.concatenate([answer_BxA, answer_BxA]), combine
+
+
+def llada_block_logits(rows: Rows, spec: LladaSpec, answer_BxA, cache, block, refresh):
+  """(logits [B, block_length, V] of the current block, the cache after this pass).
+
+  Only the current block is projected onto the vocabulary (the others are not eligible this step).
+  With a cache, `refresh` runs whole rows and refills it; otherwise the pass runs the block and every
+  later column (prefix) or the block alone (dual) against it. A prefix pass has one static shape per
+  block, so `lax.switch` picks the block's branch.
+  """
+  L, A = spec.block_length, spec.answer_length
+  first = block * L
+  if spec.cache == "none":
+    return rows.full(answer_BxA, first, L), cache
+  if spec.cache == "dual":
+    cached = lambda: rows.from_cache(answer_BxA, cache, first, L, L)
+  else:
+    branches = [functools.partial(rows.from_cache, answer_BxA, cache, b * L, A - b * L, L)
+                for b in range(spec.num_blocks)]
+    cached = lambda: jax.lax.switch(block, branches)
+  return jax.lax.cond(refresh, lambda: rows.refresh(answer_BxA, first, L), cached)
+
+
+def llada_commit(spec: LladaSpec, block_BxL, pred_BxL, conf_BxL, score_BxL, i):
+  """The block after committing step i's tokens: the schedule's count of the highest-scoring [MASK]s,
+  and with `parallel_threshold` at least one, plus every [MASK] whose confidence is above it."""
+  eligible_BxL = block_BxL == spec.vocab.mask_id  # every block starts all [MASK]
+  B, L = block_BxL.shape
+  k_B = transfer_count(jnp.full((B,), L), spec.steps // spec.num_blocks, i)
+  if spec.parallel_threshold > 0:  # Fast-dLLM's rule: everything confident enough, never nothing
+    k_B = jnp.maximum(k_B, 1)
+  commit_BxL = select_top_k(score_BxL, eligible_BxL, k_B)
+  if spec.parallel_threshold > 0:
+    commit_BxL |= eligible_BxL & (conf_BxL > spec.parallel_threshold)
+  return jnp.where(commit_BxL, pred_BxL, block_BxL)
+
+
 @_jit_sampler
 def llada_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: LladaSpec, padded: bool,
                  return_trajectory: bool = False):
-  """(answer [B, A], trajectory [steps+1, B, A] or None): LLaDA low-confidence / random remasking."""
-  B, A, vocab = prompt_BxP.shape[0], spec.answer_length, spec.vocab
+  """(answer [B, A], passes, full passes, trajectory [steps+1, B, A] or None): LLaDA low-confidence /
+  random remasking.
+
+  passes: forward passes made (every row the same: blocks advance together); full passes: those that
+  ran whole rows (the others ran a slice against the cache). Trajectory entries past the last pass
+  repeat the final answer.
+  """
+  B, A, L, vocab = prompt_BxP.shape[0], spec.answer_length, spec.block_length, spec.vocab
   steps_per_block = spec.steps // spec.num_blocks
   model, layers = decoding_model(graphdef, params)
+  check_cacheable(model, spec.cache)
   _, step_key = jax.random.split(key)
-  # Classifier-free guidance: the unconditional row sees the prompt as [MASK] (padding stays padding).
-  uncond_BxP = jnp.where(jnp.arange(prompt_BxP.shape[1]) < length_B[:, None], vocab.mask_id, prompt_BxP)
+  rows, model_answer, combine = guided_rows(Rows(model, layers, prompt_BxP, length_B, padded), spec)
 
-  def logits_of(answer_BxA, first):
-    """Logits of the current block's columns only (the others are not eligible this step)."""
-    logits = functools.partial(answer_logits, model, layers, first=first, count=spec.block_length,
-                               padded=padded)
-    if spec.cfg_scale <= 0:
-      return logits(prompt_BxP, length_B, answer_BxA)
-    both = logits(jnp.concatenate([prompt_BxP, uncond_BxP]), jnp.concatenate([length_B, length_B]),
-                  jnp.concatenate([answer_BxA, answer_BxA]))
-    cond, uncond = both[:B], both[B:]
-    return uncond + (spec.cfg_scale + 1) * (cond - uncond)
-
-  def step(t, carry):
-    answer_BxA, trajectory = carry
+  def body(carry):
+    t, block, i, answer_BxA, cache, full_passes, trajectory = carry
     gumbel_key, conf_key = _step_keys(step_key, t)
-    first = (t // steps_per_block) * spec.block_length
-    block_BxL = jax.lax.dynamic_slice_in_dim(answer_BxA, first, spec.block_length, axis=1)
-    pred_BxL, conf_BxL, _ = predict(logits_of(answer_BxA, first), spec.temperature, gumbel_key, vocab)
+    refresh = (i == 0) | ((i % spec.cache_refresh == 0) if spec.cache_refresh else False)
+    logits, cache = llada_block_logits(rows, spec, model_answer(answer_BxA), cache, block, refresh)
+    pred_BxL, conf_BxL, _ = predict(combine(logits), spec.temperature, gumbel_key, vocab)
+    score_BxL = conf_BxL
     if spec.remasking == "random":
-      conf_BxL = jax.lax.dynamic_slice_in_dim(jax.random.uniform(conf_key, (B, A)), first, spec.block_length, 1)
-    # Only the current block's [MASK]s are eligible; every block starts all-[MASK].
-    k_B = transfer_count(jnp.full((B,), spec.block_length), steps_per_block, t % steps_per_block)
-    commit_BxL = select_top_k(conf_BxL, block_BxL == vocab.mask_id, k_B)
-    block_BxL = jnp.where(commit_BxL, pred_BxL, block_BxL)
-    answer_BxA = jax.lax.dynamic_update_slice_in_dim(answer_BxA, block_BxL, first, axis=1)
-    return answer_BxA, _record(trajectory, t + 1, answer_BxA)
+      score_BxL = jax.lax.dynamic_slice_in_dim(jax.random.uniform(conf_key, (B, A)), block * L, L, 1)
+    block_BxL = jax.lax.dynamic_slice_in_dim(answer_BxA, block * L, L, axis=1)
+    block_BxL = llada_commit(spec, block_BxL, pred_BxL, conf_BxL, score_BxL, i)
+    answer_BxA = jax.lax.dynamic_update_slice_in_dim(answer_BxA, block_BxL, block * L, axis=1)
+    # With parallel decoding a block ends as soon as no row has a [MASK] left in it; the schedule
+    # guarantees that by its last step either way.
+    finished = i + 1 == steps_per_block
+    if spec.parallel_threshold > 0:
+      finished |= ~jnp.any(block_BxL == vocab.mask_id)
+    full_passes += refresh if spec.cache != "none" else 1
+    return (t + 1, block + finished, jnp.where(finished, 0, i + 1), answer_BxA, cache, full_passes,
+            _record(trajectory, t + 1, answer_BxA))
 
   answer_BxA = jnp.full((B, A), vocab.mask_id, jnp.int32)
+  cache = None if spec.cache == "none" else rows.empty_cache(model_answer(answer_BxA))
   trajectory = jnp.zeros((spec.steps + 1, B, A), jnp.int32).at[0].set(answer_BxA) if return_trajectory else None
-  return jax.lax.fori_loop(0, spec.steps, step, (answer_BxA, trajectory))
+  carry = (jnp.int32(0), jnp.int32(0), jnp.int32(0), answer_BxA, cache, jnp.int32(0), trajectory)
+  t_end, _, _, answer_BxA, _, full_passes, trajectory = jax.lax.while_loop(
+      lambda carry: carry[1] < spec.num_blocks, body, carry)
+  return answer_BxA, t_end, full_passes, _hold_final(trajectory, t_end, answer_BxA)
 
 
 # --- FlowLM -----------------------------------------------------------------------------------
@@ -325,27 +374,46 @@ def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fi
     refinable = ~is_mask & (current_prob_BxA < spec.threshold) & (pred_BxA != answer_BxA)
     update = fill | select_top_k(-current_prob_BxA, refinable, max_rep_B)
     candidate = is_mask | refinable
+  if spec.parallel_threshold > 0:  # confidence-aware parallel decoding: every confident candidate, not just k
+    update |= candidate & (conf_BxA > spec.parallel_threshold)
   return update, jnp.any(candidate, axis=-1)
 
 
 @_jit_sampler
 def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec, padded: bool,
                   return_trajectory: bool = False):
-  """(answer [B, A], steps [B], trajectory [max_steps+1, B, A] or None): FlowLM any-position decoding.
+  """(answer [B, A], steps [B], full passes [B], trajectory [max_steps+1, B, A] or None): FlowLM
+  any-position decoding.
 
   steps[b] is the step at which row b was found final (its answer is trajectory[steps[b], b]; it used
-  min(steps[b] + 1, max_steps) forward passes). Rows beyond the loop's end repeat the final answer.
+  min(steps[b] + 1, max_steps) forward passes, of which `full passes` ran whole rows). Rows beyond the
+  loop's end repeat the final answer.
   """
   B, A, vocab = prompt_BxP.shape[0], spec.answer_length, spec.vocab
   init_key, step_key = jax.random.split(key)
   answer0_BxA = initial_answer(init_key, (B, A), spec)
   fill_count_B = jnp.sum(answer0_BxA == vocab.mask_id, axis=-1, dtype=jnp.int32)
   model, layers = decoding_model(graphdef, params)
+  check_cacheable(model, spec.cache)
+  rows = Rows(model, layers, prompt_BxP, length_B, padded)
+
+  def answer_logits(answer_BxA, cache, t):
+    """(logits of every answer column, the cache, whether this pass ran whole rows).
+
+    Every answer column is re-predicted at every step, so only the prompt can come from the cache.
+    """
+    if spec.cache == "none":
+      return rows.full(answer_BxA), cache, True
+    refresh = (t == 0) | ((t % spec.cache_refresh == 0) if spec.cache_refresh else False)
+    logits, cache = jax.lax.cond(refresh, lambda: rows.refresh(answer_BxA, 0, A),
+                                 lambda: rows.from_cache(answer_BxA, cache, 0, A, A))
+    return logits, cache, refresh
 
   def body(carry):
-    t, answer_BxA, done_B, steps_B, trajectory = carry
+    t, answer_BxA, done_B, steps_B, cache, full_B, trajectory = carry
     gumbel_key, _ = _step_keys(step_key, t)
-    logits = answer_logits(model, layers, prompt_BxP, length_B, answer_BxA, padded)
+    logits, cache, refresh = answer_logits(answer_BxA, cache, t)
+    full_B += refresh & ~done_B
     pred_BxA, conf_BxA, prob_of = predict(logits, spec.temperature, gumbel_key, vocab)
     update_BxA, has_candidates_B = flowlm_update(spec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fill_count_B)
     # The last allowed step fills whatever [MASK] is left, so no answer ends with one.
@@ -355,22 +423,20 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
     unchanged_B = jnp.all(new_BxA == answer_BxA, axis=-1)
     stop_B = ~done_B & (~has_candidates_B | (unchanged_B if spec.temperature == 0 else False))
     steps_B = jnp.where(stop_B, t, steps_B)
-    return t + 1, new_BxA, done_B | stop_B, steps_B, _record(trajectory, t + 1, new_BxA)
+    return t + 1, new_BxA, done_B | stop_B, steps_B, cache, full_B, _record(trajectory, t + 1, new_BxA)
 
   def cond(carry):
-    t, _, done_B, _, _ = carry
+    t, _, done_B, _, _, _, _ = carry
     return (t < spec.max_steps) & ~jnp.all(done_B)
 
   trajectory = None
   if return_trajectory:
     trajectory = jnp.zeros((spec.max_steps + 1, B, A), jnp.int32).at[0].set(answer0_BxA)
-  carry = (jnp.int32(0), answer0_BxA, jnp.zeros((B,), bool), jnp.full((B,), spec.max_steps, jnp.int32),
-           trajectory)
-  t_end, answer_BxA, _, steps_B, trajectory = jax.lax.while_loop(cond, body, carry)
-  if return_trajectory:  # rows the loop never reached hold the final answer
-    unreached = jnp.arange(spec.max_steps + 1)[:, None, None] > t_end
-    trajectory = jnp.where(unreached, answer_BxA[None], trajectory)
-  return answer_BxA, steps_B, trajectory
+  cache = None if spec.cache == "none" else rows.empty_cache(answer0_BxA)
+  carry = (jnp.int32(0), answer0_BxA, jnp.zeros((B,), bool), jnp.full((B,), spec.max_steps, jnp.int32), cache,
+           jnp.zeros((B,), jnp.int32), trajectory)
+  t_end, answer_BxA, _, steps_B, _, full_B, trajectory = jax.lax.while_loop(cond, body, carry)
+  return answer_BxA, steps_B, full_B, _hold_final(trajectory, t_end, answer_BxA)
 
 
 # --- Python API -------------------------------------------------------------------------------
@@ -380,8 +446,11 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
 class SampleOutput:
   tokens: np.ndarray      # int32 [B, P + A]: left-padded prompt, then the answer
   answer: np.ndarray      # int32 [B, A]
-  steps: np.ndarray       # int32 [B]: LLaDA: `steps`; FlowLM: the step each row was found final
+  steps: np.ndarray       # int32 [B]: LLaDA: the steps made (`steps` unless parallel decoding ended blocks
+                          # early); FlowLM: the step each row was found final
   trajectory: np.ndarray | None  # int32 [S + 1, B, A]: the answer after each step (S = steps | max_steps)
+  passes: np.ndarray | None = None       # int32 [B]: forward passes each row's answer took
+  full_passes: np.ndarray | None = None  # int32 [B]: those that ran whole rows (the rest: cached slices)
 
 
 def pad_prompts(prompt_ids: list[list[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
@@ -410,19 +479,23 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
   prompt_BxP, length_B = pad_prompts(prompt_ids, vocab.pad_id)
   key = jax.random.key(icfg.seed) if key is None else key
   kwargs = dict(padded=bool(np.any(length_B < prompt_BxP.shape[1])), return_trajectory=return_trajectory)
+  B = len(prompt_ids)
   if mode == "llada":
     spec = LladaSpec.from_config(icfg, vocab)
-    answer, trajectory = llada_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
-    steps = np.full((len(prompt_ids),), spec.steps, np.int32)
+    answer, steps, full, trajectory = llada_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
+    answer, steps, full, trajectory = jax.device_get((answer, steps, full, trajectory))
+    steps = passes = np.full((B,), steps, np.int32)
+    full = np.full((B,), full, np.int32)
   elif mode == "flowlm":
     spec = FlowSpec.from_config(icfg, vocab)
-    answer, steps, trajectory = flowlm_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
+    answer, steps, full, trajectory = flowlm_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
+    answer, steps, full, trajectory = jax.device_get((answer, steps, full, trajectory))
+    passes = np.minimum(steps + 1, spec.max_steps)
   else:
     raise ValueError(f"sampling: unknown mode {mode!r} (llada | flowlm)")
-  answer, steps, trajectory = jax.device_get((answer, steps, trajectory))
   tokens = np.concatenate([left_padded(prompt_BxP, length_B), answer], axis=1)
-  return SampleOutput(tokens=tokens, answer=np.asarray(answer),
-                      steps=np.asarray(steps), trajectory=trajectory)
+  return SampleOutput(tokens=tokens, answer=np.asarray(answer), steps=np.asarray(steps), trajectory=trajectory,
+                      passes=np.asarray(passes, np.int32), full_passes=np.asarray(full, np.int32))
 
 
 def answer_ids(answer_A, vocab: Vocab) -> list[int]:

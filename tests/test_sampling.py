@@ -31,6 +31,9 @@ FLOWLM_CASES = [*[(s, dict()) for s in STRATEGIES], ("most_confident_changes", d
                 ("below_threshold", FLOWLM_RANDOM), ("fill_then_refine", dict(temperature=0.7, steps=4))]
 FLOWLM_IDS = [*STRATEGIES, "most_confident_changes-random", "below_threshold-random-temperature",
               "fill_then_refine-temperature"]
+# Parallel decoding (Fast-dLLM's confidence threshold); 0.3 sits in the tiny model's confidence range.
+LLADA_PARALLEL = dict(block_length=4, parallel_threshold=0.3)
+FLOWLM_PARALLEL_CASES = [(s, dict(parallel_threshold=0.3)) for s in STRATEGIES]
 
 
 def build(model_cfg: ModelConfig):
@@ -111,9 +114,10 @@ def ref_schedule(count, steps):
 
 
 def ref_llada(graphdef, params, prompt_ids, key, icfg):
+  """(trajectory [steps + 1, B, A], steps made); entries after the last step repeat the answer."""
   model = (graphdef, params)
   prompt, valid = ref_left_pad(prompt_ids)
-  B, A = len(prompt_ids), icfg.answer_length
+  B, A, threshold = len(prompt_ids), icfg.answer_length, icfg.parallel_threshold
   block = icfg.block_length or A
   steps_per_block = icfg.steps // (A // block)
   _, step_key = jax.random.split(key)
@@ -123,7 +127,7 @@ def ref_llada(graphdef, params, prompt_ids, key, icfg):
     cols = range(b * block, (b + 1) * block)
     schedules = [ref_schedule(int(np.sum(x[r, cols] == MASK)), steps_per_block) for r in range(B)]
     for i in range(steps_per_block):
-      gumbel_key, conf_key = jax.random.split(jax.random.fold_in(step_key, b * steps_per_block + i))
+      gumbel_key, conf_key = jax.random.split(jax.random.fold_in(step_key, len(trajectory) - 1))
       logits = ref_logits(model, prompt, valid, x)
       if icfg.cfg_scale > 0:
         uncond = ref_logits(model, np.where(valid, MASK, prompt), valid, x)
@@ -131,13 +135,19 @@ def ref_llada(graphdef, params, prompt_ids, key, icfg):
       # Only the current block is predicted (the noise is drawn for its columns alone).
       pred, conf = np.zeros((B, A), int), np.zeros((B, A))
       pred[:, cols], conf[:, cols], _ = ref_predict(logits[:, cols], icfg.temperature, gumbel_key)
-      if icfg.remasking == "random":
-        conf = np.asarray(jax.random.uniform(conf_key, (B, A)))
+      score = np.asarray(jax.random.uniform(conf_key, (B, A))) if icfg.remasking == "random" else conf
       for r in range(B):
-        for j in ref_top([j for j in cols if x[r, j] == MASK], lambda j: -conf[r, j], schedules[r][i]):
-          x[r, j] = pred[r, j]
+        masks = [j for j in cols if x[r, j] == MASK]
+        chosen = ref_top(masks, lambda j: -score[r, j], max(schedules[r][i], 1 if threshold else 0))
+        if threshold:  # parallel decoding: also every [MASK] of the block above the threshold
+          chosen += [j for j in masks if conf[r, j] > threshold and j not in chosen]
+        x[r, chosen] = pred[r, chosen]
       trajectory.append(x.copy())
-  return np.stack(trajectory)
+      if threshold and not np.any(x[:, cols] == MASK):  # the whole batch is done with this block
+        break
+  passes = len(trajectory) - 1
+  trajectory += [x.copy()] * (icfg.steps + 1 - len(trajectory))
+  return np.stack(trajectory), passes
 
 
 def ref_flowlm_choose(strategy, x, pred, conf, probs, icfg, fill_schedule, t):
@@ -148,14 +158,19 @@ def ref_flowlm_choose(strategy, x, pred, conf, probs, icfg, fill_schedule, t):
     below = [j for j in range(A) if x[j] != MASK and conf[j] < thr]
     chosen = ref_top(masks, lambda j: -conf[j], k)
     chosen += ref_top(below, lambda j: conf[j], k - len(chosen))
-    return chosen, bool(masks or below)
-  if strategy == "most_confident_changes":
+    candidates = masks + below
+  elif strategy == "most_confident_changes":
     candidates = [j for j in range(A) if x[j] == MASK or (pred[j] != x[j] and conf[j] >= thr)]
-    return ref_top(candidates, lambda j: -conf[j], k), bool(candidates)
-  current = probs[np.arange(A), x]
-  refinable = [j for j in range(A) if x[j] != MASK and current[j] < thr and pred[j] != x[j]]
-  fill = ref_top(masks, lambda j: -conf[j], fill_schedule[t] if t < len(fill_schedule) else 0)
-  return fill + ref_top(refinable, lambda j: current[j], k), bool(masks or refinable)
+    chosen = ref_top(candidates, lambda j: -conf[j], k)
+  else:
+    current = probs[np.arange(A), x]
+    refinable = [j for j in range(A) if x[j] != MASK and current[j] < thr and pred[j] != x[j]]
+    chosen = ref_top(masks, lambda j: -conf[j], fill_schedule[t] if t < len(fill_schedule) else 0)
+    chosen += ref_top(refinable, lambda j: current[j], k)
+    candidates = masks + refinable
+  if icfg.parallel_threshold:  # parallel decoding: also every candidate above the threshold
+    chosen += [j for j in candidates if conf[j] > icfg.parallel_threshold and j not in chosen]
+  return chosen, bool(candidates)
 
 
 def ref_flowlm(graphdef, params, prompt_ids, key, icfg):
@@ -199,16 +214,23 @@ def ref_flowlm(graphdef, params, prompt_ids, key, icfg):
 @pytest.mark.parametrize("overrides", [
     dict(),
     LLADA_RANDOM,
-], ids=["greedy", "blocks-random-temperature-cfg"])
+    LLADA_PARALLEL,
+    dict(LLADA_RANDOM, parallel_threshold=0.3),
+], ids=["greedy", "blocks-random-temperature-cfg", "blocks-parallel", "blocks-random-temperature-cfg-parallel"])
 def test_llada_matches_reference(overrides):
+  """cache=none, parallel_threshold=0 (the first two) is the sampler as it was before those options."""
   graphdef, params = params_at(30.0)
   icfg = inference_config(**overrides)
   key = jax.random.key(3)
   out = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="llada", key=key, return_trajectory=True)
-  np.testing.assert_array_equal(out.trajectory, ref_llada(graphdef, params, PROMPTS, key, icfg))
+  trajectory, passes = ref_llada(graphdef, params, PROMPTS, key, icfg)
+  np.testing.assert_array_equal(out.trajectory, trajectory)
+  np.testing.assert_array_equal(out.passes, passes)
+  np.testing.assert_array_equal(out.full_passes, passes)  # no cache: every pass runs whole rows
 
 
-@pytest.mark.parametrize("strategy, overrides", FLOWLM_CASES, ids=FLOWLM_IDS)
+@pytest.mark.parametrize("strategy, overrides", FLOWLM_CASES + FLOWLM_PARALLEL_CASES,
+                         ids=FLOWLM_IDS + [f"{s}-parallel" for s in STRATEGIES])
 def test_flowlm_matches_reference(strategy, overrides):
   graphdef, params = params_at(30.0)
   icfg = inference_config(**{"replacement_strategy": strategy, **overrides})
@@ -218,6 +240,7 @@ def test_flowlm_matches_reference(strategy, overrides):
   np.testing.assert_array_equal(out.trajectory, trajectory)
   np.testing.assert_array_equal(out.steps, steps)
   np.testing.assert_array_equal(out.answer, trajectory[-1])
+  np.testing.assert_array_equal(out.passes, np.minimum(steps + 1, icfg.max_steps))
 
 
 # --- LLaDA invariants -------------------------------------------------------------------------
@@ -425,3 +448,158 @@ def test_sample_cli_maps_flags_to_inference_fields():
   assert (icfg.steps, icfg.max_steps, icfg.answer_length) == (6, 6, 4)
   assert (icfg.confidence_threshold, icfg.replacement_strategy) == (0.8, "fill_then_refine")
   assert sample.overrides_of(sample.parse_args(["--workdir=w", "--steps=6", "--max_steps=9"]))["max_steps"] == 9
+
+
+# --- fast decoding: key/value cache and parallel threshold ------------------------------------
+
+
+FAST = dict(answer_length=8, block_length=4, steps=8)  # 2 blocks of 4 steps
+
+
+def run_fast(mode, params=None, **overrides):
+  graphdef, params = params or params_at(30.0)
+  return sampling.generate(graphdef, params, PROMPTS, VOCAB, inference_config(**{**FAST, **overrides}), mode=mode,
+                           key=jax.random.key(3), return_trajectory=True)
+
+
+@pytest.mark.parametrize("mode, overrides", [
+    ("llada", dict(cache="prefix", cache_refresh=1)), ("llada", dict(cache="dual", cache_refresh=1)),
+    ("llada", dict(parallel_threshold=1.0)), ("flowlm", dict(cache="prefix", cache_refresh=1)),
+    ("flowlm", dict(parallel_threshold=1.0))], ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+def test_cache_refreshed_every_step_or_threshold_one_equals_the_plain_sampler(mode, overrides):
+  """A cache refreshed at every step is never used; no confidence is above 1.0."""
+  plain, fast = run_fast(mode), run_fast(mode, **overrides)
+  np.testing.assert_array_equal(fast.trajectory, plain.trajectory)
+  np.testing.assert_array_equal(fast.passes, plain.passes)
+
+
+@functools.lru_cache(maxsize=None)
+def one_layer_params():
+  graphdef, params = build(ModelConfig(vocab_size=64, num_real_tokens=60, d_model=32, n_layers=1, n_heads=2,
+                                       n_kv_heads=2, d_ff=64, compute_dtype="float32"))
+  return graphdef, {name: w if "norm" in name else w * (300 if name == "unembed" else 10) for name, w in params.items()}
+
+
+@pytest.mark.parametrize("mode, overrides", [
+    ("llada", dict(cache="prefix", block_length=0)), ("llada", dict(cache="prefix")), ("llada", dict(cache="dual")),
+    ("flowlm", dict(cache="dual"))], ids=["llada-prefix-one-block", "llada-prefix", "llada-dual", "flowlm"])
+def test_caches_are_exact_for_a_one_layer_model(mode, overrides):
+  """With one layer a column's keys/values depend on its own token only; the columns a cache keeps (prompt,
+  finished blocks, later all-[MASK] blocks) do not change between refreshes, so nothing is approximated.
+  (With more layers every column sees the whole row and the cache is an approximation.)"""
+  plain = run_fast(mode, one_layer_params(), **{k: v for k, v in overrides.items() if k != "cache"})
+  cached = run_fast(mode, one_layer_params(), **overrides)
+  np.testing.assert_array_equal(cached.trajectory, plain.trajectory)
+  assert np.all(cached.full_passes < cached.passes), "the cache was never used"
+
+
+def rows_and_answer():
+  from flowlm_jax.decoding_passes import Rows
+
+  graphdef, params = params_at(30.0)
+  model, layers = sampling.decoding_model(graphdef, params)
+  prompt_BxP, length_B = sampling.pad_prompts(PROMPTS, VOCAB.pad_id)
+  rows = Rows(model, layers, jnp.asarray(prompt_BxP), jnp.asarray(length_B), padded=True)
+  answer_BxA = np.full((len(PROMPTS), 8), MASK, np.int32)
+  answer_BxA[:, :4] = np.random.default_rng(0).integers(5, 60, (len(PROMPTS), 4))  # block 0 finished
+  return params, rows, jnp.asarray(answer_BxA)
+
+
+def test_refresh_keeps_every_columns_keys_values_of_a_fresh_pass():
+  """Layer 0's keys are rope(rms_norm(embedding) @ wk) of each column, at the row's positions."""
+  from flowlm_jax.models.layers import apply_rope, rms_norm, rope_tables
+
+  params, rows, answer_BxA = rows_and_answer()
+  _, cache = jax.jit(lambda a: rows.refresh(a, 0, 8))(answer_BxA)
+  tokens_BxT = jnp.concatenate([answer_BxA, rows.prompt_BxP], axis=1)
+  positions_BxT = jnp.concatenate([rows.length_B[:, None] + jnp.arange(8),
+                                   jnp.broadcast_to(jnp.arange(rows.prompt_BxP.shape[1]), rows.prompt_BxP.shape)], 1)
+  h = rms_norm(params["embed"][tokens_BxT], params["attn_norm"][0], 1e-5)
+  keys = apply_rope(jnp.einsum("btd,dhk->bthk", h, params["wk"][0]), *rope_tables(positions_BxT, 16, 10000.0))
+  np.testing.assert_allclose(cache.keys[0], keys, atol=1e-5)
+  assert len(cache.keys) == len(cache.values) == 2 and cache.values[1].shape == keys.shape
+
+
+@pytest.mark.parametrize("start, query", [(0, 4), (4, 4), (0, 8)], ids=["dual-block-0", "block-1", "prefix-block-0"])
+def test_a_slice_pass_against_an_up_to_date_cache_is_the_full_pass(start, query):
+  """Nothing changed since the refresh: the slice's logits are the whole rows' and only its columns are
+  rewritten (with the same keys/values)."""
+  _, rows, answer_BxA = rows_and_answer()
+  logits, cache = jax.jit(lambda a: rows.refresh(a, 0, 8))(answer_BxA)
+  sliced, updated = jax.jit(lambda a, c: rows.from_cache(a, c, start, query, 4))(answer_BxA, cache)
+  np.testing.assert_allclose(sliced, logits[:, start:start + 4], atol=1e-4, rtol=1e-5)
+  for before, after in zip(cache.keys + cache.values, updated.keys + updated.values):
+    outside = np.ones(before.shape[1], bool)
+    outside[start:start + query] = False
+    np.testing.assert_array_equal(after[:, outside], before[:, outside])
+    np.testing.assert_allclose(after[:, start:start + query], before[:, start:start + query], atol=1e-5)
+
+
+def test_parallel_decoding_commits_at_least_one_and_ends_blocks_early():
+  """Every step commits >= max(1, schedule) [MASK]s of the current block in each row that has one, never
+  more than it holds; a block ends when no row has a [MASK] left in it; no [MASK] at the end."""
+  out = run_fast("llada", **LLADA_PARALLEL)  # the reference test's run (no recompile)
+  traj, L, passes = out.trajectory, 4, int(out.passes[0])
+  assert 2 <= passes < 8, passes
+  block = 0
+  for t in range(passes):
+    before, after = traj[t, :, block * L:(block + 1) * L], traj[t + 1, :, block * L:(block + 1) * L]
+    masks, committed = (before == MASK).sum(-1), ((before == MASK) & (after != MASK)).sum(-1)
+    assert np.all(committed[masks > 0] >= 1) and np.all(committed <= masks), t
+    assert np.array_equal(np.delete(traj[t + 1], np.s_[block * L:(block + 1) * L], 1),
+                          np.delete(traj[t], np.s_[block * L:(block + 1) * L], 1)), "a column outside the block changed"
+    block += not np.any(after == MASK)
+  assert block == 2 and not np.any(out.answer == MASK)
+  assert np.all(traj[passes:] == out.answer)
+
+
+@pytest.mark.parametrize("overrides, full", [
+    (dict(cache="prefix"), 2), (dict(cache="dual", cache_refresh=3), 4), (dict(cache="dual", **LLADA_PARALLEL), 2)],
+    ids=["prefix", "dual-refresh-3", "dual-parallel"])
+def test_llada_full_passes_are_one_per_block_plus_the_periodic_refreshes(overrides, full):
+  out = run_fast("llada", **overrides)  # 4 steps per block; refresh every 3 steps: at steps 0 and 3 of each block
+  assert np.all(out.full_passes == full)
+  assert np.all(out.passes == (8 if "parallel_threshold" not in overrides else run_fast("llada", **LLADA_PARALLEL).passes))
+  assert not np.any(out.answer == MASK)
+
+
+@pytest.mark.parametrize("refresh", [0, 3])
+def test_flowlm_full_passes_are_the_refresh_steps_among_each_rows_passes(refresh):
+  out = run_fast("flowlm", cache="prefix", cache_refresh=refresh)
+  want = -(-out.passes // refresh) if refresh else np.ones_like(out.passes)  # steps 0, k, 2k, ... of its passes
+  np.testing.assert_array_equal(out.full_passes, want)
+
+
+def test_flowlm_parallel_decoding_takes_fewer_passes():
+  plain, fast = run_fast("flowlm"), run_fast("flowlm", parallel_threshold=0.3)
+  assert fast.passes.sum() < plain.passes.sum(), (fast.passes, plain.passes)
+  assert not np.any(fast.answer == MASK)
+
+
+@pytest.mark.parametrize("mode", ["llada", "flowlm"])
+def test_cached_parallel_sampler_is_one_compiled_loop_without_host_callbacks(mode):
+  import re
+
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(**FAST, cache="prefix", parallel_threshold=0.5)
+  spec = (sampling.LladaSpec if mode == "llada" else sampling.FlowSpec).from_config(icfg, VOCAB)
+  fn = (sampling.llada_sample if mode == "llada" else sampling.flowlm_sample).__wrapped__
+  prompt_BxP, length_B = sampling.pad_prompts(PROMPTS, VOCAB.pad_id)
+  text = jax.jit(fn, static_argnames=("graphdef", "spec", "padded")).lower(
+      graphdef, params, prompt_BxP, length_B, jax.random.key(0), spec=spec, padded=True).as_text()
+  assert not [t for t in re.findall(r"custom_call @([\w.]+)", text) if "callback" in t]
+  main = text[text.index("func.func public @main"):]
+  main = main[:main.index("\n  }\n")]
+  assert main.count("stablehlo.while") == 1, "the decoding steps are not one loop"
+
+
+def test_bad_fast_options_fail_with_one_line_naming_them():
+  with pytest.raises(ValueError, match="inference: unknown cache 'full'"):
+    sampling.LladaSpec.from_config(inference_config(cache="full"), VOCAB)
+  with pytest.raises(ValueError, match="parallel_threshold must be in"):
+    sampling.FlowSpec.from_config(inference_config(parallel_threshold=1.5), VOCAB)
+  from flowlm_jax.decoding_passes import check_cacheable
+
+  with pytest.raises(ValueError, match="model family object has no cached decoding"):
+    check_cacheable(object(), "dual")
+  check_cacheable(object(), "none")

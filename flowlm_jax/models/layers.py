@@ -8,6 +8,8 @@ then share one layout (cuDNN's partitioner requires it).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -60,6 +62,33 @@ def attention(q, k, v, mask, kv_lengths, implementation: str, local_window: int 
   q, k, v = sharding.constrain_attention_inputs(q, k, v)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl, local_window_size=window)
+
+
+class KVCache(NamedTuple):
+  """Keys and values [B, T, Hkv, Dh] of whole rows, one pair per layer, for decoding a slice of each row.
+
+  A pass over columns start..start+Q of the rows computes fresh keys/values for those columns, writes
+  them in (`into_cache`) and attends over the whole row: the other columns keep the keys/values of the
+  pass that filled the cache (Fast-dLLM's block-wise approximate cache, Wu et al. 2025).
+  """
+  keys: tuple
+  values: tuple
+  start: jax.Array | int = 0
+
+
+def into_cache(cached_BxTxHxK, fresh_BxQxHxK, start):
+  """The cached keys (or values) with a slice's fresh ones written in at column `start`."""
+  return jax.lax.dynamic_update_slice_in_dim(cached_BxTxHxK, fresh_BxQxHxK.astype(cached_BxTxHxK.dtype), start, 1)
+
+
+def run_layers_collecting(layer, x, layers: list[dict]):
+  """(x, [y of each layer]) after `layer(x, p) -> (x, y)` over unstacked layers (decoding passes that
+  hand back each layer's keys/values)."""
+  ys = []
+  for p in layers:
+    x, y = layer(x, p)
+    ys.append(y)
+  return x, ys
 
 
 def run_layers(layer, x, layers: dict | list[dict], remat_policy: str, unroll: int = 1):

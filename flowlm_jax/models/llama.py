@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowlm_jax.models.layers import (apply_rope, attention, mask_padded_vocab, normal_param, rms_norm,
-                                      rope_tables, run_layers, with_bias)
+from flowlm_jax.models.layers import (KVCache, apply_rope, attention, into_cache, mask_padded_vocab, normal_param,
+                                      rms_norm, rope_tables, run_layers, run_layers_collecting, with_bias)
 from flowlm_jax.tokenizer import padded_vocab_size
 from flowlm_jax.vocab import Vocab
 
@@ -44,7 +44,6 @@ class ModelConfig:
   shift_logits: bool = False  # position p is predicted from the output at position p - 1 (Dream, see `hidden`)
   pretrained: str = ""       # HF checkpoint directory whose weights train.init_state loads ("" = random init)
   hf_config: str = ""        # its config.json as JSON text: export writes it back in the same layout
-
 
   @property
   def head_dim(self) -> int:
@@ -110,12 +109,15 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens_BxT: jax.Array, valid_BxT: jax.Array | None = None,
              positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None,
-             layers: list[dict] | None = None) -> jax.Array:
+             layers: list[dict] | None = None, kv_cache: KVCache | None = None, return_kv: bool = False):
     """Final (normed) hidden states [B, T, D] in the compute dtype.
 
     Padding: `valid_BxT` masks keys anywhere (left-padded prompts in sampling); `kv_lengths_B` says
     the first n keys are real (right padding, training rows) and keeps cuDNN's fast padded kernel.
     `layers`: `unstack(layer_inputs())` prepared outside a decoding loop (see `run_layers`).
+    Decoding with a key/value cache (unstacked `layers`; `hidden_and_kv`, `hidden_from_cache`): with
+    `return_kv` every layer's keys/values come back too, as a `KVCache`; given `kv_cache`, the tokens are
+    the columns from `kv_cache.start` of the rows it caches, and (hidden, the updated cache) come back.
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -126,6 +128,12 @@ class Transformer(nnx.Module):
     sin, cos = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
     mask = None if valid_BxT is None else valid_BxT[:, None, None, :]
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype)
+    collect = return_kv or kv_cache is not None
+    inputs = layers or self.layer_inputs()
+    if kv_cache is not None and cfg.shift_logits:  # the slice's first column reads a hidden state not computed
+      raise NotImplementedError("decoding with a key/value cache: not for shift_logits models (Dream)")
+    if kv_cache is not None:
+      inputs = [dict(p, cached_k=k, cached_v=v) for p, k, v in zip(inputs, kv_cache.keys, kv_cache.values)]
 
     def layer(x, p):
       p = jax.tree.map(lambda w: w.astype(dtype), p)
@@ -133,24 +141,41 @@ class Transformer(nnx.Module):
       q = apply_rope(with_bias(jnp.einsum("btd,dhk->bthk", h, p["wq"]), p.get("bq")), sin, cos)
       k = apply_rope(with_bias(jnp.einsum("btd,dhk->bthk", h, p["wk"]), p.get("bk")), sin, cos)
       v = with_bias(jnp.einsum("btd,dhk->bthk", h, p["wv"]), p.get("bv"))
+      if kv_cache is not None:  # the slice's keys/values into its rows' cached ones; attend over whole rows
+        k, v = into_cache(p["cached_k"], k, kv_cache.start), into_cache(p["cached_v"], v, kv_cache.start)
       a = attention(q, k, v, mask, kv_lengths_B, cfg.attention)
       x = x + jnp.einsum("bthk,hkd->btd", a, p["wo"])
       h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
       gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
       up = jnp.einsum("btd,df->btf", h, p["w_up"])
       x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
-      return x, None
+      return x, ((k, v) if collect else None)
 
-    x = run_layers(layer, x, layers or self.layer_inputs(), cfg.remat, cfg.scan_unroll)
+    if collect:
+      x, kv = run_layers_collecting(layer, x, inputs)
+    else:
+      x = run_layers(layer, x, inputs, cfg.remat, cfg.scan_unroll)
     x = rms_norm(x, self.final_norm[...].astype(dtype), cfg.norm_eps)
     if cfg.shift_logits:
       x = from_previous_position(x, positions_BxT if explicit_positions else None,
                                  _real_keys(valid_BxT, kv_lengths_B, T))
+    if collect:
+      return x, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv), 0 if kv_cache is None else kv_cache.start)
     return x
 
   def __call__(self, tokens_BxT, valid_BxT=None, positions_BxT=None, kv_lengths_B=None) -> jax.Array:
     """float32 logits [B, T, V]."""
     return self.logits_from_hidden(self.hidden(tokens_BxT, valid_BxT, positions_BxT, kv_lengths_B))
+
+  def hidden_and_kv(self, tokens_BxT, positions_BxT, kv_lengths_B, layers: list[dict]) -> tuple[jax.Array, KVCache]:
+    """(hidden [B, T, D], every layer's keys/values of these rows): what fills a decoding cache."""
+    return self.hidden(tokens_BxT, None, positions_BxT, kv_lengths_B, layers, return_kv=True)
+
+  def hidden_from_cache(self, tokens_BxQ, positions_BxQ, kv_cache: KVCache, kv_lengths_B,
+                        layers: list[dict]) -> tuple[jax.Array, KVCache]:
+    """(hidden [B, Q, D], the cache with this slice's keys/values written in) for the columns from
+    kv_cache.start of rows whose other keys/values the cache holds (kv_lengths_B: real keys per row)."""
+    return self.hidden(tokens_BxQ, None, positions_BxQ, kv_lengths_B, layers, kv_cache=kv_cache)
 
 
 # Stacked per-layer parameters (the q/k/v biases exist only with `qkv_bias`).
