@@ -32,8 +32,9 @@ def base_config() -> ConfigDict:
 
   c.model = m = ConfigDict()
   m.family = "llama"            # "llama": bidirectional LLaMA-style transformer | "modernbert" (pretrained)
-  m.pretrained = ""             # HF model dir or hub name to start from (modernbert: its config.json is the
-                                # architecture; the size fields below are then ignored)
+  m.pretrained = ""             # HF model to start from, whose config.json is the architecture (the size fields
+                                # below are then ignored): llama family, a local LLaDA or Dream directory;
+                                # modernbert, a directory or hub name (docs/pretrained.md)
   m.tokenizer = "embedded"      # "embedded" (shipped 8k byte-level BPE), "embedded:bytes", a local dir or a hub name
   m.vocab_size = 0              # embedding rows; 0 = len(tokenizer) rounded up to vocab_multiple
   m.vocab_multiple = 128        # pad the embedding table so matmuls tile well
@@ -123,7 +124,8 @@ def base_config() -> ConfigDict:
 
   c.inference = i = ConfigDict()
   i.test_prompts = DEFAULT_TEST_PROMPTS  # list-valued fields are tuples, which the command line can set
-  i.every_steps = 0             # sample test prompts every this many steps; 0 = off
+  i.at_evaluation = True        # sample the test prompts (both modes) with every evaluation and at the end
+  i.every_steps = 0             # also sample them every this many steps; 0 = only with evaluations
   i.test_both_modes = True      # run both LLaDA and FlowLM decoding on the test prompts
   i.mode = "flowlm"             # the mode used when only one runs: "llada" | "flowlm"
   i.answer_length = 16
@@ -149,6 +151,8 @@ def base_config() -> ConfigDict:
   c.logging = lg = ConfigDict()
   lg.log_every = 10             # training metrics every this many steps
   lg.progress_bar = True
+  lg.samples_print_seconds = 60.0  # console: test-prompt answers at most once per this many seconds (and at
+                                # the end); samples.jsonl and wandb get every one
   lg.wandb = w = ConfigDict()
   w.mode = "offline"            # "disabled" | "offline" | "online"
   w.project = "flowlm-jax"
@@ -201,7 +205,11 @@ PRETRAINED = {
     # name: the HF model (weights and tokenizer) a variant fine-tunes
     "modernbert-large": "answerdotai/ModernBERT-large",
 }
-VARIANTS = (*SIZES, "tasks", *PRETRAINED)
+# name: the local HF directory (LLaDA's layout) a variant fine-tunes, relative to where launch.py runs
+DIFFUSION_LMS = {
+    "llada-8b": os.path.join("pretrained", "LLaDA-8B-Base"),  # huggingface.co/GSAI-ML/LLaDA-8B-Base
+}
+VARIANTS = (*SIZES, "tasks", "tasks_long", *PRETRAINED, *DIFFUSION_LMS)
 
 
 def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
@@ -211,7 +219,9 @@ def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
     raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(VARIANTS)}")
   if variant in PRETRAINED:
     return _fine_tune(c, PRETRAINED[variant])
-  _set_size(c, "demo" if variant == "tasks" else variant)
+  if variant in DIFFUSION_LMS:
+    return _fine_tune_diffusion_lm(c, DIFFUSION_LMS[variant])
+  _set_size(c, "demo" if variant in ("tasks", "tasks_long") else variant)
   if variant in ("demo", "tasks"):  # CPU-sized: bf16 is emulated (slow) on CPUs, so compute in float32
     c.model.compute_dtype = "float32"
   if variant == "demo":
@@ -223,9 +233,15 @@ def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
     c.training.batch_size = 16
     c.training.learning_rate = 2e-3
     c.training.max_steps = 600
+    c.inference.test_prompts = ("To be, or not to be", "O Romeo, Romeo,")
   elif variant == "tasks":
     c.model.n_layers = 4
+    c.inference.test_prompts = ("add 12 30", "reverse d o g", "sort 4 1 3 2")
     c.training.learning_rate = 1e-3  # 3e-3 learnt context far slower with the 8k vocabulary (measured)
+  elif variant == "tasks_long":  # 128-511-token answers for the fast samplers (docs/sampling.md): one GPU
+    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 256, 6, 4, 768
+    c.inference.test_prompts = ("count 10 5 60", "copy " + " ".join("abcdefghijklmnopqrstuvwxyz" * 6))
+    c.training.learning_rate = 1e-3
   else:  # large shapes: bf16 compute, big-batch optimiser settings, remat, chunked cross-entropy
     c.training.learning_rate = 3e-4
     c.training.warmup_steps = 2000
@@ -245,6 +261,15 @@ def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
     c.inference.answer_length = 16
     c.inference.steps = 16
     c.inference.max_steps = 16
+  if variant == "tasks_long":  # the long-answer set: exact match and speed of the fast samplers
+    c.dataset.name, c.dataset.kind = "embedded:sft_tasks_long", "sft"
+    c.dataset.max_length = 1032   # the longest prompt + [SEP] + answer + [EOS]: 1025 tokens
+    c.training.batch_size = 32
+    c.training.num_epochs = 40.0  # 75 steps an epoch
+    c.evaluation.eval_steps = 500
+    i = c.inference               # Fast-dLLM's baseline: one token per step, blocks of 32
+    i.answer_length = i.steps = i.max_steps = 512
+    i.block_length = 32
   return c
 
 
@@ -265,6 +290,29 @@ def _fine_tune(c: ConfigDict, pretrained: str) -> ConfigDict:
   t.warmup_ratio, t.warmup_steps, t.weight_decay, t.num_epochs = 0.06, 0, 0.01, 1.0
   c.evaluation.eval_steps = c.training.save_steps = 200
   c.inference.answer_length, c.inference.confidence_threshold, c.inference.max_replacements = 16, 0.7, 2
+  return c
+
+
+def _fine_tune_diffusion_lm(c: ConfigDict, directory: str) -> ConfigDict:
+  """SFT of a pretrained masked-diffusion LM (LLaDA-8B-Base) on tulu-3-sft-mixture with the preset's objective.
+
+  LLaDA's own SFT (Nie et al. 2025, sec. 2.3 and app. B.1): length 4096, peak lr 2.5e-5 after 50 warmup
+  steps, weight decay 0.1 (its schedule stays flat and decays linearly over the last 10%; here cosine to 10%).
+  Memory for 4 x 80 GB GPUs as measured for the `8b` preset, which has the same shapes (docs/scaling.md,
+  docs/pretrained.md): FSDP over 4 devices, remat save_dots, a rolled layer scan, chunked cross-entropy,
+  global batch 8 (2 sequences of 4096 tokens per GPU).
+  """
+  _set_size(c, "8b")  # LLaDA-8B's shape; config.json in `directory` is what builds the model
+  c.model.pretrained = c.model.tokenizer = directory
+  c.model.remat, c.model.scan_unroll, c.model.loss_chunk_size = "save_dots", 1, 256
+  c.mesh.fsdp = 4
+  c.dataset.name, c.dataset.kind = "allenai/tulu-3-sft-mixture", "sft"
+  t = c.training
+  t.batch_size, t.learning_rate, t.warmup_steps, t.weight_decay = 8, 2.5e-5, 50, 0.1
+  t.lr_schedule, t.min_learning_rate_ratio, t.num_epochs = "cosine", 0.1, 1.0
+  c.evaluation.eval_steps = t.save_steps = 1000  # a checkpoint of the train state is ~128 GB
+  i = c.inference
+  i.answer_length, i.steps, i.block_length, i.max_steps = 64, 64, 32, 64
   return c
 
 
@@ -439,7 +487,7 @@ def _check_values(c: ConfigDict) -> None:
   _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
   _require(m.loss_chunk_size >= 0, "model.loss_chunk_size", "must be >= 0")
   _require(m.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {m.scan_unroll}")
-  if m.family == "modernbert":
+  if m.family == "modernbert" or m.pretrained:
     _check_pretrained(m)
 
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
@@ -484,6 +532,7 @@ def _check_values(c: ConfigDict) -> None:
   _require(i.steps % (i.answer_length // block) == 0, "inference.steps",
            f"steps={i.steps} is not divisible by the number of blocks {i.answer_length // block}")
   _require(i.every_steps >= 0, "inference.every_steps", "must be >= 0")
+  _require(c.logging.samples_print_seconds >= 0, "logging.samples_print_seconds", "must be >= 0")
   _require(all(isinstance(p, str) for p in i.test_prompts), "inference.test_prompts", "must be a list of strings")
 
   _require(c.logging.log_every > 0, "logging.log_every", "must be > 0")
@@ -493,11 +542,13 @@ def _check_values(c: ConfigDict) -> None:
 
 
 def _check_pretrained(m: ConfigDict) -> None:
-  """ModernBERT starts from pretrained weights, read with the tokenizer they were trained with."""
+  """Pretrained weights (always for ModernBERT), read with the tokenizer they were trained with."""
   _require(bool(m.pretrained), "model.pretrained", "model.family=modernbert needs an HF ModernBERT dir or hub name")
-  path = os.path.expanduser(m.pretrained)
-  if os.path.isdir(path) or m.pretrained.startswith(("/", ".", "~")):  # local (hub names are checked on load)
-    _require(os.path.isdir(path), "model.pretrained", f"no such directory: {path}")
+  path = os.path.abspath(os.path.expanduser(m.pretrained))
+  # Local directories are checked here; ModernBERT hub names on load. The llama family reads local ones only.
+  if m.family == "llama" or os.path.isdir(path) or m.pretrained.startswith(("/", ".", "~")):
+    _require(os.path.isdir(path), "model.pretrained", f"no such directory: {path} (an HF checkpoint directory: "
+             "config.json, *.safetensors and the tokenizer; docs/pretrained.md says how to get one)")
     _require(os.path.isfile(os.path.join(path, "config.json")), "model.pretrained", f"no config.json in {path}")
   _require(m.tokenizer not in EMBEDDED_TOKENIZERS, "model.tokenizer",
            "a pretrained model needs its own tokenizer (usually the same dir or hub name as model.pretrained)")

@@ -32,6 +32,8 @@ EMBEDDED_DATASETS = {
                              os.path.join(ASSETS_DIR, "shakespeare", "valid.txt")),
     "embedded:sft_tasks": ("sft", os.path.join(ASSETS_DIR, "sft_tasks", "train.jsonl"),
                            os.path.join(ASSETS_DIR, "sft_tasks", "test.jsonl")),
+    "embedded:sft_tasks_long": ("sft", os.path.join(ASSETS_DIR, "sft_tasks_long", "train.jsonl"),
+                                os.path.join(ASSETS_DIR, "sft_tasks_long", "test.jsonl")),
 }
 
 

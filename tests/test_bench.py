@@ -66,3 +66,21 @@ def test_trace_summary_counts_stream_kernels_only():
   text = trace_summary.summarise(events, top=5)
   assert "GPU busy 0.1 ms of a 0.1 ms span (0% idle); 3 kernels" in text
   assert "| gemm | 0.06 | 60.0% |" in text and "| attention | 0.03 | 30.0% |" in text
+
+
+def test_long_task_set_has_right_answers_of_128_to_511_tokens(tokenizer):
+  """The embedded long-answer benchmark (scripts/build_assets.py): answers follow from their prompts, fit
+  answer_length 512 with their [EOS], and no test prompt is in train."""
+  folder = os.path.join(REPO, "flowlm_jax", "assets", "sft_tasks_long")
+  read = lambda name: [json.loads(line) for line in open(os.path.join(folder, name))]
+  train, test = read("train.jsonl"), read("test.jsonl")
+  assert len(test) == 200 and not {r["prompt"] for r in test} & {r["prompt"] for r in train}
+  for r in test + train[::20]:
+    op, *items = r["prompt"].split()
+    if op == "count":
+      start, step, n = map(int, items)
+      want = [str(start + step * i) for i in range(n)]
+    else:
+      want = {"sort": sorted(items), "reverse": items[::-1], "copy": items}[op]
+    assert r["task"] == op and r["answer"] == " ".join(want), r["prompt"][:40]
+    assert 128 <= len(tokenizer.encode(r["answer"], add_special_tokens=False)) <= 511, r["prompt"][:40]
