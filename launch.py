@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -56,8 +58,8 @@ def main(argv):
   if not FLAGS.dry_run and not FLAGS.workdir:
     sys.exit("error: --workdir is required (or pass --dry_run)")
 
+  import jax
   if FLAGS.distributed or FLAGS.coordinator_address:
-    import jax
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
 
@@ -67,10 +69,43 @@ def main(argv):
   try:
     if FLAGS.dry_run:
       return dry_run(config)
-    loop.run(config, FLAGS.workdir, resume=FLAGS.resume, stop_at_step=FLAGS.stop_at_step)
+    started = time.monotonic()
+    result = loop.run(config, FLAGS.workdir, resume=FLAGS.resume, stop_at_step=FLAGS.stop_at_step)
   except (KeyError, TypeError, ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError,
           CheckpointError) as e:
     sys.exit(f"error: {_message(e)}")
+  if "halted_at" not in result and "train" in result and jax.process_index() == 0:
+    print(summary(result, FLAGS.workdir, config, time.monotonic() - started), flush=True)
+
+
+def summary(result: dict, workdir: str, config, seconds: float) -> str:
+  """The end of a finished run: its final figures, where the checkpoint is, and what to run next."""
+  train, evaluation = result["train"], result.get("eval", {})
+  w = shlex.quote(workdir)
+  prompt = shlex.quote(config.inference.test_prompts[0] if config.inference.test_prompts else "To be")
+  minutes, secs = divmod(round(seconds), 60)
+  lines = [f"finished step {train['step']} in {minutes} min {secs} s",
+           "  train  " + _figures(train, ("loss", "nll_corrupted", "accuracy"))]
+  if evaluation:
+    lines.append("  eval   " + _figures(evaluation, ("eval_loss", "eval_nll_corrupted", "eval_accuracy")))
+  lines.append(f"  checkpoint  {result['checkpoint']}  (the same command again resumes from it)")
+  if result.get("wandb_offline_dir"):
+    lines.append(f"  wandb  offline; upload it with: wandb sync {shlex.quote(result['wandb_offline_dir'])}")
+  lines += ["next:",
+            f"  uv run python -m flowlm_jax.sample --workdir={w} --mode=both {prompt}   # decode prompts both ways",
+            f"  uv run python -m flowlm_jax.plot {w} --out={shlex.quote(os.path.join(workdir, 'plots'))}"
+            "   # training curves (PNG)"]
+  if config.dataset.name == "embedded:sft_tasks":
+    lines.append(f"  uv run python -m flowlm_jax.evaluate --workdir={w}   # exact match of both samplers on held-out tasks")
+  else:
+    lines.append("  uv run python -m flowlm_jax.evaluate --workdir=W   # exact match on the SFT tasks, for W trained "
+                 "with --config=configs/flowlm.py:tasks")
+  lines.append(f"  FLOWLM_WORKDIR={w} uv run --with jupyterlab jupyter lab notebooks/inspect_checkpoint.ipynb")
+  return "\n".join(lines)
+
+
+def _figures(row: dict, keys) -> str:
+  return "  ".join(f"{k} {row[k]:.4f}" for k in keys if k in row) + f"  (step {row['step']})"
 
 
 def dry_run(config) -> None:

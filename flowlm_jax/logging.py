@@ -27,6 +27,7 @@ class MetricsLogger:
     self.is_main = is_main
     self._wandb_run = None
     self._wandb_config = config.logging.wandb
+    self.offline_run_dir = None  # a wandb run kept on disk: `wandb sync` it to upload it
     if not is_main:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -36,6 +37,8 @@ class MetricsLogger:
     self._samples = open(os.path.join(workdir, "samples.jsonl"), "a", buffering=1)
     if self._wandb_config.mode != "disabled":
       self._wandb_run = _start_wandb(workdir, config)
+      if self._wandb_run is not None and getattr(self._wandb_run, "offline", False):
+        self.offline_run_dir = self._wandb_run.sync_dir
 
   def write(self, row: dict[str, Any]) -> None:
     if not self.is_main:
@@ -190,6 +193,15 @@ def _unreachable(url: str, timeout: float = ONLINE_PROBE_TIMEOUT) -> str | None:
 def _first_line(e: BaseException) -> str:
   text = str(e).strip()
   return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def format_samples(rows: list[dict[str, Any]]) -> str:
+  """Decoded answers for a console, a prompt's modes together: `  [llada ] 'prompt' -> 'answer'`."""
+  width = max(len(r["mode"]) for r in rows)
+  lines = []
+  for prompt in dict.fromkeys(r["prompt"] for r in rows):
+    lines += [f"  [{r['mode']:<{width}}] {prompt!r} -> {r['answer']!r}" for r in rows if r["prompt"] == prompt]
+  return "\n".join(lines)
 
 
 def redact(obj: Any) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import data, losses, masking, sharding, train
-from flowlm_jax.logging import MetricsLogger, redact
+from flowlm_jax.logging import MetricsLogger, format_samples, redact
 from flowlm_jax.models import registry
 from flowlm_jax.models.llama import ModelConfig
 from flowlm_jax.tokenizer import load_tokenizer, vocab_of
@@ -175,10 +175,13 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
       nonfinite_seen = int(state.nonfinite_count)
       previous = None  # (step, finite flag) of the last step, read one step late so the device never idles
       step = start_step
+      samples_echoed = time.monotonic()  # console echo of test-prompt answers is throttled from here
       while step < s.total_steps:
         batch = sharding.global_batch(next(s.iterator), s.mesh)
         state, metrics = train_step(state, batch)
         step += 1
+        if step == start_step + 1:
+          _compiled(bar, metrics)
         if stop_on_nonfinite:
           if previous is not None:
             _stop_if_nonfinite(*previous)
@@ -197,16 +200,23 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
           result["train"] = row
           window, window_start, window_steps = None, time.perf_counter(), 0
-        if (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last:
+        evaluating = (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last
+        if evaluating:
           result["eval"] = evaluate(eval_step, state.params, s, step)
           logger.write(result["eval"])
           if is_main:
             bar.write(_format_eval(result["eval"]))
-        if c.inference.every_steps and (step % c.inference.every_steps == 0 or last):
-          _sample_test_prompts(s, graphdef, state.params, step, logger, bar)
+        sampling = _sampling_due(c.inference, step, evaluating, last)
+        if sampling:
+          echo = last or time.monotonic() - samples_echoed >= c.logging.samples_print_seconds
+          result["samples"] = _sample_test_prompts(s, graphdef, state.params, step, logger, bar if echo else None)
+          samples_echoed = time.monotonic() if echo else samples_echoed
+        if evaluating or sampling:
+          _leave_out_of_rate(bar)
         if step % c.training.save_steps == 0 or last or halt:
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           save(step)
+          result["checkpoint"] = os.path.join(checkpointer.directory, str(step))
           if last:
             upload_saved()
         if halt:
@@ -221,6 +231,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
     finally:
       checkpointer.close()  # waits for pending asynchronous saves
       logger.close()
+  if logger.offline_run_dir:
+    result["wandb_offline_dir"] = logger.offline_run_dir
   return result
 
 
@@ -246,9 +258,30 @@ def _add(a, b):
 
 
 def _progress(c, start: int, total: int, is_main: bool):
+  """The step bar; it says "compiling" until the first step has run (`_compiled`)."""
   from tqdm import tqdm
   return tqdm(total=total, initial=start, disable=not (is_main and c.logging.progress_bar), unit="step",
-              dynamic_ncols=True, file=sys.stdout)
+              dynamic_ncols=True, file=sys.stdout, desc="compiling")
+
+
+def _compiled(bar, metrics) -> None:
+  """After the first step, compiled and run: from now on the bar's rate counts steady-state steps only.
+
+  With the compile in it, tqdm's rate gave a 3-minute demo an ETA of an hour at its first steps.
+  """
+  jax.block_until_ready(metrics)
+  bar.set_description_str("train", refresh=False)
+  _leave_out_of_rate(bar)
+
+
+def _leave_out_of_rate(bar) -> None:
+  """Leaves the time since the bar last printed (a compile, an evaluation) out of its rate and ETA.
+
+  tqdm's rate is a moving average of (steps, seconds) between prints; restarting the interval drops the
+  pause from it, while the elapsed time shown stays the wall time (tqdm.unpause would shift that too).
+  """
+  if not bar.disable:
+    bar.last_print_t = bar._time()  # tqdm's own clock (time.time unless a test replaces it)
 
 
 def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, config_dict):
@@ -328,16 +361,26 @@ def _format_eval(row: dict[str, Any]) -> str:
           + (f"  eval_accuracy {acc:.3f}" if acc is not None else ""))
 
 
-def _sample_test_prompts(s: Setup, graphdef, params, step: int, logger: MetricsLogger, bar) -> None:
+def _sampling_due(icfg, step: int, evaluating: bool, last: bool) -> bool:
+  if not icfg.test_prompts:
+    return False
+  periodic = icfg.every_steps and (step % icfg.every_steps == 0 or last)
+  return bool((icfg.at_evaluation and evaluating) or periodic)
+
+
+def _sample_test_prompts(s: Setup, graphdef, params, step: int, logger: MetricsLogger, bar) -> dict[str, Any]:
+  """Answers the test prompts in each decoding mode; logs them all and, given a `bar`, prints them."""
   from flowlm_jax import sampling  # the samplers are only needed when inference testing is on
 
-  modes = ("llada", "flowlm") if s.config.inference.test_both_modes else (s.config.inference.mode,)
+  icfg = s.config.inference
+  modes = ("llada", "flowlm") if icfg.test_both_modes else (icfg.mode,)
+  prompts = list(icfg.test_prompts)
   rows = []
   for mode in modes:
-    answers = sampling.generate_texts(graphdef, params, s.tokenizer, s.vocab, list(s.config.inference.test_prompts),
-                                      s.config.inference, mode=mode, chat=s.config.dataset.prompt_format == "chat")
-    for prompt, answer in zip(s.config.inference.test_prompts, answers):
-      rows.append({"mode": mode, "prompt": prompt, "answer": answer})
-      if jax.process_index() == 0:
-        bar.write(f"[{mode} @ {step}] {prompt!r} -> {answer!r}")
+    answers = sampling.generate_texts(graphdef, params, s.tokenizer, s.vocab, prompts, icfg, mode=mode,
+                                      chat=s.config.dataset.prompt_format == "chat")
+    rows += [{"mode": mode, "prompt": prompt, "answer": answer} for prompt, answer in zip(prompts, answers)]
   logger.samples(step, rows)
+  if bar is not None and jax.process_index() == 0:
+    bar.write(f"step {step}: test prompts (prompt -> answer)\n{format_samples(rows)}")
+  return {"step": step, "rows": rows}

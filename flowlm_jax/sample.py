@@ -1,12 +1,17 @@
-"""Answer prompts with a trained run: `python -m flowlm_jax.sample --workdir=W --prompt "add 2 3"`.
+"""Answer prompts with a trained run: `python -m flowlm_jax.sample --workdir=W "add 2 3" "ROMEO."`.
 
-Loads the newest (or `--step`) checkpoint through `flowlm_jax.loading.load` and decodes each prompt the
-LLaDA or FlowLM way (default: the run's `inference.mode`); options left out keep the run's config.
+Prompts come as positional arguments, repeated `--prompt`, or `--prompts_file` (one per line, or .jsonl
+records with a `prompt` field), in that order; none at all means the run's `inference.test_prompts`.
+They are decoded in batches, the LLaDA or FlowLM way or both (default: the run's `inference.mode`),
+from the newest (or `--step`) checkpoint; `--out F.jsonl` also writes one record per prompt and mode.
+Options left out keep the run's inference config.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 # flag name -> inference config field
@@ -21,9 +26,12 @@ OVERRIDES = {
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m flowlm_jax.sample", description=__doc__.splitlines()[0])
+  p.add_argument("prompts", nargs="*", help="prompts to answer")
   p.add_argument("--workdir", required=True, help="run directory (holds checkpoints/)")
-  p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several (default: the "
-                 "run's inference.test_prompts)")
+  p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+  p.add_argument("--prompts_file", help="a file of prompts: one per line, or .jsonl records with a `prompt` field")
+  p.add_argument("--out", help="also write the answers here as .jsonl: {prompt, mode, answer, step}")
+  p.add_argument("--batch_size", type=int, default=64, help="prompts decoded together")
   p.add_argument("--mode", choices=("llada", "flowlm", "both"), default=None, help="default: inference.mode")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   p.add_argument("--steps", type=int, help="LLaDA steps (FlowLM: also max_steps unless --max_steps is given)")
@@ -38,7 +46,38 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max_steps", type=int, help="FlowLM step limit")
   p.add_argument("--initial_answer", choices=("mask", "random"))
   p.add_argument("--seed", type=int)
-  return p.parse_args(argv)
+  args = p.parse_intermixed_args(argv)  # prompts may come before, between or after the options
+  if args.batch_size <= 0:
+    p.error(f"--batch_size must be > 0, got {args.batch_size}")
+  try:  # bad input fails here, before the checkpoint loads and the samplers compile
+    args.prompts = args.prompts + args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
+  except (OSError, ValueError) as e:
+    p.error(str(e))
+  return args
+
+
+def read_prompts(path: str) -> list[str]:
+  """The prompts in a file: the `prompt` field of each .jsonl record, else each non-empty line."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--prompts_file: no such file: {path}")
+  prompts = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      line = line.rstrip("\r\n")
+      if not line.strip():
+        continue
+      if path.endswith(".jsonl"):
+        try:
+          record = json.loads(line)
+        except ValueError:
+          raise ValueError(f"--prompts_file: {path} line {number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+          raise ValueError(f"--prompts_file: {path} line {number} has no string field 'prompt'")
+        line = record["prompt"]
+      prompts.append(line)
+  if not prompts:
+    raise ValueError(f"--prompts_file: {path} holds no prompts")
+  return prompts
 
 
 def overrides_of(args: argparse.Namespace) -> dict:
@@ -48,20 +87,39 @@ def overrides_of(args: argparse.Namespace) -> dict:
   return out
 
 
+def answer(run, prompts: list[str], icfg, modes, batch_size: int) -> list[dict]:
+  """{prompt, mode, answer} for every prompt and mode, prompt by prompt (its modes together)."""
+  from flowlm_jax import sampling
+
+  chat = run.config.dataset.prompt_format == "chat"
+  answers = {mode: [] for mode in modes}
+  for start in range(0, len(prompts), batch_size):
+    for mode in modes:
+      answers[mode] += sampling.generate_texts(run.graphdef, run.params, run.tokenizer, run.vocab,
+                                               prompts[start:start + batch_size], icfg, mode=mode, chat=chat)
+  return [{"prompt": prompt, "mode": mode, "answer": answers[mode][i]}
+          for i, prompt in enumerate(prompts) for mode in modes]
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  from flowlm_jax import cli
+  cli.quiet_libraries()
   from flowlm_jax import loading, sampling  # heavy imports after argument errors
+  from flowlm_jax.logging import format_samples
 
   run = loading.load(args.workdir, step=args.step)
   icfg = sampling.run_config(run.config.inference, **overrides_of(args))
-  prompts = args.prompt or list(icfg.test_prompts)
+  prompts = args.prompts or list(icfg.test_prompts)
   modes = ("llada", "flowlm") if args.mode == "both" else (args.mode or icfg.mode,)
+  rows = answer(run, prompts, icfg, modes, args.batch_size)
   print(f"checkpoint step {run.step} of {args.workdir}")
-  for mode in modes:
-    answers = sampling.generate_texts(run.graphdef, run.params, run.tokenizer, run.vocab, prompts, icfg, mode=mode,
-                                      chat=run.config.dataset.prompt_format == "chat")
-    for prompt, answer in zip(prompts, answers):
-      print(f"[{mode}] {prompt!r} -> {answer!r}")
+  print(format_samples(rows))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps({**row, "step": run.step}, ensure_ascii=False) + "\n" for row in rows)
+    print(f"wrote {len(rows)} answers to {args.out}")
   return 0
 
 

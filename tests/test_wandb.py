@@ -291,7 +291,7 @@ def test_launch_online_run_without_key_or_server_ends_up_offline_with_metrics_an
   with open(os.path.join(workdir, "samples.jsonl")) as f:
     samples = [json.loads(line) for line in f]
   assert saved["columns"] == ["mode", "prompt", "answer"]
-  assert len(saved["data"]) == len(samples) == 8  # 4 test prompts x 2 modes
+  assert len(saved["data"]) == len(samples) == 2 * len(tiny_config().inference.test_prompts)  # x 2 modes
   assert [row[:2] for row in saved["data"]] == [[s["mode"], s["prompt"]] for s in samples]
   assert {s["step"] for s in samples} == {2}
 

@@ -1,0 +1,70 @@
+"""`python -m flowlm_jax.sample`: where prompts come from, bad input, batching (the samplers faked here;
+tests/test_run_output.py runs the command on a trained run)."""
+
+import types
+
+import pytest
+
+from flowlm_jax import sample, sampling
+
+
+def parse(*argv):
+  return sample.parse_args(["--workdir=w", *argv])
+
+
+def test_prompts_come_from_positionals_then_repeated_flags_then_the_file_in_that_order(tmp_path):
+  lines = tmp_path / "prompts.txt"
+  lines.write_text("add 1 2\n\n  spaced prompt  \nROMEO.\n")
+  args = sample.parse_args(["ROMEO:", "--workdir=w", "To be, or not", "--prompt", "a b", "--prompt=c",
+                            f"--prompts_file={lines}"])
+  assert args.prompts == ["ROMEO:", "To be, or not", "a b", "c", "add 1 2", "  spaced prompt  ", "ROMEO."]
+
+
+def test_a_jsonl_file_gives_the_prompt_field_of_each_record(tmp_path):
+  records = tmp_path / "p.jsonl"
+  records.write_text('{"prompt": "add 1 2", "answer": "3"}\n\n{"prompt": "line\\nbreak", "id": 7}\n')
+  assert parse(f"--prompts_file={records}").prompts == ["add 1 2", "line\nbreak"]
+
+
+def test_no_prompts_at_all_leaves_the_choice_to_the_run():
+  assert parse().prompts == []  # main() then answers the run's inference.test_prompts
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("missing.txt", None, "no such file"),
+    ("empty.txt", "\n\n", "holds no prompts"),
+    ("bad.jsonl", '{"prompt": "ok"}\nnot json\n', "line 2 is not JSON"),
+    ("noprompt.jsonl", '{"text": "x"}\n', "line 1 has no string field 'prompt'"),
+])
+def test_a_bad_prompts_file_is_one_error_line_naming_it_before_anything_loads(tmp_path, capsys, name, text, message):
+  path = tmp_path / name
+  if text is not None:
+    path.write_text(text)
+  with pytest.raises(SystemExit) as exit_info:
+    parse(f"--prompts_file={path}")
+  assert exit_info.value.code == 2
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert message in last and str(path) in last, last
+
+
+def test_batch_size_must_be_positive(capsys):
+  with pytest.raises(SystemExit):
+    parse("--batch_size=0")
+  assert "--batch_size must be > 0" in capsys.readouterr().err
+
+
+def test_prompts_are_decoded_in_batches_and_each_answer_stays_with_its_prompt(monkeypatch):
+  calls = []
+
+  def fake_generate_texts(graphdef, params, tokenizer, vocab, prompts, icfg, *, mode, chat):
+    calls.append((mode, list(prompts)))
+    return [f"{mode}:{p[::-1]}" for p in prompts]
+
+  monkeypatch.setattr(sampling, "generate_texts", fake_generate_texts)
+  run = types.SimpleNamespace(config=types.SimpleNamespace(dataset=types.SimpleNamespace(prompt_format="plain")),
+                              graphdef=None, params=None, tokenizer=None, vocab=None)
+  prompts = ["p1", "p2", "p3", "p4", "p5"]
+  rows = sample.answer(run, prompts, icfg=None, modes=("llada", "flowlm"), batch_size=2)
+  assert [len(batch) for mode, batch in calls if mode == "llada"] == [2, 2, 1]
+  assert [p for mode, batch in calls if mode == "flowlm" for p in batch] == prompts
+  assert rows == [{"prompt": p, "mode": m, "answer": f"{m}:{p[::-1]}"} for p in prompts for m in ("llada", "flowlm")]
