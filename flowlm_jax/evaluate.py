@@ -2,6 +2,11 @@
 
 Both samplers get the same number of model evaluations: LLaDA `steps` = FlowLM `max_steps` (FlowLM
 rows may stop earlier). Answers are compared, stripped, with the records' `answer`.
+
+Also the evaluation functions `python -m flowlm_jax.compare` runs (docs/evaluation.md): likelihood
+bounds of a run (`bounds`), multiple choice by conditional likelihood (`multiple_choice`), exact match
+against the number of steps for every decoder (`quality_vs_steps`), and self-correction of answers
+corrupted with random tokens (`self_correction`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import sys
+
+import numpy as np
 
 from flowlm_jax.tokenizer import ASSETS_DIR
 
@@ -34,16 +42,18 @@ def load_records(path: str = TEST_FILE, limit_per_task: int = 0) -> list[dict]:
   return records
 
 
-def evaluate_tasks(run, records: list[dict], steps: int, *, batch_size: int = 128, modes=MODES) -> dict:
+def evaluate_tasks(run, records: list[dict], steps: int, *, batch_size: int = 128, modes=MODES,
+                   **overrides) -> dict:
   """Accuracy per task and overall for each sampler at `steps` steps.
 
-  `run` is an `loading.LoadedRun` (or anything with graphdef, params, tokenizer, vocab, config). Returns
+  `run` is an `loading.LoadedRun` (or anything with graphdef, params, tokenizer, vocab, config);
+  `overrides` replace further inference fields (e.g. `seed`, `replacement_strategy`). Returns
   {"steps", "counts": {task: n, "overall": n}, "accuracy": {mode: {task: acc, "overall": acc}},
   "answers": {mode: [str]}}.
   """
   from flowlm_jax import sampling
 
-  icfg = sampling.run_config(run.config.inference, steps=steps, max_steps=steps)
+  icfg = sampling.run_config(run.config.inference, steps=steps, max_steps=steps, **overrides)
   chat = run.config.dataset.prompt_format == "chat"
   tasks = [r["task"] for r in records]
   counts = dict(collections.Counter(tasks), overall=len(records))
@@ -69,6 +79,215 @@ def exact_match(records: list[dict], answers: list[str]) -> dict[str, float]:
       correct[key] += hit
       total[key] += 1
   return {key: correct[key] / n for key, n in total.items()}
+
+
+# --- rows as training renders them ----------------------------------------------------------------
+
+
+def sft_rows(run, records: list[dict]):
+  """`data.TokenizedSplit` of {prompt, answer} records rendered as the run's training rows: prompt + [SEP] +
+  answer + [EOS] fill to dataset.max_length, the answer part corruptible."""
+  import datasets
+
+  from flowlm_jax import data
+
+  dcfg = run.config.dataset.copy_and_resolve_references()
+  with dcfg.unlocked():
+    dcfg.kind, dcfg.prompt_field, dcfg.answer_field, dcfg.overlong = "sft", "prompt", "answer", "truncate"
+  table = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in records])
+  split = data.encode_sft(table, dcfg, run.tokenizer, run.vocab)
+  if len(split) != len(records):
+    raise ValueError(f"{len(records) - len(split)} prompts do not fit dataset.max_length={dcfg.max_length}")
+  return split
+
+
+def validation_rows(run, limit: int = 0):
+  """The run's own validation split as training rows (`limit` records, 0 = all)."""
+  from flowlm_jax import data
+
+  return data.load_split(run.config.dataset, "validation", run.tokenizer, run.vocab, limit)
+
+
+def decode_answers(run, answers_NxA) -> list[str]:
+  """Answer token rows as text, cut at the first [EOS] (what the samplers return)."""
+  from flowlm_jax import sampling
+
+  return [run.tokenizer.decode(sampling.answer_ids(row, run.vocab), skip_special_tokens=True).strip()
+          for row in np.asarray(answers_NxA)]
+
+
+def spread(values) -> dict:
+  """{"mean", "std" (sample; 0 for one value), "min", "max", "n"} of a list of numbers."""
+  values = [float(v) for v in values]
+  return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+          "min": min(values), "max": max(values), "n": len(values)}
+
+
+# --- likelihood ----------------------------------------------------------------------------------
+
+
+def bounds(run, tokens_NxL, corruptible_NxL, specs: dict, *, batch_size: int = 64, seed: int = 0) -> dict:
+  """{name: likelihood.Bound.as_dict()} of each `likelihood.BoundSpec` in `specs` on the same rows."""
+  from flowlm_jax import likelihood
+
+  return {name: likelihood.estimate_bound(run.graphdef, run.params, run.tokenizer, run.vocab, tokens_NxL,
+                                          corruptible_NxL, spec, batch_size=batch_size, seed=seed).as_dict()
+          for name, spec in specs.items()}
+
+
+def choice_candidates(records: list[dict], choices: int, distractors: str = "same_task") -> list[list[str]]:
+  """Per record: its answer first, then `choices - 1` distinct other answers taken in list order after it
+  (wrapping around) from records of the same task ("same_task") or of the other tasks ("other_tasks": the
+  answer must fit the prompt's task, an easier test)."""
+  if distractors not in ("same_task", "other_tasks"):
+    raise ValueError(f"unknown distractors {distractors!r} (same_task | other_tasks)")
+  out = []
+  for i, r in enumerate(records):
+    options = [r["answer"]]
+    for j in list(range(i + 1, len(records))) + list(range(i)):
+      if len(options) == choices:
+        break
+      other = records[j]
+      if (other["task"] == r["task"]) == (distractors == "same_task") and other["answer"] not in options:
+        options.append(other["answer"])
+    if len(options) < choices:
+      raise ValueError(f"record {i} ({r['task']}): fewer than {choices} distinct answers to choose from")
+    out.append(options)
+  return out
+
+
+def multiple_choice(run, records: list[dict], *, choices: int = 4, distractors: str = "same_task", draws: int = 16,
+                    seed: int = 0, batch_size: int = 256) -> dict:
+  """Accuracy of picking the answer whose conditional likelihood bound (LLaDA Alg. 3, count form) is lowest
+  among `choices` candidates (`choice_candidates`; chance = 1 / choices).
+
+  A record's candidates share their random draws (same masked answer positions: common random numbers), so
+  their difference is not blurred by independent noise. Ties split the credit. Returns {"choices", "chance",
+  "draws", "accuracy": {task: acc, "overall": acc}}.
+  """
+  from flowlm_jax import likelihood
+
+  candidates = choice_candidates(records, choices, distractors)
+  rows = sft_rows(run, [{"prompt": r["prompt"], "answer": a} for r, options in zip(records, candidates)
+                        for a in options])
+  nats = likelihood.row_draws(run.graphdef, run.params, run.vocab, rows.tokens, rows.corruptible,
+                              likelihood.BoundSpec(form="count", draws=draws), batch_size=batch_size, seed=seed,
+                              key_ids=np.repeat(np.arange(len(records)), choices))
+  nats = nats.mean(axis=1).reshape(len(records), choices)
+  tied = nats == nats.min(axis=1, keepdims=True)
+  credit = tied[:, 0] / tied.sum(axis=1)
+  accuracy = collections.defaultdict(list)
+  for record, c in zip(records, credit):
+    accuracy[record["task"]].append(c)
+    accuracy["overall"].append(c)
+  return {"choices": choices, "distractors": distractors, "chance": 1.0 / choices, "draws": draws,
+          "accuracy": {task: float(np.mean(v)) for task, v in accuracy.items()}}
+
+
+# --- quality against steps ---------------------------------------------------------------------
+
+
+def decoders() -> dict[str, tuple[str, dict]]:
+  """{name: (mode, inference overrides)}: LLaDA decoding and FlowLM decoding with each replacement strategy."""
+  from flowlm_jax import sampling
+
+  return {"llada": ("llada", {}),
+          **{f"flowlm/{s}": ("flowlm", {"replacement_strategy": s}) for s in sampling.STRATEGIES}}
+
+
+def quality_vs_steps(run, records: list[dict], steps=(4, 8, 16, 32, 64), seeds=(0,), *, batch_size: int = 128,
+                     names=None, **overrides) -> dict:
+  """{decoder: {steps (str): {"overall": [acc per seed], task: [...]}}}: exact match of every decoder
+  (`decoders()`, or those in `names`) at each step count, for each sampler seed. Under greedy decoding
+  (temperature 0, low-confidence remasking, [MASK] start) the seeds give the same answers."""
+  out = {}
+  for name, (mode, options) in decoders().items():
+    if names and name not in names:
+      continue
+    out[name] = {}
+    for n_steps in steps:
+      per_seed = collections.defaultdict(list)
+      for seed in seeds:
+        result = evaluate_tasks(run, records, n_steps, batch_size=batch_size, modes=(mode,), seed=seed,
+                                **{**overrides, **options})
+        for task, acc in result["accuracy"][mode].items():
+          per_seed[task].append(acc)
+      out[name][str(n_steps)] = dict(per_seed)
+  return out
+
+
+# --- self-correction ---------------------------------------------------------------------------
+
+
+def clean_answers(run, records: list[dict], answer_length: int) -> tuple[list[list[int]], np.ndarray]:
+  """(prompt ids, answers int32[N, answer_length]) as training rows hold them: the answer's tokens, then
+  [EOS] fill (cut at answer_length)."""
+  rows = sft_rows(run, records)
+  prompts, answers = [], np.full((len(records), answer_length), run.vocab.eos_id, np.int32)
+  for n, (tokens, answer) in enumerate(zip(rows.tokens, rows.corruptible)):
+    prompts.append(tokens[~answer].tolist())
+    part = tokens[answer][:answer_length]
+    answers[n, :len(part)] = part
+  return prompts, answers
+
+
+def corrupt_with_random_tokens(clean_NxA: np.ndarray, rate: float, random_ids, rng) -> tuple[np.ndarray, np.ndarray]:
+  """(start, wrong): each position replaced with probability `rate` by a uniformly drawn random id other than
+  the clean token (the next id in the list when the draw hits it); no [MASK]."""
+  random_ids = np.asarray(random_ids)
+  wrong = rng.random(clean_NxA.shape) < rate
+  draw = rng.integers(0, len(random_ids), clean_NxA.shape)
+  replacement = random_ids[draw]
+  replacement = np.where(replacement == clean_NxA, random_ids[(draw + 1) % len(random_ids)], replacement)
+  return np.where(wrong, replacement, clean_NxA).astype(np.int32), wrong
+
+
+def refine(run, prompt_ids: list[list[int]], start_NxA: np.ndarray, icfg, *, batch_size: int = 128) -> np.ndarray:
+  """int32[N, A]: FlowLM decoding of each prompt's answer from `start` instead of [MASK]s."""
+  import jax
+
+  from flowlm_jax import sampling
+
+  spec = sampling.FlowSpec.from_config(icfg, run.vocab)
+  if start_NxA.shape[1] != spec.answer_length:
+    raise ValueError(f"start answers have {start_NxA.shape[1]} tokens, inference.answer_length={spec.answer_length}")
+  out = []
+  for first in range(0, len(prompt_ids), batch_size):
+    prompt_BxP, length_B = sampling.pad_prompts(prompt_ids[first:first + batch_size], run.vocab.pad_id)
+    result = sampling.flowlm_sample(run.graphdef, run.params, prompt_BxP, length_B, jax.random.key(icfg.seed),
+                                    spec=spec, padded=bool(np.any(length_B < prompt_BxP.shape[1])),
+                                    initial_BxA=start_NxA[first:first + batch_size])
+    out.append(np.asarray(jax.device_get(result[0])))
+  return np.concatenate(out)
+
+
+def self_correction(run, records: list[dict], rates=(0.1, 0.2, 0.3, 0.5), *, steps: int | None = None,
+                    seed: int = 0, batch_size: int = 128, **overrides) -> dict:
+  """{rate (str): {"fixed", "broken", "exact_match", "exact_match_before", "wrong_tokens", "right_tokens"}}.
+
+  Clean answers (`clean_answers`) are corrupted with random tokens only (`corrupt_with_random_tokens`, seeded
+  by `seed` and the rate), then refined by FlowLM decoding for `steps` steps (default inference.max_steps).
+  fixed: share of corrupted positions holding the clean token at the end; broken: share of untouched
+  positions that no longer do; exact match of the decoded answers after and before refinement.
+  """
+  from flowlm_jax import sampling
+
+  steps = steps or int(run.config.inference.max_steps)
+  icfg = sampling.run_config(run.config.inference, steps=steps, max_steps=steps, seed=seed, **overrides)
+  prompts, clean = clean_answers(run, records, int(icfg.answer_length))
+  out = {}
+  for rate in rates:
+    rng = np.random.default_rng([seed, round(rate * 1000)])
+    start, wrong = corrupt_with_random_tokens(clean, rate, run.vocab.random_token_ids, rng)
+    final = refine(run, prompts, start, icfg, batch_size=batch_size)
+    right = final == clean
+    out[str(rate)] = {
+        "fixed": float(right[wrong].mean()) if wrong.any() else None,
+        "broken": float((~right[~wrong]).mean()) if (~wrong).any() else None,
+        "exact_match": exact_match(records, decode_answers(run, final))["overall"],
+        "exact_match_before": exact_match(records, decode_answers(run, start))["overall"],
+        "wrong_tokens": int(wrong.sum()), "right_tokens": int((~wrong).sum())}
+  return out
 
 
 def format_table(result: dict) -> str:

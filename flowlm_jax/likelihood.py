@@ -56,10 +56,12 @@ def uniform_draws(key_B: jax.Array, draws: int, antithetic: bool) -> jax.Array:
   return jax.vmap(one)(key_B)
 
 
-def masking_times(u: jax.Array, steps: int = 0) -> jax.Array:
-  """t = 1 - u in (0, 1]; with `steps` = T > 0, rounded up onto the grid {1/T, ..., 1} (uniform over it)."""
+def masking_times(u: jax.Array, steps=0) -> jax.Array:
+  """t = 1 - u in (0, 1]; with `steps` = T > 0, rounded up onto the grid {1/T, ..., 1} (uniform over it).
+  `steps` may be traced (one compiled estimator for every T)."""
   t = 1.0 - u
-  return jnp.maximum(jnp.ceil(t * steps), 1.0) / steps if steps else t
+  grid = jnp.maximum(jnp.ceil(t * steps), 1.0) / jnp.maximum(steps, 1)
+  return jnp.where(steps > 0, grid, t)
 
 
 def masks_at_rate(key_R: jax.Array, corruptible_RxL: jax.Array, t_R: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -89,16 +91,15 @@ def _draw_rows(tokens_BxL, corruptible_BxL, key_B, draws: int, antithetic: bool)
 
 def mask_elbo_draws(logits_fn: LogitsFn, tokens_BxL: jax.Array, corruptible_BxL: jax.Array, key_B: jax.Array, *,
                     mask_id: int, draws: int, antithetic: bool = True, form: str = "time",
-                    steps: int = 0) -> jax.Array:
+                    steps=0) -> jax.Array:
   """float32[B, K]: K draws per row of weight * sum of -log p(x_i | x_masked) over its masked positions.
 
   Each draw is an unbiased estimate of the row's masked-diffusion bound in nats (module doc); the
-  corruptible positions are what may be masked and counted (the whole text, or an answer).
+  corruptible positions are what may be masked and counted (the whole text, or an answer). `steps` (the
+  T-step grid) applies to the time form only.
   """
   if form not in FORMS:
     raise ValueError(f"likelihood: unknown form {form!r}; expected one of {FORMS}")
-  if form == "count" and steps:
-    raise ValueError("likelihood: steps (the T-step bound) applies to form='time' only")
   tokens_RxL, corruptible_RxL, u_R, keys_R = _draw_rows(tokens_BxL, corruptible_BxL, key_B, draws, antithetic)
   if form == "time":
     masked_RxL, weight_R = masks_at_rate(keys_R, corruptible_RxL, masking_times(u_R, steps))
@@ -149,9 +150,9 @@ def model_logits_fn(graphdef, params, pad_id: int) -> LogitsFn:
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "pad_id", "mask_id", "draws", "antithetic", "form", "steps"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "pad_id", "mask_id", "draws", "antithetic", "form"))
 def model_mask_elbo_draws(graphdef, params, tokens_BxL, corruptible_BxL, key_B, *, pad_id: int, mask_id: int,
-                          draws: int, antithetic: bool, form: str, steps: int):
+                          draws: int, antithetic: bool, form: str, steps):
   return mask_elbo_draws(model_logits_fn(graphdef, params, pad_id), tokens_BxL, corruptible_BxL, key_B,
                          mask_id=mask_id, draws=draws, antithetic=antithetic, form=form, steps=steps)
 
@@ -188,14 +189,17 @@ class BoundSpec:
       raise ValueError(f"likelihood: draws must be >= 1 and steps >= 0, got draws={self.draws}, steps={self.steps}")
     if self.figure == "mixed" and (self.form != "time" or self.steps):
       raise ValueError("likelihood: the mixed-noise figure is the continuous-time bound (form='time', steps=0)")
+    if self.form == "count" and self.steps:
+      raise ValueError("likelihood: steps (the T-step bound) applies to form='time' only")
 
 
 def row_draws(graphdef, params, vocab: Vocab, tokens_NxL: np.ndarray, corruptible_NxL: np.ndarray,
               spec: BoundSpec = BoundSpec(), *, batch_size: int = 64, seed: int = 0,
-              noise: losses.MixedNoise | None = None) -> np.ndarray:
+              noise: losses.MixedNoise | None = None, key_ids: np.ndarray | None = None) -> np.ndarray:
   """float64[N, K]: every row's K draws of `spec`'s bound (nats), `batch_size` model rows per forward pass.
 
-  Row n's draws use `fold_in(key(seed), n)` whatever the batching; the last batch is padded (no recompile).
+  Row n's draws use `fold_in(key(seed), key_ids[n])` (default n) whatever the batching, so rows given the
+  same id get the same draws (common random numbers); the last batch is padded (no recompile).
   `noise` (mixed figure) defaults to FlowLM's corruption.
   """
   tokens_NxL, corruptible_NxL = np.asarray(tokens_NxL, np.int32), np.asarray(corruptible_NxL, bool)
@@ -204,10 +208,11 @@ def row_draws(graphdef, params, vocab: Vocab, tokens_NxL: np.ndarray, corruptibl
                      "the same [N, L]")
   rows = max(1, batch_size // spec.draws)
   base = jax.random.key(seed)
+  key_ids = np.arange(len(tokens_NxL)) if key_ids is None else np.asarray(key_ids)
   common = dict(pad_id=vocab.pad_id, draws=spec.draws, antithetic=spec.antithetic)
   if spec.figure == "mask":
-    estimate = functools.partial(model_mask_elbo_draws, mask_id=vocab.mask_id, form=spec.form, steps=spec.steps,
-                                 **common)
+    estimate = functools.partial(model_mask_elbo_draws, mask_id=vocab.mask_id, form=spec.form,
+                                 steps=jnp.int32(spec.steps), **common)
   else:
     estimate = functools.partial(model_mixed_noise_elbo_draws, noise=noise or flowlm_noise(vocab), **common)
   out = []
@@ -215,7 +220,7 @@ def row_draws(graphdef, params, vocab: Vocab, tokens_NxL: np.ndarray, corruptibl
     index = np.arange(start, start + rows)
     real = index < len(tokens_NxL)
     index = np.where(real, index, 0)
-    keys = jax.vmap(lambda n: jax.random.fold_in(base, n))(jnp.asarray(np.arange(start, start + rows)))
+    keys = jax.vmap(lambda n: jax.random.fold_in(base, n))(jnp.asarray(key_ids[index]))
     corruptible = corruptible_NxL[index] & real[:, None]
     draws = estimate(graphdef, params, jnp.asarray(tokens_NxL[index]), jnp.asarray(corruptible), keys)
     out.append(np.asarray(draws, np.float64)[real])

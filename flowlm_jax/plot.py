@@ -7,6 +7,8 @@ Per run (files prefixed with the run's label, by default the workdir's name):
 With two or more runs, also:
   `compare_loss.png`               runs overlaid: cross-entropy per corrupted token (train, validation), accuracy
   `compare_accuracy.png`           the last evaluation's accuracies side by side, by ratio bucket and by corruption kind
+`python -m flowlm_jax.compare` draws its report's figures with `quality_vs_steps_figure`,
+`bound_vs_steps_figure` and `self_correction_figure`.
 
 The `loss` of a LLaDA run is 1/t-weighted and the `loss` of a FlowLM run is not, so the overlays use
 `nll_corrupted` (plain cross-entropy per corrupted token), which means the same thing for both.
@@ -291,6 +293,75 @@ def compare_accuracy_figure(runs: dict[str, Rows]):
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle("runs compared: " + " vs ".join(runs), fontsize=12)
+  return fig
+
+
+# --- comparison report figures (python -m flowlm_jax.compare) -----------------------------------
+
+
+def _line_with_spread(ax, xs, stats, color, label):
+  """Mean with an error bar per x; `stats` are {"mean", "std"} dicts, whose "error" (when present) replaces
+  the std as the bar; None: no point. The x axis is log 2 with the given values as ticks."""
+  points = [(x, s) for x, s in zip(xs, stats) if s is not None]
+  if points:
+    ax.errorbar([x for x, _ in points], [s["mean"] for _, s in points],
+                yerr=[s.get("error", s["std"]) for _, s in points],
+                color=color, marker="o", markersize=4, capsize=3, linewidth=1.5, label=label)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(list(xs), [str(x) for x in xs])
+  ax.minorticks_off()
+
+
+def quality_vs_steps_figure(curves: dict[str, dict[str, dict[int, dict]]]):
+  """Exact match against decoding steps, one panel per decoder, one line per run (mean +- std over seeds).
+
+  `curves`: {decoder: {run label: {steps: {"mean", "std", ...}}}}.
+  """
+  fig, axes = _figure(len(curves), width=4.2, height=3.6)
+  for ax, (decoder, runs) in zip(axes, curves.items()):
+    for i, (label, by_steps) in enumerate(runs.items()):
+      steps = sorted(by_steps)
+      _line_with_spread(ax, steps, [by_steps[n] for n in steps], _color(i), label)
+    _finish(ax, f"{decoder} decoding", "exact match")
+    ax.set_xlabel("steps (model evaluations)")
+    ax.set_ylim(bottom=0)
+  fig.suptitle("exact match against decoding steps (mean ± std over runs x seeds)", fontsize=12)
+  return fig
+
+
+def bound_vs_steps_figure(bounds: dict[str, dict[int, dict]], continuous: dict[str, dict] | None = None):
+  """The T-step masked-diffusion bound (nats/token) against T, one line per run; the continuous-time bound
+  of each run as a dotted line. `bounds`: {label: {T: {"mean", "std", "error"}}} (compare.bound_stats)."""
+  fig, (ax,) = _figure(1, width=6.0, height=4.0)
+  for i, (label, by_steps) in enumerate(bounds.items()):
+    steps = sorted(by_steps)
+    _line_with_spread(ax, steps, [by_steps[n] for n in steps], _color(i), label)
+    if continuous and continuous.get(label):
+      ax.axhline(continuous[label]["mean"], color=_color(i), linestyle=":", linewidth=1.2,
+                 label=f"{label}: continuous time")
+  _finish(ax, "masked-diffusion NLL bound of a T-step sampler (± standard error)", "nats / token (upper bound)")
+  ax.set_xlabel("T (steps)")
+  return fig
+
+
+def self_correction_figure(results: dict[str, dict[str, dict]]):
+  """Bars per corruption rate and run: tokens fixed, right tokens broken, exact match after refinement.
+
+  `results`: {label: {rate (str): {"fixed", "broken", "exact_match", ...}}}.
+  """
+  fig, axes = _figure(3, width=4.6)
+  colors = [_color(i) for i in range(len(results))]
+  rates = sorted({rate for by_rate in results.values() for rate in by_rate}, key=float)
+  titles = {"fixed": "wrong tokens fixed", "broken": "right tokens changed", "exact_match": "exact match after"}
+  for ax, (key, title) in zip(axes, titles.items()):
+    _bars(ax, [f"{float(r):.0%}" for r in rates],
+          {label: [by_rate.get(r, {}).get(key) for r in rates] for label, by_rate in results.items()}, colors)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("answer tokens replaced by random tokens")
+    ax.set_ylabel("fraction")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle("self-correction: FlowLM decoding from corrupted answers", fontsize=12)
   return fig
 
 

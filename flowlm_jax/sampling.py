@@ -381,7 +381,7 @@ def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fi
 
 @_jit_sampler
 def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec, padded: bool,
-                  return_trajectory: bool = False):
+                  return_trajectory: bool = False, initial_BxA=None):
   """(answer [B, A], steps [B], full passes [B], trajectory [max_steps+1, B, A] or None): FlowLM
   any-position decoding.
 
@@ -391,7 +391,8 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
   """
   B, A, vocab = prompt_BxP.shape[0], spec.answer_length, spec.vocab
   init_key, step_key = jax.random.split(key)
-  answer0_BxA = initial_answer(init_key, (B, A), spec)
+  # `initial_BxA`: start from given answers (e.g. partly wrong ones, to measure self-correction).
+  answer0_BxA = initial_answer(init_key, (B, A), spec) if initial_BxA is None else initial_BxA.astype(jnp.int32)
   fill_count_B = jnp.sum(answer0_BxA == vocab.mask_id, axis=-1, dtype=jnp.int32)
   model, layers = decoding_model(graphdef, params)
   check_cacheable(model, spec.cache)

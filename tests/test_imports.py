@@ -11,6 +11,8 @@ PACKAGE = "flowlm_jax"
 # The top floor: entry points that nothing in the package may import.
 TOP = {"flowlm_jax.loop", "flowlm_jax.sample", "flowlm_jax.evaluate", "flowlm_jax.export", "flowlm_jax.plot",
        "flowlm_jax.bench"}
+# Above it: the comparison report runs the other tools' functions (evaluate, plot); nothing imports it.
+REPORT = {"flowlm_jax.compare"}
 
 
 def modules() -> dict[str, str]:
@@ -94,4 +96,6 @@ def test_layers_point_down():
     assert not graph[name] & ({"flowlm_jax.loading", "flowlm_jax.checkpoint", "flowlm_jax.train"} | TOP), name
   assert "flowlm_jax.loop" not in graph["flowlm_jax.checkpoint"] | graph["flowlm_jax.train"]
   for name, deps in graph.items():
-    assert not deps & TOP, f"{name} imports the top floor: {sorted(deps & TOP)}"
+    assert not deps & REPORT, f"{name} imports {sorted(deps & REPORT)}"
+    if name not in REPORT:
+      assert not deps & TOP, f"{name} imports the top floor: {sorted(deps & TOP)}"

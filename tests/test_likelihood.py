@@ -122,9 +122,10 @@ def test_bad_options_fail_with_one_line():
   with pytest.raises(ValueError, match="figure"):
     likelihood.BoundSpec(figure="gidd")
   with pytest.raises(ValueError, match="steps"):
-    likelihood.BoundSpec(form="count", steps=4).figure and likelihood.mask_elbo_draws(
-        None, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool), row_keys(1), mask_id=0, draws=1, form="count",
-        steps=4)
+    likelihood.BoundSpec(form="count", steps=4)
+  with pytest.raises(ValueError, match="form"):
+    likelihood.mask_elbo_draws(None, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool), row_keys(1), mask_id=0,
+                               draws=1, form="exact")
   with pytest.raises(ValueError, match="continuous"):
     likelihood.BoundSpec(figure="mixed", steps=4)
 
