@@ -74,8 +74,13 @@ def main(argv):
   except (KeyError, TypeError, ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError,
           CheckpointError) as e:
     sys.exit(f"error: {_message(e)}")
-  if "halted_at" not in result and "train" in result and jax.process_index() == 0:
+  if "halted_at" in result or jax.process_index() != 0:
+    return
+  if "train" in result:
     print(summary(result, FLAGS.workdir, config, time.monotonic() - started), flush=True)
+  else:  # relaunched after its last step: nothing to train
+    print(f"nothing to do: the run in {FLAGS.workdir} has finished its steps; raise --config.training.max_steps "
+          "(or num_epochs) to train it further", flush=True)
 
 
 def summary(result: dict, workdir: str, config, seconds: float) -> str:

@@ -216,7 +216,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         if step % c.training.save_steps == 0 or last or halt:
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           save(step)
-          result["checkpoint"] = os.path.join(checkpointer.directory, str(step))
+          result["checkpoint"] = os.path.join(workdir, "checkpoints", str(step))  # as the user wrote the workdir
           if last:
             upload_saved()
         if halt:

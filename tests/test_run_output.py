@@ -26,7 +26,7 @@ def finished_run(tmp_path_factory):
   workdir = str(root / "run")
   r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={overlay}", f"--workdir={workdir}")
   assert r.returncode == 0, r.stderr[-3000:]
-  return workdir, r, c
+  return workdir, r, c, overlay
 
 
 def samples_by_step(workdir):
@@ -47,7 +47,7 @@ def test_presets_answer_their_own_test_prompts_in_both_modes_at_every_evaluation
 
 
 def test_every_evaluation_answers_the_test_prompts_and_the_last_answers_are_printed(finished_run):
-  workdir, r, c = finished_run
+  workdir, r, c, _ = finished_run
   by_step = samples_by_step(workdir)
   assert sorted(by_step) == [3, 6]
   for rows in by_step.values():
@@ -62,7 +62,7 @@ def test_every_evaluation_answers_the_test_prompts_and_the_last_answers_are_prin
 
 
 def test_a_finished_run_ends_with_its_figures_checkpoint_and_next_commands(finished_run):
-  workdir, r, c = finished_run
+  workdir, r, c, _ = finished_run
   summary = r.stdout[r.stdout.index("finished step 6 in"):]
   train, evaluation = metrics_rows(workdir)[6], metrics_rows(workdir, "eval_loss")[6]
   assert f"loss {train['loss']:.4f}" in summary and f"accuracy {train['accuracy']:.4f}" in summary
@@ -75,10 +75,19 @@ def test_a_finished_run_ends_with_its_figures_checkpoint_and_next_commands(finis
   assert commands[3] == f"FLOWLM_WORKDIR={workdir} uv run --with jupyterlab jupyter lab notebooks/inspect_checkpoint.ipynb"
 
 
+def test_relaunching_a_finished_run_says_there_is_nothing_to_do(finished_run):
+  workdir, _, _, overlay = finished_run
+  rows_before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={overlay}", f"--workdir={workdir}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "nothing to do" in r.stdout and "training.max_steps" in r.stdout and "finished step" not in r.stdout
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == rows_before
+
+
 def test_the_printed_sample_command_runs_as_written(finished_run, capsys):
   from flowlm_jax import sample
 
-  workdir, r, c = finished_run
+  workdir, r, c, _ = finished_run
   line = next(x for x in r.stdout.splitlines() if "flowlm_jax.sample" in x)
   argv = shlex.split(line.split("#")[0])
   assert argv[:4] == ["uv", "run", "python", "-m"]
@@ -110,7 +119,7 @@ def test_the_progress_rate_and_eta_leave_the_compile_out():
 def test_sample_answers_prompts_from_arguments_flags_and_a_file_and_writes_jsonl(finished_run, tmp_path, capsys):
   from flowlm_jax import sample
 
-  workdir, _, _ = finished_run
+  workdir, *_ = finished_run
   (tmp_path / "p.jsonl").write_text('{"prompt": "from a file"}\n')
   out = tmp_path / "answers" / "a.jsonl"
   assert sample.main([f"--workdir={workdir}", "first", "--prompt=second", f"--prompts_file={tmp_path / 'p.jsonl'}",
