@@ -1,9 +1,10 @@
 """Export a checkpoint as plain files: `python -m flowlm_jax.export WORKDIR --out DIR [--step N] [--format F]`.
 
 `--format=flowlm` (default): safetensors + config.json + tokenizer in flowlm_jax's own layout
-(`formats/flowlm_export.py`), which `flowlm_jax.load(DIR)` reads back on any machine. `--format=hf`: a
-ModernBERT run in Hugging Face layout (`formats/modernbert_hf.py`), which
-`transformers.ModernBertForMaskedLM.from_pretrained(DIR)` loads.
+(`formats/flowlm_export.py`), which `flowlm_jax.load(DIR)` reads back on any machine. `--format=hf`: a run
+started from a Hugging Face checkpoint, written back in its layout: ModernBERT (`formats/modernbert_hf.py`,
+which `transformers.ModernBertForMaskedLM.from_pretrained(DIR)` loads), LLaDA or Dream (`formats/llama_hf.py`:
+the same tensor names, shapes and dtype as the release, and its tokenizer and modeling code copied along).
 """
 
 from __future__ import annotations
@@ -52,19 +53,19 @@ def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool =
 
 
 def export_hf(workdir: str, out: str, step: int | None = None) -> dict:
-  """The newest (or `step`) checkpoint of a ModernBERT run, written in HF layout to `out`."""
-  import jax
-
+  """The newest (or `step`) checkpoint of a run started from an HF checkpoint, written in its layout to `out`."""
   from flowlm_jax import loading
-  from flowlm_jax.formats import modernbert_hf
-  from flowlm_jax.models.modernbert import ModernBertConfig
+  from flowlm_jax.models import registry
 
   if os.path.isdir(out) and os.listdir(out):
     raise FileExistsError(f"export: {out} exists and is not empty")
   run = loading.load(workdir, step=step)
-  if not isinstance(run.model.cfg, ModernBertConfig):
-    raise ValueError(f"export: {workdir} is not a ModernBERT run (model.family={run.config.model.family!r})")
-  summary = modernbert_hf.save_hf(jax.device_get(run.params), run.model.cfg, out, run.tokenizer)
+  hf_format = registry.hf_format(run.model.cfg)
+  if hf_format is None or not getattr(run.model.cfg, "pretrained", ""):
+    raise ValueError(f"export --format=hf: {workdir} did not start from an HF checkpoint (model.pretrained is "
+                     "not set); use --format=flowlm")
+  # Per tensor (a layer at a time for LLaDA/Dream): no host copy of the whole model.
+  summary = hf_format.save_hf(run.params, run.model.cfg, out, run.tokenizer)
   return {**summary, "step": run.step}
 
 
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   p.add_argument("--format", choices=FORMATS, default="flowlm",
-                 help="flowlm: this project's layout (flowlm_jax.load); hf: Hugging Face ModernBertForMaskedLM")
+                 help="flowlm: this project's layout (flowlm_jax.load); hf: the layout of the HF checkpoint the run "
+                      "started from (ModernBERT, LLaDA, Dream)")
   p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (flowlm format)")
   args = p.parse_args(argv)
   from flowlm_jax.checkpoint import CheckpointError  # heavy imports after argument errors
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     return 2
   if args.format == "hf":
     print(f"exported step {s['step']} of {args.workdir} to {s['out']}: {s['tensors']} tensors, "
-          f"{s['parameters']:,} parameters (HF ModernBertForMaskedLM layout)")
+          f"{s['parameters']:,} parameters (Hugging Face layout)")
   else:
     print(f"exported step {s['step']} of {args.workdir} to {s['out']}: {s['tensors']} tensors, "
           f"{s['num_parameters']:,} parameters, {s['bytes'] / 2**20:.1f} MiB ({layout.WEIGHTS_FILE}, "

@@ -2,9 +2,11 @@
 
 Works on any machine (a CPU laptop included) for a checkpoint trained elsewhere: the parameters are
 restored onto this process's first device, whatever mesh they were saved from. `load` also takes a
-directory written by `python -m flowlm_jax.export` (model.safetensors + config.json + tokenizer).
+directory written by `python -m flowlm_jax.export` (model.safetensors + config.json + tokenizer), and a
+released diffusion LM in its Hugging Face layout (a LLaDA or Dream directory, formats/llama_hf.py), to sample
+from or evaluate before any fine-tuning.
 The one place that turns a directory into a model: checkpoints (checkpoint.py), exported directories
-(formats/flowlm_export.py); pretrained HF weights come through train.init_state (models/registry.py).
+(formats/flowlm_export.py), HF checkpoints (models/registry.py, which train.init_state also uses).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import sharding, train
 from flowlm_jax.formats import flowlm_export as exported
+from flowlm_jax.formats import llama_hf
 from flowlm_jax.models import registry
 from flowlm_jax.tokenizer import load_tokenizer, vocab_of
 
@@ -49,10 +52,13 @@ def load(workdir: str, step: int | None = None) -> LoadedRun:
   """Config, model, tokenizer and a `generate` helper from the newest (or given) checkpoint of a run.
 
   `workdir` may be a run directory, its `checkpoints/` directory, one step's directory, or an exported
-  directory (`python -m flowlm_jax.export`; `step`, if given, must be the exported step).
+  directory (`python -m flowlm_jax.export`; `step`, if given, must be the exported step), or an HF LLaDA /
+  Dream directory (step 0).
   """
   if exported.is_exported(workdir):
     return _load_exported(workdir, step)
+  if llama_hf.is_checkpoint(workdir):
+    return _load_hf_checkpoint(workdir)
   directory, resume_step = ckpt_lib.resolve_resume_path(workdir)
   step = resume_step if step is None else step
   checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
@@ -114,6 +120,28 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
   params = jax.device_put(arrays, shardings)
   model = nnx.merge(graphdef, params)
   return LoadedRun(config=config, model=model, tokenizer=tokenizer, vocab=vocab, step=int(meta["step"]),
+                   graphdef=graphdef, params=params)
+
+
+def _load_hf_checkpoint(path: str) -> LoadedRun:
+  """A LoadedRun of a released LLaDA/Dream directory: its weights, tokenizer and [MASK]; the default inference
+  settings. Parameters stay in the dtype they are stored in; compute is bfloat16 on accelerators, float32 on
+  CPUs (which emulate bfloat16 slowly)."""
+  path = os.path.abspath(path)
+  stored = llama_hf.stored_dtype(llama_hf.read_hf_config(path))
+  config = config_lib.base_config()
+  m = config.model
+  m.pretrained = m.tokenizer = path
+  m.param_dtype = stored if stored in config_lib.CHOICES["model.param_dtype"] else "float32"
+  m.compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  tokenizer = load_tokenizer(path)
+  vocab = vocab_of(tokenizer)
+  model_cfg = registry.model_config(m, vocab)
+  graphdef, abstract_model_state = train.abstract_model(model_cfg)
+  shardings = sharding.param_shardings(abstract_model_state, sharding.single_device_mesh())
+  params = registry.pretrained_params(model_cfg, shardings)
+  from flax import nnx
+  return LoadedRun(config=config, model=nnx.merge(graphdef, params), tokenizer=tokenizer, vocab=vocab, step=0,
                    graphdef=graphdef, params=params)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -36,10 +37,17 @@ def load_tokenizer(name: str):
   if looks_local and not os.path.isdir(path):
     raise FileNotFoundError(f"model.tokenizer: no such directory: {path}")
   try:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Never run a checkpoint's own code (LLaDA's and Dream's config.json name some): without this flag
+    # transformers would stop and ask on stdin.
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
   except OSError as e:
     raise FileNotFoundError(f"model.tokenizer: cannot load {name!r} ({str(e).splitlines()[0]})") from None
+  _adopt_config_mask(tokenizer, path)
   missing = {k: v for k, v in REQUIRED_SPECIALS.items() if getattr(tokenizer, k, None) is None}
+  if tokenizer.pad_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+    # LLaDA and Dream pad with EOS. Here [PAD] keys are left out of attention, while the EOS that fills SFT
+    # rows after an answer is a training target: the two must differ.
+    missing["pad_token"] = REQUIRED_SPECIALS["pad_token"]
   if missing:
     try:
       tokenizer.add_special_tokens(missing)
@@ -49,6 +57,20 @@ def load_tokenizer(name: str):
   if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
     raise ValueError(f"model.tokenizer: {name!r} has no [MASK] or [PAD] token and none could be added")
   return tokenizer
+
+
+def _adopt_config_mask(tokenizer, path: str) -> None:
+  """A diffusion LM's config.json names its mask token by id (LLaDA: 126336, Dream: 151666); that is [MASK]."""
+  config = os.path.join(path, "config.json")
+  if not os.path.isfile(config):
+    return
+  with open(config) as f:
+    mask_id = json.load(f).get("mask_token_id")
+  if mask_id is None or mask_id == tokenizer.mask_token_id:
+    return
+  if not 0 <= mask_id < len(tokenizer):
+    raise ValueError(f"model.tokenizer: config.json's mask_token_id={mask_id} is not a token of {path}")
+  tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
 
 
 def separator_id(tokenizer) -> int | None:

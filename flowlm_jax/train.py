@@ -103,10 +103,13 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState,
   """Parameters are created directly in their shards (one jit), so no device ever holds them whole.
 
   `params` (a pure dict) replaces the random initialisation; without it a config with pretrained weights
-  (ModernBERT's `model.pretrained`) loads them, except while traced for shapes (jax.eval_shape).
+  (`model.pretrained`) loads them, except while traced for shapes (jax.eval_shape). Loaded weights go
+  straight into their shards (HF LLaDA/Dream directories are streamed one tensor at a time) and are donated
+  to the state, so no second copy of them is made.
   """
-  if params is None and getattr(model_cfg, "pretrained", "") and not _tracing():
-    params = registry.pretrained_params(model_cfg)
+  loaded = params is None and bool(getattr(model_cfg, "pretrained", "")) and not _tracing()
+  if loaded:
+    params = registry.pretrained_params(model_cfg, shardings.params)
   if params is not None:
     params = jax.device_put(params, shardings.params)
 
@@ -119,7 +122,7 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState,
         rng=jax.random.PRNGKey(seed + 1), nonfinite_count=jnp.zeros((), jnp.int32),
         last_nonfinite_step=jnp.full((), -1, jnp.int32))
 
-  return jax.jit(init, out_shardings=shardings)(params)
+  return jax.jit(init, out_shardings=shardings, donate_argnums=0 if loaded else ())(params)
 
 
 def _tracing() -> bool:

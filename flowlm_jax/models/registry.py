@@ -15,7 +15,7 @@ from types import ModuleType
 import jax
 from flax import nnx
 
-from flowlm_jax.formats import modernbert_hf
+from flowlm_jax.formats import llama_hf, modernbert_hf
 from flowlm_jax.models import llama, modernbert
 from flowlm_jax.vocab import Vocab
 
@@ -26,10 +26,18 @@ class Family:
   network: type                          # nnx.Module built from it
   config_from: Callable[..., object]     # (run config's `model` section, vocab) -> config_class
   weights: ModuleType | None = None      # the format module whose load_params reads `pretrained` weights
+  streams: bool = False                  # its load_params(cfg, shardings) places each tensor in its shards
+
+
+def _llama_config(model_cfg, vocab: Vocab) -> llama.ModelConfig:
+  """`model.pretrained`'s architecture (an HF LLaDA or Dream directory) if set, else the run config's sizes."""
+  if getattr(model_cfg, "pretrained", ""):
+    return llama_hf.model_config(model_cfg, vocab)
+  return llama.ModelConfig.from_config(model_cfg, vocab)
 
 
 FAMILIES = {
-    "llama": Family(llama.ModelConfig, llama.Transformer, llama.ModelConfig.from_config),
+    "llama": Family(llama.ModelConfig, llama.Transformer, _llama_config, weights=llama_hf, streams=True),
     "modernbert": Family(modernbert.ModernBertConfig, modernbert.ModernBert, modernbert_hf.model_config,
                          weights=modernbert_hf),
 }
@@ -58,12 +66,23 @@ def create(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
   return _family_of(model_cfg).network(model_cfg, rngs=rngs)
 
 
-def pretrained_params(model_cfg) -> dict | None:
-  """The pure parameter dict of `model_cfg.pretrained`'s weights (numpy), or None: random init."""
-  weights = _family_of(model_cfg).weights
-  if weights is None or not getattr(model_cfg, "pretrained", ""):
+def pretrained_params(model_cfg, shardings: dict | None = None) -> dict | None:
+  """The pure parameter dict of `model_cfg.pretrained`'s weights, or None: random init.
+
+  `shardings` ({name: Sharding}): a streaming format places each tensor in them as it reads it (jax Arrays);
+  the others return numpy arrays for the caller to place.
+  """
+  family = _family_of(model_cfg)
+  if family.weights is None or not getattr(model_cfg, "pretrained", ""):
     return None
-  return weights.load_params(model_cfg)
+  if family.streams:
+    return family.weights.load_params(model_cfg, shardings)
+  return family.weights.load_params(model_cfg)
+
+
+def hf_format(model_cfg) -> ModuleType | None:
+  """The format module whose `save_hf` writes this family in its source checkpoint's HF layout."""
+  return _family_of(model_cfg).weights
 
 
 def class_path(cls: type) -> str:

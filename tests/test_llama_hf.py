@@ -1,0 +1,366 @@
+"""LLaDA and Dream checkpoints in their Hugging Face layouts: import, numerics, samplers, export.
+
+The fixtures (tests/fixtures/{llada,dream}_tiny, made by scripts/make_diffusion_fixtures.py) are tiny random
+models with the released config keys and tensor names, and the logits and generate-loop answers of an
+independent numpy implementation of each architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+
+from flowlm_jax import config as config_lib
+from flowlm_jax import sampling
+from flowlm_jax.formats import llama_hf
+from flowlm_jax.formats import safetensors_dir as st
+from flowlm_jax.models import registry
+from flowlm_jax.tokenizer import load_tokenizer, vocab_of
+from helpers import REPO, launch_in_process, load_preset
+
+LLADA = os.path.join(REPO, "tests", "fixtures", "llada_tiny")
+DREAM = os.path.join(REPO, "tests", "fixtures", "dream_tiny")
+FIXTURES = pytest.mark.parametrize("directory", [LLADA, DREAM], ids=["llada", "dream"])
+
+
+def fixture_config(directory, **overrides):
+  return llama_hf.from_hf_config(llama_hf.read_hf_config(directory),
+                                 **{"compute_dtype": "float32", "pretrained": directory, **overrides})
+
+
+def build(cfg, params):
+  graphdef, _ = nnx.split(registry.create(cfg, rngs=nnx.Rngs(params=0)))
+  return graphdef, nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+
+
+@pytest.fixture(scope="module", params=[LLADA, DREAM], ids=["llada", "dream"])
+def imported(request):
+  """(directory, config, numpy params, graphdef, model, tokenizer, vocab, expected) of one fixture."""
+  directory = request.param
+  tokenizer = load_tokenizer(directory)
+  cfg = fixture_config(directory, num_real_tokens=len(tokenizer))  # the rows past the tokenizer: never predicted
+  params = llama_hf.load_params(cfg)
+  graphdef, model = build(cfg, params)
+  return dict(directory=directory, cfg=cfg, params=params, graphdef=graphdef, model=model, tokenizer=tokenizer,
+              vocab=vocab_of(tokenizer), expected=dict(np.load(os.path.join(directory, "expected.npz"))))
+
+
+def dream_reading(logits_BxTxV):
+  """What Dream's generate loop does with its raw logits: position i reads row i - 1, position 0 its own."""
+  return np.concatenate([logits_BxTxV[:, :1], logits_BxTxV[:, :-1]], axis=1)
+
+
+# --- config.json and tokenizer -----------------------------------------------------------------
+
+
+def test_configs_resolve_to_the_architectures_of_the_releases():
+  llada, dream = fixture_config(LLADA), fixture_config(DREAM)
+  assert (llada.d_model, llada.n_layers, llada.n_heads, llada.n_kv_heads, llada.d_ff, llada.vocab_size) == (
+      64, 2, 4, 4, 96, 384)
+  assert (llada.rope_theta, llada.norm_eps, llada.tie_embeddings, llada.qkv_bias, llada.shift_logits) == (
+      500000.0, 1e-5, False, False, False)
+  assert (dream.n_heads, dream.n_kv_heads, dream.rope_theta, dream.norm_eps) == (4, 2, 1e6, 1e-6)
+  assert dream.qkv_bias and dream.shift_logits and not dream.tie_embeddings
+  hash(llada)  # lives in the graphdef: a static argument of the compiled samplers
+
+
+@FIXTURES
+def test_config_json_round_trips(directory):
+  cfg = fixture_config(directory)
+  with open(os.path.join(directory, "config.json")) as f:
+    assert llama_hf.hf_config_dict(cfg) == json.load(f)
+  again = llama_hf.from_hf_config(llama_hf.hf_config_dict(cfg), compute_dtype="float32", pretrained=directory)
+  assert dataclasses.replace(again, hf_config="") == dataclasses.replace(cfg, hf_config="")
+
+
+@FIXTURES
+def test_tokenizer_mask_and_chat_template_come_from_the_directory(directory):
+  with open(os.path.join(directory, "config.json")) as f:
+    hf = json.load(f)
+  tokenizer = load_tokenizer(directory)
+  vocab = vocab_of(tokenizer)
+  assert vocab.mask_id == hf["mask_token_id"]  # LLaDA's tokenizer does not declare it: config.json does
+  assert vocab.eos_id == hf["eos_token_id"] == hf["pad_token_id"]
+  assert vocab.pad_id != vocab.eos_id  # EOS fills answers as a target; [PAD] keys are left out of attention
+  assert vocab.size <= hf.get("embedding_size", hf["vocab_size"])
+  with open(os.path.join(directory, "chat_template.jinja")) as f:
+    assert tokenizer.chat_template == f.read() and "assistant" in tokenizer.chat_template
+
+
+# --- numerics against the independent numpy implementation -------------------------------------------
+
+
+def test_imported_logits_match_the_reference_within_1e_4(imported):
+  """A full row and a right-padded one (key mask), float32. Dream's raw logits predict the next position;
+  the imported model returns, at each position, the prediction for that position."""
+  e, model = imported["expected"], imported["model"]
+  logits = np.asarray(model(jnp.asarray(e["input_ids"]), valid_BxT=jnp.asarray(e["real"])))
+  reference = e["logits"] if not imported["cfg"].shift_logits else dream_reading(e["logits"])
+  real, n = e["real"], imported["cfg"].num_real_tokens
+  np.testing.assert_allclose(logits[real][:, :n], reference[real][:, :n], atol=1e-4, rtol=0)
+  assert np.all(logits[..., n:] == np.finfo(np.float32).min)  # the embedding's padding rows
+  lengths = jnp.asarray(real.sum(-1), jnp.int32)  # training rows give padding as lengths: the same numbers
+  by_lengths = np.asarray(model(jnp.asarray(e["input_ids"]), kv_lengths_B=lengths))
+  np.testing.assert_allclose(by_lengths[real][:, :n], reference[real][:, :n], atol=1e-4, rtol=0)
+
+
+def test_bfloat16_compute_stays_close(imported):
+  cfg = dataclasses.replace(imported["cfg"], compute_dtype="bfloat16")
+  _, model = build(cfg, imported["params"])
+  e = imported["expected"]
+  logits = np.asarray(model(jnp.asarray(e["input_ids"][:1])))[..., :cfg.num_real_tokens]
+  reference = e["logits"][:1] if not cfg.shift_logits else dream_reading(e["logits"][:1])
+  assert logits.dtype == np.float32 and np.median(np.abs(logits - reference[..., :cfg.num_real_tokens])) < 0.1
+
+
+def test_the_samplers_row_order_gives_the_reference_logits(imported):
+  """The samplers feed a row as [answer | prompt | pads] with the positions of [prompt | answer] and the real keys
+  as lengths (sampling.py): the answer columns still get the reference's logits, Dream's shift included."""
+  e, cfg, model = imported["expected"], imported["cfg"], imported["model"]
+  n_prompt, n_pad = 10, 6
+  prompt, answer = e["input_ids"][:1, :n_prompt], e["input_ids"][:1, n_prompt:]
+  row = np.concatenate([answer, prompt, np.full((1, n_pad), imported["vocab"].pad_id)], axis=1)
+  positions = np.concatenate([n_prompt + np.arange(answer.shape[1]), np.arange(n_prompt + n_pad)])[None]
+  logits = model(jnp.asarray(row), positions_BxT=jnp.asarray(positions, jnp.int32),
+                 kv_lengths_B=jnp.asarray([answer.shape[1] + n_prompt], jnp.int32))
+  reference = e["logits"][:1] if not cfg.shift_logits else dream_reading(e["logits"][:1])
+  n = cfg.num_real_tokens
+  np.testing.assert_allclose(np.asarray(logits)[:, :answer.shape[1], :n], reference[:, n_prompt:, :n], atol=1e-4,
+                             rtol=0)
+
+
+@pytest.mark.parametrize("block_length", [8, 4], ids=["one-block", "semi-autoregressive"])
+def test_llada_sampler_equals_the_published_generate_loop(imported, block_length):
+  """LLaDA's generate.py (greedy, low-confidence remasking, 8 steps for 8 tokens), token for token, for prompts of
+  5 and 11 tokens batched together; on Dream the reference reads the logits the way Dream's generate does."""
+  e = imported["expected"]
+  icfg = config_lib.base_config().inference
+  icfg.answer_length, icfg.steps, icfg.block_length, icfg.temperature = 8, 8, block_length, 0.0
+  prompts = [list(e["prompt_short"]), list(e["prompt_long"])]
+  params = nnx.to_pure_dict(nnx.state(imported["model"]))
+  out = sampling.generate(imported["graphdef"], params, prompts, imported["vocab"], icfg, mode="llada")
+  np.testing.assert_array_equal(out.answer, e[f"answers_block{block_length}"])
+
+
+# --- streaming, sharded loading ------------------------------------------------------------------
+
+
+SHARDED_SCRIPT = """
+import logging, sys
+import jax, numpy as np
+from flax import nnx
+from flowlm_jax import sharding, train
+from flowlm_jax.formats import llama_hf
+logging.basicConfig(level=logging.INFO)
+assert jax.device_count() == 8, jax.devices()
+cfg = llama_hf.from_hf_config(llama_hf.read_hf_config(sys.argv[1]), pretrained=sys.argv[1])
+mesh = jax.make_mesh((1, 4, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+_, abstract = train.abstract_model(cfg)
+shardings = sharding.param_shardings(abstract, mesh)
+placed = llama_hf.load_params(cfg, shardings)
+whole = llama_hf.load_params(cfg)
+split = {}
+for name, value in placed.items():
+  assert value.sharding == shardings[name], name
+  np.testing.assert_array_equal(np.asarray(value), whole[name])
+  split[name] = len({tuple(map(str, i)) for i in value.sharding.devices_indices_map(value.shape).values()})
+assert split["wq"] == split["w_gate"] == split["embed"] == 8 and split["bq"] == 2, split
+print("ok", split)
+"""
+
+
+@pytest.mark.parametrize("directory", [DREAM], ids=["dream"])
+def test_streaming_load_places_each_shard_on_an_8_device_mesh(directory):
+  """fsdp=4 x tensor=2: every parameter arrives in its target sharding, equal to the whole-array load, and the
+  load reports the peak host memory."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, directory], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=180)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "ok" in r.stdout and "peak host memory of this process" in r.stderr
+
+
+def test_a_shard_is_built_from_its_own_layers_only():
+  """Each device's part reads only the HF tensors of the layers it holds."""
+  cfg = fixture_config(LLADA)
+  table = {t.ours: t for t in llama_hf.tensors(cfg)}
+  template = llama_hf.abstract_params(cfg)
+  with st.Checkpoint(LLADA) as ckpt:
+    read = []
+    original = ckpt.read
+    ckpt.read = lambda name: read.append(name) or original(name)
+    part = st._shard(table["wq"], ckpt, template["wq"].shape, np.float32, (slice(1, 2), slice(0, 32)))
+    whole = st.load([table["wq"]], ckpt, template)["wq"]
+  assert read == ["model.transformer.blocks.1.q_proj.weight"] + ["model.transformer.blocks.0.q_proj.weight",
+                                                                  "model.transformer.blocks.1.q_proj.weight"]
+  np.testing.assert_array_equal(part, whole[1:2, :32])
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+
+def headers(directory) -> dict:
+  """{tensor name: (shape, dtype)} of every safetensors file in a directory."""
+  out = {}
+  for name in os.listdir(directory):
+    if name.endswith(".safetensors"):
+      with safe_open(os.path.join(directory, name), framework="np") as f:
+        out.update({k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()})
+  return out
+
+
+@FIXTURES
+def test_import_export_import_is_bit_identical_with_the_original_names_shapes_and_dtypes(directory, tmp_path):
+  cfg = fixture_config(directory)
+  params = llama_hf.load_params(cfg)
+  out = str(tmp_path / "export")
+  summary = llama_hf.save_hf(params, cfg, out, max_shard_bytes=200_000)  # small shards: the index path too
+  assert len(summary["files"]) > 1 and os.path.isfile(os.path.join(out, st.INDEX_FILE))
+  assert headers(out) == headers(directory)
+  for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+    with open(os.path.join(out, name)) as a, open(os.path.join(directory, name)) as b:
+      assert json.load(a) == json.load(b), name
+  with st.Checkpoint(out) as exported, st.Checkpoint(directory) as original:
+    for name in original.names():
+      assert exported.read(name).tobytes() == original.read(name).tobytes(), name
+  again = llama_hf.load_params(fixture_config(out))
+  for name, value in params.items():
+    assert again[name].tobytes() == value.tobytes(), name
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def _edited_copy(tmp_path, edit_tensors=None, edit_config=None) -> str:
+  from safetensors.numpy import save_file
+
+  out = tmp_path / "dream"
+  shutil.copytree(DREAM, out)
+  if edit_tensors:
+    with st.Checkpoint(str(out)) as ckpt:
+      tensors = {name: ckpt.read(name) for name in ckpt.names()}
+    edit_tensors(tensors)
+    save_file(tensors, str(out / st.SINGLE_FILE), metadata={"format": "pt"})
+  if edit_config:
+    hf = json.loads((out / "config.json").read_text())
+    edit_config(hf)
+    (out / "config.json").write_text(json.dumps(hf))
+  return str(out)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"), r"missing 1 tensor\(s\) model.layers.1.self_attn.k_proj"),
+    (lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": t["model.norm.weight"]}),
+     r"unexpected 1 tensor\(s\) model.layers.0.self_attn.o_proj.bias"),
+    (lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"][:, :32]}),
+     r"tensor 'lm_head.weight' has shape \(384, 32\), config.json implies \(384, 64\)"),
+])
+def test_bad_tensors_fail_in_one_line_naming_them(tmp_path, edit, message):
+  directory = _edited_copy(tmp_path, edit_tensors=edit)
+  with pytest.raises(ValueError, match=message) as info:
+    llama_hf.load_params(fixture_config(directory))
+  assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda hf: hf.update(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
+    (lambda hf: hf.update(model_type="qwen2"), r"model_type 'qwen2', expected one of llada, dream"),
+    (lambda hf: hf.pop("hidden_size"), r"lacks hidden_size"),
+    (lambda hf: hf.update(num_key_value_heads=3), r"not an even head size with whole groups"),
+])
+def test_unsupported_configs_fail_in_one_line(tmp_path, edit, message):
+  directory = _edited_copy(tmp_path, edit_config=edit)
+  with pytest.raises(ValueError, match=message) as info:
+    fixture_config(directory)
+  assert "\n" not in str(info.value)
+
+
+def test_a_missing_directory_is_a_one_line_error_before_anything_loads(tmp_path):
+  c = load_preset("flowlm", "llada-8b")
+  with pytest.raises(ValueError, match="model.pretrained: no such directory: .*LLaDA-8B-Base") as info:
+    config_lib.validate(c)
+  assert "\n" not in str(info.value)
+  with pytest.raises(FileNotFoundError, match="no config.json in"):
+    llama_hf.read_hf_config(str(tmp_path))
+
+
+# --- presets, the training path, loading -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["flowlm", "llada"])
+def test_llada_8b_presets(preset):
+  c = load_preset(preset, "llada-8b")
+  m, d, t = c.model, c.dataset, c.training
+  assert m.family == "llama" and m.pretrained == m.tokenizer == os.path.join("pretrained", "LLaDA-8B-Base")
+  assert (d.name, d.kind, d.max_length) == ("allenai/tulu-3-sft-mixture", "sft", 4096)
+  assert (c.mesh.fsdp, m.remat, m.scan_unroll, m.loss_chunk_size, t.batch_size) == (4, "save_dots", 1, 256, 8)
+  assert (t.learning_rate, t.warmup_steps, t.weight_decay) == (2.5e-5, 50, 0.1)
+  assert t.loss == preset  # the objective stays the preset's
+  m.pretrained = m.tokenizer = LLADA
+  config_lib.validate(c, num_devices=4)
+
+
+def test_run_config_dispatch_and_init_state_load_the_weights():
+  import optax
+
+  from flowlm_jax import sharding, train
+
+  c = load_preset("flowlm", "llada-8b")
+  c.model.pretrained = c.model.tokenizer = LLADA
+  vocab = vocab_of(load_tokenizer(LLADA))
+  cfg = registry.model_config(c.model, vocab)
+  assert (cfg.d_model, cfg.vocab_size, cfg.num_real_tokens, cfg.remat) == (64, 384, vocab.size, "save_dots")
+  assert cfg.pretrained == LLADA and cfg.compute_dtype == "bfloat16"
+  tx = optax.adamw(1e-3)
+  state = train.init_state(cfg, tx, 0, train.state_shardings(cfg, tx, sharding.single_device_mesh()))
+  reference = llama_hf.load_params(cfg)
+  for name, value in reference.items():
+    np.testing.assert_array_equal(np.asarray(state.params[name]), value)
+
+
+def test_flowlm_load_of_a_release_directory_samples():
+  import flowlm_jax
+
+  run = flowlm_jax.load(DREAM)
+  assert run.step == 0 and run.model.cfg.shift_logits and run.model.cfg.param_dtype == "bfloat16"
+  for mode in ("llada", "flowlm"):
+    answers = run.generate(["To be"], mode=mode, answer_length=8, steps=8, max_steps=8)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+@pytest.mark.integration
+def test_fine_tune_from_llada_then_export_loads_back(tmp_path, caplog):
+  """Two FlowLM steps from the imported LLaDA fixture on the embedded SFT tasks, exported to LLaDA's layout:
+  the export carries the original names, shapes and dtypes and reloads to the run's (bf16-rounded) weights."""
+  from flowlm_jax import export, loading
+
+  workdir = str(tmp_path / "run")
+  caplog.set_level(logging.INFO, logger=llama_hf.__name__)
+  r = launch_in_process(
+      "--config=configs/flowlm.py:tasks", f"--config.model.pretrained={LLADA}", f"--config.model.tokenizer={LLADA}",
+      "--config.training.max_steps=2", "--config.training.batch_size=8", "--config.model.loss_chunk_size=16",
+      "--config.training.async_checkpointing=False", "--config.evaluation.eval_batches=1",
+      "--config.logging.progress_bar=False", "--config.logging.wandb.mode=disabled", f"--workdir={workdir}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "peak host memory" in caplog.text  # the streaming load reported itself
+  run = loading.load(workdir)
+  out = str(tmp_path / "hf")
+  assert export.main([workdir, "--out", out, "--format=hf"]) == 0
+  assert headers(out) == headers(LLADA)
+  reloaded = llama_hf.load_params(fixture_config(out))
+  for name, value in reloaded.items():
+    trained = np.asarray(run.params[name])
+    np.testing.assert_array_equal(value, trained.astype(jnp.bfloat16).astype(np.float32))
+  assert not np.array_equal(reloaded["wq"], llama_hf.load_params(fixture_config(LLADA))["wq"])  # it trained
