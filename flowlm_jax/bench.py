@@ -4,13 +4,19 @@
   python -m flowlm_jax.bench --smoke         # tiny shapes, a few steps: checks the script on a CPU
   python -m flowlm_jax.bench --scaling small:data,1b:fsdp,1b:data_fsdp --gpus 1,2,4 --samplers=
                                              # weak scaling: the same per-device batch on 1, 2, 4 devices
+  python -m flowlm_jax.bench --no-train --answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0
+                                             # fast sampling: each key/value cache at answer 256 and 512, batch
+                                             # 1 and 32, one token per step (issue 18; docs/performance.md)
 
 MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6(L(4d^2 + 3 d ff) + d V) + 12 L S d
 (bidirectional attention: not halved). Two peaks: the device's dense bf16 datasheet figure (DATASHEET,
 the headline where the device is known) and a large bf16 matmul's rate measured in the same run.
 Sampler floor = the forward FLOPs the sampler needs / measured peak: per step, the transformer body over
 every position (prompt + answer) and the vocabulary projection only where the sampler projects (LLaDA:
-its current block; FlowLM: the answer).
+its current block; FlowLM: the answer), for the uncached samplers (a cached pass runs only a slice).
+Sampler rows also give the forward passes per answer and how many of them ran whole rows. The weights
+are random, so no prediction is confident: parallel decoding (a confidence threshold) is measured on a
+trained run instead (scripts/fast_sampling.py).
 """
 
 from __future__ import annotations
@@ -41,8 +47,8 @@ DATASHEET = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100"
 # Meshes for --scaling: name -> (data, fsdp, tensor) on n devices.
 SCALING_MESHES = {"data": lambda n: (n, 1, 1), "fsdp": lambda n: (1, n, 1),
                   "data_fsdp": lambda n: (max(n // 2, 1), min(n, 2), 1)}
-SAMPLER = dict(batch=32, prompt=64, answer=256, steps=64, block=32)
-SMOKE_SAMPLER = dict(batch=2, prompt=8, answer=16, steps=4, block=8)
+SAMPLER = dict(batch=32, prompt=64, answer=256, steps=64, block=32, cache="none")
+SMOKE_SAMPLER = dict(batch=2, prompt=8, answer=16, steps=4, block=8, cache="none")
 
 
 def synthetic_vocab(size: int) -> Vocab:
@@ -157,37 +163,67 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
           "params_m": count_params(state.params) / 1e6}
 
 
+def sampler_grid(args, smoke: bool) -> list[dict]:
+  """The sampler settings to time: every answer length x batch x cache of the flags (--smoke: every cache
+  at the smoke setting).
+
+  steps: --sampler_steps, 0 = one token per step (the answer length), Fast-dLLM's baseline.
+  """
+  if smoke:
+    return [dict(SMOKE_SAMPLER, cache=cache) for cache in args.caches.split(",")]
+  grid = []
+  for answer in map(int, args.answers.split(",")):
+    for batch in map(int, args.batches.split(",")):
+      for cache in args.caches.split(","):
+        grid.append(dict(SAMPLER, answer=answer, batch=batch, cache=cache, steps=args.sampler_steps or answer,
+                         block=min(SAMPLER["block"], answer)))
+  return grid
+
+
+def sampler_config(sampler: dict):
+  """The inference config of one sampler setting: every step runs (no early stop), greedy."""
+  icfg = config_lib.base_config().inference
+  with icfg.unlocked():
+    icfg.answer_length, icfg.steps, icfg.block_length = sampler["answer"], sampler["steps"], sampler["block"]
+    icfg.max_steps, icfg.cache = sampler["steps"], sampler["cache"]
+    icfg.confidence_threshold = 1.1  # never confident: FlowLM runs every step, like LLaDA (a fair timing)
+  return icfg
+
+
+def timed(run, reps: int) -> tuple[float, float, object]:
+  """(first call's seconds, compile included; median seconds of `reps` more; the last output)."""
+  t0 = time.perf_counter()
+  out = run()
+  first_s = time.perf_counter() - t0
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = run()
+    times.append(time.perf_counter() - t0)
+  return first_s, statistics.median(times), out
+
+
 def bench_sampler(shape: str, mode: str, sampler: dict, compute_dtype: str, unroll: bool = False,
-                  profile_dir: str = "") -> dict:
+                  profile_dir: str = "", reps: int = 3) -> dict:
   from flowlm_jax import sampling
 
   m, _, _ = model_config(shape, "none", compute_dtype, unroll)
   vocab = synthetic_vocab(m.vocab_size)
   graphdef, _ = train.abstract_model(m)
   params = _init_params(m)
-  icfg = config_lib.base_config().inference
-  with icfg.unlocked():
-    icfg.answer_length, icfg.steps, icfg.block_length = sampler["answer"], sampler["steps"], sampler["block"]
-    icfg.max_steps = sampler["steps"]
-    icfg.confidence_threshold = 1.1  # never confident: FlowLM runs every step, like LLaDA (a fair timing)
+  icfg = sampler_config(sampler)
   rng = np.random.default_rng(0)
   prompts = rng.integers(5, m.vocab_size, size=(sampler["batch"], sampler["prompt"])).tolist()
   run = lambda: sampling.generate(graphdef, params, prompts, vocab, icfg, mode=mode, key=jax.random.key(0))
-  t0 = time.perf_counter()
-  jax.block_until_ready(run().tokens)
-  first_s = time.perf_counter() - t0
-  times = []
-  for _ in range(3):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run().tokens)
-    times.append(time.perf_counter() - t0)
-  seconds = statistics.median(times)
+  first_s, seconds, out = timed(run, reps)  # generate returns host arrays: each call has finished
   if profile_dir:
     with jax.profiler.trace(f"{profile_dir}/{shape}-{mode}", create_perfetto_trace=True):
-      jax.block_until_ready(run().tokens)
-  floor_flops = sampler_floor_flops(m, sampler, mode)
-  return {"shape": shape, "mode": mode, "seconds": seconds, "first_call_s": first_s,
-          "generated_tokens_per_s": sampler["batch"] * sampler["answer"] / seconds, "floor_flops": floor_flops}
+      run()
+  return {"shape": shape, "mode": mode, "cache": sampler["cache"], "answer": sampler["answer"],
+          "batch": sampler["batch"], "steps": sampler["steps"], "seconds": seconds, "first_call_s": first_s,
+          "generated_tokens_per_s": sampler["batch"] * sampler["answer"] / seconds,
+          "passes_per_answer": float(np.mean(out.passes)), "full_passes_per_answer": float(np.mean(out.full_passes)),
+          "floor_flops": sampler_floor_flops(m, sampler, mode) if sampler["cache"] == "none" else None}
 
 
 def _init_params(m: ModelConfig):
@@ -204,6 +240,12 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--loss_chunk", type=int, default=256, help="cross-entropy chunk (positions); 0 = full logits")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--samplers", default="llada,flowlm", help="comma list; empty to skip")
+  p.add_argument("--answers", default=str(SAMPLER["answer"]), help="sampler answer lengths, comma list")
+  p.add_argument("--batches", default=str(SAMPLER["batch"]), help="sampler batch sizes, comma list")
+  p.add_argument("--caches", default="none", help="key/value caches to time, comma list of none,prefix,dual")
+  p.add_argument("--sampler_steps", type=int, default=SAMPLER["steps"],
+                 help="sampler steps; 0 = the answer length (one token per step)")
+  p.add_argument("--sampler_reps", type=int, default=3, help="timed sampler calls after the first (median)")
   p.add_argument("--compute_dtype", default="bfloat16")
   p.add_argument("--smoke", action="store_true", help="tiny shapes and few steps (CPU check)")
   p.add_argument("--out", default="bench.json")
@@ -218,7 +260,7 @@ def main(argv=None) -> list[dict]:
   args = p.parse_args(argv)
   shapes = ["smoke"] if args.smoke else args.shapes.split(",")
   steps = 2 if args.smoke else args.steps
-  sampler = SMOKE_SAMPLER if args.smoke else SAMPLER
+  samplers = sampler_grid(args, args.smoke)
   peak_n = 512 if args.smoke else 8192
   peak = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   rows, sampler_rows = [], []
@@ -233,19 +275,19 @@ def main(argv=None) -> list[dict]:
     rows.append(r)
   for shape in shapes if not args.scaling else ():
     for mode in filter(None, args.samplers.split(",")):
-      sr = bench_sampler(shape, mode, sampler, args.compute_dtype, args.unroll, args.profile_dir)
-      sr["floor_s"] = sr["floor_flops"] / peak
-      sr["x_floor"] = sr["seconds"] / sr["floor_s"]
-      sampler_rows.append(sr)
+      for sampler in samplers:
+        sampler_rows.append(bench_sampler(shape, mode, sampler, args.compute_dtype, args.unroll, args.profile_dir,
+                                          args.sampler_reps))
+  add_speedups(sampler_rows)
   # Measured again after the work (clocks fully up); the higher reading is the conservative denominator.
   peak_after = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   if peak_after > peak:
     for r in rows:
       r["mfu"] *= peak / peak_after
-    for r in sampler_rows:
-      r["floor_s"] *= peak / peak_after
-      r["x_floor"] = r["seconds"] / r["floor_s"]
     peak = peak_after
+  for r in sampler_rows:
+    r["floor_s"] = r["floor_flops"] / peak if r["floor_flops"] else None
+    r["x_floor"] = r["seconds"] / r["floor_s"] if r["floor_s"] else None
   device = jax.devices()[0].device_kind
   datasheet = datasheet_peak_flops(device)
   for r in rows:
@@ -278,8 +320,20 @@ def train_runs(args, shapes):
   return runs
 
 
+def add_speedups(sampler_rows: list[dict]) -> None:
+  """Each row's `speedup`: seconds of the uncached row of the same shape, sampler, answer and batch / its own."""
+  setting = lambda r: (r["shape"], r["mode"], r["answer"], r["batch"], r["steps"])
+  plain = {setting(r): r["seconds"] for r in sampler_rows if r["cache"] == "none"}
+  for r in sampler_rows:
+    r["speedup"] = plain[setting(r)] / r["seconds"] if setting(r) in plain else None
+
+
 def _percent(x) -> str:
   return "n/a" if x is None else f"{x:.1%}"
+
+
+def _number(x, spec: str) -> str:
+  return "n/a" if x is None else format(x, spec)
 
 
 def format_report(report: dict) -> str:
@@ -295,10 +349,13 @@ def format_report(report: dict) -> str:
                  f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | {_percent(r['scaling_efficiency'])} "
                  f"| {_percent(r['mfu_datasheet'])} | {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |")
   if report["samplers"]:
-    lines += ["", "| shape | sampler | seconds | generated tok/s | floor s | x floor |", "|---|---|---|---|---|---|"]
+    lines += ["", "| shape | sampler | cache | answer | batch | steps | seconds | generated tok/s | passes/answer "
+              "(whole rows) | speedup | floor s | x floor |", "|---" * 12 + "|"]
     for r in report["samplers"]:
-      lines.append(f"| {r['shape']} | {r['mode']} | {r['seconds']:.3f} | {r['generated_tokens_per_s']:,.0f} | "
-                   f"{r['floor_s']:.3f} | {r['x_floor']:.2f} |")
+      lines.append(f"| {r['shape']} | {r['mode']} | {r['cache']} | {r['answer']} | {r['batch']} | {r['steps']} | "
+                   f"{r['seconds']:.3f} | {r['generated_tokens_per_s']:,.0f} | {r['passes_per_answer']:.1f} "
+                   f"({r['full_passes_per_answer']:.1f}) | {_number(r['speedup'], '.2f')} | "
+                   f"{_number(r['floor_s'], '.3f')} | {_number(r['x_floor'], '.2f')} |")
   return "\n".join(lines)
 
 

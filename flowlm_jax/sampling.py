@@ -471,13 +471,14 @@ def left_padded(prompt_BxP, length_B) -> np.ndarray:
 
 
 def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, *, mode: str, key=None,
-             return_trajectory: bool = False) -> SampleOutput:
+             return_trajectory: bool = False, prompt_bucket: int = PROMPT_BUCKET) -> SampleOutput:
   """Answers to `prompt_ids` (each ending in [SEP]) decoded the LLaDA or FlowLM way.
 
   `key` defaults to `jax.random.key(icfg.seed)`. Compiled samplers are cached per (model, spec,
-  shapes), so repeated calls with the same config and prompt bucket do not recompile.
+  shapes), so repeated calls with the same config and prompt bucket do not recompile (a bucket as
+  long as the longest prompt of several calls gives them all one shape).
   """
-  prompt_BxP, length_B = pad_prompts(prompt_ids, vocab.pad_id)
+  prompt_BxP, length_B = pad_prompts(prompt_ids, vocab.pad_id, prompt_bucket)
   key = jax.random.key(icfg.seed) if key is None else key
   kwargs = dict(padded=bool(np.any(length_B < prompt_BxP.shape[1])), return_trajectory=return_trajectory)
   B = len(prompt_ids)

@@ -1,9 +1,19 @@
+import importlib.util
 import json
 import os
+import types
 
 from flowlm_jax import bench
 from flowlm_jax.models.llama import ModelConfig
 from helpers import REPO
+
+
+def script(name: str):
+  """A module of scripts/ (not a package: loaded from its file)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def test_flops_per_token_follows_the_stated_formula():
@@ -48,11 +58,7 @@ def test_samplers_only_run_skips_the_train_table(tmp_path, capsys):
 
 def test_trace_summary_counts_stream_kernels_only():
   """GPU time by kernel class from a Perfetto trace; op-level tracks and host events are left out."""
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("trace_summary", os.path.join(REPO, "scripts", "trace_summary.py"))
-  trace_summary = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(trace_summary)
+  trace_summary = script("trace_summary")
   meta = lambda kind, pid, name, tid=0: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
   kernel = lambda name, ts, dur, pid=1, tid=7: {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur}
   trace = {"traceEvents": [
@@ -84,3 +90,53 @@ def test_long_task_set_has_right_answers_of_128_to_511_tokens(tokenizer):
       want = {"sort": sorted(items), "reverse": items[::-1], "copy": items}[op]
     assert r["task"] == op and r["answer"] == " ".join(want), r["prompt"][:40]
     assert 128 <= len(tokenizer.encode(r["answer"], add_special_tokens=False)) <= 511, r["prompt"][:40]
+
+
+def test_sampler_grid_is_every_answer_batch_and_cache_with_one_token_per_step_by_default():
+  args = types.SimpleNamespace(answers="256,512", batches="1,32", caches="none,dual", sampler_steps=0)
+  grid = bench.sampler_grid(args, smoke=False)
+  assert [(g["answer"], g["batch"], g["cache"]) for g in grid] == [
+      (a, b, c) for a in (256, 512) for b in (1, 32) for c in ("none", "dual")]
+  assert all(g["steps"] == g["answer"] and g["block"] == 32 for g in grid)
+  assert {g["steps"] for g in bench.sampler_grid(types.SimpleNamespace(**{**vars(args), "sampler_steps": 64}), False)} == {64}
+
+
+def test_cached_sampler_rows_count_passes_and_compare_with_the_uncached_row(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  bench.main(["--smoke", "--no-train", "--samplers=llada", "--caches=none,dual", f"--out={out}"])
+  none, dual = json.loads(out.read_text())["samplers"]
+  steps, blocks = bench.SMOKE_SAMPLER["steps"], bench.SMOKE_SAMPLER["answer"] // bench.SMOKE_SAMPLER["block"]
+  assert (none["cache"], dual["cache"]) == ("none", "dual")
+  assert none["passes_per_answer"] == none["full_passes_per_answer"] == dual["passes_per_answer"] == steps
+  assert dual["full_passes_per_answer"] == blocks  # one refresh per block
+  assert none["speedup"] == 1.0 and dual["speedup"] == none["seconds"] / dual["seconds"]
+  assert none["x_floor"] > 0 and dual["floor_s"] is None  # the floor formula counts whole-row passes
+  assert "| smoke | llada | dual | 16 | 2 | 4 |" in capsys.readouterr().out
+
+
+def test_fast_sampling_bins_records_by_answer_length_and_scores_tokens_at_their_position():
+  fast = script("fast_sampling")
+  records = [{}] * 4
+  assert fast.answer_bins(records, [[7] * 5, [7] * 16, [7] * 20, [7] * 40], [32, 16]) == {16: [0], 32: [1, 2]}
+  assert fast.token_accuracy([[1, 2, 3, 4], [5]], [[1, 2, 9], [5, 6]]) == (0.5 + 1.0) / 2
+
+
+def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
+  from flowlm_jax import config as config_lib
+  from flowlm_jax import evaluate, train
+
+  fast = script("fast_sampling")
+  m = ModelConfig(vocab_size=vocab.size, num_real_tokens=vocab.size, d_model=32, n_layers=2, n_heads=2,
+                  n_kv_heads=2, d_ff=64, compute_dtype="float32")
+  run = types.SimpleNamespace(config=config_lib.apply_variant(config_lib.base_config(), "tasks"),
+                              graphdef=train.abstract_model(m)[0], params=bench._init_params(m),
+                              tokenizer=tokenizer, vocab=vocab)
+  records = evaluate.load_records(limit_per_task=1)  # answers of 1-11 tokens: all decoded at 16
+  args = fast.parse_args(["--workdir=unused", "--answers=16", "--caches=none,dual", "--thresholds=0", "--block=8",
+                          "--batch=2"])
+  rows = fast.measure(run, records, args)
+  assert [(r["cache"], r["threshold"], r["records"]) for r in rows] == [("none", 0, 4), ("dual", 0, 4)]
+  assert rows[0]["agreement"] == rows[0]["speedup"] == 1.0
+  assert all(r["passes_per_answer"] == 16 for r in rows)
+  assert [r["full_passes_per_answer"] for r in rows] == [16, 2]  # dual: one refresh per block of 8
+  assert all(0 <= r["exact_match"] <= 1 and 0 <= r["token_accuracy"] <= 1 for r in rows)

@@ -1,0 +1,138 @@
+"""Speed and quality of the fast samplers on a trained run: key/value cache x parallel threshold x answer length.
+
+  uv run python scripts/fast_sampling.py --workdir=runs/llada-long [--answers 256,512 --caches none,prefix,dual
+      --thresholds 0,0.9 --modes llada --batch 1 --limit 0 --out fast_sampling.json]
+
+Records: the long-answer set (flowlm_jax/assets/sft_tasks_long/test.jsonl), each decoded at the smallest
+answer length of --answers that holds its reference answer and [EOS] (answer_length 256: answers of
+128-255 tokens; 512: 256-511). Per (sampler, answer length, cache, threshold), over the same records:
+- seconds per answer: wall time of decoding them all in batches of --batch, after one warm-up call
+  (compiling) on the first batch, / the number of records; generated tok/s = records x answer length /
+  that time; speedup = the uncached, threshold-0 row's seconds / this row's;
+- passes/answer: forward passes per answer (whole-row passes in brackets, the rest ran cached slices);
+- exact match (flowlm_jax.evaluate.exact_match) and token accuracy (reference tokens reproduced at
+  their position, / reference length) against the reference answers;
+- agreement with the uncached sampler: answers identical to the cache=none, threshold-0 row's.
+Steps: --steps, 0 = the answer length (one token per step, Fast-dLLM's baseline); blocks of --block.
+This is a script, not a module: flowlm_jax.evaluate and flowlm_jax.bench are both entry points, which no
+package module may import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from flowlm_jax import evaluate, loading, sampling
+from flowlm_jax.tokenizer import ASSETS_DIR
+
+LONG_TEST_FILE = f"{ASSETS_DIR}/sft_tasks_long/test.jsonl"
+
+
+def answer_bins(records: list[dict], reference_ids: list[list[int]], answers: list[int]) -> dict[int, list[int]]:
+  """{answer length: indices of the records decoded at it}: the smallest length that holds answer + [EOS]."""
+  bins = {a: [] for a in sorted(answers)}
+  for i, ids in enumerate(reference_ids):
+    fitting = [a for a in bins if len(ids) < a]
+    if fitting:
+      bins[fitting[0]].append(i)
+  return {a: idx for a, idx in bins.items() if idx}
+
+
+def token_accuracy(reference_ids: list[list[int]], answer_ids: list[list[int]]) -> float:
+  """Mean over records of the share of reference tokens reproduced at their position."""
+  return float(np.mean([sum(a == b for a, b in zip(ref, got)) / len(ref) for ref, got in zip(reference_ids, answer_ids)]))
+
+
+def decode_all(run, prompt_ids, icfg, mode: str, batch: int, bucket: int):
+  """(seconds for all prompts after a warm-up call on the first batch, concatenated SampleOutput fields)."""
+  chunks = [prompt_ids[i:i + batch] for i in range(0, len(prompt_ids), batch)]
+  call = lambda chunk: sampling.generate(run.graphdef, run.params, chunk, run.vocab, icfg, mode=mode,
+                                         prompt_bucket=bucket)
+  call(chunks[0])  # compile
+  t0 = time.perf_counter()
+  outs = [call(chunk) for chunk in chunks]  # host arrays: each call has finished
+  seconds = time.perf_counter() - t0
+  return seconds, {name: np.concatenate([getattr(o, name) for o in outs]) for name in ("answer", "passes", "full_passes")}
+
+
+def measure(run, records: list[dict], args) -> list[dict]:
+  tok, vocab = run.tokenizer, run.vocab
+  chat = run.config.dataset.prompt_format == "chat"
+  prompt_ids = [sampling.encode_prompt(tok, r["prompt"], chat) for r in records]
+  reference_ids = [tok.encode(r["answer"], add_special_tokens=False) for r in records]
+  rows = []
+  for answer_length, idx in answer_bins(records, reference_ids, list(map(int, args.answers.split(",")))).items():
+    bin_records = [records[i] for i in idx]
+    bin_prompts = [prompt_ids[i] for i in idx]
+    bucket = -(-max(map(len, bin_prompts)) // sampling.PROMPT_BUCKET) * sampling.PROMPT_BUCKET
+    for mode in args.modes.split(","):
+      baseline = None
+      for cache in args.caches.split(","):
+        for threshold in map(float, args.thresholds.split(",")):
+          icfg = sampling.run_config(run.config.inference, answer_length=answer_length,
+                                     steps=args.steps or answer_length, max_steps=args.steps or answer_length,
+                                     block_length=min(args.block, answer_length), cache=cache,
+                                     cache_refresh=args.cache_refresh, parallel_threshold=threshold)
+          seconds, out = decode_all(run, bin_prompts, icfg, mode, args.batch, bucket)
+          ids = [sampling.answer_ids(row, vocab) for row in out["answer"]]
+          texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
+          baseline = baseline or (seconds, out["answer"])  # the first setting: cache none, threshold 0
+          row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, records=len(idx),
+                     batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
+                     generated_tokens_per_s=len(idx) * answer_length / seconds, speedup=baseline[0] / seconds,
+                     passes_per_answer=float(out["passes"].mean()), full_passes_per_answer=float(out["full_passes"].mean()),
+                     exact_match=evaluate.exact_match(bin_records, texts)["overall"],
+                     token_accuracy=token_accuracy([reference_ids[i] for i in idx], ids),
+                     agreement=float(np.mean(np.all(out["answer"] == baseline[1], axis=1))))
+          print(format_row(row), flush=True)
+          rows.append(row)
+  return rows
+
+
+HEADER = ("| sampler | answer | cache | threshold | records | s/answer | generated tok/s | speedup | passes/answer "
+          "(whole rows) | exact match | token accuracy | = uncached |\n" + "|---" * 12 + "|")
+
+
+def format_row(r: dict) -> str:
+  return (f"| {r['mode']} | {r['answer']} | {r['cache']} | {r['threshold']:g} | {r['records']} | "
+          f"{r['seconds_per_answer']:.3f} | {r['generated_tokens_per_s']:,.0f} | {r['speedup']:.2f} | "
+          f"{r['passes_per_answer']:.1f} ({r['full_passes_per_answer']:.1f}) | {r['exact_match']:.3f} | "
+          f"{r['token_accuracy']:.3f} | {r['agreement']:.3f} |")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="a trained run (or exported directory)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  p.add_argument("--records", default=LONG_TEST_FILE)
+  p.add_argument("--limit", type=int, default=0, help="records per task (0 = all)")
+  p.add_argument("--answers", default="256,512", help="answer lengths (bins), comma list")
+  p.add_argument("--caches", default="none,prefix,dual", help="comma list; the first is the baseline")
+  p.add_argument("--thresholds", default="0,0.9", help="parallel thresholds, comma list; the first is the baseline")
+  p.add_argument("--modes", default="llada", help="samplers, comma list of llada,flowlm")
+  p.add_argument("--steps", type=int, default=0, help="0 = the answer length (one token per step)")
+  p.add_argument("--block", type=int, default=32, help="LLaDA block length")
+  p.add_argument("--cache_refresh", type=int, default=0)
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--out", default="fast_sampling.json")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  run = loading.load(args.workdir, step=args.step)
+  records = evaluate.load_records(args.records, args.limit)
+  print(f"{args.workdir} step {run.step}; {len(records)} records; {time.strftime('%Y-%m-%d')}\n{HEADER}", flush=True)
+  rows = measure(run, records, args)
+  with open(args.out, "w") as f:
+    json.dump({"workdir": args.workdir, "step": run.step, "args": vars(args), "rows": rows,
+               "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
