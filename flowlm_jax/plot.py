@@ -339,7 +339,7 @@ def bound_vs_steps_figure(bounds: dict[str, dict[int, dict]], continuous: dict[s
     if continuous and continuous.get(label):
       ax.axhline(continuous[label]["mean"], color=_color(i), linestyle=":", linewidth=1.2,
                  label=f"{label}: continuous time")
-  _finish(ax, "masked-diffusion NLL bound of a T-step sampler (± standard error)", "nats / token (upper bound)")
+  _finish(ax, "NLL bound of a T-step sampler (bars: standard error; pooled: spread)", "nats / token (upper bound)")
   ax.set_xlabel("T (steps)")
   return fig
 
