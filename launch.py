@@ -105,7 +105,8 @@ def summary(result: dict, workdir: str, config, seconds: float) -> str:
   else:
     lines.append("  uv run python -m flowlm_jax.evaluate --workdir=W   # exact match on the SFT tasks, for W trained "
                  "with --config=configs/flowlm.py:tasks")
-  lines.append(f"  FLOWLM_WORKDIR={w} uv run --with jupyterlab jupyter lab notebooks/inspect_checkpoint.ipynb")
+  notebook_workdir = shlex.quote(os.path.abspath(workdir))  # the kernel runs in notebooks/: a relative path breaks
+  lines.append(f"  FLOWLM_WORKDIR={notebook_workdir} uv run --with jupyterlab jupyter lab notebooks/inspect_checkpoint.ipynb")
   return "\n".join(lines)
 
 
