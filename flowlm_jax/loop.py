@@ -117,7 +117,8 @@ class _Preemption:
 def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | None = None) -> dict[str, Any]:
   """Trains until `total_steps`, preemption or `stop_at_step` (then saves and returns, resumable).
 
-  Returns the last train and eval metrics.
+  Returns the last train and eval metrics ("train", "eval"), test-prompt answers ("samples"), the last
+  saved "checkpoint", and "wandb_offline_dir" where wandb tracked offline.
   """
   check_workdir(workdir)
   resume_dir, resume_step = ckpt_lib.resolve_resume_path(resume) if resume else (None, None)
