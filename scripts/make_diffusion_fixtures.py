@@ -268,8 +268,9 @@ def make_llada() -> None:
   out = os.path.join(FIXTURES, "llada_tiny")
   shutil.rmtree(out, ignore_errors=True)
   os.makedirs(out)
+  # No mask_token: LLaDA's config.json names it by id.
   tokenizer = make_tokenizer(out, LLADA_SPECIALS, LLADA_TEMPLATE, bos_token="<|startoftext|>",
-                             eos_token="<|endoftext|>", pad_token="<|endoftext|>")  # no mask_token: config.json names it
+                             eos_token="<|endoftext|>", pad_token="<|endoftext|>")
   ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLADA_SPECIALS}
   D, L, H, F = 64, 2, 4, 96
   write_config(out, {  # the released config.json's keys (LLaDA-8B: d_model 4096, 32 layers, ...)
@@ -292,8 +293,8 @@ def make_llada() -> None:
   names = {"embed": "model.transformer.wte.weight", "attn_norm": block + "attn_norm.weight",
            "q": block + "q_proj.weight", "k": block + "k_proj.weight", "v": block + "v_proj.weight",
            "o": block + "attn_out.weight", "mlp_norm": block + "ff_norm.weight", "gate": block + "ff_proj.weight",
-           "up": block + "up_proj.weight", "down": block + "ff_out.weight", "final_norm": "model.transformer.ln_f.weight",
-           "head": "model.transformer.ff_out.weight"}
+           "up": block + "up_proj.weight", "down": block + "ff_out.weight",
+           "final_norm": "model.transformer.ln_f.weight", "head": "model.transformer.ff_out.weight"}
   shapes = {"embed": (ROWS, D), "attn_norm": (D,), "q": (D, D), "k": (D, D), "v": (D, D), "o": (D, D),
             "mlp_norm": (D,), "gate": (F, D), "up": (F, D), "down": (D, F), "final_norm": (D,), "head": (ROWS, D)}
   arch = dict(name=names, layers=L, heads=H, kv_heads=H, eps=1e-5, theta=500000.0)

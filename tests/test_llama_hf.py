@@ -197,12 +197,11 @@ def test_a_shard_is_built_from_its_own_layers_only():
   cfg = fixture_config(LLADA)
   table = {t.ours: t for t in llama_hf.tensors(cfg)}
   template = llama_hf.abstract_params(cfg)
-  with st.Checkpoint(LLADA) as ckpt:
-    read = []
-    original = ckpt.read
-    ckpt.read = lambda name: read.append(name) or original(name)
-    part = st._shard(table["wq"], ckpt, template["wq"].shape, np.float32, (slice(1, 2), slice(0, 32)))
-    whole = st.load([table["wq"]], ckpt, template)["wq"]
+  ckpt, read = st.Checkpoint(LLADA), []
+  original = ckpt.read
+  ckpt.read = lambda name: read.append(name) or original(name)
+  part = st._shard(table["wq"], ckpt, template["wq"].shape, np.float32, (slice(1, 2), slice(0, 32)))
+  whole = st.load([table["wq"]], ckpt, template)["wq"]
   assert read == ["model.transformer.blocks.1.q_proj.weight"] + ["model.transformer.blocks.0.q_proj.weight",
                                                                   "model.transformer.blocks.1.q_proj.weight"]
   np.testing.assert_array_equal(part, whole[1:2, :32])
@@ -232,9 +231,9 @@ def test_import_export_import_is_bit_identical_with_the_original_names_shapes_an
   for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
     with open(os.path.join(out, name)) as a, open(os.path.join(directory, name)) as b:
       assert json.load(a) == json.load(b), name
-  with st.Checkpoint(out) as exported, st.Checkpoint(directory) as original:
-    for name in original.names():
-      assert exported.read(name).tobytes() == original.read(name).tobytes(), name
+  exported, original = st.Checkpoint(out), st.Checkpoint(directory)
+  for name in original.names():
+    assert exported.read(name).tobytes() == original.read(name).tobytes(), name
   again = llama_hf.load_params(fixture_config(out))
   for name, value in params.items():
     assert again[name].tobytes() == value.tobytes(), name
@@ -249,8 +248,8 @@ def _edited_copy(tmp_path, edit_tensors=None, edit_config=None) -> str:
   out = tmp_path / "dream"
   shutil.copytree(DREAM, out)
   if edit_tensors:
-    with st.Checkpoint(str(out)) as ckpt:
-      tensors = {name: ckpt.read(name) for name in ckpt.names()}
+    ckpt = st.Checkpoint(str(out))
+    tensors = {name: ckpt.read(name) for name in ckpt.names()}
     edit_tensors(tensors)
     save_file(tensors, str(out / st.SINGLE_FILE), metadata={"format": "pt"})
   if edit_config:

@@ -167,13 +167,12 @@ def load_params(cfg: ModelConfig, shardings: Mapping | None = None) -> dict:
   """
   start = time.perf_counter()
   table = tensors(cfg)
-  with st.Checkpoint(cfg.pretrained) as ckpt:
-    st.check(table, ckpt, cfg.n_layers, may_lack=_tied_duplicate(cfg))
-    params = st.load(table, ckpt, abstract_params(cfg), shardings)
-    read = ckpt.bytes_read
+  ckpt = st.Checkpoint(cfg.pretrained)
+  st.check(table, ckpt, cfg.n_layers, may_lack=_tied_duplicate(cfg))
+  params = st.load(table, ckpt, abstract_params(cfg), shardings)
   log.info("loaded %s from %s: %d tensors, %.2f GB read in %.1f s; peak host memory of this process %.2f GiB",
-           "sharded weights" if shardings is not None else "weights", cfg.pretrained, len(table), read / 1e9,
-           time.perf_counter() - start, st.peak_host_memory_bytes() / 2**30)
+           "sharded weights" if shardings is not None else "weights", cfg.pretrained, len(table),
+           ckpt.bytes_read / 1e9, time.perf_counter() - start, st.peak_host_memory_bytes() / 2**30)
   return params
 
 

@@ -189,7 +189,7 @@ def from_previous_position(hidden_BxTxD, positions_BxT, real_BxT):
   p - 1: its generate loop reads `logits[:, i - 1]` for position i and position 0 reads its own. Doing the
   shift here means `hidden()` / the logits at a column always predict that column's token, so the
   losses and both samplers work unchanged. The previous position is looked up, not the previous array
-  column: the samplers feed rows as [answer | prompt | pads] with explicit positions (sampling.py), where
+  column: the samplers feed rows as [answer | prompt | pads] with explicit positions (decoding_passes.py), where
   the first answer token's predecessor is the last prompt token. Without explicit positions (training
   rows: position = column) it is a plain shift by one column.
   """
