@@ -34,7 +34,7 @@ class Budget:
   seeds: tuple[int, ...] = (0, 1, 2)  # sampler and corruption seeds (greedy decoding uses the first only)
   rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)  # self-correction: share of answer tokens made wrong
   limit_per_task: int = 0     # SFT task records per task (0 = all)
-  bound_rows: int = 0         # validation rows for the likelihood bounds (0 = all)
+  bound_rows: int = 0         # validation records for the likelihood bounds (0 = all; text is packed into rows)
   draws: int = 8              # Monte-Carlo draws per sequence for each bound
   form: str = "time"          # the masked-diffusion bound's estimator: "time" (1/t) | "count" (N/l, lower variance)
   choices: int = 4            # multiple choice: candidates per question
