@@ -363,3 +363,24 @@ def test_fine_tune_from_llada_then_export_loads_back(tmp_path, caplog):
     trained = np.asarray(run.params[name])
     np.testing.assert_array_equal(value, trained.astype(jnp.bfloat16).astype(np.float32))
   assert not np.array_equal(reloaded["wq"], llama_hf.load_params(fixture_config(LLADA))["wq"])  # it trained
+
+
+def test_flowlm_export_of_a_dream_run_is_self_contained(tmp_path):
+  """The run's architecture comes from `model.pretrained`; its flowlm-format export loads without it, and keeps
+  what the architecture needs (biases, the shift) and the source config.json for a later HF export."""
+  import flowlm_jax
+  from flowlm_jax import export
+  from test_export import write_checkpoint
+
+  source = str(tmp_path / "dream")
+  shutil.copytree(DREAM, source)
+  c = load_preset("flowlm", "tasks")
+  c.model.pretrained = c.model.tokenizer = source
+  saved, _ = write_checkpoint(str(tmp_path / "run"), c, step=3)
+  export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  shutil.rmtree(source)
+  loaded = flowlm_jax.load(str(tmp_path / "out"))
+  cfg = loaded.model.cfg
+  assert cfg.pretrained == "" and cfg.shift_logits and cfg.qkv_bias and json.loads(cfg.hf_config)["model_type"] == "Dream"
+  for name, value in saved.items():
+    np.testing.assert_array_equal(np.asarray(loaded.params[name]), value)
