@@ -72,5 +72,6 @@ def test_notebook_runs_on_the_reference_checkpoint(reference_run, kernel_for_thi
   from flowlm_jax import export
   out = str(tmp_path / "exported")
   export.export(reference_run, out)
-  text, images = execute(out, kernel_for_this_python, monkeypatch)
+  # A relative FLOWLM_WORKDIR is read from the repository root, not from notebooks/ where the kernel runs.
+  text, images = execute(os.path.relpath(out, REPO), kernel_for_this_python, monkeypatch)
   assert "checkpoint step 6" in text and "[flowlm" in text and "no metrics.jsonl" in text and images == 0
