@@ -246,6 +246,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--sampler_steps", type=int, default=SAMPLER["steps"],
                  help="sampler steps; 0 = the answer length (one token per step)")
   p.add_argument("--sampler_reps", type=int, default=3, help="timed sampler calls after the first (median)")
+  p.add_argument("--peak_n", type=int, default=8192, help="matrix size of the peak-rate product (--smoke: 512)")
   p.add_argument("--compute_dtype", default="bfloat16")
   p.add_argument("--smoke", action="store_true", help="tiny shapes and few steps (CPU check)")
   p.add_argument("--out", default="bench.json")
@@ -261,7 +262,7 @@ def main(argv=None) -> list[dict]:
   shapes = ["smoke"] if args.smoke else args.shapes.split(",")
   steps = 2 if args.smoke else args.steps
   samplers = sampler_grid(args, args.smoke)
-  peak_n = 512 if args.smoke else 8192
+  peak_n = 512 if args.smoke else args.peak_n
   peak = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   rows, sampler_rows = [], []
   for shape, mesh_kind, mesh_shape in train_runs(args, shapes):

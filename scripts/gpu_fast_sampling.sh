@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The fast-sampling measurements of issue 18 on a lent GPU (docs/performance.md, "Fast sampling").
+# Usage there, one section per call (a section stops after 580 s, within the 10-minute limit of a call;
+# runs/ stays between calls while the machine is warm), in this order:
+#   bash scripts/gpu_fast_sampling.sh speed_small     # synthetic weights: cache x answer x batch (then speed_1b)
+#   bash scripts/gpu_fast_sampling.sh train_llada     # the tasks_long preset (then train_flowlm)
+#   bash scripts/gpu_fast_sampling.sh quality_llada   # speed/quality table on the long-answer set (then quality_flowlm)
+# Writes JSON + logs under $OUT (or ./gpu_out).
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0 --sampler_reps 1"
+table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit 15"
+for section in "$@"; do
+  case $section in
+    speed_small) cmd="python3 -m flowlm_jax.bench --no-train --shapes small --samplers llada,flowlm $grid --out $OUT/fast_small.json" ;;
+    speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
+    train_llada) cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=runs/llada-long" ;;
+    train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long" ;;
+    quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=runs/llada-long $table --out $OUT/fast_llada.json" ;;
+    quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=runs/flowlm-long $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
+    *) echo "unknown section $section"; continue ;;
+  esac
+  echo "=== $section: $cmd"
+  timeout 580 $cmd 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/$section.log" | tail -30
+done
