@@ -205,5 +205,8 @@ def test_a_signal_to_one_process_stops_both_and_a_killed_process_takes_the_other
   start = time.monotonic()
   returncode = procs[0].wait(timeout=120)
   assert returncode != 0 and time.monotonic() - start < 60, (returncode, time.monotonic() - start)
-  assert "another task died" in read("err0"), read("err0")[-2000:]
+  # Whichever notices first names the death: jax's coordination service (missed heartbeats) or, on CPU,
+  # the gloo collective the survivor was in when its peer's socket closed (seen under heavy load).
+  died = read("err0")
+  assert "another task died" in died or "gloo::EnforceNotMet" in died, died[:3000]
   assert f"resumed from {os.path.join(workdir, 'checkpoints')}/{saved[0]}" in read("out0")
