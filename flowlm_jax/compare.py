@@ -260,6 +260,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def main(argv=None) -> int:
+  from flowlm_jax import cli
+  cli.quiet_libraries()  # before transformers loads: no irrelevant banner
   p = argparse.ArgumentParser(prog="python -m flowlm_jax.compare", description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", help="run directories (checkpoints/ and metrics.jsonl)")
   p.add_argument("--out", required=True, help="folder for report.md, report.json and the figures")

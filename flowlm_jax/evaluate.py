@@ -311,6 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+  from flowlm_jax import cli
+  cli.quiet_libraries()  # before transformers loads: no irrelevant banner
   args = parse_args(argv)
   from flowlm_jax import loading
 

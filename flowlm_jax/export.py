@@ -70,6 +70,8 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> dict:
 
 
 def main(argv=None) -> int:
+  from flowlm_jax import cli
+  cli.quiet_libraries()  # before transformers loads: no irrelevant banner
   p = argparse.ArgumentParser(prog="python -m flowlm_jax.export", description=__doc__.splitlines()[0])
   p.add_argument("workdir", help="run directory (holds checkpoints/), a checkpoints dir or a step dir")
   p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
