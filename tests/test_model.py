@@ -131,7 +131,7 @@ def test_shifted_logits_read_the_previous_position():
 
 
 def test_shift_follows_positions_not_columns_in_the_samplers_row_order():
-  """[answer | prompt | pads] with the positions of [prompt | answer] (sampling.answer_logits): the first answer
+  """[answer | prompt | pads] with the positions of [prompt | answer] (decoding_passes.py): the first answer
   column reads the last real prompt token, never a padding column whose position number it shares."""
   cfg = dataclasses.replace(CFG, shift_logits=True)
   model, x = make(cfg), tokens(B=1, T=10)

@@ -27,12 +27,13 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from flowlm_jax.formats import safetensors_dir
 from flowlm_jax.models.modernbert import ACTIVATIONS, ModernBert, ModernBertConfig
 from flowlm_jax.vocab import Vocab
 
 HF_CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_FILE = safetensors_dir.SINGLE_FILE
+INDEX_FILE = safetensors_dir.INDEX_FILE
 # The decoder shares the embedding when tied; HF checkpoints may or may not carry the duplicate.
 TIED_DECODER = "decoder.weight"
 
@@ -280,22 +281,8 @@ def _few(names: list[str]) -> str:
 
 def read_safetensors(directory: str) -> dict[str, np.ndarray]:
   """Every tensor of `directory`'s model.safetensors, or of the shards its index lists."""
-  from safetensors import safe_open
-
-  index = os.path.join(directory, INDEX_FILE)
-  if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
-    files = [WEIGHTS_FILE]
-  else:
-    raise FileNotFoundError(f"model.pretrained: no {WEIGHTS_FILE} (or {INDEX_FILE}) in {directory}")
-  tensors = {}
-  for name in files:
-    with safe_open(os.path.join(directory, name), framework="np") as f:
-      for key in f.keys():
-        tensors[key] = f.get_tensor(key)
-  return tensors
+  ckpt = safetensors_dir.Checkpoint(directory)
+  return {name: ckpt.read(name) for name in ckpt.names()}
 
 
 def abstract_params(cfg) -> dict:
