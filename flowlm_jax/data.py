@@ -6,7 +6,8 @@ Two record kinds:
 - chat / SFT: `prompt`/`answer` fields, or a `messages` list (tulu-3-sft-mixture) rendered as
   "User: … [SEP] Assistant: …". A row is prompt + [SEP] + answer, then [EOS] up to `max_length`
   (LLaDA's SFT recipe: the model learns to end an answer by predicting [EOS] in the fill). The prompt
-  and [SEP] are never corrupted and carry no loss.
+  and [SEP] are never corrupted and carry no loss. A tokenizer with a chat template (an imported
+  LLaDA/Dream checkpoint's) renders chat instead: the template's prompt, then answer + its end-of-turn token.
 
 Every row comes with `corruptible` (bool, same shape): the positions masking may corrupt and the loss
 sees. Specials inside text ([EOS] between documents, [PAD], [SEP]) and prompts are never corruptible.
@@ -22,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from flowlm_jax.config import split_files
-from flowlm_jax.tokenizer import ASSETS_DIR, separator_id
+from flowlm_jax.tokenizer import ASSETS_DIR, end_of_turn_id, has_chat_template, separator_id, templated_prompt_ids
 from flowlm_jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class TokenizedSplit:
   num_records: int = 0
   num_truncated: int = 0   # SFT records cut to max_length
   num_dropped: int = 0     # SFT records whose prompt left no room for an answer
-  chat: bool = False       # records were chat `messages` (prompts are rendered "User: … [SEP] Assistant:")
+  chat: bool = False       # records were rendered as chat (chat_prompt_ids)
 
   def __len__(self) -> int:
     return self.tokens.shape[0]
@@ -118,26 +119,40 @@ def _hold_out(ds, dcfg, split: str):
 # --- tokenization -------------------------------------------------------------------------------
 
 
-def render_messages(messages: list[dict]) -> tuple[str, str]:
-  """Chat turns → (prompt, answer): the last assistant turn is the answer, everything before the prompt."""
+def split_turns(messages: list[dict]) -> tuple[list[dict], str]:
+  """Chat turns → (the turns before the last assistant turn: the prompt, that turn's content: the answer)."""
   last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
   if last is None:
     raise ValueError("chat record has no assistant turn")
-  lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages[:last]]
-  return "\n".join(lines), messages[last]["content"]
+  return messages[:last], messages[last]["content"]
 
 
-def as_user_turn(prompt: str) -> str:
-  """A plain prompt the way chat data renders it: one user turn ("User: …")."""
-  return render_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}])[0]
+def user_turn(prompt: str) -> list[dict]:
+  """A plain prompt as chat: a one-turn conversation."""
+  return [{"role": "user", "content": prompt}]
 
 
-def chat_prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-  """Token ids of a prompt up to and including [SEP] (and "Assistant:" for chat-rendered data)."""
-  ids = tokenizer.encode(prompt, add_special_tokens=False) + [separator_id(tokenizer)]
-  if chat:
-    ids += tokenizer.encode(" Assistant:", add_special_tokens=False)
-  return ids
+def plain_prompt_ids(tokenizer, prompt: str) -> list[int]:
+  """Ids of a plain prompt: its text, then [SEP]."""
+  return tokenizer.encode(prompt, add_special_tokens=False) + [separator_id(tokenizer)]
+
+
+def chat_prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
+  """Ids of a chat prompt up to where the answer starts: the tokenizer's chat template when it has one (an
+  imported checkpoint's), else this project's "User: …" lines, [SEP] and " Assistant:"."""
+  if has_chat_template(tokenizer):
+    return templated_prompt_ids(tokenizer, turns)
+  lines = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+  return plain_prompt_ids(tokenizer, lines) + tokenizer.encode(" Assistant:", add_special_tokens=False)
+
+
+def ended_answer_ids(tokenizer, answers: list[str], chat: bool, vocab: Vocab) -> list[list[int]]:
+  """Ids of each answer and what ends it: the template's end-of-turn token for templated chat (what the
+  checkpoint was tuned to emit), else [EOS] (after a space that follows "Assistant:" in untemplated chat)."""
+  templated = chat and has_chat_template(tokenizer)
+  end = end_of_turn_id(tokenizer) if templated else vocab.eos_id
+  space = " " if chat and not templated else ""
+  return [ids + [end] for ids in tokenizer([space + a for a in answers], add_special_tokens=False)["input_ids"]]
 
 
 def tokenize_split(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
@@ -176,17 +191,15 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
                    f"{dcfg.messages_field!r} fields (columns: {columns})")
   chat = has_messages or dcfg.prompt_format == "chat"
   if has_messages:
-    pairs = [render_messages(r[dcfg.messages_field]) for r in records]
+    pairs = [split_turns(r[dcfg.messages_field]) for r in records]
   else:  # prompt/answer records; as chat they read as a one-turn conversation
-    pairs = list(zip(records[dcfg.prompt_field], records[dcfg.answer_field]))
-    if chat:
-      pairs = [(as_user_turn(p), a) for p, a in pairs]
+    pairs = [(user_turn(p) if chat else p, a) for p, a in zip(records[dcfg.prompt_field], records[dcfg.answer_field])]
   L = dcfg.max_length
-  answers = tokenizer([(" " if chat else "") + a for _, a in pairs], add_special_tokens=False)["input_ids"]
+  answers = ended_answer_ids(tokenizer, [a for _, a in pairs], chat, vocab)
   rows, prompt_lens, truncated, dropped = [], [], 0, 0
   for (prompt, _), answer in zip(pairs, answers):
-    prompt_ids = chat_prompt_ids(tokenizer, prompt, chat)
-    row = prompt_ids + answer + [vocab.eos_id]
+    prompt_ids = chat_prompt_ids(tokenizer, prompt) if chat else plain_prompt_ids(tokenizer, prompt)
+    row = prompt_ids + answer
     if len(row) > L:
       if dcfg.overlong == "error":
         raise ValueError(f"dataset: a record has {len(row)} tokens > dataset.max_length={L} "

@@ -513,7 +513,7 @@ def answer_ids(answer_A, vocab: Vocab) -> list[int]:
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
   """Ids of a plain-text prompt as training rows hold it; for a chat-trained model, as one user turn."""
-  return data.chat_prompt_ids(tokenizer, data.as_user_turn(prompt) if chat else prompt, chat)
+  return data.chat_prompt_ids(tokenizer, data.user_turn(prompt)) if chat else data.plain_prompt_ids(tokenizer, prompt)
 
 
 def generate_texts(graphdef, params, tokenizer, vocab: Vocab, prompts: list[str], icfg, *, mode: str,

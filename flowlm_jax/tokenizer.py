@@ -78,6 +78,34 @@ def separator_id(tokenizer) -> int | None:
   return tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
 
 
+def has_chat_template(tokenizer) -> bool:
+  """Whether the tokenizer carries a chat template (an imported checkpoint's tokenizer_config.json `chat_template`)."""
+  return bool(getattr(tokenizer, "chat_template", None))
+
+
+def templated_prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
+  """Ids of `turns` rendered by the chat template up to where the assistant's answer starts."""
+  # LLaDA-8B-Instruct's template writes the assistant header whatever add_generation_prompt says; asking for it
+  # makes templates that honour the flag do the same.
+  text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+  return tokenizer.encode(text, add_special_tokens=False)  # what apply_chat_template(tokenize=True) does
+
+
+_PROBE_ANSWER = "@@answer@@"  # survives the `trim` filter some templates apply to a turn's content
+
+
+def end_of_turn_id(tokenizer) -> int:
+  """The token the chat template writes right after an assistant's content (LLaDA: <|eot_id|>, ChatML:
+  <|im_end|>), read off a rendered turn; [EOS] when the template writes no added token there."""
+  probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+  text = tokenizer.apply_chat_template(probe, tokenize=False)
+  after = text[text.index(_PROBE_ANSWER) + len(_PROBE_ANSWER):]
+  ids = tokenizer.encode(after, add_special_tokens=False)
+  if ids and tokenizer.convert_ids_to_tokens(ids[0]) in tokenizer.get_added_vocab():
+    return ids[0]
+  return tokenizer.eos_token_id
+
+
 def vocab_of(tokenizer) -> Vocab:
   """The ids the math needs. EOS falls back to SEP (BERT-style tokenizers have no EOS) and vice versa."""
   eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id

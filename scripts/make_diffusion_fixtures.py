@@ -47,10 +47,11 @@ DISTINCT = 3          # fewest distinct tokens in a reference answer: an answer 
 
 LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|mdm_mask|>"]
-# LLaMA-3 style turns, as LLaDA-8B-Instruct's template renders them
+# LLaMA-3 style turns, rendered as LLaDA-8B-Instruct's template renders them (its tokenizer_config.json): BOS,
+# each turn's content trimmed and closed by <|eot_id|>, then the assistant header ALWAYS (that template ignores
+# add_generation_prompt). Stored in tokenizer_config.json's `chat_template`, where the release keeps it.
 LLADA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                  "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-                  "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+                  "{{ m['content'] | trim }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n")
 DREAM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
 # Qwen2's ChatML turns, as Dream-v0-Instruct-7B's template renders them
 DREAM_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -60,8 +61,12 @@ DREAM_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
 # --- tokenizers ---------------------------------------------------------------------------------
 
 
-def make_tokenizer(out: str, specials: list[str], template: str, **special_roles):
-  """A byte-level BPE with `specials` appended after the merges (high ids, as in the released vocabularies)."""
+def make_tokenizer(out: str, specials: list[str], template: str, template_in_config: bool = False, **special_roles):
+  """A byte-level BPE with `specials` appended after the merges (high ids, as in the released vocabularies).
+
+  transformers writes the chat template to chat_template.jinja; `template_in_config` moves it into
+  tokenizer_config.json's `chat_template`, the older place the LLaDA release uses.
+  """
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 
@@ -77,6 +82,13 @@ def make_tokenizer(out: str, specials: list[str], template: str, **special_roles
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special_roles)
   fast.chat_template = template
   fast.save_pretrained(out)
+  if template_in_config:
+    os.remove(os.path.join(out, "chat_template.jinja"))
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+      tokenizer_config = json.load(f)
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+      json.dump({**tokenizer_config, "chat_template": template}, f, indent=2, sort_keys=True)
+      f.write("\n")
   return fast
 
 
@@ -269,7 +281,7 @@ def make_llada() -> None:
   shutil.rmtree(out, ignore_errors=True)
   os.makedirs(out)
   # No mask_token: LLaDA's config.json names it by id.
-  tokenizer = make_tokenizer(out, LLADA_SPECIALS, LLADA_TEMPLATE, bos_token="<|startoftext|>",
+  tokenizer = make_tokenizer(out, LLADA_SPECIALS, LLADA_TEMPLATE, template_in_config=True, bos_token="<|startoftext|>",
                              eos_token="<|endoftext|>", pad_token="<|endoftext|>")
   ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLADA_SPECIALS}
   D, L, H, F = 64, 2, 4, 96

@@ -143,6 +143,19 @@ def test_chat_history_goes_into_the_prompt_and_the_last_assistant_turn_is_the_an
   assert tokenizer.decode(tokens[corruptible].tolist()).replace("[EOS]", "") == " 4"
 
 
+def test_a_template_that_closes_turns_with_plain_text_ends_answers_with_eos(vocab):
+  from flowlm_jax.tokenizer import load_tokenizer
+
+  templated = load_tokenizer("embedded")  # a fresh copy: the session's tokenizer keeps no template
+  templated.chat_template = ("{% for m in messages %}{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}assistant> {% endif %}")
+  split = data.encode_sft(records([chat(("user", "add 1 2"), ("assistant", "3"))]), sft_cfg(), templated, vocab)
+  prompt = templated.encode("user> add 1 2\nassistant> ", add_special_tokens=False)
+  body = prompt + templated.encode("3", add_special_tokens=False)
+  assert split.tokens[0].tolist() == body + [EOS] * (32 - len(body))  # "\n" after a turn is no token to learn
+  assert split.corruptible[0].tolist() == [False] * len(prompt) + [True] * (32 - len(prompt))
+
+
 def test_chat_record_without_an_assistant_turn_is_an_error(tokenizer, vocab):
   with pytest.raises(ValueError, match="no assistant turn"):
     data.encode_sft(records([chat(("user", "hello?"))]), sft_cfg(), tokenizer, vocab)

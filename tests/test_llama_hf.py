@@ -23,6 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from flowlm_jax import config as config_lib
+from flowlm_jax import data
 from flowlm_jax import sampling
 from flowlm_jax.formats import llama_hf
 from flowlm_jax.formats import safetensors_dir as st
@@ -95,8 +96,71 @@ def test_tokenizer_mask_and_chat_template_come_from_the_directory(directory):
   assert vocab.eos_id == hf["eos_token_id"] == hf["pad_token_id"]
   assert vocab.pad_id != vocab.eos_id  # EOS fills answers as a target; [PAD] keys are left out of attention
   assert vocab.size <= hf.get("embedding_size", hf["vocab_size"])
-  with open(os.path.join(directory, "chat_template.jinja")) as f:
-    assert tokenizer.chat_template == f.read() and "assistant" in tokenizer.chat_template
+  assert tokenizer.chat_template == stored_chat_template(directory) and "assistant" in tokenizer.chat_template
+
+
+def stored_chat_template(directory) -> str:
+  """tokenizer_config.json's `chat_template` (where the LLaDA release keeps it), else chat_template.jinja."""
+  with open(os.path.join(directory, "tokenizer_config.json")) as f:
+    template = json.load(f).get("chat_template")
+  if template is None:
+    with open(os.path.join(directory, "chat_template.jinja")) as f:
+      template = f.read()
+  return template
+
+
+# --- chat rendering through the checkpoint's template ---------------------------------------------------
+
+END_OF_TURN = {LLADA: "<|eot_id|>", DREAM: "<|im_end|>"}  # what each release closes an assistant turn with
+
+
+def sft_records(rows, max_length=128):  # the fixtures' 320-id BPE spells text in many tokens
+  import datasets
+
+  dataset_cfg = config_lib.base_config().dataset
+  dataset_cfg.name, dataset_cfg.kind, dataset_cfg.max_length = "embedded:sft_tasks", "sft", max_length
+  return datasets.Dataset.from_list(rows), dataset_cfg
+
+
+@FIXTURES
+def test_chat_records_render_as_the_templates_prompt_then_answer_and_end_of_turn(directory):
+  tokenizer = load_tokenizer(directory)
+  vocab = vocab_of(tokenizer)
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a king"},
+              {"role": "assistant", "content": "Lear"}]
+  split = data.encode_sft(*sft_records([{"messages": messages}]), tokenizer, vocab)
+  prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)["input_ids"]
+  answer = tokenizer.encode("Lear", add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(END_OF_TURN[directory])]
+  row = split.tokens[0].tolist()
+  assert row == prompt + answer + [vocab.eos_id] * (128 - len(prompt) - len(answer))
+  assert split.corruptible[0].tolist() == [False] * len(prompt) + [True] * (128 - len(prompt))  # only the answer
+  assert split.chat
+
+
+@FIXTURES
+def test_the_samplers_chat_prompt_is_the_templates_user_turn(directory):
+  tokenizer = load_tokenizer(directory)
+  turn = [{"role": "user", "content": "Who wrote Lear?"}]
+  expected = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)["input_ids"]
+  assert sampling.encode_prompt(tokenizer, "Who wrote Lear?", chat=True) == expected
+  # prompt/answer records read as chat are that same one-turn conversation
+  records, dataset_cfg = sft_records([{"prompt": "Who wrote Lear?", "answer": "Shakespeare"}])
+  dataset_cfg.prompt_format = "chat"
+  split = data.encode_sft(records, dataset_cfg, tokenizer, vocab_of(tokenizer))
+  assert split.tokens[0][:len(expected)].tolist() == expected and split.corruptible[0].sum() == 128 - len(expected)
+
+
+@FIXTURES
+def test_plain_prompts_ignore_the_template(directory):
+  tokenizer = load_tokenizer(directory)
+  vocab = vocab_of(tokenizer)
+  records, dataset_cfg = sft_records([{"prompt": "Who wrote Lear?", "answer": "Shakespeare"}])
+  split = data.encode_sft(records, dataset_cfg, tokenizer, vocab)
+  prompt = tokenizer.encode("Who wrote Lear?", add_special_tokens=False) + [vocab.sep_id]
+  body = prompt + tokenizer.encode("Shakespeare", add_special_tokens=False)
+  assert split.tokens[0].tolist() == body + [vocab.eos_id] * (128 - len(body)) and not split.chat
+  assert sampling.encode_prompt(tokenizer, "Who wrote Lear?", chat=False) == prompt
 
 
 # --- numerics against the independent numpy implementation -------------------------------------------
