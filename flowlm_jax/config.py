@@ -68,7 +68,7 @@ def base_config() -> ConfigDict:
   d.prompt_field = "prompt"
   d.answer_field = "answer"
   d.messages_field = "messages"  # chat records, e.g. tulu-3-sft-mixture
-  d.prompt_format = "auto"      # "plain" | "chat" ("User: … [SEP] Assistant:"); "auto": chat iff records
+  d.prompt_format = "auto"      # "plain" | "chat" (the tokenizer's chat template, else "User: … [SEP] Assistant:"); "auto": chat iff records
                                 # have messages_field (resolved when data loads, saved with checkpoints)
   d.max_length = 128            # sequence length of a training row
   d.overlong = "truncate"       # SFT records longer than max_length: "truncate" (counted) | "error"
