@@ -2,7 +2,8 @@
 
 Side effects live here and in logging.py/checkpoint.py; the math is in train.py and below.
 Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint, wait for it and exit cleanly; a
-second signal exits at once (exit status 128 + signal), leaving an unfinished save uncommitted.
+second signal kills the process at once (the signal's default action; a shell reports 128 + signal),
+leaving an unfinished save uncommitted.
 """
 
 from __future__ import annotations
@@ -99,15 +100,15 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    if self.signal is not None:
-      # A second signal: stop now, without waiting for a save in flight (Orbax never lists an
-      # uncommitted step, so the previous checkpoint stays the newest). os._exit skips the joins of
-      # non-daemon writer threads that an exception or sys.exit would wait for.
-      print(f"\nreceived {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
-      os._exit(128 + signum)
     self.signal = signum
-    print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
-          file=sys.stderr, flush=True)
+    # A second signal must stop the process at once, whatever the main thread is blocked in (a Python
+    # handler runs only when the main thread returns to the interpreter: a wait inside a save in flight
+    # held it back for a minute in CI). The default action kills the process right in the kernel; Orbax
+    # never lists an uncommitted step, so the previous checkpoint stays the newest.
+    for sig in self._previous:
+      signal.signal(sig, signal.SIG_DFL)
+    print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+          "(a second signal stops at once)", file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
