@@ -506,6 +506,7 @@ def _check_values(c: ConfigDict) -> None:
     total = k.mask_prob + k.random_prob + k.keep_prob
     _require(math.isclose(total, 1.0, abs_tol=1e-6), "masking.mask_prob",
              f"mask_prob + random_prob + keep_prob = {total:g}, must sum to 1")
+    _require(k.keep_prob < 1.0, "masking.keep_prob", "must be < 1: with keep_prob = 1 nothing is ever corrupted")
 
   for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "save_total_limit"):
     _require(t[key] > 0, f"training.{key}", f"must be > 0, got {t[key]}")

@@ -360,6 +360,14 @@ def test_validate_rejects_custom_probabilities_that_do_not_sum_to_1():
     config_lib.validate(c)
 
 
+def test_validate_rejects_custom_probabilities_that_never_corrupt():
+  c = preset()
+  c.masking.strategy = "CUSTOM"
+  c.masking.mask_prob, c.masking.random_prob, c.masking.keep_prob = 0.0, 0.0, 1.0
+  with pytest.raises(ValueError, match=re.escape("masking.keep_prob: must be < 1")):
+    config_lib.validate(c)
+
+
 def test_validate_accepts_custom_probabilities_summing_to_1_up_to_rounding():
   c = preset()
   c.masking.strategy = "CUSTOM"
