@@ -112,8 +112,7 @@ def decode_answers(run, answers_NxA) -> list[str]:
   """Answer token rows as text, cut at the first [EOS] (what the samplers return)."""
   from flowlm_jax import sampling
 
-  return [run.tokenizer.decode(sampling.answer_ids(row, run.vocab), skip_special_tokens=True).strip()
-          for row in np.asarray(answers_NxA)]
+  return sampling.decode_answers(run.tokenizer, run.vocab, answers_NxA)
 
 
 def spread(values) -> dict:
@@ -244,21 +243,14 @@ def corrupt_with_random_tokens(clean_NxA: np.ndarray, rate: float, random_ids, r
 
 def refine(run, prompt_ids: list[list[int]], start_NxA: np.ndarray, icfg, *, batch_size: int = 128) -> np.ndarray:
   """int32[N, A]: FlowLM decoding of each prompt's answer from `start` instead of [MASK]s."""
-  import jax
-
   from flowlm_jax import sampling
 
-  spec = sampling.FlowSpec.from_config(icfg, run.vocab)
-  if start_NxA.shape[1] != spec.answer_length:
-    raise ValueError(f"start answers have {start_NxA.shape[1]} tokens, inference.answer_length={spec.answer_length}")
-  out = []
-  for first in range(0, len(prompt_ids), batch_size):
-    prompt_BxP, length_B = sampling.pad_prompts(prompt_ids[first:first + batch_size], run.vocab.pad_id)
-    result = sampling.flowlm_sample(run.graphdef, run.params, prompt_BxP, length_B, jax.random.key(icfg.seed),
-                                    spec=spec, padded=bool(np.any(length_B < prompt_BxP.shape[1])),
-                                    initial_BxA=start_NxA[first:first + batch_size])
-    out.append(np.asarray(jax.device_get(result[0])))
-  return np.concatenate(out)
+  if start_NxA.shape[1] != icfg.answer_length:
+    raise ValueError(f"start answers have {start_NxA.shape[1]} tokens, inference.answer_length={icfg.answer_length}")
+  return np.concatenate([
+      sampling.generate(run.graphdef, run.params, prompt_ids[first:first + batch_size], run.vocab, icfg,
+                        mode="flowlm", initial_BxA=start_NxA[first:first + batch_size]).answer
+      for first in range(0, len(prompt_ids), batch_size)])
 
 
 def self_correction(run, records: list[dict], rates=(0.1, 0.2, 0.3, 0.5), *, steps: int | None = None,

@@ -471,18 +471,21 @@ def left_padded(prompt_BxP, length_B) -> np.ndarray:
 
 
 def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, *, mode: str, key=None,
-             return_trajectory: bool = False, prompt_bucket: int = PROMPT_BUCKET) -> SampleOutput:
+             return_trajectory: bool = False, prompt_bucket: int = PROMPT_BUCKET, initial_BxA=None) -> SampleOutput:
   """Answers to `prompt_ids` (each ending in [SEP]) decoded the LLaDA or FlowLM way.
 
   `key` defaults to `jax.random.key(icfg.seed)`. Compiled samplers are cached per (model, spec,
   shapes), so repeated calls with the same config and prompt bucket do not recompile (a bucket as
-  long as the longest prompt of several calls gives them all one shape).
+  long as the longest prompt of several calls gives them all one shape). `initial_BxA` (FlowLM only):
+  the answers to refine instead of the configured start.
   """
   prompt_BxP, length_B = pad_prompts(prompt_ids, vocab.pad_id, prompt_bucket)
   key = jax.random.key(icfg.seed) if key is None else key
   kwargs = dict(padded=bool(np.any(length_B < prompt_BxP.shape[1])), return_trajectory=return_trajectory)
   B = len(prompt_ids)
   if mode == "llada":
+    if initial_BxA is not None:
+      raise ValueError("sampling: initial answers are a FlowLM start; LLaDA decoding starts from [MASK]")
     spec = LladaSpec.from_config(icfg, vocab)
     answer, steps, full, trajectory = llada_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
     answer, steps, full, trajectory = jax.device_get((answer, steps, full, trajectory))
@@ -490,7 +493,8 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
     full = np.full((B,), full, np.int32)
   elif mode == "flowlm":
     spec = FlowSpec.from_config(icfg, vocab)
-    answer, steps, full, trajectory = flowlm_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
+    answer, steps, full, trajectory = flowlm_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec,
+                                                    initial_BxA=initial_BxA, **kwargs)
     answer, steps, full, trajectory = jax.device_get((answer, steps, full, trajectory))
     passes = np.minimum(steps + 1, spec.max_steps)
   else:
@@ -498,6 +502,11 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
   tokens = np.concatenate([left_padded(prompt_BxP, length_B), answer], axis=1)
   return SampleOutput(tokens=tokens, answer=np.asarray(answer), steps=np.asarray(steps), trajectory=trajectory,
                       passes=np.asarray(passes, np.int32), full_passes=np.asarray(full, np.int32))
+
+
+def decode_answers(tokenizer, vocab: Vocab, answers_NxA) -> list[str]:
+  """Answer token rows as stripped text, each cut at its first [EOS] or [PAD] (`answer_ids`)."""
+  return [tokenizer.decode(answer_ids(row, vocab), skip_special_tokens=True).strip() for row in np.asarray(answers_NxA)]
 
 
 def answer_ids(answer_A, vocab: Vocab) -> list[int]:
@@ -521,7 +530,7 @@ def generate_texts(graphdef, params, tokenizer, vocab: Vocab, prompts: list[str]
   """Decoded, stripped answers to plain-text prompts (encoded the way training rows were)."""
   prompt_ids = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
   out = generate(graphdef, params, prompt_ids, vocab, icfg, mode=mode, key=key)
-  return [tokenizer.decode(answer_ids(row, vocab), skip_special_tokens=True).strip() for row in out.answer]
+  return decode_answers(tokenizer, vocab, out.answer)
 
 
 def run_config(icfg, **overrides) -> Any:
