@@ -146,12 +146,16 @@ def chat_prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
   return plain_prompt_ids(tokenizer, lines) + tokenizer.encode(" Assistant:", add_special_tokens=False)
 
 
+def answer_end_id(tokenizer, chat: bool, vocab: Vocab) -> int:
+  """What a training row writes right after an answer: the template's end-of-turn token for templated chat (what
+  the checkpoint was tuned to emit), else [EOS]. Decoding cuts answers there (sampling.answer_ids)."""
+  return end_of_turn_id(tokenizer) if chat and has_chat_template(tokenizer) else vocab.eos_id
+
+
 def ended_answer_ids(tokenizer, answers: list[str], chat: bool, vocab: Vocab) -> list[list[int]]:
-  """Ids of each answer and what ends it: the template's end-of-turn token for templated chat (what the
-  checkpoint was tuned to emit), else [EOS] (after a space that follows "Assistant:" in untemplated chat)."""
-  templated = chat and has_chat_template(tokenizer)
-  end = end_of_turn_id(tokenizer) if templated else vocab.eos_id
-  space = " " if chat and not templated else ""
+  """Ids of each answer, then `answer_end_id` (after a space that follows "Assistant:" in untemplated chat)."""
+  end = answer_end_id(tokenizer, chat, vocab)
+  space = " " if chat and not has_chat_template(tokenizer) else ""
   return [ids + [end] for ids in tokenizer([space + a for a in answers], add_special_tokens=False)["input_ids"]]
 
 

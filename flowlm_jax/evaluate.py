@@ -109,10 +109,10 @@ def validation_rows(run, limit: int = 0):
 
 
 def decode_answers(run, answers_NxA) -> list[str]:
-  """Answer token rows as text, cut at the first [EOS] (what the samplers return)."""
+  """Answer token rows as text, cut where the run's training rows end an answer (what the samplers return)."""
   from flowlm_jax import sampling
 
-  return sampling.decode_answers(run.tokenizer, run.vocab, answers_NxA)
+  return sampling.decode_answers(run.tokenizer, run.vocab, answers_NxA, chat=run.config.dataset.prompt_format == "chat")
 
 
 def spread(values) -> dict:

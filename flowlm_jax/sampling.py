@@ -504,16 +504,20 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
                       passes=np.asarray(passes, np.int32), full_passes=np.asarray(full, np.int32))
 
 
-def decode_answers(tokenizer, vocab: Vocab, answers_NxA) -> list[str]:
-  """Answer token rows as stripped text, each cut at its first [EOS] or [PAD] (`answer_ids`)."""
-  return [tokenizer.decode(answer_ids(row, vocab), skip_special_tokens=True).strip() for row in np.asarray(answers_NxA)]
+def decode_answers(tokenizer, vocab: Vocab, answers_NxA, *, chat: bool = False) -> list[str]:
+  """Answer token rows as stripped text, each cut where training rows end an answer (`answer_ids`); `chat`: the
+  run's rows were chat, so a templated tokenizer's answers end at the template's end-of-turn token."""
+  end_id = data.answer_end_id(tokenizer, chat, vocab)
+  return [tokenizer.decode(answer_ids(row, vocab, end_id), skip_special_tokens=True).strip()
+          for row in np.asarray(answers_NxA)]
 
 
-def answer_ids(answer_A, vocab: Vocab) -> list[int]:
-  """The answer up to its first [EOS] or [PAD] (the training fill), without special tokens."""
+def answer_ids(answer_A, vocab: Vocab, end_id: int | None = None) -> list[int]:
+  """The answer up to its first [EOS], [PAD] (the training fill) or `end_id` (what training rows write after an
+  answer, `data.answer_end_id`: a chat template's end-of-turn token), without special tokens."""
   ids = []
   for token in np.asarray(answer_A).tolist():
-    if token in (vocab.eos_id, vocab.pad_id):
+    if token in (vocab.eos_id, vocab.pad_id, end_id):
       break
     if token not in vocab.special_ids:
       ids.append(token)
@@ -530,7 +534,7 @@ def generate_texts(graphdef, params, tokenizer, vocab: Vocab, prompts: list[str]
   """Decoded, stripped answers to plain-text prompts (encoded the way training rows were)."""
   prompt_ids = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
   out = generate(graphdef, params, prompt_ids, vocab, icfg, mode=mode, key=key)
-  return decode_answers(tokenizer, vocab, out.answer)
+  return decode_answers(tokenizer, vocab, out.answer, chat=chat)
 
 
 def run_config(icfg, **overrides) -> Any:

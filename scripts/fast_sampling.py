@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from flowlm_jax import evaluate, loading, sampling
+from flowlm_jax import data, evaluate, loading, sampling
 from flowlm_jax.tokenizer import ASSETS_DIR
 
 LONG_TEST_FILE = f"{ASSETS_DIR}/sft_tasks_long/test.jsonl"
@@ -63,6 +63,7 @@ def measure(run, records: list[dict], args) -> list[dict]:
   tok, vocab = run.tokenizer, run.vocab
   chat = run.config.dataset.prompt_format == "chat"
   prompt_ids = [sampling.encode_prompt(tok, r["prompt"], chat) for r in records]
+  end_id = data.answer_end_id(tok, chat, vocab)  # where training rows end an answer
   reference_ids = [tok.encode(r["answer"], add_special_tokens=False) for r in records]
   rows = []
   for answer_length, idx in answer_bins(records, reference_ids, list(map(int, args.answers.split(",")))).items():
@@ -78,7 +79,7 @@ def measure(run, records: list[dict], args) -> list[dict]:
                                      block_length=min(args.block, answer_length), cache=cache,
                                      cache_refresh=args.cache_refresh, parallel_threshold=threshold)
           seconds, out = decode_all(run, bin_prompts, icfg, mode, args.batch, bucket)
-          ids = [sampling.answer_ids(row, vocab) for row in out["answer"]]
+          ids = [sampling.answer_ids(row, vocab, end_id) for row in out["answer"]]
           texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
           baseline = baseline or (seconds, out["answer"])  # the first setting: cache none, threshold 0
           row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, records=len(idx),

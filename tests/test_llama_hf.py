@@ -163,6 +163,32 @@ def test_plain_prompts_ignore_the_template(directory):
   assert sampling.encode_prompt(tokenizer, "Who wrote Lear?", chat=False) == prompt
 
 
+@FIXTURES
+def test_decoded_chat_answers_stop_at_the_end_of_turn_training_rows_write(directory):
+  """What a sampler writes past the template's end-of-turn token is not the assistant's content; rendered plain,
+  the answer ends at [EOS] as before and the end-of-turn token cuts nothing."""
+  tokenizer = load_tokenizer(directory)
+  vocab = vocab_of(tokenizer)
+  records, dataset_cfg = sft_records([{"prompt": "Who wrote Lear?", "answer": "Shakespeare"}])
+  after = tokenizer.encode(" and Marlowe", add_special_tokens=False)
+  end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN[directory])
+
+  def answer_row(prompt_format):  # a training row's answer part, the [EOS] fill after its end overwritten by text
+    dataset_cfg.prompt_format = prompt_format
+    split = data.encode_sft(records, dataset_cfg, tokenizer, vocab)
+    row = split.tokens[0][split.corruptible[0]]
+    end = np.flatnonzero(np.isin(row, [vocab.eos_id, end_of_turn]))[0]
+    row[end + 1:] = np.resize(after, len(row) - end - 1)
+    return row
+
+  chat_row = answer_row("chat")
+  assert end_of_turn in chat_row and vocab.eos_id not in chat_row  # the template's end, then only text
+  assert sampling.decode_answers(tokenizer, vocab, [chat_row], chat=True) == ["Shakespeare"]
+  assert sampling.decode_answers(tokenizer, vocab, [answer_row("plain")], chat=False) == ["Shakespeare"]
+  # Plain decoding knows nothing of the template: the end-of-turn token does not end the answer.
+  assert sampling.decode_answers(tokenizer, vocab, [chat_row], chat=False)[0].startswith("Shakespeare and Marlowe")
+
+
 # --- numerics against the independent numpy implementation -------------------------------------------
 
 
