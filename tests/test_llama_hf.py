@@ -253,28 +253,41 @@ import jax, numpy as np
 from flax import nnx
 from flowlm_jax import sharding, train
 from flowlm_jax.formats import llama_hf
+from flowlm_jax.formats import safetensors_dir as st
 logging.basicConfig(level=logging.INFO)
 assert jax.device_count() == 8, jax.devices()
 cfg = llama_hf.from_hf_config(llama_hf.read_hf_config(sys.argv[1]), pretrained=sys.argv[1])
 mesh = jax.make_mesh((1, 4, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 _, abstract = train.abstract_model(cfg)
 shardings = sharding.param_shardings(abstract, mesh)
+parts, shard = [], st._shard
+def counted(t, ckpt, shape, dtype, index):  # the bytes each device's callback reads, and its part's size
+  before = ckpt.bytes_read
+  out = shard(t, ckpt, shape, dtype, index)
+  parts.append((t.ours, ckpt.bytes_read - before, out.size))
+  return out
+st._shard = counted
 placed = llama_hf.load_params(cfg, shardings)
+st._shard = shard
 whole = llama_hf.load_params(cfg)
 split = {}
 for name, value in placed.items():
   assert value.sharding == shardings[name], name
-  np.testing.assert_array_equal(np.asarray(value), whole[name])
+  assert np.asarray(value).tobytes() == whole[name].tobytes(), name
   split[name] = len({tuple(map(str, i)) for i in value.sharding.devices_indices_map(value.shape).values()})
 assert split["wq"] == split["w_gate"] == split["embed"] == 8 and split["bq"] == 2, split
+bad = [(name, got, 2 * size) for name, got, size in parts if got != 2 * size]  # bfloat16 in the files
+assert not bad, bad
+assert {n for n, _, _ in parts} == set(whole) and sum(s for n, _, s in parts if n == "wq") == whole["wq"].size
 print("ok", split)
 """
 
 
 @pytest.mark.parametrize("directory", [DREAM], ids=["dream"])
 def test_streaming_load_places_each_shard_on_an_8_device_mesh(directory):
-  """fsdp=4 x tensor=2: every parameter arrives in its target sharding, equal to the whole-array load, and the
-  load reports the peak host memory."""
+  """fsdp=4 x tensor=2: every parameter arrives in its target sharding, bit for bit the whole-array load, each
+  device's callback reading from the files just the elements of its part, and the load reports the peak host
+  memory."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, directory], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=180)
@@ -282,19 +295,36 @@ def test_streaming_load_places_each_shard_on_an_8_device_mesh(directory):
   assert "ok" in r.stdout and "peak host memory of this process" in r.stderr
 
 
-def test_a_shard_is_built_from_its_own_layers_only():
-  """Each device's part reads only the HF tensors of the layers it holds."""
-  cfg = fixture_config(LLADA)
+PARTS = [  # a device's part of a parameter, as fsdp x tensor shardings cut them
+    ("wq", (slice(1, 2), slice(16, 32), slice(2, 4))),              # [L, D, H, Dh] <- [H·Dh, D]: both HF axes cut
+    ("wk", (slice(None), slice(48, 64), slice(1, 2))),              # grouped key-value heads
+    ("wo", (slice(None), slice(0, 2), slice(None), slice(32, 48))),  # [L, H, Dh, D] <- [D, H·Dh]
+    ("w_down", (slice(0, 1), slice(48, 96), slice(0, 16))),
+    ("bq", (slice(None), slice(2, 4))),                              # [L, H, Dh] <- [H·Dh]: heads split out
+    ("embed", (slice(192, 384), slice(16, 32))),                     # not per layer
+    ("unembed", (slice(0, 16), slice(0, 192))),                      # [D, V] <- [V, D]
+    ("final_norm", (slice(None),)),
+]
+
+
+def test_a_shard_reads_only_its_own_layers_and_its_slice_of_each():
+  """Each device's part reads the HF tensors of the layers it holds, and of each just the elements it holds,
+  mapped back through the transposes ([out, in] -> [in, out]) and head splits; equal to the whole load's part."""
+  cfg = fixture_config(DREAM)
   table = {t.ours: t for t in llama_hf.tensors(cfg)}
   template = llama_hf.abstract_params(cfg)
-  ckpt, read = st.Checkpoint(LLADA), []
+  ckpt, read = st.Checkpoint(DREAM), []
+  whole = st.load(list(table.values()), ckpt, template)
+  assert ckpt.bytes_read == 2 * sum(np.prod(t.hf_shape) * len(t.names(cfg.n_layers)) for t in table.values())
   original = ckpt.read
-  ckpt.read = lambda name: read.append(name) or original(name)
-  part = st._shard(table["wq"], ckpt, template["wq"].shape, np.float32, (slice(1, 2), slice(0, 32)))
-  whole = st.load([table["wq"]], ckpt, template)["wq"]
-  assert read == ["model.transformer.blocks.1.q_proj.weight"] + ["model.transformer.blocks.0.q_proj.weight",
-                                                                  "model.transformer.blocks.1.q_proj.weight"]
-  np.testing.assert_array_equal(part, whole[1:2, :32])
+  ckpt.read = lambda name, index=None: read.append(name) or original(name, index)
+  for name, index in PARTS:
+    before = ckpt.bytes_read
+    part = st._shard(table[name], ckpt, template[name].shape, np.float32, index)
+    assert part.tobytes() == whole[name][index].tobytes(), name
+    assert ckpt.bytes_read - before == part.size * 2, name  # bfloat16 in the file: the part's elements, no more
+  assert read[:6] == ["model.layers.1.self_attn.q_proj.weight"] + [  # wq's part is of layer 1 only
+      f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "ko" for i in (0, 1)] + ["model.layers.0.mlp.down_proj.weight"]
 
 
 # --- export ------------------------------------------------------------------------------------------

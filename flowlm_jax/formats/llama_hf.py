@@ -5,7 +5,8 @@ A layout module names the HF tensors and maps its config.json keys; this one hol
   - the tensor table (`tensors`): HF keeps one tensor per weight and layer, torch Linear weights as [out, in];
     ours are stacked on a leading `layers` axis, [in, out], with the heads split out ([D, H, Dh] for q);
   - import: `load_params(cfg, shardings)` streams the safetensors one tensor at a time into each device's
-    shard (`safetensors_dir.load`) and logs the time and the process's peak host memory;
+    shard, each device reading only its slice of each tensor (`safetensors_dir.load`), and logs the time, the
+    bytes read and the process's peak host memory;
   - export: `save_hf(params, cfg, out)` writes the same tensor names, shapes and dtype (config.json's
     `torch_dtype`) and config.json, and copies the source directory's other files (tokenizer, the modeling
     code its `auto_map` names), so the LLaDA / Dream code loads the result.

@@ -1,11 +1,12 @@
 """A Hugging Face model directory's safetensors files, read and written one tensor at a time.
 
 Reading: `Checkpoint(directory)` indexes `model.safetensors` or the shards that `model.safetensors.index.json`
-lists, from the files' headers alone; `read(name)` copies one tensor out of its file.
+lists, from the files' headers alone; `read(name, index)` copies one tensor, or one slice of it, out of its file.
 `load` builds our parameters from a table of `Tensor` entries: without shardings each as a whole numpy array,
 with shardings through `jax.make_array_from_callback`, so that each device's shard is assembled on the host
-from the per-layer HF tensors and put on its device at once. The host then never holds more than one
-shard plus one HF tensor: no full host copy of the model, whatever its size.
+from the slices of the per-layer HF tensors it covers (`Tensor.read_part` maps its index back through the
+transpose and head split) and put on its device at once. Each device reads only its share of the bytes, and the
+host never holds more than one shard plus one slice: no full host copy of the model, whatever its size.
 
 Writing: `save` converts and writes the HF tensors shard by shard (`max_shard_bytes`, HF's 5 GB by default),
 with an index file when there is more than one shard, reading one layer's slice of a parameter at a time.
@@ -16,6 +17,7 @@ Only names, shapes, dtypes and files: nothing here knows about a model family, r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,30 +32,84 @@ INDEX_FILE = "model.safetensors.index.json"
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-  """One parameter of ours and the HF tensor that holds it (one HF tensor per layer when `per_layer`)."""
+  """One parameter of ours and the HF tensor that holds it (one HF tensor per layer when `per_layer`).
+
+  Ours is the HF tensor with its axes reversed when `transposed` (a torch Linear's [out, in] read as [in, out]),
+  then each axis split into consecutive axes of `ours_shape` (heads out of H·Dh). Knowing that, a slice of ours
+  maps back to a slice of the file's tensor (`read_part`), so each device reads only the part it holds.
+  """
   ours: str
   hf: str                                # HF name; "{i}" stands for the layer index
   hf_shape: tuple[int, ...]              # one HF tensor's shape
-  to_ours: Callable[[np.ndarray], np.ndarray]  # HF tensor -> our array (one layer's slice when per layer)
-  to_hf: Callable[[np.ndarray], np.ndarray]    # the inverse
+  ours_shape: tuple[int, ...]            # its values in our layout (one layer's slice when per layer)
+  transposed: bool = False
   per_layer: bool = False
+
+  def __post_init__(self):
+    self.groups()  # a shape that no split of the HF axes gives fails here, where the table is built
 
   def names(self, n_layers: int) -> list[str]:
     return [self.hf.format(i=i) for i in range(n_layers)] if self.per_layer else [self.hf]
 
+  @property
+  def axes_order(self) -> tuple[int, ...]:
+    """The HF axes in the order ours holds them."""
+    n = len(self.hf_shape)
+    return tuple(reversed(range(n))) if self.transposed else tuple(range(n))
+
+  def groups(self) -> list[list[int]]:
+    """For each HF axis in `axes_order`, the consecutive axes of `ours_shape` it splits into."""
+    groups, axis = [], 0
+    for size in (self.hf_shape[a] for a in self.axes_order):
+      group, product = [], 1
+      while axis < len(self.ours_shape) and (not group or product < size):
+        product *= self.ours_shape[axis]
+        group.append(axis)
+        axis += 1
+      if product != size:
+        break
+      groups.append(group)
+    if len(groups) != len(self.hf_shape) or axis != len(self.ours_shape):
+      raise ValueError(f"safetensors_dir: {self.hf} {self.hf_shape} does not split into {self.ours} {self.ours_shape}")
+    return groups
+
+  def to_hf(self, w: np.ndarray) -> np.ndarray:
+    """Our values (one layer's when per layer) as the HF tensor."""
+    return np.transpose(w.reshape([self.hf_shape[a] for a in self.axes_order]), np.argsort(self.axes_order))
+
+  def read_part(self, read: Callable[[tuple[slice, ...]], np.ndarray], index: tuple[slice, ...]) -> np.ndarray:
+    """Our part `index` (slices of `ours_shape`) of the HF tensor that `read(slices of hf_shape)` reads from.
+
+    Of the axes split from one HF axis (heads out of H·Dh) the first is read as sliced, the others whole: exact
+    for the shardings in use (heads split, head_dim whole); a sharded inner axis would read its whole rows.
+    """
+    hf_index, shape, local = [None] * len(self.hf_shape), [], []
+    for hf_axis, axes in zip(self.axes_order, self.groups()):
+      sizes = [self.ours_shape[a] for a in axes]
+      outer, local_outer = _contiguous(index[axes[0]], sizes[0])
+      inner = math.prod(sizes[1:])
+      hf_index[hf_axis] = slice(outer.start * inner, outer.stop * inner)
+      shape += [outer.stop - outer.start, *sizes[1:]]
+      local += [local_outer, *(index[a] for a in axes[1:])]
+    return np.transpose(read(tuple(hf_index)), self.axes_order).reshape(shape)[tuple(local)]
+
+
+def _contiguous(s: slice, n: int) -> tuple[slice, slice]:
+  """(a step-1 range of an axis of size n that covers `s`, `s` relative to that range)."""
+  start, stop, step = s.indices(n)
+  if step == 1 and start <= stop:
+    return slice(start, stop), slice(None)
+  return slice(0, n), s  # strided or reversed (jax never asks for these): read the axis whole
+
 
 def reshaped(ours: str, hf: str, hf_shape, ours_shape, per_layer=False) -> Tensor:
   """The same values in another shape (norm weights, biases split into heads)."""
-  hf_shape, ours_shape = tuple(hf_shape), tuple(ours_shape)
-  return Tensor(ours, hf, hf_shape, lambda w: w.reshape(ours_shape), lambda w: w.reshape(hf_shape), per_layer)
+  return Tensor(ours, hf, tuple(hf_shape), tuple(ours_shape), transposed=False, per_layer=per_layer)
 
 
 def linear(ours: str, hf: str, hf_shape, ours_shape, per_layer=False) -> Tensor:
   """A torch Linear weight [out, in] <-> ours [in, ...out split into axes] (x @ W.T becomes x @ ours)."""
-  hf_shape, ours_shape = tuple(hf_shape), tuple(ours_shape)
-  out_dim, in_dim = hf_shape
-  return Tensor(ours, hf, hf_shape, lambda w: w.T.reshape(ours_shape), lambda w: w.reshape(in_dim, out_dim).T,
-                per_layer)
+  return Tensor(ours, hf, tuple(hf_shape), tuple(ours_shape), transposed=True, per_layer=per_layer)
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -96,11 +152,12 @@ class Checkpoint:
   def shape(self, name: str) -> tuple[int, ...]:
     return self._shapes[name]
 
-  def read(self, name: str) -> np.ndarray:
+  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The tensor `name`, or only its part `index`: safetensors copies just that part out of the file."""
     from safetensors import safe_open
 
     with safe_open(self._file_of[name], framework="np") as f:
-      tensor = f.get_tensor(name)
+      tensor = f.get_tensor(name) if index is None else f.get_slice(name)[index]
     self.bytes_read += tensor.nbytes
     return tensor
 
@@ -150,15 +207,16 @@ def load(table: list[Tensor], ckpt: Checkpoint, template: Mapping, shardings: Ma
 
 
 def _shard(t: Tensor, ckpt: Checkpoint, shape, dtype, index) -> np.ndarray:
-  """The part `index` (a tuple of slices) of our parameter, read one HF tensor at a time."""
+  """The part `index` (a tuple of slices) of our parameter, read one HF tensor at a time, each only as far as
+  the part covers it."""
   index = tuple(index) + (slice(None),) * (len(shape) - len(index))
   if not t.per_layer:
-    return np.ascontiguousarray(t.to_ours(ckpt.read(t.hf))[index], dtype=dtype)
+    return np.ascontiguousarray(t.read_part(functools.partial(ckpt.read, t.hf), index), dtype=dtype)
   layers = range(*index[0].indices(shape[0]))
   inner = tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:]))
   out = np.empty((len(layers), *inner), dtype)
   for row, layer in enumerate(layers):
-    out[row] = t.to_ours(ckpt.read(t.hf.format(i=layer)))[index[1:]]
+    out[row] = t.read_part(functools.partial(ckpt.read, t.hf.format(i=layer)), index[1:])
   return out
 
 
