@@ -113,17 +113,13 @@ def mask_elbo_draws(logits_fn: LogitsFn, tokens_BxL: jax.Array, corruptible_BxL:
 
 def mixed_corruption(key_R: jax.Array, tokens_RxL: jax.Array, corruptible_RxL: jax.Array, t_R: jax.Array,
                      noise: losses.MixedNoise) -> jax.Array:
-  """int32[R, L]: a draw of z ~ q_t(. | x) of the mixed process (losses.MixedNoise), position by position."""
-  ids = jnp.asarray(noise.random_token_ids or (noise.mask_id,), jnp.int32)
+  """int32[R, L]: a draw of z ~ q_t(. | x) of the mixed process (losses.MixedNoise), row r from key r."""
+  spec = noise.as_masking()
 
   def one(key, tokens_L, corruptible_L, t):
-    choose, kind, draw = jax.random.split(key, 3)
-    chosen = corruptible_L & (jax.random.uniform(choose, tokens_L.shape) < noise.time_scale * t)
-    to_mask = jax.random.uniform(kind, tokens_L.shape) < noise.mask_prob
-    random_L = ids[jax.random.randint(draw, tokens_L.shape, 0, ids.shape[0])]
-    return jnp.where(chosen, jnp.where(to_mask, noise.mask_id, random_L), tokens_L)
+    return masking.corrupt_at(key, tokens_L[None], corruptible_L[None], t[None], spec).noisy_tokens[0]
 
-  return jax.vmap(one)(key_R, tokens_RxL.astype(jnp.int32), corruptible_RxL, t_R)
+  return jax.vmap(one)(key_R, tokens_RxL, corruptible_RxL, t_R)
 
 
 def mixed_noise_elbo_draws(logits_fn: LogitsFn, tokens_BxL: jax.Array, corruptible_BxL: jax.Array,

@@ -276,6 +276,14 @@ class MixedNoise:
     return cls(time_scale=s, mask_prob=spec.mask_prob / s, random_prob=spec.random_prob / s,
                mask_id=spec.mask_id, random_token_ids=spec.random_token_ids)
 
+  def as_masking(self) -> masking.MaskingSpec:
+    """The `masking.corrupt_at` strategy that draws z ~ q_t(. | x) at a given t (inverse of `from_masking`):
+    choosing at rate t and keeping with 1 - s is choosing at rate s t. Its t range is unused."""
+    s = self.time_scale
+    return masking.MaskingSpec(mask_prob=s * self.mask_prob, random_prob=s * self.random_prob, keep_prob=1.0 - s,
+                               min_ratio=0.0, max_ratio=1.0, eps=0.0, mask_id=self.mask_id,
+                               random_token_ids=self.random_token_ids)
+
   def is_random_id(self, vocab_size: int) -> jax.Array:
     """bool[V]: the ids uniform noise draws from."""
     return jnp.zeros((vocab_size,), bool).at[jnp.asarray(self.random_token_ids, jnp.int32)].set(True)

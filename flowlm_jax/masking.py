@@ -9,6 +9,8 @@ with probability t ~ U[0, 1]. We generalise that in two ways the config can swit
 
 Everything here is pure and jit-able: the `MaskingSpec` is plain Python data that is closed over, e.g.
 `jax.jit(functools.partial(corrupt, spec=spec))`, and the randomness comes only from the key passed in.
+`corrupt` draws t per sequence and calls `corrupt_at`, which corrupts at given t (the likelihood bounds
+draw their own t and use it too).
 """
 
 from __future__ import annotations
@@ -129,16 +131,33 @@ def sample_random_tokens(key: jax.Array, shape: tuple[int, ...], spec: MaskingSp
   return ids_N[jax.random.randint(key, shape, 0, ids_N.shape[0])]
 
 
+def _streams(key: jax.Array) -> jax.Array:
+  """The four keys one corruption draws from: t, which positions, which kind, which random token.
+
+  One split shared by `corrupt` and `corrupt_at`, so that `corrupt_at(key, ..., corrupt(key, ...).t)`
+  reproduces `corrupt(key, ...)` (the training noise stream is the same whichever function draws it).
+  """
+  return jax.random.split(key, 4)
+
+
 def corrupt(key: jax.Array, tokens_BxL: jax.Array, corruptible_BxL: jax.Array, spec: MaskingSpec) -> Corruption:
-  """Corrupt each corruptible position independently with a per-sequence probability t.
+  """Corrupt each corruptible position independently with a per-sequence probability t ~ `sample_t`."""
+  t_B = sample_t(_streams(key)[0], tokens_BxL.shape[0], spec)
+  return corrupt_at(key, tokens_BxL, corruptible_BxL, t_B, spec)
+
+
+def corrupt_at(key: jax.Array, tokens_BxL: jax.Array, corruptible_BxL: jax.Array, t_B: jax.Array,
+               spec: MaskingSpec) -> Corruption:
+  """Corrupt each corruptible position independently with the given per-sequence probability t_B; only the
+  strategy's (mask, random, unchanged) probabilities of `spec` apply (its t range is `sample_t`'s).
 
   `corruptible_BxL` is False where a position must stay intact (specials, padding, the prompt in SFT); such
   positions are never chosen. A random replacement may happen to draw the original token: it still counts as
   KIND_RANDOM and stays `corrupted`, so the kind tells what the process did, not whether the token differs.
   """
-  t_key, choose_key, kind_key, random_key = jax.random.split(key, 4)
+  _, choose_key, kind_key, random_key = _streams(key)
   batch_size, seq_len = tokens_BxL.shape
-  t_B = sample_t(t_key, batch_size, spec)
+  t_B = jnp.asarray(t_B, jnp.float32)
   chosen_BxL = jax.random.uniform(choose_key, (batch_size, seq_len), jnp.float32) < t_B[:, None]
   corrupted_BxL = chosen_BxL & corruptible_BxL.astype(bool)
   kind_BxL = sample_kinds(kind_key, corrupted_BxL, spec)

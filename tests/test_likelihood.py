@@ -77,6 +77,28 @@ def test_stratified_draws_lower_the_variance(form):
   assert variance[True] < 0.7 * variance[False]
 
 
+def test_mixed_corruption_draws_the_marginals_of_the_mixed_process():
+  """q_t(z | x) = (1 - s t) [z = x] + s t (p_m [z = MASK] + p_u / R [z random]) at each corruptible position
+  (losses.MixedNoise), here with s < 1: a strategy that keeps some chosen tokens runs a slower clock."""
+  time_scale = 0.8
+  noise = losses.MixedNoise(time_scale=time_scale, mask_prob=0.3, random_prob=0.7, mask_id=MASK,
+                            random_token_ids=RANDOM_IDS)
+  rows, length = 4, 4096
+  t = jnp.asarray([0.1, 0.4, 0.7, 1.0])
+  tokens = jnp.full((rows, length), V - 1, jnp.int32)  # a special token: never drawn as noise
+  corruptible = jnp.broadcast_to(jnp.arange(length) % 8 != 0, (rows, length))
+  z = np.asarray(jax.jit(likelihood.mixed_corruption, static_argnums=4)(row_keys(rows), tokens, corruptible, t, noise))
+  ok = np.asarray(corruptible)
+  np.testing.assert_array_equal(z[~ok], V - 1)
+  z = z[ok].reshape(rows, -1)
+  n, tau = z.shape[1], time_scale * np.asarray(t)
+  for got, p in ((z == MASK, tau * 0.3), (np.isin(z, RANDOM_IDS), tau * 0.7), (z == V - 1, 1 - tau)):
+    assert np.all(np.abs(got.mean(axis=1) - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9)
+  drawn = z[np.isin(z, RANDOM_IDS)]
+  counts = np.bincount(drawn, minlength=V)[list(RANDOM_IDS)]
+  assert counts.min() > 0.8 * drawn.size / len(RANDOM_IDS)
+
+
 def test_uniform_draws_put_one_draw_in_each_stratum():
   u = np.asarray(likelihood.uniform_draws(row_keys(50), 5, antithetic=True))
   assert u.shape == (50, 5) and np.all((u >= 0) & (u < 1))

@@ -204,6 +204,17 @@ def mixed_noise(mask_prob=0.3, random_prob=0.7, keep_prob=0.0):
   return losses.MixedNoise.from_masking(spec)
 
 
+def test_mixed_noise_and_its_masking_strategy_are_inverse():
+  spec = masking.MaskingSpec(mask_prob=0.5, random_prob=0.3, keep_prob=0.2, min_ratio=0.0, max_ratio=1.0, eps=0.0,
+                             mask_id=MASK, random_token_ids=RANDOM_IDS)
+  noise = losses.MixedNoise.from_masking(spec)
+  back = noise.as_masking()
+  probs = lambda s: (s.mask_prob, s.random_prob, s.keep_prob)
+  assert probs(back) == pytest.approx(probs(spec)) and (back.mask_id, back.random_token_ids) == (MASK, RANDOM_IDS)
+  again = losses.MixedNoise.from_masking(back)
+  assert (again.time_scale, again.mask_prob, again.random_prob) == pytest.approx((0.8, 0.625, 0.375))
+
+
 def test_loss_weighting_choices_in_config_are_the_losses():
   from flowlm_jax import config
   assert config.CHOICES["training.loss_weighting"] == losses.LOSS_WEIGHTINGS

@@ -128,6 +128,30 @@ def test_random_replacements_are_uniform_over_non_special_ids():
   assert np.all(np.abs(counts / drawn.size - p) <= binomial_tolerance(p, drawn.size))
 
 
+def test_corrupt_at_the_drawn_t_reproduces_corrupt():
+  """corrupt = sample_t, then corrupt_at from the same key: the training noise is one stream."""
+  spec = make_spec("BERT_STRATEGY")
+  tokens = text_tokens(jax.random.key(0), (8, 64))
+  corruptible = jnp.broadcast_to(jnp.arange(64) >= 4, tokens.shape)
+  drawn = masking.corrupt(jax.random.key(3), tokens, corruptible, spec)
+  again = masking.corrupt_at(jax.random.key(3), tokens, corruptible, drawn.t, spec)
+  jax.tree.map(np.testing.assert_array_equal, drawn, again)
+
+
+def test_corrupt_at_chooses_corruptible_positions_at_the_given_rates():
+  t = jnp.asarray([0.0, 0.1, 0.5, 0.9, 1.0])
+  tokens = text_tokens(jax.random.key(0), (5, 4096))
+  corruptible = jnp.broadcast_to(jnp.arange(4096) % 4 != 0, tokens.shape)
+  out = jax.jit(masking.corrupt_at, static_argnums=4)(jax.random.key(1), tokens, corruptible, t,
+                                                     make_spec("BERT_STRATEGY"))
+  corrupted, ok = np.asarray(out.corrupted), np.asarray(corruptible)
+  assert not corrupted[~ok].any()
+  fraction = corrupted[ok].reshape(5, -1).mean(axis=1)
+  np.testing.assert_array_equal(fraction[[0, -1]], [0.0, 1.0])
+  assert np.all(np.abs(fraction - t) <= binomial_tolerance(np.asarray(t), 3072))
+  np.testing.assert_array_equal(out.t, t)
+
+
 def test_same_key_same_output_different_key_different_output():
   spec = make_spec("BERT_STRATEGY")
   tokens = text_tokens(jax.random.key(0), (8, 64))
