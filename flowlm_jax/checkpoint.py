@@ -50,7 +50,9 @@ class CheckpointMismatch(CheckpointError):
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
-  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  """The state's fields by name, leaving out empty ones (`fp8` without FP8): a bf16 run saves exactly what
+  it saved before FP8 existed, so its old checkpoints restore unchanged."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
 
 
 def failure_kind(e: BaseException) -> int:
@@ -139,6 +141,10 @@ class Checkpointer:
     order = sorted(want, key=lambda p: (not p.startswith("params/"), p))  # parameters first: the likelier cause
     problems = [f"{p} has shape {saved[p]}, expected {want[p]}" for p in order if p in saved and saved[p] != want[p]]
     missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    fp8_problem = _fp8_mismatch(set(saved), set(want))
+    if fp8_problem:  # said once, instead of listing its paths
+      problems.append(fp8_problem)
+      missing, extra = [p for p in missing if not _is_fp8(p)], [p for p in extra if not _is_fp8(p)]
     if missing:
       problems.append(f"{len(missing)} path(s) missing from the checkpoint ({', '.join(missing[:3])}"
                       f"{', ...' if len(missing) > 3 else ''})")
@@ -215,6 +221,20 @@ class Checkpointer:
     _sync(f"flowlm-set-aside-{step}")  # no process lists the steps again before the rename
     self._manager.reload()
     return dst
+
+
+def _is_fp8(path: str) -> bool:
+  return path.startswith("fp8/")
+
+
+def _fp8_mismatch(saved: set[str], want: set[str]) -> str | None:
+  """What to say when only one side has an FP8 scaling state (model.matmul_dtype differs between the runs)."""
+  has_saved, has_want = any(map(_is_fp8, saved)), any(map(_is_fp8, want))
+  if has_want and not has_saved:
+    return "it has no FP8 scaling state (saved by a model.matmul_dtype=bfloat16 run; this run uses fp8)"
+  if has_saved and not has_want:
+    return "it holds an FP8 scaling state (saved by a model.matmul_dtype=fp8 run; this run uses bfloat16)"
+  return None
 
 
 def abstract_state(shapes: TrainState, shardings: TrainState) -> TrainState:

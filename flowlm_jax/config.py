@@ -49,6 +49,9 @@ def base_config() -> ConfigDict:
   m.tie_embeddings = False      # share the embedding with the output projection
   m.param_dtype = "float32"     # master weights
   m.compute_dtype = "bfloat16"  # activations and matmuls
+  m.matmul_dtype = "bfloat16"   # "fp8": training runs the layers' projections in FP8 with delayed scaling
+                                # (llama family, Hopper GPUs; docs/performance.md "FP8"); "bfloat16": all matmuls
+                                # in compute_dtype. Evaluation and sampling always use compute_dtype.
   m.remat = "none"              # "none" | "full" | "save_dots": what the backward pass recomputes
                                 # (docs/performance.md compares them)
   m.scan_unroll = 1             # layers per lax.scan iteration (n_layers: no loop; see performance.md)
@@ -442,6 +445,7 @@ CHOICES = {
     "model.family": ("llama", "modernbert"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.matmul_dtype": ("bfloat16", "fp8"),
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("auto", "xla", "cudnn"),
     "dataset.kind": ("text", "sft"),
@@ -489,6 +493,9 @@ def _check_values(c: ConfigDict) -> None:
   _require(m.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {m.scan_unroll}")
   if m.family == "modernbert" or m.pretrained:
     _check_pretrained(m)
+  _require(m.matmul_dtype != "fp8" or (m.family == "llama" and not m.pretrained), "model.matmul_dtype",
+           "fp8 is implemented for the llama family trained from random weights only "
+           f"(got family={m.family!r}, pretrained={m.pretrained!r})")
 
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
   _require(0.0 <= d.validation_split_ratio < 1.0, "dataset.validation_split_ratio", "must be in [0, 1)")

@@ -3,6 +3,8 @@
 Everything here is a pure function of its inputs; `loop.py` drives it. The train step is one `jax.jit`
 with explicit in/out shardings and the state donated: corruption (masking.py), forward, loss
 (losses.py), gradient accumulation over micro-batches, a skip of non-finite updates, and AdamW.
+With model.matmul_dtype "fp8" the state also carries the FP8 scaling state (`TrainState.fp8`,
+models/fp8.py), updated by each step from its own absolute maxima and never by the optimiser.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import optax
 from flax import nnx
 
 from flowlm_jax import losses, masking, sharding
-from flowlm_jax.models import registry
+from flowlm_jax.models import llama, registry
+from flowlm_jax.models.fp8 import combine_micro_batches
 from flowlm_jax.models.llama import ModelConfig
 
 Params = dict[str, Any]
@@ -32,6 +35,9 @@ class TrainState:
   rng: jax.Array              # uint32[2] raw key data: corruption noise of the next step
   nonfinite_count: jax.Array  # int32: updates skipped for a NaN/inf loss or gradient
   last_nonfinite_step: jax.Array  # int32: the step of the latest such skip (-1 = none)
+  # FP8 scaling state, {matmul: {scales, amax histories}} stacked per layer (models/fp8.py); None (no leaves,
+  # not saved) unless model.matmul_dtype is "fp8". Not a parameter: no optimiser, decay or clipping touches it.
+  fp8: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +101,14 @@ def state_shardings(model_cfg: ModelConfig, tx, mesh) -> TrainState:
   opt_sh = sharding.like_params(jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_state)), params_sh, mesh)
   rep = sharding.replicated(mesh)
   return TrainState(params=params_sh, opt_state=opt_sh, step=rep, rng=rep, nonfinite_count=rep,
-                    last_nonfinite_step=rep)
+                    last_nonfinite_step=rep, fp8=jax.tree.map(lambda _: rep, initial_fp8_meta(model_cfg)))
+
+
+def initial_fp8_meta(model_cfg) -> dict | None:
+  """The FP8 scaling state a run starts from (small: kept whole on every device); None without FP8."""
+  if getattr(model_cfg, "matmul_dtype", "bfloat16") != "fp8":  # other families validate to bfloat16
+    return None
+  return llama.initial_fp8_meta(model_cfg)
 
 
 def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState,
@@ -120,7 +133,7 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState,
     return TrainState(
         params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
         rng=jax.random.PRNGKey(seed + 1), nonfinite_count=jnp.zeros((), jnp.int32),
-        last_nonfinite_step=jnp.full((), -1, jnp.int32))
+        last_nonfinite_step=jnp.full((), -1, jnp.int32), fp8=initial_fp8_meta(model_cfg))
 
   return jax.jit(init, out_shardings=shardings, donate_argnums=0 if loaded else ())(params)
 
@@ -133,11 +146,12 @@ def _tracing() -> bool:
 # --- loss -------------------------------------------------------------------------------------
 
 
-def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig):
+def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig, fp8_meta=None):
   """(loss, metric sums) of one (micro-)batch under fresh corruption drawn from `key`.
 
   Training rows are right-padded, so key padding is passed as lengths (cuDNN's fast padded kernel).
   With `loss_chunk_size` the cross-entropy is fused and chunked (losses.fused_weighted_cross_entropy).
+  With `fp8_meta` the layers' projections run in FP8, and the "gradient" of `fp8_meta` is its next value.
   """
   tokens, corruptible = batch["tokens"], batch["corruptible"]
   c = masking.corrupt(key, tokens, corruptible, cfg.masking)
@@ -149,7 +163,8 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig):
     weight = losses.loss_weights(cfg.loss, cfg.loss_weighting, c.corrupted, c.t, corruptible)
   model = nnx.merge(graphdef, params)
   kv_lengths_B = jnp.sum(c.noisy_tokens != cfg.pad_id, axis=-1, dtype=jnp.int32)
-  hidden = model.hidden(c.noisy_tokens, kv_lengths_B=kv_lengths_B)
+  fp8_args = {} if fp8_meta is None else {"fp8_meta": fp8_meta}
+  hidden = model.hidden(c.noisy_tokens, kv_lengths_B=kv_lengths_B, **fp8_args)
   if weighting == losses.GIDD:  # the mixed-noise ELBO needs the whole predicted distribution, not one NLL
     total, nll, correct = losses.gidd_loss_sum(
         model.logits_from_hidden, hidden, tokens, c.noisy_tokens, corruptible, c.t,
@@ -179,36 +194,46 @@ def split_micro_batches(batch, n: int):
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
+  """One optimiser step. Every micro-batch quantizes with the step's incoming FP8 scaling state (if any);
+  the new state keeps the largest absolute maxima over the micro-batches (fp8.combine_micro_batches)."""
   rng, step_key = jax.random.split(state.rng)
   micro = split_micro_batches(batch, cfg.grad_accum)
   keys = jax.random.split(step_key, cfg.grad_accum)
-  grad_fn = jax.value_and_grad(functools.partial(batch_loss, graphdef), has_aux=True)
+
+  def loss_of(trained, mb, key):
+    params, fp8_meta = trained
+    return batch_loss(graphdef, params, mb, key, cfg, fp8_meta)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
   def micro_step(mb, key):
-    (loss, sums), grads = grad_fn(state.params, mb, key, cfg)
-    return grads, loss, sums
+    (loss, sums), (grads, fp8_meta) = grad_fn((state.params, state.fp8), mb, key)
+    return (grads, loss, sums), fp8_meta
 
   def accumulate(carry, xs):
-    return jax.tree.map(jnp.add, carry, micro_step(*xs)), None
+    (summed, fp8_meta), (new, new_fp8_meta) = carry, micro_step(*xs)
+    return (jax.tree.map(jnp.add, summed, new), combine_micro_batches(fp8_meta, new_fp8_meta)), None
 
   carry = micro_step(jax.tree.map(lambda x: x[0], micro), keys[0])
   if cfg.grad_accum > 1:
     carry, _ = jax.lax.scan(accumulate, carry, (jax.tree.map(lambda x: x[1:], micro), keys[1:]))
-  grads, loss, sums = carry
+  (grads, loss, sums), new_fp8_meta = carry
   grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
   loss = loss / cfg.grad_accum
   grad_norm = optax.tree.norm(grads)
 
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  # A NaN/inf loss or gradient leaves params and optimiser state untouched, so checkpoints stay good.
+  # A NaN/inf loss or gradient leaves params, optimiser and FP8 scaling state untouched, so checkpoints stay
+  # good (an inf in an amax history would pin that scale for AMAX_HISTORY steps).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(
       params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
       step=state.step + 1, rng=rng,
       nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
-      last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1))
+      last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1),
+      fp8=keep(new_fp8_meta, state.fp8))
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **sums}
   return new_state, metrics
 

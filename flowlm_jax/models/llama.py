@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowlm_jax.models import fp8
 from flowlm_jax.models.layers import (KVCache, apply_rope, attention, into_cache, mask_padded_vocab, normal_param,
                                       rms_norm, rope_tables, run_layers, run_layers_collecting, with_bias)
 from flowlm_jax.tokenizer import padded_vocab_size
@@ -36,6 +37,7 @@ class ModelConfig:
   tie_embeddings: bool = False
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
+  matmul_dtype: str = "bfloat16"  # "fp8": the layers' projections in FP8 while training (fp8.py, `hidden`)
   remat: str = "none"
   attention: str = "auto"
   scan_unroll: int = 1       # layers per scan iteration; n_layers = a straight-line program
@@ -58,7 +60,7 @@ class ModelConfig:
         n_kv_heads=model_cfg.n_kv_heads or model_cfg.n_heads, d_ff=model_cfg.d_ff,
         rope_theta=model_cfg.rope_theta, norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std,
         tie_embeddings=model_cfg.tie_embeddings, param_dtype=model_cfg.param_dtype,
-        compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat, attention=model_cfg.attention,
+        compute_dtype=model_cfg.compute_dtype, matmul_dtype=model_cfg.matmul_dtype, remat=model_cfg.remat, attention=model_cfg.attention,
         scan_unroll=model_cfg.scan_unroll)
 
 
@@ -109,7 +111,8 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens_BxT: jax.Array, valid_BxT: jax.Array | None = None,
              positions_BxT: jax.Array | None = None, kv_lengths_B: jax.Array | None = None,
-             layers: list[dict] | None = None, kv_cache: KVCache | None = None, return_kv: bool = False):
+             layers: list[dict] | None = None, kv_cache: KVCache | None = None, return_kv: bool = False,
+             fp8_meta: dict | None = None):
     """Final (normed) hidden states [B, T, D] in the compute dtype.
 
     Padding: `valid_BxT` masks keys anywhere (left-padded prompts in sampling); `kv_lengths_B` says
@@ -118,6 +121,9 @@ class Transformer(nnx.Module):
     Decoding with a key/value cache (unstacked `layers`; `hidden_and_kv`, `hidden_from_cache`): with
     `return_kv` every layer's keys/values come back too, as a `KVCache`; given `kv_cache`, the tokens are
     the columns from `kv_cache.start` of the rows it caches, and (hidden, the updated cache) come back.
+    `fp8_meta` (training with matmul_dtype "fp8": `initial_fp8_meta`, stacked per layer): the layers'
+    projections run in FP8 with this scaling state (fp8.py). Without it they run in the compute dtype,
+    whatever matmul_dtype says: evaluation and the samplers use the master weights in bf16.
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -134,21 +140,30 @@ class Transformer(nnx.Module):
       raise NotImplementedError("decoding with a key/value cache: not for shift_logits models (Dream)")
     if kv_cache is not None:
       inputs = [dict(p, cached_k=k, cached_v=v) for p, k, v in zip(inputs, kv_cache.keys, kv_cache.values)]
+    if fp8_meta is not None:
+      inputs = {**inputs, "fp8": fp8_meta}  # stacked like the weights: each layer scans over its own state
 
     def layer(x, p):
-      p = jax.tree.map(lambda w: w.astype(dtype), p)
+      meta = p.get("fp8")
+      p = jax.tree.map(lambda w: w.astype(dtype), {name: w for name, w in p.items() if name != "fp8"})
+
+      def project(equation, x, name):
+        if meta is None:
+          return jnp.einsum(equation, x, p[name])
+        return fp8.einsum(equation, x, p[name], meta[name])
+
       h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-      q = apply_rope(with_bias(jnp.einsum("btd,dhk->bthk", h, p["wq"]), p.get("bq")), sin, cos)
-      k = apply_rope(with_bias(jnp.einsum("btd,dhk->bthk", h, p["wk"]), p.get("bk")), sin, cos)
-      v = with_bias(jnp.einsum("btd,dhk->bthk", h, p["wv"]), p.get("bv"))
+      q = apply_rope(with_bias(project("btd,dhk->bthk", h, "wq"), p.get("bq")), sin, cos)
+      k = apply_rope(with_bias(project("btd,dhk->bthk", h, "wk"), p.get("bk")), sin, cos)
+      v = with_bias(project("btd,dhk->bthk", h, "wv"), p.get("bv"))
       if kv_cache is not None:  # the slice's keys/values into its rows' cached ones; attend over whole rows
         k, v = into_cache(p["cached_k"], k, kv_cache.start), into_cache(p["cached_v"], v, kv_cache.start)
       a = attention(q, k, v, mask, kv_lengths_B, cfg.attention)
-      x = x + jnp.einsum("bthk,hkd->btd", a, p["wo"])
+      x = x + project("bthk,hkd->btd", a, "wo")
       h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-      gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
-      up = jnp.einsum("btd,df->btf", h, p["w_up"])
-      x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+      gate = project("btd,df->btf", h, "w_gate")
+      up = project("btd,df->btf", h, "w_up")
+      x = x + project("btf,fd->btd", jax.nn.silu(gate) * up, "w_down")
       return x, ((k, v) if collect else None)
 
     if collect:
@@ -180,6 +195,16 @@ class Transformer(nnx.Module):
 
 # Stacked per-layer parameters (the q/k/v biases exist only with `qkv_bias`).
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+# The products that run in FP8 with matmul_dtype "fp8": every projection inside the layers. The vocabulary
+# projection stays in the compute dtype: the logits' small differences decide the cross-entropy, FP8
+# training recipes keep the first and last layers in higher precision (Micikevicius et al. 2022), and the
+# fused chunked cross-entropy (losses.py) computes that product outside this module.
+FP8_MATMULS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def initial_fp8_meta(cfg: ModelConfig) -> dict:
+  """The FP8 scaling state a training run with matmul_dtype "fp8" starts from, stacked per layer."""
+  return fp8.init_state(FP8_MATMULS, (cfg.n_layers,))
 
 
 def from_previous_position(hidden_BxTxD, positions_BxT, real_BxT):
