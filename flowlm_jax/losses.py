@@ -95,7 +95,6 @@ def loss_weights(name: str, weighting: str, corrupted_BxL, t_B, corruptible_BxL)
   return weight_BxL / jnp.maximum(count, 1.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def fused_weighted_cross_entropy(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens: int, chunk_size: int,
                                  bias_V=None):
   """(sum(weight * nll), nll_BxL, correct_BxL) of logits = hidden @ w (+ bias_V), one sequence chunk at a time.
@@ -106,11 +105,38 @@ def fused_weighted_cross_entropy(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, n
   recomputed in the backward pass. `nll` and `correct` are metrics: no gradient flows through them.
   `bias_V` (float32, optional) is an output bias such as ModernBERT's decoder bias; it gets a gradient too.
   """
-  out, _ = _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V)
+  return fused_output_loss(_weighted_ce_chunk, num_real_tokens, chunk_size, hidden_BxLxD, w_DxV, bias_V,
+                           (targets_BxL, weight_BxL), ())
+
+
+def _weighted_ce_chunk(logits_BxCxV, log_z_BxC, nll_BxC, per_position, per_row):
+  """(sum(weight * nll), its gradient wrt the logits): wt * (softmax - onehot), written out."""
+  (y_BxC, wt_BxC), () = per_position, per_row
+  probs = jnp.exp(logits_BxCxV - log_z_BxC[..., None])
+  g32 = (probs - jax.nn.one_hot(y_BxC, logits_BxCxV.shape[-1], dtype=jnp.float32)) * wt_BxC[..., None]
+  return weighted_nll_sum(nll_BxC, wt_BxC), g32
+
+
+# A chunk loss: (logits f32[B, C, V], log_z [B, C], nll [B, C], per-position chunks (targets first),
+# per-row arrays) -> (loss sum, its gradient wrt the logits f32[B, C, V]).
+ChunkLoss = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def fused_output_loss(chunk_loss: ChunkLoss, num_real_tokens: int, chunk_size: int, hidden_BxLxD, w_DxV, bias_V,
+                      per_position: tuple, per_row: tuple):
+  """(loss sum, nll_BxL, correct_BxL): `chunk_loss` summed over sequence chunks of logits = hidden @ w (+ bias).
+
+  `per_position` ([B, L, ...] arrays, the targets first) is cut into the same chunks; `per_row` ([B, ...]
+  arrays) goes whole to every chunk. The chunk loss returns its gradient wrt the logits, so the gradients
+  wrt hidden, w and bias are accumulated in the forward pass over each chunk (`fused_weighted_cross_entropy`):
+  at most one chunk's float32 [B, C, V] logits are alive. nll and correct (of the targets) are metrics.
+  """
+  out, _ = _fused_fwd(chunk_loss, num_real_tokens, chunk_size, hidden_BxLxD, w_DxV, bias_V, per_position, per_row)
   return out
 
 
-def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V=None):
+def _fused_fwd(chunk_loss, num_real_tokens, chunk_size, hidden_BxLxD, w_DxV, bias_V, per_position, per_row):
   """Per device on its own rows when traced on a mesh that splits the batch (sharding.traced_on).
 
   Left to sharding propagation, the chunk loop's [D, V] gradient accumulator (sharded like w over fsdp)
@@ -118,24 +144,26 @@ def _fused_ce_fwd(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens,
   computed the whole batch's output layer (seen in the compiled CPU program). Here each device gathers
   w once, runs the loop on its rows, and the sums and dw are reduced once after it.
   """
+  local = functools.partial(_fused_local, chunk_loss, num_real_tokens, chunk_size)
   rows = sharding.batch_rows_spec(hidden_BxLxD.shape[0])
   if rows is None:
-    return _fused_ce_local(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V)
+    return local(hidden_BxLxD, w_DxV, bias_V, per_position, per_row)
   has_bias = bias_V is not None
 
-  def local(h, w, y, wt, *bias):
-    (total, nll, correct), (dh, dw, db) = _fused_ce_local(h, w, y, wt, num_real_tokens, chunk_size, *bias)
+  def on_rows(h, w, positions, row_inputs, *bias):
+    (total, nll, correct), (dh, dw, db) = local(h, w, *(bias or (None,)), positions, row_inputs)
     reduce = lambda x: None if x is None else jax.lax.psum(x, sharding.BATCH_AXES)
     return (reduce(total), nll, correct), (dh, reduce(dw), reduce(db))
 
   row, whole = P(rows), P()
-  bias = (bias_V,) if has_bias else ()
+  rows_of = lambda tree: jax.tree.map(lambda _: row, tree)
+  bias = (bias_V,) if has_bias else ()  # no None through shard_map
   return jax.shard_map(
-      local, mesh=jax.sharding.get_abstract_mesh(),
-      in_specs=(row, whole, row, row) + (whole,) * has_bias,
+      on_rows, mesh=jax.sharding.get_abstract_mesh(),
+      in_specs=(row, whole, rows_of(per_position), rows_of(per_row)) + (whole,) * has_bias,
       out_specs=((whole, row, row), (row, whole, whole if has_bias else None)),
       check_vma=False,  # the loop's carries start as (unvarying) zeros; the psums above make the outputs whole
-  )(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, *bias)
+  )(hidden_BxLxD, w_DxV, per_position, per_row, *bias)
 
 
 def sequence_chunks(L: int, chunk_size: int):
@@ -155,7 +183,7 @@ def sequence_chunks(L: int, chunk_size: int):
   return to_chunks, from_chunks
 
 
-def _fused_ce_local(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_tokens, chunk_size, bias_V=None):
+def _fused_local(chunk_loss, num_real_tokens, chunk_size, hidden_BxLxD, w_DxV, bias_V, per_position, per_row):
   _, L, D = hidden_BxLxD.shape
   V = w_DxV.shape[1]
   to_chunks, from_chunks = sequence_chunks(L, chunk_size)
@@ -163,39 +191,37 @@ def _fused_ce_local(hidden_BxLxD, w_DxV, targets_BxL, weight_BxL, num_real_token
 
   def one_chunk(carry, xs):
     dw_DxV, db_V = carry
-    h_BxCxD, y_BxC, wt_BxC = xs
+    h_BxCxD, positions = xs
     logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
     if bias_V is not None:
       logits = logits + bias_V.astype(jnp.float32)
     logits = jnp.where(vocab_real_V, logits, jnp.finfo(jnp.float32).min)
-    nll, correct, log_z = _nll_correct_and_log_z(logits, y_BxC)
-    # d(sum wt * nll)/d logits = wt * (softmax - onehot)
-    probs = jnp.exp(logits - log_z[..., None])
-    g32 = (probs - jax.nn.one_hot(y_BxC, V, dtype=jnp.float32)) * wt_BxC[..., None]
+    nll, correct, log_z = _nll_correct_and_log_z(logits, positions[0])
+    total, g32 = chunk_loss(logits, log_z, nll, positions, per_row)
     g = g32.astype(h_BxCxD.dtype)
     dh = jnp.einsum("bcv,dv->bcd", g, w_DxV, preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
     dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", h_BxCxD, g, preferred_element_type=jnp.float32)
     if db_V is not None:
       db_V = db_V + jnp.sum(g32, axis=(0, 1))
-    return (dw_DxV, db_V), (weighted_nll_sum(nll, wt_BxC), nll, correct, dh)
+    return (dw_DxV, db_V), (total, nll, correct, dh)
 
   db0 = None if bias_V is None else jnp.zeros((V,), jnp.float32)
   (dw, db), (sums, nll, correct, dh) = jax.lax.scan(
     one_chunk, (jnp.zeros((D, V), jnp.float32), db0),
-    (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(weight_BxL)))
+    (to_chunks(hidden_BxLxD), jax.tree.map(to_chunks, per_position)))
   out = (jnp.sum(sums), from_chunks(nll), from_chunks(correct))
   db = None if db is None else db.astype(bias_V.dtype)
   return out, (from_chunks(dh), dw.astype(w_DxV.dtype), db)
 
 
-def _fused_ce_bwd(num_real_tokens, chunk_size, residuals, cotangents):
+def _fused_bwd(chunk_loss, num_real_tokens, chunk_size, residuals, cotangents):
   dh, dw, db = residuals
   ct = cotangents[0]
   db = None if db is None else (ct * db).astype(db.dtype)
-  return (ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype), None, None, db
+  return (ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype), db, None, None
 
 
-fused_weighted_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+fused_output_loss.defvjp(_fused_fwd, _fused_bwd)
 
 
 def diffusion_loss(
@@ -239,7 +265,7 @@ def loss_fn(name: str, weighting: str | None = None) -> LossFn:
     return LOSSES[name]
   if weighting == GIDD:
     raise ValueError("training.loss_weighting='gidd' needs the model's whole distribution, not one NLL per token: "
-                     "use gidd_loss_sum")
+                     "use fused_gidd_loss")
   if weighting not in WEIGHTINGS:  # fail at setup, not at the first traced step
     raise ValueError(f"unknown training.loss_weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}")
   return functools.partial(flowlm_loss, weighting=weighting)
@@ -385,15 +411,36 @@ def gidd_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array, noisy_BxL: 
   return jnp.where(weight_BxL != 0, weight_BxL * divergence_BxL, 0.0)
 
 
+def fused_gidd_loss(hidden_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array, noisy_BxL: jax.Array,
+                    corruptible_BxL: jax.Array, t_B: jax.Array, noise: MixedNoise, num_real_tokens: int,
+                    chunk_size: int, bias_V: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of `gidd_token_loss`, nll_BxL, correct_BxL) of logits = hidden @ w (+ bias_V), `chunk_size` positions
+  at a time (0: all at once), through the fused path of the cross-entropy (`fused_output_loss`): per device on
+  its rows on a mesh, gradients accumulated in the forward pass, one chunk's float32 [B, C, V] alive.
+
+  The loss needs each position's whole predicted distribution (KL over the random ids), not one NLL, so each
+  chunk's gradient wrt its logits comes from autodiff of `gidd_token_loss` on that chunk alone.
+  """
+  return fused_output_loss(functools.partial(_gidd_chunk, noise), num_real_tokens, chunk_size, hidden_BxLxD, w_DxV,
+                           bias_V, (targets_BxL, noisy_BxL, corruptible_BxL), (t_B,))
+
+
+def _gidd_chunk(noise, logits_BxCxV, log_z_BxC, nll_BxC, per_position, per_row):
+  del log_z_BxC, nll_BxC  # the mixed-noise loss normalises with [MASK] banned (gidd_divergences)
+  (y_BxC, noisy_BxC, corruptible_BxC), (t_B,) = per_position, per_row
+  loss = lambda logits: jnp.sum(gidd_token_loss(logits, y_BxC, noisy_BxC, corruptible_BxC, t_B, noise))
+  return jax.value_and_grad(loss)(logits_BxCxV)
+
+
 def gidd_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden_BxLxD: jax.Array, targets_BxL: jax.Array,
                   noisy_BxL: jax.Array, corruptible_BxL: jax.Array, t_B: jax.Array, noise: MixedNoise,
                   chunk_size: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum of `gidd_token_loss`, nll_BxL, correct_BxL) from the final hidden states, `chunk_size` positions at
   a time (0: all at once).
 
-  The loss needs the whole predicted distribution, so the fused cross-entropy does not apply; instead each
-  chunk's logits are rematerialised in the backward pass (jax.checkpoint), so at most one chunk's float32
-  [B, C, V] logits are alive. nll and correct are metrics (no gradient).
+  Each chunk's logits are rematerialised in the backward pass (jax.checkpoint), so at most one chunk's float32
+  [B, C, V] logits are alive; but on a mesh XLA gathers every chunk's logits across the batch shards.
+  Superseded by `fused_gidd_loss` (same values); kept while train.py calls it. nll and correct are metrics.
   """
   to_chunks, from_chunks = sequence_chunks(hidden_BxLxD.shape[1], chunk_size)
 

@@ -316,33 +316,48 @@ def test_gidd_elbo_is_tight_for_the_exact_reverse_process_and_an_upper_bound_oth
     assert elbo(x, lambda like: like) > np.log(2) + 0.1
 
 
-@pytest.mark.parametrize("chunk_size", [0, 5])
-def test_gidd_loss_sum_chunks_agree_and_give_finite_gradients(chunk_size):
+@pytest.mark.parametrize("fused, chunk_size", [(True, 0), (True, 5), (False, 5)])
+def test_chunked_gidd_loss_equals_the_full_logits_in_value_and_gradient(fused, chunk_size):
+  """fused_gidd_loss (gradients in the forward pass) and gidd_loss_sum (remat), 12 positions in chunks of 5
+  (the last one padded), against gidd_token_loss on whole logits; two vocabulary rows are padding and the
+  output layer has a bias."""
   rng = np.random.default_rng(4)
-  D, Vs = 6, 6
+  D, Vs, real = 6, 8, 6
   hidden = jnp.asarray(rng.normal(size=(2, 12, D)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(D, Vs)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(Vs,)), jnp.float32)
   targets = jnp.asarray(rng.integers(1, 6, size=(2, 12)))
   noisy = jnp.where(rng.random((2, 12)) < 0.5, rng.integers(0, 5, size=(2, 12)), targets)
   corruptible = jnp.asarray(rng.random((2, 12)) < 0.9)
   t = jnp.asarray([0.3, 0.8])
   noise = mixed_noise()
-  logits_fn = lambda h, w: h @ w
-  full = losses.gidd_token_loss(logits_fn(hidden, w), targets, noisy, corruptible, t, noise)
+  logits_fn = lambda h, w, b: jnp.where(jnp.arange(Vs) < real, h @ w + b, jnp.finfo(jnp.float32).min)
 
-  def total(hidden, w):
-    return losses.gidd_loss_sum(lambda h: logits_fn(h, w), hidden, targets, noisy, corruptible, t, noise,
-                                chunk_size)[0]
+  def full(h, w, b):
+    logits = logits_fn(h, w, b)
+    total = jnp.sum(losses.gidd_token_loss(logits, targets, noisy, corruptible, t, noise))
+    return total, losses.token_nll_and_correct(logits, targets)
 
-  np.testing.assert_allclose(jax.jit(total)(hidden, w), jnp.sum(full), rtol=1e-5)
-  grads = jax.jit(jax.grad(total, argnums=(0, 1)))(hidden, w)
-  want = jax.jit(jax.grad(lambda h, w: jnp.sum(losses.gidd_token_loss(logits_fn(h, w), targets, noisy, corruptible,
-                                                                       t, noise)), argnums=(0, 1)))(hidden, w)
-  for g, ref in zip(grads, want):
-    assert np.all(np.isfinite(g))
+  def chunked(h, w, b):
+    if fused:
+      total, nll, correct = losses.fused_gidd_loss(h, w, targets, noisy, corruptible, t, noise, real, chunk_size, b)
+    else:
+      total, nll, correct = losses.gidd_loss_sum(lambda x: logits_fn(x, w, b), h, targets, noisy, corruptible, t,
+                                                 noise, chunk_size)
+    return total, (nll, correct)
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(hidden, w, bias)
+  (got, (nll, correct)), grads = grad(chunked)
+  (want, (want_nll, want_correct)), want_grads = grad(full)
+  assert float(want) > 1.0
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(nll, want_nll, rtol=1e-5)
+  np.testing.assert_array_equal(correct, want_correct)
+  for g, ref in zip(grads, want_grads):
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
     np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_loss_fn_refuses_gidd_as_an_nll_weighting():
-  with pytest.raises(ValueError, match="gidd_loss_sum"):
+  with pytest.raises(ValueError, match="fused_gidd_loss"):
     losses.loss_fn("flowlm", "gidd")
