@@ -7,8 +7,11 @@
   python -m flowlm_jax.bench --no-train --answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0
                                              # fast sampling: each key/value cache at answer 256 and 512, batch
                                              # 1 and 32, one token per step (issue 18; docs/performance.md)
+  python -m flowlm_jax.bench --matmul_dtype bfloat16,fp8 --samplers=   # train step with bf16 and FP8 matmuls
+  python -m flowlm_jax.bench --fp8_check     # did XLA turn an FP8 product (and its backward) into FP8 GEMMs?
+  python -m flowlm_jax.bench --loss_gap RUN_BF16,RUN_FP8 --out gap.json   # two runs' losses, step by step
 
-MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6(L(4d^2 + 3 d ff) + d V) + 12 L S d
+MFU = tokens/s x FLOPs/token / peak (bf16 peaks, FP8 rows too: FP8's gain shows as a higher MFU), with FLOPs/token = 6(L(4d^2 + 3 d ff) + d V) + 12 L S d
 (bidirectional attention: not halved). Two peaks: the device's dense bf16 datasheet figure (DATASHEET,
 the headline where the device is known) and a large bf16 matmul's rate measured in the same run.
 Sampler floor = the forward FLOPs the sampler needs / measured peak: per step, the transformer body over
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -32,7 +36,8 @@ import numpy as np
 
 from flowlm_jax import config as config_lib
 from flowlm_jax import masking, sharding, train
-from flowlm_jax.models.llama import ModelConfig
+from flowlm_jax.models import fp8
+from flowlm_jax.models.llama import FP8_MATMULS, ModelConfig
 from flowlm_jax.models.registry import count_params
 from flowlm_jax.vocab import Vocab
 
@@ -47,6 +52,8 @@ DATASHEET = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100"
 # Meshes for --scaling: name -> (data, fsdp, tensor) on n devices.
 SCALING_MESHES = {"data": lambda n: (n, 1, 1), "fsdp": lambda n: (1, n, 1),
                   "data_fsdp": lambda n: (max(n // 2, 1), min(n, 2), 1)}
+# XLA's GPU compiler turns a product of FP8 operands into this cuBLASLt call (Hopper and later).
+FP8_GEMM_CALL = "__cublas$lt$matmul$f8"
 SAMPLER = dict(batch=32, prompt=64, answer=256, steps=64, block=32, cache="none")
 SMOKE_SAMPLER = dict(batch=2, prompt=8, answer=16, steps=4, block=8, cache="none")
 
@@ -80,8 +87,10 @@ def datasheet_peak_flops(device_kind: str) -> float | None:
   return None
 
 
-def measure_peak_matmul(n: int = 8192, reps: int = 50, warmup_s: float = 3.0, per_timing: int = 10) -> float:
-  """bf16 FLOP/s of n x n x n products on random data, `per_timing` dispatched back to back per timing.
+def measure_peak_matmul(n: int = 8192, reps: int = 50, warmup_s: float = 3.0, per_timing: int = 10,
+                        product=jnp.matmul) -> float:
+  """FLOP/s of `product` (bf16 a @ b) of n x n x n on random bf16 data, `per_timing` dispatched back to back
+  per timing.
 
   A host round-trip after every product reads low (606 vs ~800 TFLOP/s on an H200). Warm-up for a few
   seconds first: an idle GPU starts at low clocks, and a low peak would flatter the MFU.
@@ -89,7 +98,7 @@ def measure_peak_matmul(n: int = 8192, reps: int = 50, warmup_s: float = 3.0, pe
   keys = jax.random.split(jax.random.key(0), 2)
   a = jax.random.normal(keys[0], (n, n), jnp.bfloat16)
   b = jax.random.normal(keys[1], (n, n), jnp.bfloat16)
-  f = jax.jit(lambda a, b: a @ b)
+  f = jax.jit(product)
   start = time.perf_counter()
   while time.perf_counter() - start < warmup_s:
     f(a, b).block_until_ready()
@@ -108,18 +117,25 @@ def peak_memory_bytes(devices=None) -> int | None:
   return max((p for p in peaks if p is not None), default=None)
 
 
-def model_config(shape: str, remat: str, compute_dtype: str, unroll: bool = False) -> tuple[ModelConfig, int, int]:
+def model_config(shape: str, remat: str, compute_dtype: str, unroll: bool = False,
+                 matmul_dtype: str = "bfloat16") -> tuple[ModelConfig, int, int]:
   d, L, H, ff, V, S, B = SHAPES[shape]
   m = ModelConfig(vocab_size=V, num_real_tokens=V, d_model=d, n_layers=L, n_heads=H, n_kv_heads=H, d_ff=ff,
-                  compute_dtype=compute_dtype, remat=remat, scan_unroll=L if unroll else 1)
+                  compute_dtype=compute_dtype, matmul_dtype=matmul_dtype, remat=remat, scan_unroll=L if unroll else 1)
   return m, S, B
 
 
+def fp8_gemm_calls(optimized_hlo: str) -> int:
+  """cuBLASLt FP8 GEMMs in a compiled program's optimized HLO (0 where XLA did not rewrite, and on CPUs)."""
+  return optimized_hlo.count(FP8_GEMM_CALL)
+
+
 def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_dtype: str,
-                profile_dir: str = "", unroll: bool = False, mesh_shape=(1, 1, 1)) -> dict:
+                profile_dir: str = "", unroll: bool = False, mesh_shape=(1, 1, 1),
+                matmul_dtype: str = "bfloat16") -> dict:
   """One shape's train step on a mesh of the first prod(mesh_shape) devices; the batch in SHAPES is per
   data x fsdp replica (weak scaling)."""
-  m, S, B = model_config(shape, remat, compute_dtype, unroll)
+  m, S, B = model_config(shape, remat, compute_dtype, unroll, matmul_dtype)
   B *= mesh_shape[0] * mesh_shape[1]
   vocab = synthetic_vocab(m.vocab_size)
   c = config_lib.base_config()
@@ -140,6 +156,7 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  fp8_gemms = fp8_gemm_calls(compiled.as_text())
   for _ in range(3):  # warm-up
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
@@ -151,11 +168,13 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   if profile_dir:  # a few steps under jax.profiler, with a Perfetto trace that needs no viewer to parse
-    with jax.profiler.trace(f"{profile_dir}/{shape}", create_perfetto_trace=True):
+    with jax.profiler.trace(f"{profile_dir}/{shape}{'' if matmul_dtype == 'bfloat16' else '-' + matmul_dtype}",
+                            create_perfetto_trace=True):
       for _ in range(3):
         state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
-  return {"shape": shape, "remat": remat + ("+unroll" if unroll else ""), "loss_chunk": loss_chunk,
+  return {"shape": shape, "matmul_dtype": matmul_dtype, "fp8_gemms": fp8_gemms,
+          "remat": remat + ("+unroll" if unroll else ""), "loss_chunk": loss_chunk,
           "mesh": "x".join(map(str, mesh_shape)), "devices": len(devices), "batch": B, "step_s": step_s,
           "compile_s": compile_s, "tokens_per_s": B * S / step_s, "tokens_per_s_per_device": B * S / step_s / len(devices),
           "flops_per_token": train_flops_per_token(m, S),
@@ -258,22 +277,40 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--scaling", default="", help="weak scaling instead of --shapes: comma list of shape:mesh, "
                  f"mesh one of {', '.join(SCALING_MESHES)}; each at every --gpus count")
   p.add_argument("--gpus", default="1,2,4", help="device counts for --scaling (those present)")
+  p.add_argument("--matmul_dtype", default="bfloat16",
+                 help="comma list of bfloat16,fp8: the train step is timed with each (model.matmul_dtype)")
+  p.add_argument("--fp8_check", action="store_true",
+                 help="only check that XLA turns an FP8 product and its backward into FP8 GEMMs (--out: JSON, "
+                      "and the optimized HLO beside it), and time the FP8 forward against bf16")
+  p.add_argument("--loss_gap", default="", help="REFERENCE,OTHER run dirs (or metrics .jsonl): only write their "
+                 "losses at each common logged step and OTHER's relative gap to REFERENCE to --out")
   args = p.parse_args(argv)
+  matmul_dtypes = args.matmul_dtype.split(",")
+  if not set(matmul_dtypes) <= {"bfloat16", "fp8"}:
+    raise SystemExit(f"--matmul_dtype: {args.matmul_dtype!r} is not a comma list of bfloat16, fp8")
+  if args.fp8_check:
+    return [write_json(args.out, fp8_check(256 if args.smoke else args.peak_n, args.out, 0.1 if args.smoke else 3.0))]
+  if args.loss_gap:
+    return [write_json(args.out, loss_gap(*args.loss_gap.split(",")))]
   shapes = ["smoke"] if args.smoke else args.shapes.split(",")
   steps = 2 if args.smoke else args.steps
   samplers = sampler_grid(args, args.smoke)
   peak_n = 512 if args.smoke else args.peak_n
   peak = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   rows, sampler_rows = [], []
-  for shape, mesh_kind, mesh_shape in train_runs(args, shapes):
+  timings = [(run, dtype) for run in train_runs(args, shapes) for dtype in matmul_dtypes]
+  for (shape, mesh_kind, mesh_shape), matmul_dtype in timings:
     r = bench_train(shape, remat=args.remat, loss_chunk=args.loss_chunk, steps=steps,
                     compute_dtype=args.compute_dtype, profile_dir=args.profile_dir, unroll=args.unroll,
-                    mesh_shape=mesh_shape)
+                    mesh_shape=mesh_shape, matmul_dtype=matmul_dtype)
     r["mesh_kind"] = mesh_kind
     r["mfu"] = r["tokens_per_s_per_device"] * r["flops_per_token"] / peak
-    one = next((o for o in rows if (o["shape"], o["devices"]) == (shape, 1)), None)
+    one = next((o for o in rows if (o["shape"], o["devices"], o["matmul_dtype"]) == (shape, 1, matmul_dtype)), None)
     r["scaling_efficiency"] = r["tokens_per_s_per_device"] / one["tokens_per_s_per_device"] if one else None
     rows.append(r)
+    print(f"timed {shape} {matmul_dtype} on {r['mesh']}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:,.0f} "
+          f"tokens/s, compile {r['compile_s']:.0f} s, {r['fp8_gemms']} FP8 GEMMs", flush=True)  # kept by a timeout
+  add_fp8_speedups(rows)
   for shape in shapes if not args.scaling else ():
     for mode in filter(None, args.samplers.split(",")):
       for sampler in samplers:
@@ -297,10 +334,84 @@ def main(argv=None) -> list[dict]:
             "jax": jax.__version__, "peak_bf16_tflops": peak / 1e12,
             "datasheet_bf16_tflops": datasheet / 1e12 if datasheet else None, "train": rows, "samplers": sampler_rows,
             "args": vars(args), "date": time.strftime("%Y-%m-%d")}
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
+  write_json(args.out, report)
   print(format_report(report))
   return rows
+
+
+def write_json(path: str, report: dict) -> dict:
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
+  return report
+
+
+def add_fp8_speedups(rows: list[dict]) -> None:
+  """Each train row's `x_bfloat16`: its tokens/s over those of the bfloat16 row of the same shape and mesh."""
+  plain = {(r["shape"], r["mesh"]): r["tokens_per_s"] for r in rows if r["matmul_dtype"] == "bfloat16"}
+  for r in rows:
+    reference = plain.get((r["shape"], r["mesh"]))
+    r["x_bfloat16"] = r["tokens_per_s"] / reference if reference else None
+
+
+def fp8_check(n: int, out: str, warmup_s: float) -> dict:
+  """Whether XLA makes FP8 GEMMs of one FP8 projection: its forward and its two gradient products (what a
+  train step runs per projection), compiled with value_and_grad; prints the verdict, loudly if it did not
+  fire, writes the optimized HLO beside `out`, and times the n^3 FP8 forward (quantization included)
+  against the bf16 product."""
+  x, w, g = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in jax.random.split(jax.random.key(1), 3))
+  meta = fp8.init_meta()
+
+  def loss(x, w, meta, g):  # g: the output's gradient, an input so that XLA cannot simplify the backward
+    return jnp.sum(fp8.einsum("md,dn->mn", x, w, meta).astype(jnp.float32) * g)
+
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, w, meta, g).compile().as_text()
+  hlo_path = os.path.splitext(out)[0] + ".hlo.txt"
+  with open(hlo_path, "w") as f:
+    f.write(hlo)
+  calls = fp8_gemm_calls(hlo)
+  check = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__, "n": n,
+           "fp8_gemm_calls": calls, "products": 3, "fired": calls >= 3, "optimized_hlo": hlo_path,
+           "fp8_forward_tflops": measure_peak_matmul(n, warmup_s=warmup_s,
+                                                     product=lambda a, b: fp8.einsum("md,dn->mn", a, b, meta)) / 1e12,
+           "bf16_tflops": measure_peak_matmul(n, warmup_s=warmup_s) / 1e12}
+  print(format_fp8_check(check))
+  return check
+
+
+def format_fp8_check(check: dict) -> str:
+  rates = (f"{check['n']}^3 forward: fp8 {check['fp8_forward_tflops']:.0f} TFLOP/s (quantization included), "
+           f"bf16 {check['bf16_tflops']:.0f}")
+  if check["fired"]:
+    return (f"FP8 GEMM check on {check['device']}: the rewrite fired: {check['fp8_gemm_calls']} {FP8_GEMM_CALL} "
+            f"calls for the 3 products of one FP8 projection (forward, 2 gradients); {rates}")
+  bar = "!" * 100
+  return "\n".join([bar, f"FP8 GEMM REWRITE DID NOT FIRE on {check['device']} ({check['backend']}): "
+                    f"{check['fp8_gemm_calls']} {FP8_GEMM_CALL} calls for 3 products. FP8 timings then measure "
+                    f"quantization overhead, not FP8 speed. Optimized HLO: {check['optimized_hlo']}", rates, bar])
+
+
+def logged(run: str, key: str) -> dict[int, float]:
+  """{step: value} of `key` in a run's metrics.jsonl (or a .jsonl path); a line cut short by a kill is skipped.
+  (plot.read_metrics does the same for figures; the bench, a top-floor tool too, may not import it.)"""
+  with open(run if run.endswith(".jsonl") else os.path.join(run, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip().endswith("}")]
+  return {row["step"]: row[key] for row in rows if key in row}
+
+
+def loss_gap(reference: str, other: str) -> dict:
+  """Two runs' losses at each step both logged (training: window means of `log_every` steps; evaluation),
+  and OTHER's relative gap to REFERENCE, (other - reference) / reference, per key."""
+  report = {"reference": reference, "other": other}
+  for key in ("loss", "nll_corrupted", "eval_loss"):
+    a, b = logged(reference, key), logged(other, key)
+    steps = sorted(set(a) & set(b))
+    gaps = [(b[s] - a[s]) / a[s] for s in steps]
+    report[key] = {"steps": steps, "reference": [a[s] for s in steps], "other": [b[s] for s in steps],
+                   "relative_gap": gaps, "max_abs_relative_gap": max(map(abs, gaps), default=None)}
+  print(f"{other} vs {reference}: " + "; ".join(
+      f"{key} at {len(report[key]['steps'])} steps, largest |gap| {_number(report[key]['max_abs_relative_gap'], '.2%')}"
+      for key in ("loss", "nll_corrupted", "eval_loss")))
+  return report
 
 
 def train_runs(args, shapes):
@@ -343,12 +454,18 @@ def format_report(report: dict) -> str:
            f"bf16 peak: datasheet {datasheet or 'unknown'}, measured {report['peak_bf16_tflops']:.0f} TFLOP/s"
            + (" (MFU per device against each)" if report["train"] else "")]  # no MFU without a train table
   if report["train"]:
-    lines += ["| shape | mesh (d x f x t) | devices | batch | step ms | tokens/s | tokens/s/device | weak scaling "
-              "| MFU datasheet | MFU measured | peak mem GiB | compile s |", "|---" * 12 + "|"]
+    lines += ["| shape | matmuls (FP8 GEMMs) | mesh (d x f x t) | devices | batch | step ms | tokens/s | x bf16 "
+              "| tokens/s/device | weak scaling | MFU datasheet | MFU measured | peak mem GiB | compile s |",
+              "|---" * 14 + "|"]
   for r in report["train"]:
-    lines.append(f"| {r['shape']} | {r['mesh']} | {r['devices']} | {r['batch']} | {r['step_s'] * 1e3:.1f} | "
-                 f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | {_percent(r['scaling_efficiency'])} "
+    fp8_gemms = f" ({r['fp8_gemms']})" if r["matmul_dtype"] == "fp8" else ""
+    lines.append(f"| {r['shape']} | {r['matmul_dtype']}{fp8_gemms} | {r['mesh']} | {r['devices']} | {r['batch']} | "
+                 f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {_number(r['x_bfloat16'], '.2f')} | "
+                 f"{r['tokens_per_s_per_device']:,.0f} | {_percent(r['scaling_efficiency'])} "
                  f"| {_percent(r['mfu_datasheet'])} | {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |")
+  if any(r["matmul_dtype"] == "fp8" and not r["fp8_gemms"] for r in report["train"]):
+    lines.append(f"WARNING: an fp8 row's compiled step has no {FP8_GEMM_CALL} call: its matmuls did not run in FP8 "
+                 f"({report['backend']}; only Hopper-class GPUs have FP8 GEMMs)")
   if report["samplers"]:
     lines += ["", "| shape | sampler | cache | answer | batch | steps | seconds | generated tok/s | passes/answer "
               "(whole rows) | speedup | floor s | x floor |", "|---" * 12 + "|"]

@@ -3,6 +3,8 @@ import json
 import os
 import types
 
+import pytest
+
 from flowlm_jax import bench
 from flowlm_jax.models.llama import ModelConfig
 from helpers import REPO
@@ -41,11 +43,57 @@ def test_smoke_run_prints_a_table_and_writes_json(tmp_path, capsys):
   bench.main(["--smoke", f"--out={out}"])
   report = json.loads(out.read_text())
   printed = capsys.readouterr().out
-  assert "| smoke |" in printed and "x floor" in printed
+  assert "| smoke | bfloat16 |" in printed and "x floor" in printed
   row = report["train"][0]
   assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["compile_s"] > 0
+  assert row["matmul_dtype"] == "bfloat16" and row["fp8_gemms"] == 0 and row["x_bfloat16"] == 1.0
   assert {r["mode"] for r in report["samplers"]} == {"llada", "flowlm"}
   assert all(r["x_floor"] > 0 for r in report["samplers"])
+
+
+def test_fp8_rows_give_their_speed_over_bf16_and_warn_when_no_fp8_gemm_ran(capsys):
+  """(The fp8 train step itself: tests/test_fp8.py; the same bench path runs on the GPU, scripts/gpu_bench.sh fp8.)"""
+  def row(shape, matmul_dtype, tokens_per_s, fp8_gemms=0):
+    return dict(shape=shape, matmul_dtype=matmul_dtype, fp8_gemms=fp8_gemms, mesh="1x1x1", devices=1, batch=8,
+                step_s=0.1, tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s, scaling_efficiency=None,
+                mfu_datasheet=None, mfu=0.5, peak_memory_gib=1.0, compile_s=2.0)
+  rows = [row("1b", "bfloat16", 100.0), row("1b", "fp8", 130.0, fp8_gemms=462), row("small", "fp8", 90.0)]
+  bench.add_fp8_speedups(rows)
+  assert [r["x_bfloat16"] for r in rows] == [1.0, 1.3, None]
+  text = bench.format_report({"device": "H200", "device_count": 1, "backend": "gpu", "jax": "0.11.2",
+                              "peak_bf16_tflops": 800.0, "datasheet_bf16_tflops": 989.0, "train": rows, "samplers": []})
+  assert "| 1b | fp8 (462) | 1x1x1 | 1 | 8 | 100.0 | 130 | 1.30 |" in text and "| small | fp8 (0) |" in text
+  assert text.splitlines()[-1].startswith("WARNING: an fp8 row's compiled step has no __cublas$lt$matmul$f8 call")
+
+
+def test_fp8_check_counts_fp8_gemm_calls_and_says_loudly_when_there_are_none(tmp_path, capsys):
+  out = tmp_path / "check.json"
+  bench.main(["--smoke", "--fp8_check", f"--out={out}"])
+  check = json.loads(out.read_text())
+  assert check["backend"] == "cpu" and check["fp8_gemm_calls"] == 0 and not check["fired"]
+  assert "FP8 GEMM REWRITE DID NOT FIRE" in capsys.readouterr().out
+  assert "f8e4m3fn" in (tmp_path / "check.hlo.txt").read_text()  # the quantized operands are in the program
+  assert bench.fp8_gemm_calls('custom_call_target="__cublas$lt$matmul$f8" ... "__cublas$lt$matmul"') == 1
+
+
+def test_loss_gap_compares_two_runs_at_their_common_steps(tmp_path):
+  def run(name, rows):
+    (tmp_path / name).mkdir()
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "loss": 0.'  # the torn line of a kill
+    (tmp_path / name / "metrics.jsonl").write_text(text)
+    return str(tmp_path / name)
+  a = run("bf16", [{"step": 10, "loss": 4.0, "nll_corrupted": 2.0}, {"step": 20, "loss": 2.0, "nll_corrupted": 1.0},
+                   {"step": 20, "eval_loss": 3.0}])
+  b = run("fp8", [{"step": 10, "loss": 4.2, "nll_corrupted": 2.0}, {"step": 20, "loss": 1.9, "nll_corrupted": 1.0},
+                  {"step": 30, "loss": 1.0}, {"step": 20, "eval_loss": 3.3}])
+  out = tmp_path / "gap.json"
+  bench.main([f"--loss_gap={a},{b}", f"--out={out}"])
+  gap = json.loads(out.read_text())
+  assert gap["loss"]["steps"] == [10, 20] and gap["loss"]["other"] == [4.2, 1.9]
+  assert gap["loss"]["relative_gap"] == pytest.approx([0.05, -0.05])
+  assert gap["loss"]["max_abs_relative_gap"] == pytest.approx(0.05)
+  assert gap["nll_corrupted"]["max_abs_relative_gap"] == 0.0
+  assert gap["eval_loss"]["steps"] == [20] and gap["eval_loss"]["relative_gap"] == pytest.approx([0.1])
 
 
 def test_samplers_only_run_skips_the_train_table(tmp_path, capsys):

@@ -89,8 +89,9 @@ def test_fp8_gradients_match_float32_within_e5m2_times_e4m3_error():
   s_x, s_w, s_g = amax(x) / E4M3[2], amax(w) / E4M3[2], amax(g) / E5M2[2]
   dx_bound = product_error_bound(g2, np.asarray(w).T, E5M2, E4M3, s_g, s_w)
   dw_bound = product_error_bound(x2.T, g2, E4M3, E5M2, s_x, s_g)
-  assert np.all(np.abs(np.asarray(dx).reshape(-1, 64) - g2.astype(np.float64) @ np.asarray(w).T) <= dx_bound * (1 + 1e-5))
-  assert np.all(np.abs(np.asarray(dw) - x2.T.astype(np.float64) @ g2) <= dw_bound * (1 + 1e-5))
+  dx_want, dw_want = g2.astype(np.float64) @ np.asarray(w).T, x2.T.astype(np.float64) @ g2
+  assert np.all(np.abs(np.asarray(dx).reshape(-1, 64) - dx_want) <= dx_bound * (1 + 1e-5))
+  assert np.all(np.abs(np.asarray(dw) - dw_want) <= dw_bound * (1 + 1e-5))
 
 
 def test_scaling_is_delayed_each_step_quantizes_with_the_maxima_of_the_steps_before():
@@ -148,7 +149,7 @@ def fp8_run():
   for _ in range(12):
     state, metrics = step_fn(state, batch)
     losses.append(float(metrics["loss"]))
-  return dict(setup=setup, tx=tx, shardings=shardings, batch=batch, state=state, losses=losses)
+  return dict(setup=setup, tx=tx, shardings=shardings, step=step_fn, batch=batch, state=state, losses=losses)
 
 
 def test_a_tiny_model_trains_with_fp8_and_its_loss_falls(fp8_run):
@@ -165,6 +166,16 @@ def test_train_state_carries_a_per_layer_scaling_state_the_steps_update(fp8_run)
   assert np.all(np.count_nonzero(history, axis=1) == 12) and np.all(history[:, 0] > 0)  # 12 steps, newest first
   np.testing.assert_allclose(state.fp8["w_up"]["lhs_scale"][:, 0],  # the last step's scale: the 11 before it
                              np.max(history[:, 1:], axis=1) / E4M3[2], rtol=1e-6)
+
+
+def test_a_nonfinite_step_leaves_the_scaling_state_as_it_was(fp8_run):
+  state = jax.tree.map(jnp.copy, fp8_run["state"])  # the step donates its input
+  state.params["final_norm"] = state.params["final_norm"].at[0].set(jnp.nan)  # NaN loss; the layers' maxima are finite
+  before = jax.tree.map(np.asarray, state.fp8)
+  state, metrics = fp8_run["step"](state, fp8_run["batch"])
+  assert not bool(metrics["finite"]) and int(state.nonfinite_count) == 1
+  for got, want in zip(jax.tree.leaves(state.fp8), jax.tree.leaves(before), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_fp8_scaling_state_round_trips_through_a_checkpoint(fp8_run, tmp_path):
@@ -185,7 +196,8 @@ def test_restoring_across_matmul_dtypes_fails_in_one_line_naming_the_scaling_sta
   run = fp8_run
   fp8_target = ckpt_lib.restore_target(run["setup"].model_cfg, run["tx"], run["shardings"])
   bf16_cfg = dataclasses.replace(run["setup"].model_cfg, matmul_dtype="bfloat16")
-  bf16_target = ckpt_lib.restore_target(bf16_cfg, run["tx"], train.state_shardings(bf16_cfg, run["tx"], run["setup"].mesh))
+  bf16_shardings = train.state_shardings(bf16_cfg, run["tx"], run["setup"].mesh)
+  bf16_target = ckpt_lib.restore_target(bf16_cfg, run["tx"], bf16_shardings)
   assert bf16_target.fp8 is None
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
   ckpt.save(1, dataclasses.replace(run["state"], fp8=None), {}, {})  # what a bfloat16 run of this model saves
@@ -200,7 +212,8 @@ def test_restoring_across_matmul_dtypes_fails_in_one_line_naming_the_scaling_sta
   ckpt.close()
   bf16_config = config_lib.from_dict(saved_config)
   bf16_config.model.matmul_dtype = "bfloat16"
-  assert config_lib.resume_differences(saved_config, bf16_config.to_dict()) == ["model.matmul_dtype ('fp8' -> 'bfloat16')"]
+  differences = config_lib.resume_differences(saved_config, bf16_config.to_dict())
+  assert differences == ["model.matmul_dtype ('fp8' -> 'bfloat16')"]
 
 
 def test_bfloat16_runs_keep_the_train_state_and_step_they_had(fp8_run):
