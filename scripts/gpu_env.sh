@@ -2,7 +2,10 @@
 # the packages that machine lacks) and sets PYTHONPATH, OUT and the environment every run needs.
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  if [ ! -f /tmp/site/.installed ]; then  # once per machine: runs started side by side source this again
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    mkdir -p /tmp/site && touch /tmp/site/.installed
+  fi
   export PYTHONPATH=/tmp/site:.
 else
   export PYTHONPATH=.

@@ -5,23 +5,30 @@
 #   bash scripts/gpu_fast_sampling.sh speed_small     # synthetic weights: cache x answer x batch (then speed_1b)
 #   bash scripts/gpu_fast_sampling.sh train_llada     # the tasks_long preset (then train_flowlm)
 #   bash scripts/gpu_fast_sampling.sh quality_llada   # speed/quality table on the long-answer set (then quality_flowlm)
-# Writes JSON + logs under $OUT (or ./gpu_out).
+# Or both models in one call, each pair of sections running side by side on the one GPU:
+#   SECTION_TIMEOUT=280 bash scripts/gpu_fast_sampling.sh pair
+# Writes JSON + logs under $OUT (or ./gpu_out). LIMIT: records per task of the quality table (default 15);
+# TRAIN_ARGS: more --config overrides for the training sections.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0 --sampler_reps 1"
-table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit 15"
+table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15}"
 for section in "$@"; do
   case $section in
     speed_small) cmd="python3 -m flowlm_jax.bench --no-train --shapes small --samplers llada,flowlm $grid --out $OUT/fast_small.json" ;;
     speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
-    train_llada) cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=runs/llada-long" ;;
-    train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long" ;;
+    train_llada) cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=runs/llada-long ${TRAIN_ARGS:-}" ;;
+    train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long ${TRAIN_ARGS:-}" ;;
     quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=runs/llada-long $table --out $OUT/fast_llada.json" ;;
     quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=runs/flowlm-long $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
+    pair) export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # two processes share the GPU
+          for two in "train_llada train_flowlm" "quality_llada quality_flowlm"; do
+            for one in $two; do bash "$0" "$one" & done; wait
+          done; continue ;;
     *) echo "unknown section $section"; continue ;;
   esac
   echo "=== $section: $cmd"
-  timeout 580 $cmd 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/$section.log" | tail -30
+  timeout ${SECTION_TIMEOUT:-580} $cmd 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/$section.log" | tail -30
 done
