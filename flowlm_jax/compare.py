@@ -23,6 +23,7 @@ import shlex
 import sys
 
 from flowlm_jax import evaluate, plot
+from flowlm_jax.sampling import STRATEGIES
 
 TASKS_DATASET = "embedded:sft_tasks"
 
@@ -40,12 +41,15 @@ class Budget:
   choices: int = 4            # multiple choice: candidates per question
   choice_draws: int = 16      # draws per candidate of the conditional likelihood
   refine_steps: int = 16      # self-correction: FlowLM decoding steps
+  strategies: tuple[str, ...] = STRATEGIES  # self-correction: FlowLM replacement strategies, each measured
   batch_size: int = 128
   seed: int = 0               # likelihood draws
 
   def __post_init__(self):
     if not self.steps or min(self.steps) < 1 or not self.seeds:
       raise ValueError("compare: need step counts >= 1 and at least one seed")
+    if not self.strategies or set(self.strategies) - set(STRATEGIES):
+      raise ValueError(f"compare: strategies must be some of {', '.join(STRATEGIES)}, got {self.strategies}")
     if not all(0 < r < 1 for r in self.rates):
       raise ValueError(f"compare: corruption rates must lie in (0, 1), got {self.rates}")
 
@@ -81,9 +85,10 @@ def evaluate_run(run, budget: Budget, records: list[dict] | None) -> dict:
       for d in ("same_task", "other_tasks")}
   result["quality"] = evaluate.quality_vs_steps(run, records, budget.steps, seeds, batch_size=budget.batch_size)
   result["self_correction"] = {
-      str(seed): evaluate.self_correction(run, records, budget.rates, steps=budget.refine_steps, seed=seed,
-                                          batch_size=budget.batch_size)
-      for seed in budget.seeds}
+      strategy: {str(seed): evaluate.self_correction(run, records, budget.rates, steps=budget.refine_steps, seed=seed,
+                                                     batch_size=budget.batch_size, replacement_strategy=strategy)
+                 for seed in budget.seeds}
+      for strategy in budget.strategies}
   return result
 
 
@@ -102,12 +107,13 @@ def pool(results: list[dict]) -> dict:
     out["quality"] = {decoder: {n: evaluate.spread([a for r in results for a in r["quality"][decoder][n]["overall"]])
                                 for n in by_steps}
                       for decoder, by_steps in first["quality"].items()}
-    rates = next(iter(first["self_correction"].values()))
     out["self_correction"] = {
-        rate: {key: evaluate.spread([s[rate][key] for r in results for s in r["self_correction"].values()
-                                     if s[rate][key] is not None])
-               for key in ("fixed", "broken", "exact_match", "exact_match_before")}
-        for rate in rates}
+        strategy: {rate: {key: evaluate.spread([s[rate][key] for r in results
+                                                for s in r["self_correction"][strategy].values()
+                                                if s[rate][key] is not None])
+                          for key in ("fixed", "broken", "exact_match", "exact_match_before")}
+                   for rate in next(iter(by_seed.values()))}
+        for strategy, by_seed in first["self_correction"].items()}
   return out
 
 
@@ -152,8 +158,9 @@ def write_figures(report: dict, out: str, workdirs: list[str], labels: list[str]
     curves = {d: {label: {int(n): s for n, s in g["quality"][d].items()} for label, g in with_tasks.items()}
               for d in decoders}
     written.append(plot.save(plot.quality_vs_steps_figure(curves), os.path.join(out, "quality_vs_steps.png")))
-    sc = {label: {rate: {k: v["mean"] if v["n"] else None for k, v in by_key.items()}
-                  for rate, by_key in g["self_correction"].items()} for label, g in with_tasks.items()}
+    sc = {f"{label}, {strategy}": {rate: {k: v["mean"] if v["n"] else None for k, v in by_key.items()}
+                                   for rate, by_key in by_rate.items()}
+          for label, g in with_tasks.items() for strategy, by_rate in g["self_correction"].items()}
     written.append(plot.save(plot.self_correction_figure(sc), os.path.join(out, "self_correction.png")))
   return written
 
@@ -205,11 +212,13 @@ def report_markdown(report: dict) -> str:
       lines.append("")
     lines += ["![quality against steps](quality_vs_steps.png)", "", "## Self-correction", "",
               f"Answers with a share of their tokens replaced by random ones (no [MASK]), refined by FlowLM decoding "
-              f"for {budget['refine_steps']} steps; mean over runs x corruption seeds.", ""]
-    rows = [[label, f"{float(rate):.0%}", *[_pm(s[k]) for k in ("fixed", "broken", "exact_match",
-                                                                "exact_match_before")]]
-            for label, g in with_tasks.items() for rate, s in g["self_correction"].items()]
-    lines += _table(["label", "rate", "wrong tokens fixed", "right tokens changed", "exact match after",
+              f"for {budget['refine_steps']} steps with each replacement strategy; mean over runs x corruption "
+              "seeds.", ""]
+    rows = [[label, strategy, f"{float(rate):.0%}", *[_pm(s[k]) for k in ("fixed", "broken", "exact_match",
+                                                                          "exact_match_before")]]
+            for label, g in with_tasks.items() for strategy, by_rate in g["self_correction"].items()
+            for rate, s in by_rate.items()]
+    lines += _table(["label", "strategy", "rate", "wrong tokens fixed", "right tokens changed", "exact match after",
                      "exact match before"], rows)
     lines += ["", "![self-correction](self_correction.png)", ""]
   lines += ["## Training", "", "![training curves](training_curves.png)", ""]
@@ -255,6 +264,10 @@ def _ints(text: str) -> tuple[int, ...]:
   return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _strs(text: str) -> tuple[str, ...]:
+  return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _floats(text: str) -> tuple[float, ...]:
   return tuple(float(x) for x in text.split(",") if x.strip())
 
@@ -272,6 +285,8 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=_ints, default=defaults.steps, help="comma-separated step counts")
   p.add_argument("--seeds", type=_ints, default=defaults.seeds, help="comma-separated sampler/corruption seeds")
   p.add_argument("--rates", type=_floats, default=defaults.rates, help="comma-separated corruption rates")
+  p.add_argument("--strategies", type=_strs, default=defaults.strategies,
+                 help="comma-separated FlowLM replacement strategies for self-correction")
   for field in ("limit_per_task", "bound_rows", "draws", "choices", "choice_draws", "refine_steps", "batch_size",
                 "seed"):
     p.add_argument(f"--{field}", type=int, default=getattr(defaults, field))

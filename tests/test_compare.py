@@ -12,7 +12,8 @@ from helpers import tiny_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BUDGET = compare.Budget(steps=(4,), seeds=(0,), rates=(0.3,), limit_per_task=2, bound_rows=8, draws=2, choices=2,
-                        choice_draws=2, refine_steps=4, batch_size=64)
+                        choice_draws=2, refine_steps=4, batch_size=64,
+                        strategies=("below_threshold", "most_confident_changes"))
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,9 @@ def test_report_numbers_are_those_of_the_separate_evaluation_functions(trained, 
         run, records, choices=2, distractors="other_tasks", draws=2, batch_size=64)["accuracy"]
     quality = evaluate.quality_vs_steps(run, records, (4,), (0,), batch_size=64)
     assert entry["quality"] == quality
-    assert entry["self_correction"]["0"] == evaluate.self_correction(run, records, (0.3,), steps=4, seed=0,
-                                                                     batch_size=64)
+    for strategy in BUDGET.strategies:
+      assert entry["self_correction"][strategy]["0"] == evaluate.self_correction(
+          run, records, (0.3,), steps=4, seed=0, batch_size=64, replacement_strategy=strategy)
     group = report["groups"][label]
     assert group["bounds"]["mask"]["mean"] == bound.nats_per_token
     assert group["quality"]["llada"]["4"]["mean"] == quality["llada"]["4"]["overall"][0]
@@ -90,3 +92,9 @@ def test_a_missing_workdir_fails_with_one_line_before_any_evaluation(tmp_path, c
   assert len(err) == 1 and "no metrics.jsonl" in err[0]
   assert compare.main([str(tmp_path), "--out", str(tmp_path / "out"), "--rates", "0.1,1.5"]) == 2
   assert "rates" in capsys.readouterr().err
+
+
+def test_an_unknown_replacement_strategy_fails_with_one_line(tmp_path, capsys):
+  assert compare.main([str(tmp_path), "--out", str(tmp_path / "out"), "--strategies", "below_threshold,nope"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "strategies must be some of" in err[0] and "nope" in err[0]
