@@ -259,6 +259,12 @@ def _bars(ax, groups: Sequence[str], values: dict[str, Sequence[float | None]], 
   ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)
 
 
+def _runs_title(runs) -> str:
+  """"runs compared: a vs b", or the count where the names would run off the figure (the legend names them)."""
+  names = " vs ".join(runs)
+  return f"runs compared: {names}" if len(names) <= 100 else f"{len(runs)} runs compared (legend)"
+
+
 def compare_loss_figure(runs: dict[str, Rows]):
   """Runs overlaid: training and validation cross-entropy per corrupted token, and validation accuracy."""
   fig, (train_ax, eval_ax, acc_ax) = _figure(3, width=4.8)
@@ -272,7 +278,7 @@ def compare_loss_figure(runs: dict[str, Rows]):
   _finish(train_ax, "train: cross-entropy per corrupted token", "nats / token")
   _finish(eval_ax, "validation: cross-entropy per corrupted token", "nats / token")
   _finish(acc_ax, "validation: accuracy on corrupted tokens", "accuracy")
-  fig.suptitle("runs compared: " + " vs ".join(runs), fontsize=12)
+  fig.suptitle(_runs_title(runs), fontsize=12)
   return fig
 
 
@@ -292,7 +298,7 @@ def compare_accuracy_figure(runs: dict[str, Rows]):
     ax.set_ylabel("accuracy")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle("runs compared: " + " vs ".join(runs), fontsize=12)
+  fig.suptitle(_runs_title(runs), fontsize=12)
   return fig
 
 
