@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 
@@ -37,7 +38,7 @@ import numpy as np
 from flowlm_jax import config as config_lib
 from flowlm_jax import masking, sharding, train
 from flowlm_jax.models import fp8
-from flowlm_jax.models.llama import FP8_MATMULS, ModelConfig
+from flowlm_jax.models.llama import ModelConfig
 from flowlm_jax.models.registry import count_params
 from flowlm_jax.vocab import Vocab
 
@@ -126,8 +127,11 @@ def model_config(shape: str, remat: str, compute_dtype: str, unroll: bool = Fals
 
 
 def fp8_gemm_calls(optimized_hlo: str) -> int:
-  """cuBLASLt FP8 GEMMs in a compiled program's optimized HLO (0 where XLA did not rewrite, and on CPUs)."""
-  return optimized_hlo.count(FP8_GEMM_CALL)
+  """FP8 GEMMs in a compiled program's optimized HLO: cuBLASLt FP8 calls, and GEMM fusions (Triton's) whose
+  operands are f8 (XLA's autotuner picks either); 0 where XLA did not rewrite, and on CPUs."""
+  f8_gemms = set(re.findall(r"^%(\S*gemm\S*) \([^\n]*?: f8e", optimized_hlo, re.MULTILINE))  # their computations
+  fusions = sum(name in f8_gemms for name in re.findall(r"kind=kCustom, calls=%([^,\s]+)", optimized_hlo))
+  return optimized_hlo.count(FP8_GEMM_CALL) + fusions
 
 
 def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_dtype: str,
@@ -359,10 +363,10 @@ def fp8_check(n: int, out: str, warmup_s: float) -> dict:
   fire, writes the optimized HLO beside `out`, and times the n^3 FP8 forward (quantization included)
   against the bf16 product."""
   x, w, g = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in jax.random.split(jax.random.key(1), 3))
-  meta = fp8.init_meta()
+  meta = fp8.product_meta()
 
   def loss(x, w, meta, g):  # g: the output's gradient, an input so that XLA cannot simplify the backward
-    return jnp.sum(fp8.einsum("md,dn->mn", x, w, meta).astype(jnp.float32) * g)
+    return jnp.sum(fp8.product("md,dn->mn", x, w, meta).astype(jnp.float32) * g)
 
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, w, meta, g).compile().as_text()
   hlo_path = os.path.splitext(out)[0] + ".hlo.txt"
@@ -372,7 +376,7 @@ def fp8_check(n: int, out: str, warmup_s: float) -> dict:
   check = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__, "n": n,
            "fp8_gemm_calls": calls, "products": 3, "fired": calls >= 3, "optimized_hlo": hlo_path,
            "fp8_forward_tflops": measure_peak_matmul(n, warmup_s=warmup_s,
-                                                     product=lambda a, b: fp8.einsum("md,dn->mn", a, b, meta)) / 1e12,
+                                                     product=lambda a, b: fp8.product("md,dn->mn", a, b, meta)) / 1e12,
            "bf16_tflops": measure_peak_matmul(n, warmup_s=warmup_s) / 1e12}
   print(format_fp8_check(check))
   return check

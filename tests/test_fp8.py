@@ -45,7 +45,7 @@ def operands(seed=0):
 
 
 def _loss(x, w, meta, g):
-  y = fp8.einsum(EQUATION, x, w, meta)
+  y = fp8.product(EQUATION, x, w, meta)
   return jnp.sum(y * g), y
 
 
@@ -64,9 +64,9 @@ def amax(a) -> float:
 
 def calibrated_meta(x, w, g, history=3):
   """A scaling state whose histories already hold these operands' exact maxima (as after one earlier step)."""
-  meta = fp8.init_meta(history=history)
-  for name, a in (("lhs", x), ("rhs", w), ("grad", g)):
-    meta[f"{name}_amax_history"] = meta[f"{name}_amax_history"].at[0].set(amax(a))
+  meta = fp8.product_meta(history)
+  for name, a in (("x", x), ("w", w), ("g", g)):
+    meta[name]["amax_history"] = meta[name]["amax_history"].at[0].set(amax(a))
   return meta
 
 
@@ -96,23 +96,23 @@ def test_fp8_gradients_match_float32_within_e5m2_times_e4m3_error():
 
 def test_scaling_is_delayed_each_step_quantizes_with_the_maxima_of_the_steps_before():
   x, w, g = operands(2)
-  meta = fp8.init_meta(history=3)
+  meta = fp8.product_meta(history=3)
   seen = []
   for i in range(4):  # operand maxima differ each step; 4 steps through a history of 3 drop the first
     xi, gi = x * (i + 1), g * (4 - i)
     *_, meta = step(xi, w, gi, meta)
     seen.append((amax(xi), amax(gi)))
     kept = [a for a, _ in seen[-3:]]
-    history = np.asarray(meta["lhs_amax_history"])
+    history = np.asarray(meta["x"]["amax_history"])
     np.testing.assert_allclose(history[0], kept[-1], rtol=1e-6)  # the newest first
     np.testing.assert_allclose(np.sort(history), np.sort(kept + [0.0] * (3 - len(kept))), rtol=1e-6)
-    np.testing.assert_allclose(meta["grad_amax_history"][0], seen[-1][1], rtol=1e-6)
-    np.testing.assert_allclose(meta["rhs_amax_history"][0], amax(w), rtol=1e-6)
+    np.testing.assert_allclose(meta["g"]["amax_history"][0], seen[-1][1], rtol=1e-6)
+    np.testing.assert_allclose(meta["w"]["amax_history"][0], amax(w), rtol=1e-6)
     before = seen[:-1][-3:]  # the history this step quantized with
     want_scale = max(a for a, _ in before) / E4M3[2] if before else 1.0  # empty history: scale 1
-    np.testing.assert_allclose(meta["lhs_scale"], [want_scale], rtol=1e-6)
+    np.testing.assert_allclose(meta["x"]["scale"], [want_scale], rtol=1e-6)
     want_grad_scale = max(b for _, b in before) / E5M2[2] if before else 1.0
-    np.testing.assert_allclose(meta["grad_scale"], [want_grad_scale], rtol=1e-6)
+    np.testing.assert_allclose(meta["g"]["scale"], [want_grad_scale], rtol=1e-6)
 
 
 def test_micro_batches_of_one_step_combine_into_the_largest_maximum():
@@ -121,9 +121,9 @@ def test_micro_batches_of_one_step_combine_into_the_largest_maximum():
   *_, small = step(x, w, g, start)
   *_, large = step(3 * x, w, g, start)
   combined = fp8.combine_micro_batches(small, large)
-  np.testing.assert_allclose(combined["lhs_amax_history"][0], 3 * amax(x), rtol=1e-6)
-  np.testing.assert_array_equal(combined["lhs_amax_history"][1:], small["lhs_amax_history"][1:])
-  np.testing.assert_array_equal(combined["lhs_scale"], small["lhs_scale"])
+  np.testing.assert_allclose(combined["x"]["amax_history"][0], 3 * amax(x), rtol=1e-6)
+  np.testing.assert_array_equal(combined["x"]["amax_history"][1:], small["x"]["amax_history"][1:])
+  np.testing.assert_array_equal(combined["x"]["scale"], small["x"]["scale"])
 
 
 def test_only_projection_shaped_equations_are_accepted():
@@ -159,13 +159,16 @@ def test_a_tiny_model_trains_with_fp8_and_its_loss_falls(fp8_run):
 
 def test_train_state_carries_a_per_layer_scaling_state_the_steps_update(fp8_run):
   state, cfg = fp8_run["state"], fp8_run["setup"].model_cfg
-  assert set(state.fp8) == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+  matmuls = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+  assert set(state.fp8["weights"]) == set(state.fp8["gradients"]) == matmuls
+  assert set(state.fp8["activations"]) == {"attn_in", "attn_out", "mlp_in", "mlp_hidden"}  # each quantized once
   assert jax.tree.structure(state.params) == jax.tree.structure(nnx.to_pure_dict(train.abstract_model(cfg)[1]))
-  history = np.asarray(state.fp8["w_up"]["lhs_amax_history"])
-  assert history.shape == (cfg.n_layers, fp8.AMAX_HISTORY)
-  assert np.all(np.count_nonzero(history, axis=1) == 12) and np.all(history[:, 0] > 0)  # 12 steps, newest first
-  np.testing.assert_allclose(state.fp8["w_up"]["lhs_scale"][:, 0],  # the last step's scale: the 11 before it
-                             np.max(history[:, 1:], axis=1) / E4M3[2], rtol=1e-6)
+  for meta in jax.tree.leaves(state.fp8, is_leaf=lambda m: "scale" in m):
+    history = np.asarray(meta["amax_history"])
+    assert history.shape == (cfg.n_layers, fp8.AMAX_HISTORY) and meta["scale"].shape == (cfg.n_layers, 1)
+    assert np.all(np.count_nonzero(history, axis=1) == 12) and np.all(history[:, 0] > 0)  # 12 steps, newest first
+  mlp_in = state.fp8["activations"]["mlp_in"]  # the last step's scale: the maxima of the 11 steps before it
+  np.testing.assert_allclose(mlp_in["scale"][:, 0], np.max(mlp_in["amax_history"][:, 1:], axis=1) / E4M3[2], rtol=1e-6)
 
 
 def test_a_nonfinite_step_leaves_the_scaling_state_as_it_was(fp8_run):
@@ -189,7 +192,7 @@ def test_fp8_scaling_state_round_trips_through_a_checkpoint(fp8_run, tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(run["state"])
   for got, want in zip(jax.tree.leaves(restored.fp8), jax.tree.leaves(run["state"].fp8), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert np.asarray(restored.fp8["wq"]["grad_amax_history"]).any()
+  assert np.asarray(restored.fp8["gradients"]["wq"]["amax_history"]).any()
 
 
 def test_restoring_across_matmul_dtypes_fails_in_one_line_naming_the_scaling_state(fp8_run, tmp_path):

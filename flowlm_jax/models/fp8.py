@@ -8,13 +8,13 @@ The scale is *delayed* (NVIDIA Transformer Engine's DelayedScaling, MaxText's fp
 tensor keeps a history of its last AMAX_HISTORY absolute maxima, and a step quantizes with
 scale = max(history) / fp8_max, from the steps before it; the step's own maximum then enters the history.
 
-The arithmetic is flax's (`flax.linen.fp8_ops.fp8_scaled_dot_general`, the function behind
-`Fp8DirectDotGeneralOp`, flax's current FP8 layer): the dot_general takes f8 operands directly, which
-XLA's GPU compiler turns into cuBLASLt FP8 GEMMs (forward, and both products of the backward). The older
-quantize-dequantize form (`Fp8DotGeneralOp`, in_qdq/out_qdq, deprecated in flax) hands the rewrite a
-bf16 -> f8 -> bf16 round trip that XLA may simplify away in the forward pass.
+The arithmetic is flax's: the pieces of `flax.linen.fp8_ops.fp8_scaled_dot_general` (the function behind
+`Fp8DirectDotGeneralOp`, flax's current FP8 layer). Its dot_general takes f8 operands directly, which
+XLA's GPU compiler turns into FP8 GEMMs, cuBLASLt's or Triton's, for the forward and both products of
+the backward. The older quantize-dequantize form (`Fp8DotGeneralOp`, in_qdq/out_qdq, deprecated in
+flax) hands the rewrite a bf16 -> f8 -> bf16 round trip that XLA may simplify away in the forward pass.
 
-The scaling state ("meta": per matmul three scales and three histories) is not a parameter. It enters
+The scaling state ("meta": a scale and a history per quantized tensor) is not a parameter. It enters
 the loss as an argument and its "gradient" is its next value: flax's custom VJPs return the updated
 scale and history in place of a cotangent (flax's OVERWRITE_WITH_GRADIENT collection). So one
 `jax.value_and_grad` gives the parameter gradients and the new scaling state, which train.py stores in
@@ -24,29 +24,44 @@ so no two cotangents are ever summed into it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax.linen import fp8_ops
 
 AMAX_HISTORY = 1024  # steps of absolute maxima a scale looks back on (Transformer Engine's and flax's default)
-E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
-SCALES = ("lhs_scale", "rhs_scale", "grad_scale")  # lhs: activations, rhs: weights, grad: output gradient
-HISTORIES = ("lhs_amax_history", "rhs_amax_history", "grad_amax_history")
+E4M3 = jnp.float8_e4m3fn  # activations and weights; output gradients are e5m2 (inside flax's quantized_dot)
 
 
-def init_meta(leading: tuple[int, ...] = (), history: int = AMAX_HISTORY) -> dict[str, jax.Array]:
-  """One matmul's scaling state (stacked along `leading`, e.g. (n_layers,)): scales 1, histories empty.
+class Quantized(NamedTuple):
+  """An e4m3 operand: the tensor itself (its gradient flows through it), its cast and the scale of the cast."""
+  x: jax.Array
+  q: jax.Array
+  scale: jax.Array
+
+
+def tensor_meta(leading: tuple[int, ...] = (), history: int = AMAX_HISTORY) -> dict[str, jax.Array]:
+  """One quantized tensor's scaling state (stacked along `leading`, e.g. (n_layers,)): scale 1, empty history.
 
   With an empty history the first step quantizes with scale 1 (flax's `compute_scale` keeps the old
   scale while the maximum is 0), as Transformer Engine does.
   """
-  return ({name: jnp.ones((*leading, 1), jnp.float32) for name in SCALES}
-          | {name: jnp.zeros((*leading, history), jnp.float32) for name in HISTORIES})
+  return {"scale": jnp.ones((*leading, 1), jnp.float32), "amax_history": jnp.zeros((*leading, history), jnp.float32)}
 
 
-def init_state(matmuls: tuple[str, ...], leading: tuple[int, ...] = (), history: int = AMAX_HISTORY) -> dict:
-  """{matmul name: its scaling state}."""
-  return {name: init_meta(leading, history) for name in matmuls}
+def init_state(activations: tuple[str, ...], matmuls: tuple[str, ...], leading: tuple[int, ...] = (),
+               history: int = AMAX_HISTORY) -> dict:
+  """The scaling state of a network's FP8 products: each activation that some products take (quantized once
+  for all of them), and each product's weight and output gradient."""
+  metas = lambda names: {name: tensor_meta(leading, history) for name in names}
+  return {"activations": metas(activations), "weights": metas(matmuls), "gradients": metas(matmuls)}
+
+
+def quantize(x: jax.Array, meta: dict[str, jax.Array]) -> Quantized:
+  """x cast to e4m3 with its delayed scale; the arithmetic runs in x's dtype (the compute dtype)."""
+  q, scale = fp8_ops.in_q(x.dtype, E4M3, x, meta["scale"], meta["amax_history"])
+  return Quantized(x, q, scale)
 
 
 def dimension_numbers(equation: str):
@@ -61,13 +76,29 @@ def dimension_numbers(equation: str):
   return (tuple(x.index(c) for c in contracted), tuple(w.index(c) for c in contracted)), ((), ())
 
 
-def einsum(equation: str, x: jax.Array, w: jax.Array, meta: dict[str, jax.Array]) -> jax.Array:
-  """`jnp.einsum(equation, x, w)` in FP8 with delayed scaling; the result has x's dtype.
+def einsum(equation: str, x: Quantized, w: jax.Array, weight_meta: dict, grad_meta: dict) -> jax.Array:
+  """`jnp.einsum(equation, x, w)` in FP8: x already quantized, w cast to e4m3 here, the output's gradient cast
+  to e5m2 in the backward pass; the result has x's dtype.
 
-  Quantization arithmetic runs in x's dtype (the compute dtype), as in flax's Fp8DirectDotGeneralOp.
+  flax's `fp8_scaled_dot_general` split in two, so that the products of one activation (q, k and v; gate
+  and up) share its quantization: one absolute maximum, one cast, and one transposed copy for the weight
+  gradients (FP8 GEMMs on Hopper take only that layout) instead of one per product.
   """
-  return fp8_ops.fp8_scaled_dot_general(x, w.astype(x.dtype), dimension_numbers(equation),
-                                        preferred_element_type=x.dtype, quantize_compute_type=x.dtype, **meta)
+  dtype = x.x.dtype
+  w = quantize(w.astype(dtype), weight_meta)
+  y = fp8_ops.quantized_dot(x.x, x.q, x.scale, w.x, w.q, w.scale, grad_meta["scale"], grad_meta["amax_history"],
+                            dimension_numbers(equation), dtype)
+  return fp8_ops.out_dq(dtype, x.scale, w.scale, y)
+
+
+def product_meta(history: int = AMAX_HISTORY) -> dict:
+  """The scaling state of one stand-alone product (`product`): its input, weight and output gradient."""
+  return {"x": tensor_meta((), history), "w": tensor_meta((), history), "g": tensor_meta((), history)}
+
+
+def product(equation: str, x: jax.Array, w: jax.Array, meta: dict) -> jax.Array:
+  """One FP8 product with its own scaling state (`product_meta`): the bench's check and the tests."""
+  return einsum(equation, quantize(x, meta["x"]), w, meta["w"], meta["g"])
 
 
 def combine_micro_batches(a: dict, b: dict) -> dict:

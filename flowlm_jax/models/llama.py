@@ -147,23 +147,26 @@ class Transformer(nnx.Module):
       meta = p.get("fp8")
       p = jax.tree.map(lambda w: w.astype(dtype), {name: w for name, w in p.items() if name != "fp8"})
 
+      def operand(x, name):  # an activation as its projections take it: in FP8, quantized once for all of them
+        return x if meta is None else fp8.quantize(x, meta["activations"][name])
+
       def project(equation, x, name):
         if meta is None:
           return jnp.einsum(equation, x, p[name])
-        return fp8.einsum(equation, x, p[name], meta[name])
+        return fp8.einsum(equation, x, p[name], meta["weights"][name], meta["gradients"][name])
 
-      h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+      h = operand(rms_norm(x, p["attn_norm"], cfg.norm_eps), "attn_in")
       q = apply_rope(with_bias(project("btd,dhk->bthk", h, "wq"), p.get("bq")), sin, cos)
       k = apply_rope(with_bias(project("btd,dhk->bthk", h, "wk"), p.get("bk")), sin, cos)
       v = with_bias(project("btd,dhk->bthk", h, "wv"), p.get("bv"))
       if kv_cache is not None:  # the slice's keys/values into its rows' cached ones; attend over whole rows
         k, v = into_cache(p["cached_k"], k, kv_cache.start), into_cache(p["cached_v"], v, kv_cache.start)
       a = attention(q, k, v, mask, kv_lengths_B, cfg.attention)
-      x = x + project("bthk,hkd->btd", a, "wo")
-      h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+      x = x + project("bthk,hkd->btd", operand(a, "attn_out"), "wo")
+      h = operand(rms_norm(x, p["mlp_norm"], cfg.norm_eps), "mlp_in")
       gate = project("btd,df->btf", h, "w_gate")
       up = project("btd,df->btf", h, "w_up")
-      x = x + project("btf,fd->btd", jax.nn.silu(gate) * up, "w_down")
+      x = x + project("btf,fd->btd", operand(jax.nn.silu(gate) * up, "mlp_hidden"), "w_down")
       return x, ((k, v) if collect else None)
 
     if collect:
@@ -200,11 +203,14 @@ LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "mlp_norm
 # training recipes keep the first and last layers in higher precision (Micikevicius et al. 2022), and the
 # fused chunked cross-entropy (losses.py) computes that product outside this module.
 FP8_MATMULS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# The activations they take, each quantized once: the normed input of q/k/v, the attention output, the normed
+# input of gate/up, and the SwiGLU product.
+FP8_ACTIVATIONS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
 
 
 def initial_fp8_meta(cfg: ModelConfig) -> dict:
   """The FP8 scaling state a training run with matmul_dtype "fp8" starts from, stacked per layer."""
-  return fp8.init_state(FP8_MATMULS, (cfg.n_layers,))
+  return fp8.init_state(FP8_ACTIVATIONS, FP8_MATMULS, (cfg.n_layers,))
 
 
 def from_previous_position(hidden_BxTxD, positions_BxT, real_BxT):
