@@ -312,8 +312,10 @@ def main(argv=None) -> list[dict]:
     one = next((o for o in rows if (o["shape"], o["devices"], o["matmul_dtype"]) == (shape, 1, matmul_dtype)), None)
     r["scaling_efficiency"] = r["tokens_per_s_per_device"] / one["tokens_per_s_per_device"] if one else None
     rows.append(r)
+    # Kept if a time limit stops the run: each row printed, and the rows so far in --out.
     print(f"timed {shape} {matmul_dtype} on {r['mesh']}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:,.0f} "
-          f"tokens/s, compile {r['compile_s']:.0f} s, {r['fp8_gemms']} FP8 GEMMs", flush=True)  # kept by a timeout
+          f"tokens/s, compile {r['compile_s']:.0f} s, {r['fp8_gemms']} FP8 GEMMs", flush=True)
+    write_json(args.out, {"partial": True, "device": jax.devices()[0].device_kind, "train": rows})
   add_fp8_speedups(rows)
   for shape in shapes if not args.scaling else ():
     for mode in filter(None, args.samplers.split(",")):
