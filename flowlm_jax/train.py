@@ -35,8 +35,8 @@ class TrainState:
   rng: jax.Array              # uint32[2] raw key data: corruption noise of the next step
   nonfinite_count: jax.Array  # int32: updates skipped for a NaN/inf loss or gradient
   last_nonfinite_step: jax.Array  # int32: the step of the latest such skip (-1 = none)
-  # FP8 scaling state, {matmul: {scales, amax histories}} stacked per layer (models/fp8.py); None (no leaves,
-  # not saved) unless model.matmul_dtype is "fp8". Not a parameter: no optimiser, decay or clipping touches it.
+  # FP8 scaling state, {activations|weights|gradients: {name: {scale, amax_history}}} per layer (models/fp8.py);
+  # None (no leaves, not saved) unless model.matmul_dtype is "fp8". Not a parameter: no optimiser touches it.
   fp8: Any = None
 
 
