@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from flowlm_jax import masking, sharding
 
 WEIGHTINGS = ("inverse_t", "none")  # per-token NLL weightings (`diffusion_loss_weights`)
-GIDD = "gidd"  # the exact ELBO of the mixed [MASK] + uniform process: not an NLL weighting (`gidd_loss_sum`)
+GIDD = "gidd"  # the exact ELBO of the mixed [MASK] + uniform process: not an NLL weighting (`fused_gidd_loss`)
 LOSS_WEIGHTINGS = (*WEIGHTINGS, GIDD)  # what `training.loss_weighting` may name
 
 # Upper edges of the per-sequence t buckets; the last bucket is open. Names say which t they hold.
@@ -430,33 +430,6 @@ def _gidd_chunk(noise, logits_BxCxV, log_z_BxC, nll_BxC, per_position, per_row):
   (y_BxC, noisy_BxC, corruptible_BxC), (t_B,) = per_position, per_row
   loss = lambda logits: jnp.sum(gidd_token_loss(logits, y_BxC, noisy_BxC, corruptible_BxC, t_B, noise))
   return jax.value_and_grad(loss)(logits_BxCxV)
-
-
-def gidd_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden_BxLxD: jax.Array, targets_BxL: jax.Array,
-                  noisy_BxL: jax.Array, corruptible_BxL: jax.Array, t_B: jax.Array, noise: MixedNoise,
-                  chunk_size: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(sum of `gidd_token_loss`, nll_BxL, correct_BxL) from the final hidden states, `chunk_size` positions at
-  a time (0: all at once).
-
-  Each chunk's logits are rematerialised in the backward pass (jax.checkpoint), so at most one chunk's float32
-  [B, C, V] logits are alive; but on a mesh XLA gathers every chunk's logits across the batch shards.
-  Superseded by `fused_gidd_loss` (same values); kept while train.py calls it. nll and correct are metrics.
-  """
-  to_chunks, from_chunks = sequence_chunks(hidden_BxLxD.shape[1], chunk_size)
-
-  @jax.checkpoint
-  def one_chunk(total, xs):
-    h, y, z, ok = xs
-    logits = logits_fn(h)
-    nll, correct = token_nll_and_correct(logits, y)
-    total = total + jnp.sum(gidd_token_loss(logits, y, z, ok, t_B, noise))
-    return total, (jax.lax.stop_gradient(nll), correct)
-
-  total, (nll, correct) = jax.lax.scan(
-      one_chunk, jnp.zeros((), jnp.float32),
-      (to_chunks(hidden_BxLxD), to_chunks(targets_BxL), to_chunks(noisy_BxL), to_chunks(corruptible_BxL)))
-  return total, from_chunks(nll), from_chunks(correct)
-
 
 
 def ratio_bucket_ids(t_B: jax.Array) -> jax.Array:

@@ -165,13 +165,13 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig, fp8_meta=N
   kv_lengths_B = jnp.sum(c.noisy_tokens != cfg.pad_id, axis=-1, dtype=jnp.int32)
   fp8_args = {} if fp8_meta is None else {"fp8_meta": fp8_meta}
   hidden = model.hidden(c.noisy_tokens, kv_lengths_B=kv_lengths_B, **fp8_args)
+  bias = model.output_bias() if hasattr(model, "output_bias") else None  # ModernBERT's decoder bias
   if weighting == losses.GIDD:  # the mixed-noise ELBO needs the whole predicted distribution, not one NLL
-    total, nll, correct = losses.gidd_loss_sum(
-        model.logits_from_hidden, hidden, tokens, c.noisy_tokens, corruptible, c.t,
-        losses.MixedNoise.from_masking(cfg.masking), cfg.loss_chunk_size)
+    total, nll, correct = losses.fused_gidd_loss(
+        hidden, model.output_matrix(), tokens, c.noisy_tokens, corruptible, c.t,
+        losses.MixedNoise.from_masking(cfg.masking), cfg.model.num_real_tokens, cfg.loss_chunk_size, bias)
     loss = total / jnp.maximum(normaliser, 1.0)
   elif cfg.loss_chunk_size:
-    bias = model.output_bias() if hasattr(model, "output_bias") else None  # ModernBERT's decoder bias
     loss, nll, correct = losses.fused_weighted_cross_entropy(
         hidden, model.output_matrix(), tokens, weight, cfg.model.num_real_tokens, cfg.loss_chunk_size, bias)
   else:

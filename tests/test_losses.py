@@ -316,9 +316,9 @@ def test_gidd_elbo_is_tight_for_the_exact_reverse_process_and_an_upper_bound_oth
     assert elbo(x, lambda like: like) > np.log(2) + 0.1
 
 
-@pytest.mark.parametrize("fused, chunk_size", [(True, 0), (True, 5), (False, 5)])
-def test_chunked_gidd_loss_equals_the_full_logits_in_value_and_gradient(fused, chunk_size):
-  """fused_gidd_loss (gradients in the forward pass) and gidd_loss_sum (remat), 12 positions in chunks of 5
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_chunked_gidd_loss_equals_the_full_logits_in_value_and_gradient(chunk_size):
+  """fused_gidd_loss (gradients in the forward pass), 12 positions at once or in chunks of 5
   (the last one padded), against gidd_token_loss on whole logits; two vocabulary rows are padding and the
   output layer has a bias."""
   rng = np.random.default_rng(4)
@@ -339,11 +339,7 @@ def test_chunked_gidd_loss_equals_the_full_logits_in_value_and_gradient(fused, c
     return total, losses.token_nll_and_correct(logits, targets)
 
   def chunked(h, w, b):
-    if fused:
-      total, nll, correct = losses.fused_gidd_loss(h, w, targets, noisy, corruptible, t, noise, real, chunk_size, b)
-    else:
-      total, nll, correct = losses.gidd_loss_sum(lambda x: logits_fn(x, w, b), h, targets, noisy, corruptible, t,
-                                                 noise, chunk_size)
+    total, nll, correct = losses.fused_gidd_loss(h, w, targets, noisy, corruptible, t, noise, real, chunk_size, b)
     return total, (nll, correct)
 
   grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(hidden, w, bias)
