@@ -78,8 +78,9 @@ def _run_result(accuracy, nats, fixed):
   bound = {"nats_per_token": nats, "nats_per_token_se": 0.01}
   return {"bounds": {"mask": bound}, "multiple_choice": {"same_task": {"overall": accuracy}},
           "quality": {"llada": {"4": {"overall": [accuracy, accuracy + 0.1]}}},
-          "self_correction": {"0": {"0.2": {"fixed": fixed, "broken": 0.1, "exact_match": 0.5, "exact_match_before": 0.2}},
-                              "1": {"0.2": {"fixed": None, "broken": 0.3, "exact_match": 0.7, "exact_match_before": 0.2}}}}
+          "self_correction": {"most_confident_changes": {
+              "0": {"0.2": {"fixed": fixed, "broken": 0.1, "exact_match": 0.5, "exact_match_before": 0.2}},
+              "1": {"0.2": {"fixed": None, "broken": 0.3, "exact_match": 0.7, "exact_match_before": 0.2}}}}}
 
 
 def test_runs_sharing_a_label_are_pooled_over_runs_and_seeds():
@@ -88,7 +89,7 @@ def test_runs_sharing_a_label_are_pooled_over_runs_and_seeds():
   assert pooled["bounds"]["mask"]["mean"] == 1.5 and pooled["bounds"]["mask"]["error"] == pooled["bounds"]["mask"]["std"]
   assert pooled["quality"]["llada"]["4"] == pytest.approx(evaluate.spread([0.2, 0.3, 0.4, 0.5]))
   assert pooled["multiple_choice"]["same_task"]["mean"] == pytest.approx(0.3)
-  sc = pooled["self_correction"]["0.2"]
+  sc = pooled["self_correction"]["most_confident_changes"]["0.2"]
   assert sc["fixed"] == pytest.approx(evaluate.spread([0.4, 0.6]))  # a seed without wrong tokens has no "fixed"
   assert sc["broken"]["n"] == 4
   one = compare.pool([_run_result(0.2, 1.0, 0.4)])
