@@ -493,9 +493,9 @@ def _check_values(c: ConfigDict) -> None:
   _require(m.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {m.scan_unroll}")
   if m.family == "modernbert" or m.pretrained:
     _check_pretrained(m)
-  _require(m.matmul_dtype != "fp8" or (m.family == "llama" and not m.pretrained), "model.matmul_dtype",
-           "fp8 is implemented for the llama family trained from random weights only "
-           f"(got family={m.family!r}, pretrained={m.pretrained!r})")
+  _require(m.matmul_dtype != "fp8" or m.family == "llama", "model.matmul_dtype",
+           f"fp8 is implemented for the llama family only (random init, LLaDA, Dream); family={m.family!r} "
+           "has no FP8 path")
 
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
   _require(0.0 <= d.validation_split_ratio < 1.0, "dataset.validation_split_ratio", "must be in [0, 1)")

@@ -11,6 +11,7 @@ by the small relative slack below).
 """
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import loop, train
 from flowlm_jax.models import fp8
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 
 E4M3 = (2.0 ** -4, 2.0 ** -10, 448.0)     # (u, subnormal half-spacing, largest value)
 E5M2 = (2.0 ** -3, 2.0 ** -17, 57344.0)
@@ -241,6 +242,10 @@ def test_matmul_dtype_is_validated_in_one_line():
     config_lib.validate(c)
   c.model.matmul_dtype = "fp8"
   config_lib.validate(c)
+  c.model.pretrained = c.model.tokenizer = os.path.join(REPO, "tests", "fixtures", "llada_tiny")  # a fine-tune
+  config_lib.validate(c)
   c.model.family, c.model.pretrained, c.model.tokenizer = "modernbert", "answerdotai/ModernBERT-large", "x"
-  with pytest.raises(ValueError, match=r"model.matmul_dtype: fp8 is implemented for the llama family"):
+  with pytest.raises(ValueError, match=r"model.matmul_dtype: fp8 is implemented for the llama family only .*"
+                                       r"family='modernbert' has no FP8 path") as e:
     config_lib.validate(c)
+  assert "\n" not in str(e.value)

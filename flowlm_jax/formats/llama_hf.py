@@ -99,11 +99,13 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
 
 
 def model_config(model_cfg, vocab: Vocab) -> ModelConfig:
-  """The architecture of `model.pretrained` (its config.json), with the run config's dtypes, remat etc."""
+  """The architecture of `model.pretrained` (its config.json), with the run config's dtypes (matmul_dtype
+  included: an FP8 fine-tune), remat etc."""
   directory = os.path.abspath(os.path.expanduser(model_cfg.pretrained))
   cfg = from_hf_config(read_hf_config(directory), num_real_tokens=vocab.size, pretrained=directory,
                        param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
-                       remat=model_cfg.remat, attention=model_cfg.attention, scan_unroll=model_cfg.scan_unroll)
+                       matmul_dtype=model_cfg.matmul_dtype, remat=model_cfg.remat, attention=model_cfg.attention,
+                       scan_unroll=model_cfg.scan_unroll)
   if vocab.size > cfg.vocab_size:
     raise ValueError(f"model.tokenizer: {vocab.size} tokens, but {directory}'s embedding has only "
                      f"{cfg.vocab_size} rows (use the tokenizer that came with the model)")
