@@ -496,6 +496,9 @@ def _check_values(c: ConfigDict) -> None:
   _require(m.matmul_dtype != "fp8" or m.family == "llama", "model.matmul_dtype",
            f"fp8 is implemented for the llama family only (random init, LLaDA, Dream); family={m.family!r} "
            "has no FP8 path")
+  # flax's e5m2 gradient scale (amax / 57344, ~5e-8) underflows float16 to 0: every step after the first is NaN.
+  _require(m.matmul_dtype != "fp8" or m.compute_dtype != "float16", "model.matmul_dtype",
+           "fp8 needs model.compute_dtype bfloat16 or float32 (float16 cannot hold the gradient scales)")
 
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
   _require(0.0 <= d.validation_split_ratio < 1.0, "dataset.validation_split_ratio", "must be in [0, 1)")

@@ -20,7 +20,7 @@ from flax import nnx
 
 from flowlm_jax import losses, masking, sharding
 from flowlm_jax.models import llama, registry
-from flowlm_jax.models.fp8 import combine_micro_batches
+from flowlm_jax.models.fp8 import combine_micro_batches, uncalibrated
 from flowlm_jax.models.llama import ModelConfig
 
 Params = dict[str, Any]
@@ -227,9 +227,13 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
   # A NaN/inf loss or gradient leaves params, optimiser and FP8 scaling state untouched, so checkpoints stay
   # good (an inf in an amax history would pin that scale for AMAX_HISTORY steps).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  keep_if = lambda ok: lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  keep = keep_if(finite)
+  # A fresh FP8 state (scale 1) flushes most of the step's gradients to zero in e5m2: that step only fills the
+  # amax histories; params and optimiser state wait for scales that fit.
+  update = keep if state.fp8 is None else keep_if(finite & ~uncalibrated(state.fp8))
   new_state = TrainState(
-      params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
+      params=update(new_params, state.params), opt_state=update(new_opt_state, state.opt_state),
       step=state.step + 1, rng=rng,
       nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
       last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1),

@@ -146,16 +146,31 @@ def fp8_run():
   state = train.init_state(setup.model_cfg, tx, 0, shardings)
   batch = jax.tree.map(jnp.asarray, {"tokens": setup.train_split.tokens[:8],
                                      "corruptible": setup.train_split.corruptible[:8]})
+  trained = lambda state: jax.tree.map(np.asarray, (state.params, state.opt_state))
+  params = [trained(state)]  # params and optimiser state before step 1 and after it (steps donate their input)
   losses = []
   for _ in range(12):
     state, metrics = step_fn(state, batch)
     losses.append(float(metrics["loss"]))
-  return dict(setup=setup, tx=tx, shardings=shardings, step=step_fn, batch=batch, state=state, losses=losses)
+    if len(params) == 1:
+      params.append(trained(state))
+  return dict(setup=setup, tx=tx, shardings=shardings, step=step_fn, batch=batch, state=state, losses=losses,
+              params=params)
 
 
 def test_a_tiny_model_trains_with_fp8_and_its_loss_falls(fp8_run):
   losses = fp8_run["losses"]
   assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_the_first_step_only_calibrates_the_scales_then_training_moves_the_weights(fp8_run):
+  """A fresh state quantizes at scale 1, which flushes most gradients below e5m2's smallest value: step 1 leaves
+  weights and AdamW's moments (which would keep that gradient even at a warmup learning rate of 0) as they were."""
+  before, after_first = fp8_run["params"]
+  for got, want in zip(jax.tree.leaves(after_first), jax.tree.leaves(before), strict=True):
+    np.testing.assert_array_equal(got, want)
+  assert int(fp8_run["state"].nonfinite_count) == 0
+  assert not np.array_equal(np.asarray(fp8_run["state"].params["final_norm"]), before[0]["final_norm"])
 
 
 def test_train_state_carries_a_per_layer_scaling_state_the_steps_update(fp8_run):
@@ -242,6 +257,10 @@ def test_matmul_dtype_is_validated_in_one_line():
     config_lib.validate(c)
   c.model.matmul_dtype = "fp8"
   config_lib.validate(c)
+  c.model.compute_dtype = "float16"
+  with pytest.raises(ValueError, match=r"model.matmul_dtype: fp8 needs model.compute_dtype bfloat16 or float32"):
+    config_lib.validate(c)
+  c.model.compute_dtype = "bfloat16"
   c.model.pretrained = c.model.tokenizer = os.path.join(REPO, "tests", "fixtures", "llada_tiny")  # a fine-tune
   config_lib.validate(c)
   c.model.family, c.model.pretrained, c.model.tokenizer = "modernbert", "answerdotai/ModernBERT-large", "x"

@@ -101,6 +101,16 @@ def product(equation: str, x: jax.Array, w: jax.Array, meta: dict) -> jax.Array:
   return einsum(equation, quantize(x, meta["x"]), w, meta["w"], meta["g"])
 
 
+def uncalibrated(state: dict) -> jax.Array:
+  """bool: no step has filled any amax history yet (a fresh state: every scale is still 1).
+
+  Quantizing at scale 1 flushes most of a first step's output gradients (~1e-5) below e5m2's smallest
+  subnormal (1.5e-5): that step's weight gradients are mostly zero, so it should only calibrate.
+  """
+  metas = jax.tree.leaves(state, is_leaf=lambda node: "amax_history" in node)
+  return jnp.logical_not(jnp.any(jnp.stack([jnp.any(m["amax_history"] != 0) for m in metas])))
+
+
 def combine_micro_batches(a: dict, b: dict) -> dict:
   """The scaling state after two micro-batches of one step, each updated from the same state.
 
