@@ -2,9 +2,12 @@
 # the packages that machine lacks) and sets PYTHONPATH, OUT and the environment every run needs.
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  if [ ! -f /tmp/site/.installed ]; then  # once per machine: runs started side by side source this again
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    mkdir -p /tmp/site && touch /tmp/site/.installed
+  # Once per machine and set of wheels (runs started side by side source this again; a warm machine keeps
+  # /tmp between calls): the marker holds the wheels' hash and is written only after a good install.
+  wheels=$(cat .whl/*.whl | sha1sum | cut -d' ' -f1)
+  if [ "$(cat /tmp/site/.installed 2>/dev/null)" != "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && echo "$wheels" > /tmp/site/.installed
   fi
   export PYTHONPATH=/tmp/site:.
 else

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_fast_sampling.sh train_llada     # the tasks_long preset (then train_flowlm)
 #   bash scripts/gpu_fast_sampling.sh quality_llada   # speed/quality table on the long-answer set (then quality_flowlm)
 # Or both models in one call, each pair of sections running side by side on the one GPU:
-#   SECTION_TIMEOUT=280 bash scripts/gpu_fast_sampling.sh pair
+#   bash scripts/gpu_fast_sampling.sh pair       (each phase stops after SECTION_TIMEOUT, default 280 s here)
 # Writes JSON + logs under $OUT (or ./gpu_out). LIMIT: records per task of the quality table (default 15);
 # TRAIN_ARGS: more --config overrides for the training sections.
 set -uo pipefail
@@ -23,9 +23,11 @@ for section in "$@"; do
     train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long ${TRAIN_ARGS:-}" ;;
     quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=runs/llada-long $table --out $OUT/fast_llada.json" ;;
     quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=runs/flowlm-long $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
-    pair) export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # two processes share the GPU
+    pair) # two processes share the GPU; two phases must fit one 600 s call
           for two in "train_llada train_flowlm" "quality_llada quality_flowlm"; do
-            for one in $two; do bash "$0" "$one" & done; wait
+            for one in $two; do
+              XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} bash "$0" "$one" &
+            done; wait
           done; continue ;;
     *) echo "unknown section $section"; continue ;;
   esac

@@ -43,13 +43,21 @@ study() {
   done
   wait
   echo "trained ${#workdirs[@]} runs in $(( $(date +%s) - start )) s"
-  for w in "${workdirs[@]}"; do echo "$w: $(grep -v '^W0000\|^I0000' "$w.log" | tail -1)"; done
+  local steps=()
+  for w in "${workdirs[@]}"; do
+    steps+=("$(ls "$w/checkpoints" 2>/dev/null | sort -n | tail -1)")
+    echo "$w: checkpoint step ${steps[-1]:-none}; $(grep -v '^W0000\|^I0000' "$w.log" | tail -1)"
+  done
+  # A run stopped by its time limit saves where it was: the pooled means would mix training lengths.
+  if [ "$(printf '%s\n' "${steps[@]}" | sort -u | wc -l)" != 1 ]; then
+    echo "WARNING: the runs ended at different steps (${steps[*]}): compare them with care" | tee "$root/WARNING"
+  fi
   start=$(date +%s)
   timeout 250 python3 -m flowlm_jax.compare "${workdirs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" \
     --out "$root/report" ${COMPARE_ARGS:-} 2>&1 | grep -v "^W0000\|^I0000" | tee "$root/compare.log" | tail -60
   echo "compare took $(( $(date +%s) - start )) s"
   for w in "${workdirs[@]}"; do cp "$w/metrics.jsonl" "$w.metrics.jsonl" 2>/dev/null; done
-  tar czf "$OUT/study_$name.tar.gz" "$root"/report "$root"/*.log "$root"/*.metrics.jsonl
+  tar czf "$OUT/study_$name.tar.gz" "$root"/report "$root"/*.log "$root"/*.metrics.jsonl $(ls "$root"/WARNING 2>/dev/null)
 }
 
 for section in "$@"; do
