@@ -188,3 +188,21 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
   assert all(r["passes_per_answer"] == 16 for r in rows)
   assert [r["full_passes_per_answer"] for r in rows] == [16, 2]  # dual: one refresh per block of 8
   assert all(0 <= r["exact_match"] <= 1 and 0 <= r["token_accuracy"] <= 1 for r in rows)
+
+
+def test_gpu_scripts_parse_and_all_keep_nvlink_multicast_off():
+  """Each lent-GPU call costs device time: a script must not die of a syntax error there, and every one
+  runs with NCCL_NVLS_ENABLE=0 (NVLink multicast can take a shared host's GPUs out of service)."""
+  import glob
+  import subprocess
+
+  scripts = sorted(glob.glob(os.path.join(REPO, "scripts", "gpu_*.sh")))
+  assert len(scripts) >= 4
+  for path in scripts:
+    result = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+    assert result.returncode == 0, f"{path}: {result.stderr}"
+    with open(path) as f:
+      text = f.read()
+    assert os.path.basename(path) == "gpu_env.sh" or 'source "$(dirname "$0")/gpu_env.sh"' in text, path
+  with open(os.path.join(REPO, "scripts", "gpu_env.sh")) as f:
+    assert "export NCCL_NVLS_ENABLE=0" in f.read()
