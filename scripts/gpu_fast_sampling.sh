@@ -8,7 +8,7 @@
 # Or both models in one call, each pair of sections running side by side on the one GPU:
 #   bash scripts/gpu_fast_sampling.sh pair       (each phase stops after SECTION_TIMEOUT, default 280 s here)
 # Writes JSON + logs under $OUT (or ./gpu_out). LIMIT: records per task of the quality table (default 15);
-# TRAIN_ARGS: more --config overrides for the training sections.
+# TRAIN_ARGS: more --config overrides for the training sections; TRAIN_TIMEOUT: their time limit.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
@@ -31,6 +31,8 @@ for section in "$@"; do
           done; continue ;;
     *) echo "unknown section $section"; continue ;;
   esac
+  limit=${SECTION_TIMEOUT:-580}
+  [[ $section == train_* ]] && limit=${TRAIN_TIMEOUT:-$limit}  # a stopped training saves where it is
   echo "=== $section: $cmd"
-  timeout ${SECTION_TIMEOUT:-580} $cmd 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/$section.log" | tail -30
+  timeout "$limit" $cmd 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/$section.log" | tail -30
 done
