@@ -460,11 +460,12 @@ def test_flowlm_load_of_a_release_directory_samples():
 
 
 @pytest.mark.integration
-def test_fp8_fine_tune_from_llada_then_export_loads_back(tmp_path, caplog):
-  """Two FlowLM steps with FP8 projections from the imported LLaDA fixture on the embedded SFT tasks, exported
-  to LLaDA's layout. The release has no FP8 scaling state: the run starts a fresh one (empty amax histories),
-  which the two steps fill and the checkpoint keeps. The export is plain weights: the original names, shapes
-  and dtypes, reloading to the run's (bf16-rounded) weights."""
+@pytest.mark.parametrize("matmul_dtype", ["bfloat16", "fp8"])
+def test_fine_tune_from_llada_then_export_loads_back(matmul_dtype, tmp_path, caplog):
+  """Two FlowLM steps from the imported LLaDA fixture on the embedded SFT tasks, exported to LLaDA's layout.
+  With FP8 projections: the release has no FP8 scaling state, so the run starts a fresh one (empty amax
+  histories), which the two steps fill and the checkpoint keeps. The export is plain weights either way: the
+  original names, shapes and dtypes, reloading to the run's (bf16-rounded) weights."""
   import orbax.checkpoint as ocp
 
   from flowlm_jax import export, loading
@@ -474,7 +475,7 @@ def test_fp8_fine_tune_from_llada_then_export_loads_back(tmp_path, caplog):
   caplog.set_level(logging.INFO, logger=llama_hf.__name__)
   r = launch_in_process(
       "--config=configs/flowlm.py:tasks", f"--config.model.pretrained={LLADA}", f"--config.model.tokenizer={LLADA}",
-      "--config.model.matmul_dtype=fp8",
+      f"--config.model.matmul_dtype={matmul_dtype}",
       "--config.training.max_steps=2", "--config.training.batch_size=8", "--config.model.loss_chunk_size=16",
       "--config.training.async_checkpointing=False", "--config.evaluation.eval_batches=1",
       "--config.logging.progress_bar=False", "--config.logging.wandb.mode=disabled", f"--workdir={workdir}")
@@ -482,10 +483,13 @@ def test_fp8_fine_tune_from_llada_then_export_loads_back(tmp_path, caplog):
   assert "peak host memory" in caplog.text  # the streaming load reported itself
   saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "2", "state"))
   assert int(saved["nonfinite_count"]) == 0
-  metas = jax.tree.leaves(saved["fp8"], is_leaf=lambda m: "amax_history" in m)
-  assert len(metas) == len(llama.FP8_ACTIVATIONS) + 2 * len(llama.FP8_MATMULS)  # weights' and gradients' per product
-  for meta in metas:
-    assert np.all(np.count_nonzero(np.asarray(meta["amax_history"]), axis=1) == 2)  # each layer: this run's 2 steps
+  if matmul_dtype == "bfloat16":
+    assert "fp8" not in saved
+  else:
+    metas = jax.tree.leaves(saved["fp8"], is_leaf=lambda m: "amax_history" in m)
+    assert len(metas) == len(llama.FP8_ACTIVATIONS) + 2 * len(llama.FP8_MATMULS)  # weights' and gradients' each
+    for meta in metas:
+      assert np.all(np.count_nonzero(np.asarray(meta["amax_history"]), axis=1) == 2)  # each layer: the 2 steps
   run = loading.load(workdir)
   out = str(tmp_path / "hf")
   assert export.main([workdir, "--out", out, "--format=hf"]) == 0
