@@ -227,17 +227,16 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
   # A NaN/inf loss or gradient leaves params, optimiser and FP8 scaling state untouched, so checkpoints stay
   # good (an inf in an amax history would pin that scale for AMAX_HISTORY steps).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep_if = lambda ok: lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  keep = keep_if(finite)
   # A fresh FP8 state (scale 1) flushes most of the step's gradients to zero in e5m2: that step only fills the
   # amax histories; params and optimiser state wait for scales that fit.
-  update = keep if state.fp8 is None else keep_if(finite & ~uncalibrated(state.fp8))
+  applied = finite if state.fp8 is None else finite & ~uncalibrated(state.fp8)
+  keep = lambda ok, new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   new_state = TrainState(
-      params=update(new_params, state.params), opt_state=update(new_opt_state, state.opt_state),
+      params=keep(applied, new_params, state.params), opt_state=keep(applied, new_opt_state, state.opt_state),
       step=state.step + 1, rng=rng,
       nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
       last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step + 1),
-      fp8=keep(new_fp8_meta, state.fp8))
+      fp8=keep(finite, new_fp8_meta, state.fp8))
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **sums}
   return new_state, metrics
 
