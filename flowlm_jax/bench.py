@@ -37,6 +37,7 @@ import numpy as np
 
 from flowlm_jax import config as config_lib
 from flowlm_jax import masking, sharding, train
+from flowlm_jax.logging import read_metrics, series
 from flowlm_jax.models import fp8
 from flowlm_jax.models.llama import ModelConfig
 from flowlm_jax.models.registry import count_params
@@ -396,20 +397,13 @@ def format_fp8_check(check: dict) -> str:
                     f"quantization overhead, not FP8 speed. Optimized HLO: {check['optimized_hlo']}", rates, bar])
 
 
-def logged(run: str, key: str) -> dict[int, float]:
-  """{step: value} of `key` in a run's metrics.jsonl (or a .jsonl path); a line cut short by a kill is skipped.
-  (plot.read_metrics does the same for figures; the bench, a top-floor tool too, may not import it.)"""
-  with open(run if run.endswith(".jsonl") else os.path.join(run, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f if line.strip().endswith("}")]
-  return {row["step"]: row[key] for row in rows if key in row}
-
-
 def loss_gap(reference: str, other: str) -> dict:
   """Two runs' losses at each step both logged (training: window means of `log_every` steps; evaluation),
   and OTHER's relative gap to REFERENCE, (other - reference) / reference, per key."""
   report = {"reference": reference, "other": other}
+  runs = read_metrics(reference), read_metrics(other)
   for key in ("loss", "nll_corrupted", "eval_loss"):
-    a, b = logged(reference, key), logged(other, key)
+    a, b = (dict(zip(*series(rows, key))) for rows in runs)
     steps = sorted(set(a) & set(b))
     gaps = [(b[s] - a[s]) / a[s] for s in steps]
     report[key] = {"steps": steps, "reference": [a[s] for s in steps], "other": [b[s] for s in steps],

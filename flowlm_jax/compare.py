@@ -23,6 +23,7 @@ import shlex
 import sys
 
 from flowlm_jax import evaluate, plot
+from flowlm_jax.logging import metrics_path, read_metrics
 from flowlm_jax.sampling import STRATEGIES
 
 TASKS_DATASET = "embedded:sft_tasks"
@@ -146,7 +147,7 @@ def write_figures(report: dict, out: str, workdirs: list[str], labels: list[str]
   runs = {}
   for label, workdir in zip(labels, workdirs):  # training curves: every run, labelled apart if pooled
     name = label if labels.count(label) == 1 else f"{label} ({os.path.basename(os.path.normpath(workdir))})"
-    runs[name] = plot.read_metrics(workdir)
+    runs[name] = read_metrics(workdir)
   written.append(plot.save(plot.compare_loss_figure(runs), os.path.join(out, "training_curves.png")))
   bounds = {label: {int(k.split("/")[1]): g["bounds"][k] for k in g["bounds"] if k.startswith("steps/")}
             for label, g in groups.items()}
@@ -237,7 +238,7 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None, budg
   labels = list(labels) if labels else plot.default_labels(workdirs)
   if len(labels) != len(workdirs):
     raise ValueError(f"compare: {len(labels)} labels for {len(workdirs)} workdirs")
-  missing = [w for w in workdirs if not os.path.isfile(plot.metrics_path(w))]
+  missing = [w for w in workdirs if not os.path.isfile(metrics_path(w))]
   if missing:  # before any evaluation: a typo must not cost the first run's whole evaluation
     raise FileNotFoundError(f"compare: no metrics.jsonl in {', '.join(missing)}")
   runs = []

@@ -1,4 +1,5 @@
-"""Where metrics go: `WORKDIR/metrics.jsonl`, `WORKDIR/samples.jsonl` and (optionally) wandb.
+"""Where metrics go: `WORKDIR/metrics.jsonl`, `WORKDIR/samples.jsonl` and (optionally) wandb; and how the
+figures, reports and the bench read metrics.jsonl back (`read_metrics`, `series`).
 
 Only process 0 writes. wandb is imported lazily and defaults to offline with its files under the workdir;
 `online` without a key or a server falls back to offline there (one warning naming the `wandb sync`
@@ -16,6 +17,8 @@ from typing import Any
 log = std_logging.getLogger(__name__)
 
 SECRET_ENV_VARS = ("WANDB_API_KEY",)
+
+Rows = list[dict]  # metrics.jsonl rows
 
 
 class MetricsLogger:
@@ -229,3 +232,42 @@ def _plain(v: Any) -> Any:
   if isinstance(v, float):
     return round(v, 6)
   return v
+
+
+# --- reading metrics.jsonl back -------------------------------------------------------------
+
+
+def metrics_path(workdir: str) -> str:
+  return workdir if workdir.endswith(".jsonl") else os.path.join(workdir, "metrics.jsonl")
+
+
+def read_metrics(workdir: str) -> Rows:
+  """The rows of `WORKDIR/metrics.jsonl` (or of a .jsonl path). A torn last line (a killed run) is skipped."""
+  path = metrics_path(workdir)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no metrics file: {path}")
+  rows = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and "step" in row:
+        rows.append(row)
+  return rows
+
+
+def series(rows: Rows, key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of `key`, sorted by step. A step logged twice (a resumed run redoing steps after its
+  last checkpoint) keeps the later value."""
+  by_step = {}
+  for row in rows:
+    value = row.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      by_step[int(row["step"])] = float(value)
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]

@@ -20,11 +20,12 @@ Agg), e.g. `plot.loss_figure({"run": plot.read_metrics(workdir)})`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from typing import Iterable, Sequence
+
+from flowlm_jax.logging import Rows, read_metrics, series
 
 RATIO_BUCKETS = (
     ("ratio_le_0.25", "≤ 0.25"),
@@ -34,46 +35,7 @@ RATIO_BUCKETS = (
 )
 KINDS = (("mask", "[MASK]"), ("random", "random-replaced"))
 
-Rows = list[dict]
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-
-def metrics_path(workdir: str) -> str:
-  return workdir if workdir.endswith(".jsonl") else os.path.join(workdir, "metrics.jsonl")
-
-
-def read_metrics(workdir: str) -> Rows:
-  """The rows of `WORKDIR/metrics.jsonl` (or of a .jsonl path). A torn last line (a killed run) is skipped."""
-  path = metrics_path(workdir)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no metrics file: {path}")
-  rows = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(row, dict) and "step" in row:
-        rows.append(row)
-  return rows
-
-
-def series(rows: Rows, key: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of `key`, sorted by step. A step logged twice (a resumed run redoing steps after its
-  last checkpoint) keeps the later value."""
-  by_step = {}
-  for row in rows:
-    value = row.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      by_step[int(row["step"])] = float(value)
-  steps = sorted(by_step)
-  return steps, [by_step[s] for s in steps]
+# --- reading (the readers live beside the writer, flowlm_jax/logging.py) -------------------------
 
 
 def last_value(rows: Rows, key: str) -> float | None:
