@@ -11,8 +11,6 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
-quiet() { grep -v "^W0000\|^I0000"; }
-
 # The small preset trained with one matmul dtype: no sampling, evaluation and checkpoint only at the end (forced),
 # warmup 100 steps (the preset's 2000 would cover the whole run). A fresh workdir: a kept one would be resumed.
 # Both dtypes train at once, sharing the GPU (its memory split in two): their losses do not depend on it, and

@@ -14,4 +14,6 @@ else
   export PYTHONPATH=.
 fi
 # NVLink multicast stays off (it can take a shared host's GPUs out of service: device README).
+# Output without absl's per-line warning and info lines (XLA and jax write many): `cmd 2>&1 | quiet`.
+quiet() { grep -v "^W0000\|^I0000"; }
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1

@@ -34,5 +34,5 @@ for section in "$@"; do
   limit=${SECTION_TIMEOUT:-580}
   [[ $section == train_* ]] && limit=${TRAIN_TIMEOUT:-$limit}  # a stopped training saves where it is
   echo "=== $section: $cmd"
-  timeout "$limit" $cmd 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/$section.log" | tail -30
+  timeout "$limit" $cmd 2>&1 | quiet | tee "$OUT/$section.log" | tail -30
 done

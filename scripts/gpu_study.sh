@@ -46,7 +46,7 @@ study() {
   local steps=()
   for w in "${workdirs[@]}"; do
     steps+=("$(ls "$w/checkpoints" 2>/dev/null | sort -n | tail -1)")
-    echo "$w: checkpoint step ${steps[-1]:-none}; $(grep -v '^W0000\|^I0000' "$w.log" | tail -1)"
+    echo "$w: checkpoint step ${steps[-1]:-none}; $(quiet <"$w.log" | tail -1)"
   done
   # A run stopped by its time limit saves where it was: the pooled means would mix training lengths.
   if [ "$(printf '%s\n' "${steps[@]}" | sort -u | wc -l)" != 1 ]; then
@@ -54,7 +54,7 @@ study() {
   fi
   start=$(date +%s)
   timeout 250 python3 -m flowlm_jax.compare "${workdirs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" \
-    --out "$root/report" ${COMPARE_ARGS:-} 2>&1 | grep -v "^W0000\|^I0000" | tee "$root/compare.log" | tail -60
+    --out "$root/report" ${COMPARE_ARGS:-} 2>&1 | quiet | tee "$root/compare.log" | tail -60
   echo "compare took $(( $(date +%s) - start )) s"
   for w in "${workdirs[@]}"; do cp "$w/metrics.jsonl" "$w.metrics.jsonl" 2>/dev/null; done
   tar czf "$OUT/study_$name.tar.gz" "$root"/report "$root"/*.log "$root"/*.metrics.jsonl $(ls "$root"/WARNING 2>/dev/null)
