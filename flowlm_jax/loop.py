@@ -199,7 +199,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
                            time.perf_counter() - window_start, int(state.nonfinite_count))
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           logger.write(row)
-          bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+          bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
           result["train"] = row
           window, window_start, window_steps = None, time.perf_counter(), 0
         evaluating = (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last

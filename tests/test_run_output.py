@@ -22,6 +22,7 @@ def finished_run(tmp_path_factory):
   c.inference.at_evaluation = True  # the preset default, which tiny_config turns off
   c.inference.answer_length, c.inference.steps, c.inference.max_steps = 4, 4, 4
   c.logging.samples_print_seconds = 1e9  # only the last answers reach the console
+  c.logging.progress_bar = True  # as users run it; here stdout is not a terminal, as in a SLURM log
   overlay = diff_yaml("flowlm", None, c, str(root / "tiny.yaml"))
   workdir = str(root / "run")
   r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={overlay}", f"--workdir={workdir}")
@@ -59,6 +60,14 @@ def test_every_evaluation_answers_the_test_prompts_and_the_last_answers_are_prin
   assert printed[:len(expected)] == [f"  [{m:<6}] {p!r} -> {expected[m, p]!r}"
                                      for p in c.inference.test_prompts for m in ("llada", "flowlm")]
   assert "step 3: test prompts" not in r.stdout  # throttled: logging.samples_print_seconds
+
+
+def test_a_piped_progress_bar_is_not_redrawn_at_every_logged_step(finished_run):
+  """Written to a file, every redraw stays in it: the bar redraws on its 30 s clock and around printed lines
+  (evaluations, answers), not at each of the run's logged steps (logging.log_every = 1 here)."""
+  _, r, c, _ = finished_run
+  renders = r.stdout.count(f"/{c.training.max_steps} [")  # each redraw shows "i/total [elapsed<eta, ...]"
+  assert 1 <= renders < c.training.max_steps, r.stdout
 
 
 def test_a_finished_run_ends_with_its_figures_checkpoint_and_next_commands(finished_run):
