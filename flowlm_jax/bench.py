@@ -196,8 +196,8 @@ def sampler_grid(args, smoke: bool) -> list[dict]:
   if smoke:
     return [dict(SMOKE_SAMPLER, cache=cache) for cache in args.caches.split(",")]
   grid = []
-  for answer in map(int, args.answers.split(",")):
-    for batch in map(int, args.batches.split(",")):
+  for batch in map(int, args.batches.split(",")):  # batch outermost: batch 1, the targets' setting, comes first
+    for answer in map(int, args.answers.split(",")):
       for cache in args.caches.split(","):
         grid.append(dict(SAMPLER, answer=answer, batch=batch, cache=cache, steps=args.sampler_steps or answer,
                          block=min(SAMPLER["block"], answer)))
@@ -321,8 +321,12 @@ def main(argv=None) -> list[dict]:
   for shape in shapes if not args.scaling else ():
     for mode in filter(None, args.samplers.split(",")):
       for sampler in samplers:
-        sampler_rows.append(bench_sampler(shape, mode, sampler, args.compute_dtype, args.unroll, args.profile_dir,
-                                          args.sampler_reps))
+        r = bench_sampler(shape, mode, sampler, args.compute_dtype, args.unroll, args.profile_dir, args.sampler_reps)
+        sampler_rows.append(r)
+        print(f"timed {shape} {mode} sampler, cache {r['cache']}, answer {r['answer']}, batch {r['batch']}: "
+              f"{r['seconds']:.3f} s, first call {r['first_call_s']:.0f} s", flush=True)
+        write_json(args.out, {"partial": True, "device": jax.devices()[0].device_kind, "train": rows,
+                              "samplers": sampler_rows})
   add_speedups(sampler_rows)
   # Measured again after the work (clocks fully up); the higher reading is the conservative denominator.
   peak_after = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)

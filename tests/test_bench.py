@@ -144,7 +144,7 @@ def test_sampler_grid_is_every_answer_batch_and_cache_with_one_token_per_step_by
   args = types.SimpleNamespace(answers="256,512", batches="1,32", caches="none,dual", sampler_steps=0)
   grid = bench.sampler_grid(args, smoke=False)
   assert [(g["answer"], g["batch"], g["cache"]) for g in grid] == [
-      (a, b, c) for a in (256, 512) for b in (1, 32) for c in ("none", "dual")]
+      (a, b, c) for b in (1, 32) for a in (256, 512) for c in ("none", "dual")]  # batch 1 (the targets') first
   assert all(g["steps"] == g["answer"] and g["block"] == 32 for g in grid)
   assert {g["steps"] for g in bench.sampler_grid(types.SimpleNamespace(**{**vars(args), "sampler_steps": 64}), False)} == {64}
 
@@ -159,7 +159,9 @@ def test_cached_sampler_rows_count_passes_and_compare_with_the_uncached_row(tmp_
   assert dual["full_passes_per_answer"] == blocks  # one refresh per block
   assert none["speedup"] == 1.0 and dual["speedup"] == none["seconds"] / dual["seconds"]
   assert none["x_floor"] > 0 and dual["floor_s"] is None  # the floor formula counts whole-row passes
-  assert "| smoke | llada | dual | 16 | 2 | 4 |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| smoke | llada | dual | 16 | 2 | 4 |" in out
+  assert "timed smoke llada sampler, cache dual, answer 16, batch 2" in out  # each row as it is measured
 
 
 def test_fast_sampling_bins_records_by_answer_length_and_scores_tokens_at_their_position():
