@@ -101,6 +101,10 @@ def pool(results: list[dict]) -> dict:
   self-correction over runs x corruption seeds, multiple choice over runs."""
   out = {"runs": len(results), "bounds": {name: bound_stats([r["bounds"][name] for r in results])
                                           for name in results[0]["bounds"]}}
+  masks = [r["bounds"]["mask"] for r in results]  # the [MASK] ELBO in the other units, where a run has them
+  for unit in ("bits_per_byte", "perplexity"):
+    values = [m.get(unit) for m in masks]
+    out[unit] = evaluate.spread(values) if None not in values else None
   if all("quality" in r for r in results):
     first = results[0]
     out["multiple_choice"] = {d: evaluate.spread([r["multiple_choice"][d]["overall"] for r in results])
@@ -182,11 +186,8 @@ def report_markdown(report: dict) -> str:
             "the spread over runs for a pooled label. Lower is better.", ""]
   rows = []
   for label, g in groups.items():
-    mask = [r for r in runs if r["label"] == label][0]["bounds"]["mask"]
-    one = g["runs"] == 1
-    bpb = f"{mask['bits_per_byte']:.3f}" if one and mask["bits_per_byte"] is not None else "n/a"
-    ppl = f"{mask['perplexity']:.3f}" if one else "n/a"
-    rows.append([label, _pm(g["bounds"]["mask"]), bpb, ppl, _pm(g["bounds"]["mixed"])])
+    rows.append([label, _pm(g["bounds"]["mask"]), _pm(g.get("bits_per_byte")), _pm(g.get("perplexity")),
+                 _pm(g["bounds"]["mixed"])])
   lines += _table(["label", "[MASK] ELBO (nats/token)", "bits/byte", "perplexity bound",
                    "mixed-noise ELBO (nats/token)"], rows)
   steps = [k.split("/")[1] for k in first_keys(groups, "bounds") if k.startswith("steps/")]

@@ -75,7 +75,7 @@ def test_self_correction_starts_from_the_corrupted_answers(untrained_tasks_run):
 
 
 def _run_result(accuracy, nats, fixed):
-  bound = {"nats_per_token": nats, "nats_per_token_se": 0.01}
+  bound = {"nats_per_token": nats, "nats_per_token_se": 0.01, "bits_per_byte": 2 * nats, "perplexity": 3 * nats}
   return {"bounds": {"mask": bound}, "multiple_choice": {"same_task": {"overall": accuracy}},
           "quality": {"llada": {"4": {"overall": [accuracy, accuracy + 0.1]}}},
           "self_correction": {"most_confident_changes": {
@@ -92,5 +92,10 @@ def test_runs_sharing_a_label_are_pooled_over_runs_and_seeds():
   sc = pooled["self_correction"]["most_confident_changes"]["0.2"]
   assert sc["fixed"] == pytest.approx(evaluate.spread([0.4, 0.6]))  # a seed without wrong tokens has no "fixed"
   assert sc["broken"]["n"] == 4
+  assert pooled["bits_per_byte"] == pytest.approx(evaluate.spread([2.0, 4.0]))  # the bound in its other units too
+  assert pooled["perplexity"] == pytest.approx(evaluate.spread([3.0, 6.0]))
+  no_bytes = _run_result(0.2, 1.0, 0.4)
+  no_bytes["bounds"]["mask"]["bits_per_byte"] = None  # e.g. a run whose bytes per token are unknown
+  assert compare.pool([no_bytes, _run_result(0.4, 2.0, 0.6)])["bits_per_byte"] is None
   one = compare.pool([_run_result(0.2, 1.0, 0.4)])
   assert one["bounds"]["mask"]["error"] == 0.01  # one run: its standard error over sequences
