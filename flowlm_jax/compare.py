@@ -163,9 +163,11 @@ def write_figures(report: dict, out: str, workdirs: list[str], labels: list[str]
     curves = {d: {label: {int(n): s for n, s in g["quality"][d].items()} for label, g in with_tasks.items()}
               for d in decoders}
     written.append(plot.save(plot.quality_vs_steps_figure(curves), os.path.join(out, "quality_vs_steps.png")))
-    sc = {f"{label}, {strategy}": {rate: {k: v["mean"] if v["n"] else None for k, v in by_key.items()}
-                                   for rate, by_key in by_rate.items()}
-          for label, g in with_tasks.items() for strategy, by_rate in g["self_correction"].items()}
+    strategies = next(iter(with_tasks.values()))["self_correction"]
+    sc = {strategy: {label: {rate: {k: v["mean"] if v["n"] else None for k, v in by_key.items()}
+                             for rate, by_key in g["self_correction"][strategy].items()}
+                     for label, g in with_tasks.items()}
+          for strategy in strategies}
     written.append(plot.save(plot.self_correction_figure(sc), os.path.join(out, "self_correction.png")))
   return written
 

@@ -67,13 +67,18 @@ def default_labels(workdirs: Sequence[str]) -> list[str]:
 
 
 def _figure(ncols: int, width: float = 5.2, height: float = 3.8):
+  fig, axes = _grid(1, ncols, width, height)
+  return fig, axes[0]
+
+
+def _grid(nrows: int, ncols: int, width: float = 5.2, height: float = 3.8):
+  """A figure with nrows x ncols panels of width x height inches: (fig, [[ax per column] per row])."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(width * ncols, height), layout="constrained")
+  fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
   FigureCanvasAgg(fig)
-  axes = fig.subplots(1, ncols, squeeze=False)[0]
-  return fig, list(axes)
+  return fig, [list(row) for row in fig.subplots(nrows, ncols, squeeze=False)]
 
 
 def _color(i: int) -> str:
@@ -207,17 +212,18 @@ def _bars(ax, groups: Sequence[str], values: dict[str, Sequence[float | None]], 
   """Grouped bars: one group per entry of `groups`, one bar per key of `values`; None = no bar."""
   n = max(len(values), 1)
   width = 0.8 / n
+  top = max([v for vals in values.values() for v in vals if v is not None] or [1.0])
+  digits = 3 if top < 0.1 else 2  # small fractions (e.g. 0.004) would all print as 0.00
   for j, (name, vals) in enumerate(values.items()):
     xs = [g + (j - (n - 1) / 2) * width for g in range(len(groups))]
     heights = [v if v is not None else 0.0 for v in vals]
     bars = ax.bar(xs, heights, width=width * 0.95, color=colors[j], label=name)
     for bar, v in zip(bars, vals):
-      ax.annotate(f"{v:.2f}" if v is not None else "n/a", (bar.get_x() + bar.get_width() / 2, v or 0.0),
+      ax.annotate(f"{v:.{digits}f}" if v is not None else "n/a", (bar.get_x() + bar.get_width() / 2, v or 0.0),
                   ha="center", va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points",
                   color="black" if v is not None else "0.5")
   ax.set_xticks(range(len(groups)))
   ax.set_xticklabels(groups)
-  top = max([v for vals in values.values() for v in vals if v is not None] or [1.0])
   ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)
 
 
@@ -312,23 +318,27 @@ def bound_vs_steps_figure(bounds: dict[str, dict[int, dict]], continuous: dict[s
   return fig
 
 
-def self_correction_figure(results: dict[str, dict[str, dict]]):
-  """Bars per corruption rate and run: tokens fixed, right tokens broken, exact match after refinement.
+def self_correction_figure(results: dict[str, dict[str, dict[str, dict]]]):
+  """Self-correction, one row of panels per replacement strategy: wrong tokens fixed, right tokens changed and
+  exact match after refinement, with bars per corruption rate and label.
 
-  `results`: {label: {rate (str): {"fixed", "broken", "exact_match", ...}}}.
+  `results`: {strategy: {label: {rate (str): {"fixed", "broken", "exact_match", ...}}}}.
   """
-  fig, axes = _figure(3, width=4.6)
-  colors = [_color(i) for i in range(len(results))]
-  rates = sorted({rate for by_rate in results.values() for rate in by_rate}, key=float)
   titles = {"fixed": "wrong tokens fixed", "broken": "right tokens changed", "exact_match": "exact match after"}
-  for ax, (key, title) in zip(axes, titles.items()):
-    _bars(ax, [f"{float(r):.0%}" for r in rates],
-          {label: [by_rate.get(r, {}).get(key) for r in rates] for label, by_rate in results.items()}, colors)
-    ax.set_title(title, fontsize=11)
+  fig, axes = _grid(len(results), len(titles), width=4.6, height=3.2)
+  labels = list(dict.fromkeys(label for by_label in results.values() for label in by_label))
+  colors = [_color(i) for i in range(len(labels))]
+  for row, (strategy, by_label) in zip(axes, results.items()):
+    rates = sorted({rate for by_rate in by_label.values() for rate in by_rate}, key=float)
+    for ax, (key, title) in zip(row, titles.items()):
+      _bars(ax, [f"{float(r):.0%}" for r in rates],
+            {label: [by_label.get(label, {}).get(r, {}).get(key) for r in rates] for label in labels}, colors)
+      ax.set_title(f"{strategy}: {title}", fontsize=10)
+      ax.set_ylabel("fraction")
+      ax.grid(True, axis="y", alpha=0.3)
+  for ax in axes[-1]:
     ax.set_xlabel("answer tokens replaced by random tokens")
-    ax.set_ylabel("fraction")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+  fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=len(labels), fontsize=9)
   fig.suptitle("self-correction: FlowLM decoding from corrupted answers", fontsize=12)
   return fig
 

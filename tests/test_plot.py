@@ -108,3 +108,18 @@ def test_cli_on_a_real_run(reference_run, tmp_path, capsys):
   assert len(printed) == 3 and all(os.path.basename(p).startswith("ref_") for p in printed)
   for path in printed:
     assert_png(path)
+
+
+def test_self_correction_figure_has_a_row_per_strategy_and_a_bar_per_label_and_rate():
+  def result(fixed):
+    return {"0.1": {"fixed": fixed, "broken": 0.004, "exact_match": 0.9},
+            "0.5": {"fixed": None, "broken": 0.002, "exact_match": 0.5}}  # None: no wrong token, no bar height
+  fig = plot.self_correction_figure({"below_threshold": {"llada": result(0.01), "flowlm": result(0.02)},
+                                     "most_confident_changes": {"llada": result(0.98), "flowlm": result(0.99)}})
+  axes = fig.get_axes()
+  assert [ax.get_title() for ax in axes[::3]] == ["below_threshold: wrong tokens fixed",
+                                                  "most_confident_changes: wrong tokens fixed"]
+  assert [round(b.get_height(), 3) for b in axes[3].patches] == [0.98, 0.0, 0.99, 0.0]  # llada's rates, then flowlm's
+  texts = [t.get_text() for t in axes[1].texts]  # small fractions keep three digits
+  assert texts == ["0.004", "0.002", "0.004", "0.002"]
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == ["llada", "flowlm"]
