@@ -12,6 +12,7 @@ The one place that turns a directory into a model: checkpoints (checkpoint.py), 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -24,6 +25,8 @@ from flowlm_jax.formats import flowlm_export as exported
 from flowlm_jax.formats import llama_hf
 from flowlm_jax.models import registry
 from flowlm_jax.tokenizer import load_tokenizer, vocab_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -48,17 +51,33 @@ class LoadedRun:
                                    mode=mode or icfg.mode, chat=self.config.dataset.prompt_format == "chat")
 
 
-def load(workdir: str, step: int | None = None) -> LoadedRun:
+def load(workdir: str, step: int | None = None, prompt_format: str | None = None) -> LoadedRun:
   """Config, model, tokenizer and a `generate` helper from the newest (or given) checkpoint of a run.
 
   `workdir` may be a run directory, its `checkpoints/` directory, one step's directory, or an exported
   directory (`python -m flowlm_jax.export`; `step`, if given, must be the exported step), or an HF LLaDA /
   Dream directory (step 0).
+  `prompt_format` ("plain" or "chat") sets how `generate`, sample and evaluate render prompts. Unset (or "auto"),
+  a run keeps the format its training resolved and recorded, and an HF directory gets "chat" when it holds an
+  instruction-tuned release (`llama_hf.prompt_format_of`: LLaDA-8B-Instruct, Dream-v0-Instruct-7B), else "plain".
   """
+  choices = config_lib.CHOICES["dataset.prompt_format"]
+  if prompt_format is not None and prompt_format not in choices:
+    raise ValueError(f"prompt_format={prompt_format!r}: expected one of {', '.join(choices)}")
+  explicit = prompt_format if prompt_format in ("plain", "chat") else None
   if exported.is_exported(workdir):
-    return _load_exported(workdir, step)
-  if llama_hf.is_checkpoint(workdir):
-    return _load_hf_checkpoint(workdir)
+    run = _load_exported(workdir, step)
+  elif llama_hf.is_checkpoint(workdir):
+    run = _load_hf_checkpoint(workdir, resolve_prompt_format=explicit is None)
+  else:
+    run = _load_run(workdir, step)
+  if explicit:
+    run.config.dataset.prompt_format = explicit
+  return run
+
+
+def _load_run(workdir: str, step: int | None) -> LoadedRun:
+  """A LoadedRun from a run's Orbax checkpoints (its config as recorded, prompt_format included)."""
   directory, resume_step = ckpt_lib.resolve_resume_path(workdir)
   step = resume_step if step is None else step
   checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
@@ -123,10 +142,10 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
                    graphdef=graphdef, params=params)
 
 
-def _load_hf_checkpoint(path: str) -> LoadedRun:
+def _load_hf_checkpoint(path: str, resolve_prompt_format: bool = True) -> LoadedRun:
   """A LoadedRun of a released LLaDA/Dream directory: its weights, tokenizer and [MASK]; the default inference
-  settings. Parameters stay in the dtype they are stored in; compute is bfloat16 on accelerators, float32 on
-  CPUs (which emulate bfloat16 slowly)."""
+  settings, and prompts as the release expects them (`resolve_prompt_format`). Parameters stay in the dtype they
+  are stored in; compute is bfloat16 on accelerators, float32 on CPUs (which emulate bfloat16 slowly)."""
   path = os.path.abspath(path)
   stored = llama_hf.stored_dtype(llama_hf.read_hf_config(path))
   config = config_lib.base_config()
@@ -135,6 +154,11 @@ def _load_hf_checkpoint(path: str) -> LoadedRun:
   m.param_dtype = stored if stored in config_lib.CHOICES["model.param_dtype"] else "float32"
   m.compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   tokenizer = load_tokenizer(path)
+  if resolve_prompt_format:
+    # An Instruct release fed a raw prompt is not prompted the way it was trained (its SFT rows were templated).
+    config.dataset.prompt_format, why = llama_hf.prompt_format_of(path, tokenizer)
+    log.info("%s: %s prompts, as %s (flowlm_jax.load(..., prompt_format=...) to choose)", path,
+             config.dataset.prompt_format, why)
   vocab = vocab_of(tokenizer)
   model_cfg = registry.model_config(m, vocab)
   graphdef, abstract_model_state = train.abstract_model(model_cfg)

@@ -2,6 +2,7 @@
 
 A layout module names the HF tensors and maps its config.json keys; this one holds what the layouts share:
   - config.json <-> `models.llama.ModelConfig` (`from_hf_config`, `hf_config_dict`), chosen by `model_type`;
+  - how a release expects its prompts (`prompt_format_of`): an instruction-tuned one through its chat template;
   - the tensor table (`tensors`): HF keeps one tensor per weight and layer, torch Linear weights as [out, in];
     ours are stacked on a leading `layers` axis, [in, out], with the heads split out ([D, H, Dh] for q);
   - import: `load_params(cfg, shardings)` streams the safetensors one tensor at a time into each device's
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from collections.abc import Mapping
 from flowlm_jax.formats import dream_hf, llada_hf
 from flowlm_jax.formats import safetensors_dir as st
 from flowlm_jax.models.llama import ModelConfig, Transformer
+from flowlm_jax.tokenizer import end_of_turn_id, has_chat_template
 from flowlm_jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,38 @@ def model_config(model_cfg, vocab: Vocab) -> ModelConfig:
 def stored_dtype(hf: dict) -> str:
   """The dtype a checkpoint stores its weights in (its config.json), float32 when it does not say."""
   return next((hf[k] for k in DTYPE_KEYS if hf.get(k)), "float32")
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+
+def prompt_format_of(directory: str, tokenizer) -> tuple[str, str]:
+  """("chat" or "plain", why): how the release in `directory` expects its prompts, for `dataset.prompt_format=auto`.
+
+  A chat template alone does not make an instruction-tuned model: LLaDA-8B-Base ships Instruct's template, but
+  without the template's tokens (<|start_header_id|>, <|eot_id|> are not in its vocabulary; Instruct added them,
+  ids 126346-126348). So "chat" needs the template AND its end-of-turn marker to be a token of its own. Dream's
+  Qwen2.5 vocabulary has ChatML's tokens in the Base release too, which only its name tells apart: a name with
+  the word "Base" (LLaDA-8B-Base, Dream-v0-Base-7B) stays plain.
+  """
+  if not has_chat_template(tokenizer):
+    return "plain", "its tokenizer has no chat template"
+  name = release_name(directory)
+  if "base" in re.split(r"[^a-z0-9]+", name.lower()):
+    return "plain", f"its name {name!r} marks a base model"
+  end = end_of_turn_id(tokenizer)
+  if end == tokenizer.eos_token_id:
+    return "plain", "its chat template's end-of-turn marker is not a token of its vocabulary (a base model's)"
+  return "chat", f"its chat template closes a turn with {tokenizer.convert_ids_to_tokens(end)}, a token of its own"
+
+
+def release_name(directory: str) -> str:
+  """A checkpoint's name: its directory's, or NAME for a hub-cache snapshot (models--ORG--NAME/snapshots/SHA)."""
+  path = os.path.abspath(os.path.expanduser(directory))
+  parent = os.path.dirname(path)
+  if os.path.basename(parent) == "snapshots":
+    return os.path.basename(os.path.dirname(parent)).split("--")[-1]
+  return os.path.basename(path)
 
 
 # --- tensors ------------------------------------------------------------------------------------
