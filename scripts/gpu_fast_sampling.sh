@@ -9,18 +9,27 @@
 #   bash scripts/gpu_fast_sampling.sh pair       (each phase stops after SECTION_TIMEOUT, default 280 s here)
 # Writes JSON + logs under $OUT (or ./gpu_out). LIMIT: records per task of the quality table (default 15);
 # TRAIN_ARGS: more --config overrides for the training sections; TRAIN_TIMEOUT: their time limit.
+# LONG_TRAIN_PER_TASK: train on that many generated records per task instead of the shipped 600 (the same
+# test set; scripts/build_assets.py writes them to /tmp/long_tasks first, ~1 min for 10000).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0 --sampler_reps 1"
 table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15}"
+if [ -n "${LONG_TRAIN_PER_TASK:-}" ]; then
+  long=/tmp/long_tasks/sft_tasks_long
+  [ -s $long/train.jsonl ] || python3 scripts/build_assets.py --long-tasks-only --out /tmp/long_tasks \
+    --long-train-per-task "$LONG_TRAIN_PER_TASK" 2>&1 | quiet | tail -1
+  data_args="--config.dataset.name= --config.dataset.train_files=$long/train.jsonl \
+    --config.dataset.validation_files=$long/test.jsonl"
+fi
 for section in "$@"; do
   case $section in
     speed_small) cmd="python3 -m flowlm_jax.bench --no-train --shapes small --samplers llada,flowlm $grid --out $OUT/fast_small.json" ;;
     speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
-    train_llada) cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=runs/llada-long ${TRAIN_ARGS:-}" ;;
-    train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long ${TRAIN_ARGS:-}" ;;
+    train_llada) cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=runs/llada-long ${data_args:-} ${TRAIN_ARGS:-}" ;;
+    train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long ${data_args:-} ${TRAIN_ARGS:-}" ;;
     quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=runs/llada-long $table --out $OUT/fast_llada.json" ;;
     quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=runs/flowlm-long $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
     pair) # two processes share the GPU; two phases must fit one 600 s call

@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import os
+import sys
 import types
 
 import pytest
@@ -14,6 +15,7 @@ def script(name: str):
   """A module of scripts/ (not a package: loaded from its file)."""
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
@@ -138,6 +140,18 @@ def test_long_task_set_has_right_answers_of_128_to_511_tokens(tokenizer):
       want = {"sort": sorted(items), "reverse": items[::-1], "copy": items}[op]
     assert r["task"] == op and r["answer"] == " ".join(want), r["prompt"][:40]
     assert 128 <= len(tokenizer.encode(r["answer"], add_special_tokens=False)) <= 511, r["prompt"][:40]
+
+
+def test_long_task_set_rebuilds_identically_and_a_larger_training_set_keeps_its_test_records():
+  """scripts/build_assets.py reproduces the shipped set, and --long-train-per-task only adds new prompts."""
+  build = script("build_assets")
+  folder = os.path.join(REPO, "flowlm_jax", "assets", "sft_tasks_long")
+  read = lambda name: [json.loads(line) for line in open(os.path.join(folder, name))]
+  train, test = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task)
+  assert (train, test) == (read("train.jsonl"), read("test.jsonl"))
+  more_train, more_test = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task + 50)
+  assert more_test == test and len(more_train) == len(train) + 4 * 50
+  assert not {r["prompt"] for r in test} & {r["prompt"] for r in more_train}
 
 
 def test_sampler_grid_is_every_answer_batch_and_cache_with_one_token_per_step_by_default():
