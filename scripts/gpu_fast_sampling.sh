@@ -9,18 +9,25 @@
 #   bash scripts/gpu_fast_sampling.sh pair       (each phase stops after SECTION_TIMEOUT, default 280 s here)
 # Writes JSON + logs under $OUT (or ./gpu_out). LIMIT: records per task of the quality table (default 15);
 # TRAIN_ARGS: more --config overrides for the training sections; TRAIN_TIMEOUT: their time limit.
-# LONG_TRAIN_PER_TASK: train on that many generated records per task instead of the shipped 600 (the same
-# test set; scripts/build_assets.py writes them to /tmp/long_tasks first, ~1 min for 10000).
+# LONG_TRAIN_PER_TASK: the training sections train on that many generated records per task instead of the
+# shipped 600 (the same test set; scripts/build_assets.py writes them under /tmp first, ~30 s for 10000).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0 --sampler_reps 1"
 table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15}"
-if [ -n "${LONG_TRAIN_PER_TASK:-}" ]; then
-  long=/tmp/long_tasks/sft_tasks_long
-  [ -s $long/train.jsonl ] || python3 scripts/build_assets.py --long-tasks-only --out /tmp/long_tasks \
-    --long-train-per-task "$LONG_TRAIN_PER_TASK" 2>&1 | quiet | tail -1
+if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *" train_"* || " $* " == *" pair "* ]]; then
+  # Built once per size on a machine (a warm one keeps /tmp), whole or not at all: a failed or stopped build
+  # leaves no folder behind to be reused.
+  long=/tmp/long_tasks_$LONG_TRAIN_PER_TASK/sft_tasks_long
+  if [ ! -d "$long" ]; then
+    rm -rf "$long.partial"
+    python3 scripts/build_assets.py --long-tasks-only --out "$long.partial" \
+      --long-train-per-task "$LONG_TRAIN_PER_TASK" >"$OUT/long_tasks.log" 2>&1 \
+      || { echo "building the long-task records failed: $OUT/long_tasks.log"; tail -3 "$OUT/long_tasks.log"; exit 1; }
+    mv "$long.partial/sft_tasks_long" "$long" && rm -rf "$long.partial"
+  fi
   data_args="--config.dataset.name= --config.dataset.train_files=$long/train.jsonl \
     --config.dataset.validation_files=$long/test.jsonl"
 fi

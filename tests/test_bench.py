@@ -178,6 +178,26 @@ def test_cached_sampler_rows_count_passes_and_compare_with_the_uncached_row(tmp_
   assert "timed smoke llada sampler, cache dual, answer 16, batch 2" in out  # each row as it is measured
 
 
+def test_a_stopped_sampler_grid_leaves_the_rows_measured_so_far_with_speedups(tmp_path, monkeypatch):
+  out = tmp_path / "bench.json"
+  measure = bench.bench_sampler
+  calls = []
+
+  def stop_at_the_third(*args, **kwargs):  # a time limit arriving during the third setting
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return measure(*args, **kwargs)
+
+  monkeypatch.setattr(bench, "bench_sampler", stop_at_the_third)
+  with pytest.raises(KeyboardInterrupt):
+    bench.main(["--smoke", "--no-train", "--samplers=llada", "--caches=none,dual,prefix", f"--out={out}"])
+  report = json.loads(out.read_text())
+  assert report["partial"] and report["jax"] and report["args"]["caches"] == "none,dual,prefix"
+  none, dual = report["samplers"]
+  assert none["speedup"] == 1.0 and dual["speedup"] == none["seconds"] / dual["seconds"]
+
+
 def test_fast_sampling_bins_records_by_answer_length_and_scores_tokens_at_their_position():
   fast = script("fast_sampling")
   records = [{}] * 4
