@@ -11,7 +11,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
-import pytest
+# XLA's optimisation passes cost seconds per compile and the suite compiles hundreds of tiny programs whose run
+# time is negligible: every test (and every launch.py subprocess, which inherits the environment) compiles with
+# mesh_worker's fast flags (jax's own tests use the first two). The tests check this project's math, sharding
+# and I/O, not XLA's optimiser; processes that must agree bit for bit all see the same flags.
+from mesh_worker import fast_xla_flags  # noqa: E402
+
+_given_xla_flags = os.environ.get("XLA_FLAGS", "").split()  # a flag set by the caller keeps the caller's value
+_given_names = {f.split("=")[0] for f in _given_xla_flags}
+_added = [f for f in fast_xla_flags() if f.split("=")[0] not in _given_names]
+os.environ["XLA_FLAGS"] = " ".join(_given_xla_flags + _added)
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

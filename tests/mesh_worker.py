@@ -52,8 +52,10 @@ FAST_XLA_OPTIONAL = ("--xla_cpu_use_fusion_emitters=false",)
 
 
 @functools.lru_cache(maxsize=None)
-def _fast_flags() -> tuple[str, ...]:
+def fast_xla_flags() -> tuple[str, ...]:
   """FAST_XLA plus the optional flags if XLA accepts them (an unknown XLA flag aborts the process)."""
+  if set(FAST_XLA + FAST_XLA_OPTIONAL) <= set(os.environ.get("XLA_FLAGS", "").split()):
+    return FAST_XLA + FAST_XLA_OPTIONAL  # probed already by a parent process (conftest.py): no second probe
   flags = " ".join(FAST_XLA + FAST_XLA_OPTIONAL)
   probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=120,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags})
@@ -62,7 +64,7 @@ def _fast_flags() -> tuple[str, ...]:
 
 def cpu_env(devices: int) -> dict[str, str]:
   """Environment for a subprocess with `devices` simulated CPU devices."""
-  return {"XLA_FLAGS": " ".join((f"--xla_force_host_platform_device_count={devices}", *_fast_flags())),
+  return {"XLA_FLAGS": " ".join((f"--xla_force_host_platform_device_count={devices}", *fast_xla_flags())),
           "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "WANDB_MODE": "disabled",
           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, tiny_config
+from mesh_worker import cpu_env
 
 
 def write_checkpoint(workdir: str, config, step: int = 7, seed: int = 3, mesh=None) -> tuple[dict, dict]:
@@ -172,7 +173,7 @@ def test_checkpoint_from_a_4_device_mesh_loads_and_exports_on_one_device(tmp_pat
   from flowlm_jax import export
 
   workdir, saved = str(tmp_path / "run"), str(tmp_path / "params.npz")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {**os.environ, **cpu_env(4)}
   r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, workdir, saved], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=180)
   assert r.returncode == 0, r.stderr[-3000:]
