@@ -53,10 +53,23 @@ def tiny_overlay(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_run(tiny_overlay, tmp_path_factory):
-  """An uninterrupted tiny run: the baseline that resumed runs must reproduce exactly."""
+  """An uninterrupted tiny run: the baseline that resumed runs must reproduce exactly. Tests only read it.
+
+  The pytest-xdist workers share one (the first to need it trains it, the others wait on a lock): it is the
+  same deterministic run everywhere, and a launch.py start costs each worker ~10 s of a 2-core machine."""
+  import fcntl
+
   from helpers import launch
 
-  workdir = str(tmp_path_factory.mktemp("reference") / "w")
-  r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}")
-  assert r.returncode == 0, r.stderr[-3000:]
+  # Under xdist the basetemp's parent is this session's directory, shared by its workers and no one else.
+  shared = "PYTEST_XDIST_WORKER" in os.environ
+  root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("reference")
+  workdir, done = str(root / "reference-run"), root / "reference-run.done"
+  with open(root / "reference-run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # what a worker that failed here left
+      r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={workdir}")
+      assert r.returncode == 0, r.stderr[-3000:]
+      done.touch()
   return workdir
