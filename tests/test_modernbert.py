@@ -346,7 +346,9 @@ def test_fine_tune_resume_sample_and_export(tmp_path):
           "--config.model.tokenizer=tests/fixtures/modernbert_tiny", "--config.training.max_steps=4",
           "--config.training.save_steps=2", "--config.training.batch_size=8", "--config.model.loss_chunk_size=16",
           "--config.training.async_checkpointing=False", "--config.evaluation.eval_batches=1",
-          "--config.logging.progress_bar=False", "--config.logging.log_every=1", f"--workdir={workdir}"]
+          "--config.logging.progress_bar=False", "--config.logging.log_every=1", f"--workdir={workdir}",
+          # 4 steps of 8 rows: tokenizing 400 of the 20,000 task records is enough (each launch tokenizes them)
+          "--config.dataset.max_train_examples=400", "--config.dataset.max_validation_examples=40"]
   first = launch_in_process(*args, "--stop_at_step=2")
   assert first.returncode == 0, first.stderr[-3000:]
   second = launch_in_process(*args)
