@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from flowlm_jax.config import split_files
-from flowlm_jax.tokenizer import ASSETS_DIR, end_of_turn_id, has_chat_template, separator_id, templated_prompt_ids
+from flowlm_jax.tokenizer import ASSETS_DIR, end_of_turn_id, has_chat_template, separator_id, templated_prompt_text
 from flowlm_jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -134,16 +134,27 @@ def user_turn(prompt: str) -> list[dict]:
 
 def plain_prompt_ids(tokenizer, prompt: str) -> list[int]:
   """Ids of a plain prompt: its text, then [SEP]."""
-  return tokenizer.encode(prompt, add_special_tokens=False) + [separator_id(tokenizer)]
+  return prompts_ids(tokenizer, [prompt], chat=False)[0]
 
 
 def chat_prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
   """Ids of a chat prompt up to where the answer starts: the tokenizer's chat template when it has one (an
   imported checkpoint's), else this project's "User: …" lines, [SEP] and " Assistant:"."""
-  if has_chat_template(tokenizer):
-    return templated_prompt_ids(tokenizer, turns)
-  lines = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
-  return plain_prompt_ids(tokenizer, lines) + tokenizer.encode(" Assistant:", add_special_tokens=False)
+  return prompts_ids(tokenizer, [turns], chat=True)[0]
+
+
+def prompts_ids(tokenizer, prompts: list, chat: bool) -> list[list[int]]:
+  """`plain_prompt_ids` / `chat_prompt_ids` of many prompts (texts, or turn lists for chat), in one batched
+  tokenizer call: a fast tokenizer spreads a batch over the CPU's cores."""
+  if chat and has_chat_template(tokenizer):
+    texts = [templated_prompt_text(tokenizer, turns) for turns in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+  if chat:
+    texts = ["\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns) for turns in prompts]
+    suffix = [separator_id(tokenizer), *tokenizer.encode(" Assistant:", add_special_tokens=False)]
+  else:
+    texts, suffix = list(prompts), [separator_id(tokenizer)]
+  return [ids + suffix for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def answer_end_id(tokenizer, chat: bool, vocab: Vocab) -> int:
@@ -200,9 +211,9 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
     pairs = [(user_turn(p) if chat else p, a) for p, a in zip(records[dcfg.prompt_field], records[dcfg.answer_field])]
   L = dcfg.max_length
   answers = ended_answer_ids(tokenizer, [a for _, a in pairs], chat, vocab)
+  prompts = prompts_ids(tokenizer, [p for p, _ in pairs], chat)
   rows, prompt_lens, truncated, dropped = [], [], 0, 0
-  for (prompt, _), answer in zip(pairs, answers):
-    prompt_ids = chat_prompt_ids(tokenizer, prompt) if chat else plain_prompt_ids(tokenizer, prompt)
+  for prompt_ids, answer in zip(prompts, answers):
     row = prompt_ids + answer
     if len(row) > L:
       if dcfg.overlong == "error":

@@ -83,12 +83,12 @@ def has_chat_template(tokenizer) -> bool:
   return bool(getattr(tokenizer, "chat_template", None))
 
 
-def templated_prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
-  """Ids of `turns` rendered by the chat template up to where the assistant's answer starts."""
+def templated_prompt_text(tokenizer, turns: list[dict]) -> str:
+  """`turns` rendered by the chat template up to where the assistant's answer starts; its ids are
+  `tokenizer.encode(text, add_special_tokens=False)`, what apply_chat_template(tokenize=True) does."""
   # LLaDA-8B-Instruct's template writes the assistant header whatever add_generation_prompt says; asking for it
   # makes templates that honour the flag do the same.
-  text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-  return tokenizer.encode(text, add_special_tokens=False)  # what apply_chat_template(tokenize=True) does
+  return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
 
 
 _PROBE_ANSWER = "@@answer@@"  # survives the `trim` filter some templates apply to a turn's content
