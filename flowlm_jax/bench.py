@@ -325,9 +325,8 @@ def main(argv=None) -> list[dict]:
         sampler_rows.append(r)
         print(f"timed {shape} {mode} sampler, cache {r['cache']}, answer {r['answer']}, batch {r['batch']}: "
               f"{r['seconds']:.3f} s, first call {r['first_call_s']:.0f} s", flush=True)
-        add_speedups(sampler_rows)
+        add_speedups(sampler_rows)  # each row's, so the partial file has them too
         write_json(args.out, partial_report(args, rows, sampler_rows))
-  add_speedups(sampler_rows)
   # Measured again after the work (clocks fully up); the higher reading is the conservative denominator.
   peak_after = measure_peak_matmul(peak_n, warmup_s=0.1 if args.smoke else 3.0)
   if peak_after > peak:

@@ -421,9 +421,10 @@ def main() -> None:
                       help=f"write only {SFT_LONG.folder}/ (checked with the tokenizer of --tokenizer)")
   parser.add_argument("--long-train-per-task", type=int, default=SFT_LONG.train_per_task,
                       help="with --long-tasks-only: train records per task (default: %(default)s, the shipped set; "
-                           "more adds distinct prompts, the test records stay the same)")
-  parser.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_OUT / "tokenizer",
-                      help="with --long-tasks-only: the tokenizer that checks answer lengths (default: %(default)s)")
+                           "another count draws other training records, the test records stay the same)")
+  parser.add_argument("--tokenizer", type=pathlib.Path, default=None,
+                      help="with --long-tasks-only: the tokenizer that checks answer lengths (default: --out's "
+                           "tokenizer/ if it has one, else the shipped one)")
   args = parser.parse_args()
   if args.long_train_per_task < 1:
     parser.error(f"--long-train-per-task must be >= 1, got {args.long_train_per_task}")
@@ -431,7 +432,9 @@ def main() -> None:
     parser.error("--long-train-per-task needs --long-tasks-only (the full build writes the shipped set)")
 
   if args.long_tasks_only:
-    write_long_tasks(args.out, args.tokenizer, args.long_train_per_task)
+    built = args.out / "tokenizer"  # a full build's, as before this option existed
+    tokenizer = args.tokenizer or (built if built.is_dir() else DEFAULT_OUT / "tokenizer")
+    write_long_tasks(args.out, tokenizer, args.long_train_per_task)
     return
   if args.sdist:
     build(args.sdist, args.out, args.sft_train_per_task)
