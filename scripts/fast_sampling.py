@@ -13,6 +13,10 @@ answer length of --answers that holds its reference answer and [EOS] (answer_len
 - exact match (flowlm_jax.evaluate.exact_match) and token accuracy (reference tokens reproduced at
   their position, / reference length) against the reference answers;
 - agreement with the uncached sampler: answers identical to the cache=none, threshold-0 row's.
+First, before any decoding (seconds), a probe of what the model learnt (--probe_ratios): per task and share
+of the answer replaced by [MASK], the accuracy on the masked answer tokens ([EOS] padding not counted) with the
+rows built as training built them. Copy and reverse near 1/26 with 5% masked mean the model does not read the
+prompt (docs/performance.md, "Training the tasks_long preset longer"), and decoding cannot succeed.
 Steps: --steps, 0 = the answer length (one token per step, Fast-dLLM's baseline); blocks of --block.
 This is a script, not a module: flowlm_jax.evaluate and flowlm_jax.bench are both entry points, which no
 package module may import.
@@ -24,7 +28,10 @@ import argparse
 import json
 import time
 
+import datasets
+import jax
 import numpy as np
+from flax import nnx
 
 from flowlm_jax import data, evaluate, loading, sampling
 from flowlm_jax.tokenizer import ASSETS_DIR
@@ -45,6 +52,43 @@ def answer_bins(records: list[dict], reference_ids: list[list[int]], answers: li
 def token_accuracy(reference_ids: list[list[int]], answer_ids: list[list[int]]) -> float:
   """Mean over records of the share of reference tokens reproduced at their position."""
   return float(np.mean([sum(a == b for a, b in zip(ref, got)) / len(ref) for ref, got in zip(reference_ids, answer_ids)]))
+
+
+def masked_accuracy(predict, split: data.TokenizedSplit, tasks: list[str], ratios: list[float], vocab,
+                    seed: int = 0, batch: int = 16) -> dict[str, dict[float, float]]:
+  """{task: {ratio: accuracy}}: each row's answer positions ([EOS] padding too, as in training) masked with
+  probability `ratio`, `predict` (token ids [B, L] -> predicted ids [B, L]) scored on the masked answer tokens."""
+  rng = np.random.default_rng(seed)
+  content = split.corruptible & (split.tokens != vocab.eos_id)
+  result = {task: {} for task in dict.fromkeys(tasks)}
+  for ratio in ratios:
+    masked = split.corruptible & (rng.random(split.tokens.shape) < ratio)
+    inputs = np.where(masked, vocab.mask_id, split.tokens)
+    n = len(inputs)
+    padded = np.concatenate([inputs, inputs[:(-n) % batch]])  # whole batches: one compiled shape
+    predicted = np.concatenate([np.asarray(predict(padded[i:i + batch])) for i in range(0, n, batch)])[:n]
+    scored = masked & content
+    right = (predicted == split.tokens) & scored
+    for task in result:
+      rows = np.asarray(tasks) == task
+      result[task][ratio] = float(right[rows].sum() / max(scored[rows].sum(), 1))
+  return result
+
+
+def probe(run, records: list[dict], ratios: list[float]) -> dict[str, dict[float, float]]:
+  """masked_accuracy of `run` on `records`, rows of the run's own dataset.max_length."""
+  split = data.encode_sft(datasets.Dataset.from_list(records), run.config.dataset, run.tokenizer, run.vocab)
+  forward = jax.jit(lambda params, tokens: nnx.merge(run.graphdef, params)(tokens).argmax(-1))
+  return masked_accuracy(lambda tokens: forward(run.params, tokens), split, [r["task"] for r in records], ratios,
+                         run.vocab)
+
+
+def format_probe(result: dict[str, dict[float, float]]) -> str:
+  ratios = next(iter(result.values()))
+  lines = ["| task | " + " | ".join(f"{r:.0%} masked" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+  lines += [f"| {task} | " + " | ".join(f"{acc:.3f}" for acc in by_ratio.values()) + " |"
+            for task, by_ratio in result.items()]
+  return "\n".join(lines)
 
 
 def decode_all(run, prompt_ids, icfg, mode: str, batch: int, bucket: int):
@@ -119,6 +163,8 @@ def parse_args(argv=None):
   p.add_argument("--block", type=int, default=32, help="LLaDA block length")
   p.add_argument("--cache_refresh", type=int, default=0)
   p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--probe_ratios", default="0.05,0.3,0.6,0.9,1.0",
+                 help="shares of the answer masked for the probe, comma list ('' = no probe)")
   p.add_argument("--out", default="fast_sampling.json")
   return p.parse_args(argv)
 
@@ -127,11 +173,16 @@ def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   run = loading.load(args.workdir, step=args.step)
   records = evaluate.load_records(args.records, args.limit)
-  print(f"{args.workdir} step {run.step}; {len(records)} records; {time.strftime('%Y-%m-%d')}\n{HEADER}", flush=True)
-  rows = measure(run, records, args)
+  print(f"{args.workdir} step {run.step}; {len(records)} records; {time.strftime('%Y-%m-%d')}", flush=True)
+  report = {"workdir": args.workdir, "step": run.step, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
+  if args.probe_ratios:
+    report["masked_accuracy"] = probe(run, records, [float(r) for r in args.probe_ratios.split(",")])
+    print("accuracy on masked answer tokens, the rest of the row in view:\n" + format_probe(report["masked_accuracy"]),
+          flush=True)
+  print(HEADER, flush=True)
+  report["rows"] = rows = measure(run, records, args)
   with open(args.out, "w") as f:
-    json.dump({"workdir": args.workdir, "step": run.step, "args": vars(args), "rows": rows,
-               "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+    json.dump(report, f, indent=1)
   return rows
 
 

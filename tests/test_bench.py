@@ -205,6 +205,37 @@ def test_fast_sampling_bins_records_by_answer_length_and_scores_tokens_at_their_
   assert fast.token_accuracy([[1, 2, 3, 4], [5]], [[1, 2, 9], [5, 6]]) == (0.5 + 1.0) / 2
 
 
+def test_fast_sampling_probe_scores_masked_answer_tokens_per_task_and_ratio(vocab):
+  """The probe masks only answer positions and scores only the masked answer tokens, not [EOS] padding."""
+  import numpy as np
+
+  from flowlm_jax import data
+
+  fast = script("fast_sampling")
+  tokens = np.random.default_rng(0).integers(10, 50, size=(5, 12)).astype(np.int32)
+  tokens[:, 9:] = vocab.eos_id                                # answers end at column 9, [EOS] padding after
+  corruptible = np.arange(12)[None, :] >= np.array([3, 4, 5, 3, 4])[:, None]
+  split = data.TokenizedSplit(tokens, corruptible)
+  tasks = ["copy", "sort", "copy", "sort", "copy"]
+  seen = []
+
+  def right_on(rows):  # batch=5: one call with every row; the true tokens on `rows`, its input elsewhere
+    return lambda x: seen.append(x) or np.where(np.isin(np.arange(5), rows)[:, None], tokens, x)
+
+  assert fast.masked_accuracy(right_on([0, 1, 2, 3, 4]), split, tasks, [0.5, 1.0], vocab, batch=5) == {
+      "copy": {0.5: 1.0, 1.0: 1.0}, "sort": {0.5: 1.0, 1.0: 1.0}}
+  assert np.array_equal(seen[-1] == vocab.mask_id, corruptible)  # ratio 1: every answer column, padding too
+  assert not (seen[0] == vocab.mask_id)[~corruptible].any()      # a prompt column is never masked
+  assert fast.masked_accuracy(right_on([0, 2, 4]), split, tasks, [1.0], vocab, batch=5) == {
+      "copy": {1.0: 1.0}, "sort": {1.0: 0.0}}
+  # Predicting [MASK] back is never right; 5 rows in batches of 2 (the last one padded) all get scored.
+  assert fast.masked_accuracy(lambda x: x, split, tasks, [1.0], vocab, batch=2) == {"copy": {1.0: 0.0},
+                                                                                 "sort": {1.0: 0.0}}
+  # [EOS] padding predicted right counts for nothing: a model right only there scores 0.
+  eos_only = lambda x: np.where(tokens[:len(x)] == vocab.eos_id, vocab.eos_id, x)
+  assert fast.masked_accuracy(eos_only, split, tasks, [1.0], vocab, batch=5)["copy"][1.0] == 0.0
+
+
 def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
   from flowlm_jax import config as config_lib
   from flowlm_jax import evaluate, train
