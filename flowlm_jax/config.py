@@ -75,6 +75,11 @@ def base_config() -> ConfigDict:
                                 # have messages_field (resolved when data loads, saved with checkpoints)
   d.max_length = 128            # sequence length of a training row
   d.overlong = "truncate"       # SFT records longer than max_length: "truncate" (counted) | "error"
+  # SFT: () fills each row to max_length with [EOS] (LLaDA's SFT layout). Answer lengths, e.g. (256, 512): each
+  # answer is filled with [EOS] to the smallest that holds it and the row ends there ([PAD] after, unseen), as
+  # the sampler's row (prompt + answer_length) does; a model that places tokens by their distance to the row's
+  # end (copy, reverse) then sees at inference the layout it was trained on (docs/performance.md).
+  d.answer_slots = ()
   d.max_train_examples = 0      # 0 = all
   d.max_validation_examples = 0
   d.cache_dir = ""              # HF datasets cache; "" = library default
@@ -267,6 +272,7 @@ def apply_variant(c: ConfigDict, variant: str | None) -> ConfigDict:
   if variant == "tasks_long":  # the long-answer set: exact match and speed of the fast samplers
     c.dataset.name, c.dataset.kind = "embedded:sft_tasks_long", "sft"
     c.dataset.max_length = 1032   # the longest prompt + [SEP] + answer + [EOS]: 1025 tokens
+    c.dataset.answer_slots = (256, 512)  # rows end where the sampler's do, at the answer length decoded at
     c.training.batch_size = 32
     c.training.num_epochs = 40.0  # 75 steps an epoch
     c.evaluation.eval_steps = 500
@@ -501,6 +507,8 @@ def _check_values(c: ConfigDict) -> None:
            "fp8 needs model.compute_dtype bfloat16 or float32 (float16 cannot hold the gradient scales)")
 
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
+  _require(all(isinstance(n, int) and 0 < n < d.max_length for n in d.answer_slots), "dataset.answer_slots",
+           f"must be answer lengths between 1 and max_length - 1 = {d.max_length - 1}, got {tuple(d.answer_slots)}")
   _require(0.0 <= d.validation_split_ratio < 1.0, "dataset.validation_split_ratio", "must be in [0, 1)")
   _require(bool(d.name or d.train_files), "dataset.name", "set a dataset name or dataset.train_files")
   for key in ("train_files", "validation_files"):

@@ -212,8 +212,18 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   L = dcfg.max_length
   answers = ended_answer_ids(tokenizer, [a for _, a in pairs], chat, vocab)
   prompts = prompts_ids(tokenizer, [p for p, _ in pairs], chat)
-  rows, prompt_lens, truncated, dropped = [], [], 0, 0
+  slots = sorted(dcfg.answer_slots)
+  rows, prompt_lens, row_ends, truncated, dropped = [], [], [], 0, 0
   for prompt_ids, answer in zip(prompts, answers):
+    if slots:  # the answer filled with [EOS] to the answer length it would be decoded at
+      slot = next((n for n in slots if len(answer) <= n), slots[-1])
+      if len(answer) > slot and dcfg.overlong == "error":
+        raise ValueError(f"dataset: an answer of {len(answer)} tokens with its end does not fit the largest of "
+                         f"dataset.answer_slots={tuple(slots)} (set dataset.overlong=truncate to cut it)")
+      cut = len(answer) > slot
+      answer = answer[:slot] + [vocab.eos_id] * (slot - len(answer))
+    else:
+      cut = False
     row = prompt_ids + answer
     if len(row) > L:
       if dcfg.overlong == "error":
@@ -222,16 +232,21 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
       if len(prompt_ids) >= L:
         dropped += 1
         continue
-      truncated += 1
+      cut = True
       row = row[:L]
-    rows.append(row + [vocab.eos_id] * (L - len(row)))
+    truncated += cut
+    fill = vocab.pad_id if slots else vocab.eos_id  # [PAD] keys are masked out: the row ends with its answer
+    row_ends.append(len(row) if slots else L)
+    rows.append(row + [fill] * (L - len(row)))
     prompt_lens.append(len(prompt_ids))
   if not rows:
     raise ValueError(f"dataset: every record's prompt is longer than dataset.max_length={L}")
   tokens = np.asarray(rows, dtype=np.int32)
-  corruptible = np.arange(L)[None, :] >= np.asarray(prompt_lens)[:, None]
+  columns = np.arange(L)[None, :]
+  corruptible = (columns >= np.asarray(prompt_lens)[:, None]) & (columns < np.asarray(row_ends)[:, None])
   if truncated:
-    log.warning("dataset: %d of %d records longer than max_length=%d were truncated", truncated, len(pairs), L)
+    log.warning("dataset: %d of %d records longer than max_length=%d (or answer_slots %s) were truncated", truncated,
+                len(pairs), L, tuple(slots))
   return TokenizedSplit(tokens, corruptible, num_records=len(pairs), num_truncated=truncated, num_dropped=dropped,
                         chat=chat)
 

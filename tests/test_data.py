@@ -113,6 +113,37 @@ def test_sft_prompt_and_sep_are_not_corruptible_answer_and_eos_fill_are(tokenize
     assert corruptible.tolist() == [False] * n_prompt + [True] * (32 - n_prompt)
 
 
+def test_answer_slots_end_each_row_at_the_answer_length_it_is_decoded_at(tokenizer, vocab):
+  """With dataset.answer_slots, an answer is filled with [EOS] to the smallest slot that holds it (as the
+  sampler's answer_length would be), then [PAD], which is neither corrupted nor seen (train_step's key lengths)."""
+  pairs = [("add 12 30", "42"), ("sort 4 1 3 2", "1 2 3 4"), ("copy", " ".join("abcdefghij"))]
+  rows = records([{"prompt": p, "answer": a} for p, a in pairs])
+  split = data.encode_sft(rows, sft_cfg(answer_slots=(6, 4)), tokenizer, vocab)
+  assert split.tokens.shape == (3, 32) and (split.num_truncated, split.num_dropped) == (1, 0)
+  for row, corruptible, (prompt, answer) in zip(split.tokens.tolist(), split.corruptible.tolist(), pairs):
+    head = tokenizer.encode(prompt, add_special_tokens=False) + [SEP]
+    body = tokenizer.encode(answer, add_special_tokens=False) + [EOS]
+    slot = 4 if len(body) <= 4 else 6  # "42" + [EOS]: 4; "1 2 3 4" + [EOS]: 6; ten letters: cut to 6
+    answer_part = (body + [EOS] * slot)[:slot]
+    assert row == head + answer_part + [vocab.pad_id] * (32 - len(head) - slot)
+    assert corruptible == [False] * len(head) + [True] * slot + [False] * (32 - len(head) - slot)
+  with pytest.raises(ValueError, match="dataset.answer_slots"):
+    data.encode_sft(rows, sft_cfg(answer_slots=(6, 4), overlong="error"), tokenizer, vocab)
+  # Without slots the row is filled to max_length with [EOS], every filled column corruptible (LLaDA's SFT).
+  plain = data.encode_sft(rows, sft_cfg(), tokenizer, vocab)
+  assert (plain.tokens != vocab.pad_id).all() and plain.corruptible[:, -1].all()
+
+
+def test_answer_slots_must_be_answer_lengths_below_max_length():
+  c = config_lib.preset("llada", "tasks_long")
+  assert tuple(c.dataset.answer_slots) == (256, 512)
+  for bad in ((0, 256), (256, 1032)):
+    with c.unlocked():
+      c.dataset.answer_slots = bad
+    with pytest.raises(ValueError, match="dataset.answer_slots"):
+      config_lib.validate(c)
+
+
 def test_chat_messages_are_rendered_user_sep_assistant(tokenizer, vocab):
   split = data.encode_sft(records([chat(("user", "hi there"), ("assistant", "hello you"))]), sft_cfg(), tokenizer, vocab)
   tokens, corruptible = split.tokens[0], split.corruptible[0]
