@@ -215,15 +215,14 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   slots = sorted(dcfg.answer_slots)
   rows, prompt_lens, row_ends, truncated, dropped = [], [], [], 0, 0
   for prompt_ids, answer in zip(prompts, answers):
+    cut = False
     if slots:  # the answer filled with [EOS] to the answer length it would be decoded at
       slot = next((n for n in slots if len(answer) <= n), slots[-1])
-      if len(answer) > slot and dcfg.overlong == "error":
+      cut = len(answer) > slot
+      if cut and dcfg.overlong == "error":
         raise ValueError(f"dataset: an answer of {len(answer)} tokens with its end does not fit the largest of "
                          f"dataset.answer_slots={tuple(slots)} (set dataset.overlong=truncate to cut it)")
-      cut = len(answer) > slot
       answer = answer[:slot] + [vocab.eos_id] * (slot - len(answer))
-    else:
-      cut = False
     row = prompt_ids + answer
     if len(row) > L:
       if dcfg.overlong == "error":

@@ -86,7 +86,8 @@ def exact_match(records: list[dict], answers: list[str]) -> dict[str, float]:
 
 def sft_rows(run, records: list[dict]):
   """`data.TokenizedSplit` of {prompt, answer} records rendered as the run's training rows: prompt + [SEP] +
-  answer + [EOS] fill to dataset.max_length, the answer part corruptible."""
+  answer + [EOS] fill to dataset.max_length (to its answer slot, then [PAD], with dataset.answer_slots), the
+  answer part corruptible."""
   import datasets
 
   from flowlm_jax import data

@@ -28,12 +28,10 @@ import argparse
 import json
 import time
 
-import datasets
 import jax
 import numpy as np
-from flax import nnx
 
-from flowlm_jax import data, evaluate, loading, sampling
+from flowlm_jax import data, evaluate, likelihood, loading, sampling
 from flowlm_jax.tokenizer import ASSETS_DIR
 
 LONG_TEST_FILE = f"{ASSETS_DIR}/sft_tasks_long/test.jsonl"
@@ -60,7 +58,8 @@ def masked_accuracy(predict, split: data.TokenizedSplit, tasks: list[str], ratio
   probability `ratio`, `predict` (token ids [B, L] -> predicted ids [B, L]) scored on the masked answer tokens."""
   rng = np.random.default_rng(seed)
   content = split.corruptible & (split.tokens != vocab.eos_id)
-  result = {task: {} for task in dict.fromkeys(tasks)}
+  rows_of = {task: np.asarray(tasks) == task for task in dict.fromkeys(tasks)}
+  result = {task: {} for task in rows_of}
   for ratio in ratios:
     masked = split.corruptible & (rng.random(split.tokens.shape) < ratio)
     inputs = np.where(masked, vocab.mask_id, split.tokens)
@@ -69,16 +68,16 @@ def masked_accuracy(predict, split: data.TokenizedSplit, tasks: list[str], ratio
     predicted = np.concatenate([np.asarray(predict(padded[i:i + batch])) for i in range(0, n, batch)])[:n]
     scored = masked & content
     right = (predicted == split.tokens) & scored
-    for task in result:
-      rows = np.asarray(tasks) == task
+    for task, rows in rows_of.items():
       result[task][ratio] = float(right[rows].sum() / max(scored[rows].sum(), 1))
   return result
 
 
 def probe(run, records: list[dict], ratios: list[float]) -> dict[str, dict[float, float]]:
-  """masked_accuracy of `run` on `records`, rows of the run's own dataset.max_length."""
-  split = data.encode_sft(datasets.Dataset.from_list(records), run.config.dataset, run.tokenizer, run.vocab)
-  forward = jax.jit(lambda params, tokens: nnx.merge(run.graphdef, params)(tokens).argmax(-1))
+  """masked_accuracy of `run` on `records`, in the run's own training rows ([PAD] keys unseen, as in training)."""
+  split = evaluate.sft_rows(run, records)
+  logits = lambda params, tokens: likelihood.model_logits_fn(run.graphdef, params, run.vocab.pad_id)(tokens)
+  forward = jax.jit(lambda params, tokens: logits(params, tokens).argmax(-1))
   return masked_accuracy(lambda tokens: forward(run.params, tokens), split, [r["task"] for r in records], ratios,
                          run.vocab)
 
