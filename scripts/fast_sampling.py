@@ -11,12 +11,14 @@ answer length of --answers that holds its reference answer and [EOS] (answer_len
   that time; speedup = the uncached, threshold-0 row's seconds / this row's;
 - passes/answer: forward passes per answer (whole-row passes in brackets, the rest ran cached slices);
 - exact match (flowlm_jax.evaluate.exact_match) and token accuracy (reference tokens reproduced at
-  their position, / reference length) against the reference answers;
+  their position, / reference length) against the reference answers, overall and (a second table) per task;
 - agreement with the uncached sampler: answers identical to the cache=none, threshold-0 row's.
 First, before any decoding (seconds), a probe of what the model learnt (--probe_ratios): per task and share
 of the answer replaced by [MASK], the accuracy on the masked answer tokens ([EOS] padding not counted) with the
 rows built as training built them. Copy and reverse near 1/26 with 5% masked mean the model does not read the
-prompt (docs/performance.md, "Training the tasks_long preset longer"), and decoding cannot succeed.
+prompt (docs/performance.md, "Training the tasks_long preset longer"), and decoding cannot succeed. A second
+table, the whole answer masked, by the token's index in the answer: where a positional skill (reverse's mirror
+lookup) stops reaching.
 Steps: --steps, 0 = the answer length (one token per step, Fast-dLLM's baseline); blocks of --block.
 This is a script, not a module: flowlm_jax.evaluate and flowlm_jax.bench are both entry points, which no
 package module may import.
@@ -25,6 +27,7 @@ package module may import.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import time
 
@@ -47,25 +50,37 @@ def answer_bins(records: list[dict], reference_ids: list[list[int]], answers: li
   return {a: idx for a, idx in bins.items() if idx}
 
 
-def token_accuracy(reference_ids: list[list[int]], answer_ids: list[list[int]]) -> float:
-  """Mean over records of the share of reference tokens reproduced at their position."""
-  return float(np.mean([sum(a == b for a, b in zip(ref, got)) / len(ref) for ref, got in zip(reference_ids, answer_ids)]))
+def token_accuracy(records: list[dict], reference_ids: list[list[int]], answer_ids: list[list[int]]) -> dict[str, float]:
+  """{task: accuracy, "overall": accuracy}, as evaluate.exact_match: the mean over records of the share of
+  reference tokens reproduced at their position."""
+  shares = collections.defaultdict(list)
+  for record, ref, got in zip(records, reference_ids, answer_ids, strict=True):
+    share = sum(a == b for a, b in zip(ref, got)) / len(ref)
+    shares[record["task"]].append(share)
+    shares["overall"].append(share)
+  return {key: float(np.mean(values)) for key, values in shares.items()}
+
+
+def predict_masked(predict, split: data.TokenizedSplit, ratio: float, vocab, rng, batch: int = 16):
+  """(masked, predicted): each row's answer positions ([EOS] padding too, as in training) replaced by [MASK]
+  with probability `ratio`, and `predict`'s ids (token ids [B, L] -> predicted ids [B, L]) for those rows."""
+  masked = split.corruptible & (rng.random(split.tokens.shape) < ratio)
+  inputs = np.where(masked, vocab.mask_id, split.tokens)
+  n = len(inputs)
+  padded = np.concatenate([inputs, inputs[:(-n) % batch]])  # whole batches: one compiled shape
+  return masked, np.concatenate([np.asarray(predict(padded[i:i + batch])) for i in range(0, n, batch)])[:n]
 
 
 def masked_accuracy(predict, split: data.TokenizedSplit, tasks: list[str], ratios: list[float], vocab,
                     seed: int = 0, batch: int = 16) -> dict[str, dict[float, float]]:
-  """{task: {ratio: accuracy}}: each row's answer positions ([EOS] padding too, as in training) masked with
-  probability `ratio`, `predict` (token ids [B, L] -> predicted ids [B, L]) scored on the masked answer tokens."""
+  """{task: {ratio: accuracy}}: `predict` scored on the masked answer tokens ([EOS] padding not counted) at
+  each share `ratio` of the answer masked (predict_masked)."""
   rng = np.random.default_rng(seed)
   content = split.corruptible & (split.tokens != vocab.eos_id)
   rows_of = {task: np.asarray(tasks) == task for task in dict.fromkeys(tasks)}
   result = {task: {} for task in rows_of}
   for ratio in ratios:
-    masked = split.corruptible & (rng.random(split.tokens.shape) < ratio)
-    inputs = np.where(masked, vocab.mask_id, split.tokens)
-    n = len(inputs)
-    padded = np.concatenate([inputs, inputs[:(-n) % batch]])  # whole batches: one compiled shape
-    predicted = np.concatenate([np.asarray(predict(padded[i:i + batch])) for i in range(0, n, batch)])[:n]
+    masked, predicted = predict_masked(predict, split, ratio, vocab, rng, batch)
     scored = masked & content
     right = (predicted == split.tokens) & scored
     for task, rows in rows_of.items():
@@ -73,20 +88,46 @@ def masked_accuracy(predict, split: data.TokenizedSplit, tasks: list[str], ratio
   return result
 
 
-def probe(run, records: list[dict], ratios: list[float]) -> dict[str, dict[float, float]]:
-  """masked_accuracy of `run` on `records`, in the run's own training rows ([PAD] keys unseen, as in training)."""
+def accuracy_by_index(predict, split: data.TokenizedSplit, tasks: list[str], vocab, edges: list[int],
+                      batch: int = 16) -> dict[str, dict[str, float | None]]:
+  """{task: {"a-b": accuracy}}: the whole answer masked, accuracy on answer tokens whose index within the
+  answer is in [a, b) (None where no answer reaches it). Where a positional skill stops working."""
+  masked, predicted = predict_masked(predict, split, 1.0, vocab, np.random.default_rng(0), batch)
+  index = np.arange(split.tokens.shape[1])[None, :] - split.corruptible.argmax(1)[:, None]
+  scored = masked & (split.tokens != vocab.eos_id)
+  right = predicted == split.tokens
+  result = {}
+  for task in dict.fromkeys(tasks):
+    rows = (np.asarray(tasks) == task)[:, None]
+    result[task] = {}
+    for a, b in zip(edges, edges[1:]):
+      sel = scored & rows & (index >= a) & (index < b)
+      result[task][f"{a}-{b - 1}"] = float(right[sel].mean()) if sel.any() else None
+  return result
+
+
+INDEX_EDGES = [0, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+
+
+def probe(run, records: list[dict], ratios: list[float]) -> tuple[dict, dict]:
+  """(masked_accuracy, accuracy_by_index) of `run` on `records`, in the run's own training rows ([PAD] keys
+  unseen, as in training)."""
   split = evaluate.sft_rows(run, records)
   logits = lambda params, tokens: likelihood.model_logits_fn(run.graphdef, params, run.vocab.pad_id)(tokens)
   forward = jax.jit(lambda params, tokens: logits(params, tokens).argmax(-1))
-  return masked_accuracy(lambda tokens: forward(run.params, tokens), split, [r["task"] for r in records], ratios,
-                         run.vocab)
+  predict = lambda tokens: forward(run.params, tokens)
+  tasks = [r["task"] for r in records]
+  return (masked_accuracy(predict, split, tasks, ratios, run.vocab),
+          accuracy_by_index(predict, split, tasks, run.vocab, INDEX_EDGES))
 
 
-def format_probe(result: dict[str, dict[float, float]]) -> str:
-  ratios = next(iter(result.values()))
-  lines = ["| task | " + " | ".join(f"{r:.0%} masked" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
-  lines += [f"| {task} | " + " | ".join(f"{acc:.3f}" for acc in by_ratio.values()) + " |"
-            for task, by_ratio in result.items()]
+def format_probe(result: dict[str, dict]) -> str:
+  """A task x column table of accuracies (columns: the inner dict's keys; a float key is a masked share)."""
+  columns = next(iter(result.values()))
+  name = lambda c: f"{c:.0%} masked" if isinstance(c, float) else c
+  lines = ["| task | " + " | ".join(map(name, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+  lines += [f"| {task} | " + " | ".join("-" if acc is None else f"{acc:.3f}" for acc in by_column.values()) + " |"
+            for task, by_column in result.items()]
   return "\n".join(lines)
 
 
@@ -129,9 +170,11 @@ def measure(run, records: list[dict], args) -> list[dict]:
                      batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
                      generated_tokens_per_s=len(idx) * answer_length / seconds, speedup=baseline[0] / seconds,
                      passes_per_answer=float(out["passes"].mean()), full_passes_per_answer=float(out["full_passes"].mean()),
-                     exact_match=evaluate.exact_match(bin_records, texts)["overall"],
-                     token_accuracy=token_accuracy([reference_ids[i] for i in idx], ids),
-                     agreement=float(np.mean(np.all(out["answer"] == baseline[1], axis=1))))
+                     agreement=float(np.mean(np.all(out["answer"] == baseline[1], axis=1))),
+                     exact_match_by_task=evaluate.exact_match(bin_records, texts),
+                     token_accuracy_by_task=token_accuracy(bin_records, [reference_ids[i] for i in idx], ids))
+          row["exact_match"] = row["exact_match_by_task"]["overall"]
+          row["token_accuracy"] = row["token_accuracy_by_task"]["overall"]
           print(format_row(row), flush=True)
           rows.append(row)
   return rows
@@ -146,6 +189,17 @@ def format_row(r: dict) -> str:
           f"{r['seconds_per_answer']:.3f} | {r['generated_tokens_per_s']:,.0f} | {r['speedup']:.2f} | "
           f"{r['passes_per_answer']:.1f} ({r['full_passes_per_answer']:.1f}) | {r['exact_match']:.3f} | "
           f"{r['token_accuracy']:.3f} | {r['agreement']:.3f} |")
+
+
+def format_by_task(rows: list[dict]) -> str:
+  """Token accuracy (exact match) per task for each setting: which skills a cache or threshold costs."""
+  tasks = sorted({t for r in rows for t in r["token_accuracy_by_task"] if t != "overall"})
+  lines = ["| sampler | answer | cache | threshold | " + " | ".join(tasks) + " |", "|---" * (4 + len(tasks)) + "|"]
+  for r in rows:
+    cells = [f"{r['token_accuracy_by_task'][t]:.3f} ({r['exact_match_by_task'][t]:.2f})"
+             if t in r["token_accuracy_by_task"] else "-" for t in tasks]
+    lines.append(f"| {r['mode']} | {r['answer']} | {r['cache']} | {r['threshold']:g} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def parse_args(argv=None):
@@ -175,11 +229,15 @@ def main(argv=None) -> list[dict]:
   print(f"{args.workdir} step {run.step}; {len(records)} records; {time.strftime('%Y-%m-%d')}", flush=True)
   report = {"workdir": args.workdir, "step": run.step, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
   if args.probe_ratios:
-    report["masked_accuracy"] = probe(run, records, [float(r) for r in args.probe_ratios.split(",")])
+    report["masked_accuracy"], report["accuracy_by_index"] = probe(
+        run, records, [float(r) for r in args.probe_ratios.split(",")])
     print("accuracy on masked answer tokens, the rest of the row in view:\n" + format_probe(report["masked_accuracy"]),
           flush=True)
+    print("the whole answer masked, accuracy by the token's index in the answer:\n"
+          + format_probe(report["accuracy_by_index"]), flush=True)
   print(HEADER, flush=True)
   report["rows"] = rows = measure(run, records, args)
+  print("token accuracy (exact match) per task:\n" + format_by_task(rows), flush=True)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=1)
   return rows

@@ -202,7 +202,9 @@ def test_fast_sampling_bins_records_by_answer_length_and_scores_tokens_at_their_
   fast = script("fast_sampling")
   records = [{}] * 4
   assert fast.answer_bins(records, [[7] * 5, [7] * 16, [7] * 20, [7] * 40], [32, 16]) == {16: [0], 32: [1, 2]}
-  assert fast.token_accuracy([[1, 2, 3, 4], [5]], [[1, 2, 9], [5, 6]]) == (0.5 + 1.0) / 2
+  tasks = [{"task": "copy"}, {"task": "sort"}, {"task": "copy"}]
+  assert fast.token_accuracy(tasks, [[1, 2, 3, 4], [5], [7, 8]], [[1, 2, 9], [5, 6], [8, 7]]) == {
+      "copy": (0.5 + 0.0) / 2, "sort": 1.0, "overall": (0.5 + 1.0 + 0.0) / 3}
 
 
 def test_fast_sampling_probe_scores_masked_answer_tokens_per_task_and_ratio(vocab):
@@ -234,6 +236,15 @@ def test_fast_sampling_probe_scores_masked_answer_tokens_per_task_and_ratio(voca
   # [EOS] padding predicted right counts for nothing: a model right only there scores 0.
   eos_only = lambda x: np.where(tokens[:len(x)] == vocab.eos_id, vocab.eos_id, x)
   assert fast.masked_accuracy(eos_only, split, tasks, [1.0], vocab, batch=5)["copy"][1.0] == 0.0
+  # By index within the answer (the whole answer masked): right on the first two answer tokens only.
+  index = np.arange(12)[None, :] - np.array([3, 4, 5, 3, 4])[:, None]
+  first_two = lambda x: np.where(index[:len(x)] < 2, tokens[:len(x)], x)
+  assert fast.accuracy_by_index(first_two, split, tasks, vocab, [0, 2, 4, 8], batch=5) == {
+      "copy": {"0-1": 1.0, "2-3": 0.0, "4-7": 0.0}, "sort": {"0-1": 1.0, "2-3": 0.0, "4-7": 0.0}}
+  # An answer index no row reaches (answers are 4-6 tokens here) is None, not 0.
+  assert fast.accuracy_by_index(first_two, split, tasks, vocab, [0, 8, 16], batch=5)["copy"]["8-15"] is None
+  table = fast.format_probe({"copy": {"0-7": 0.5, "8-15": None}})
+  assert table.splitlines()[0] == "| task | 0-7 | 8-15 |" and table.splitlines()[2] == "| copy | 0.500 | - |"
 
 
 def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
@@ -255,6 +266,10 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
   assert all(r["passes_per_answer"] == 16 for r in rows)
   assert [r["full_passes_per_answer"] for r in rows] == [16, 2]  # dual: one refresh per block of 8
   assert all(0 <= r["exact_match"] <= 1 and 0 <= r["token_accuracy"] <= 1 for r in rows)
+  assert all(set(r["token_accuracy_by_task"]) == set(r["exact_match_by_task"]) == {"sort", "reverse", "add", "copy",
+                                                                                  "overall"} for r in rows)
+  table = fast.format_by_task(rows).splitlines()
+  assert len(table) == 2 + len(rows) and table[0].count("|") == 4 + 4 + 1
 
 
 def test_gpu_scripts_parse_and_all_keep_nvlink_multicast_off():
