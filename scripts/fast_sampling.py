@@ -143,7 +143,8 @@ def decode_all(run, prompt_ids, icfg, mode: str, batch: int, bucket: int):
   return seconds, {name: np.concatenate([getattr(o, name) for o in outs]) for name in ("answer", "passes", "full_passes")}
 
 
-def measure(run, records: list[dict], args) -> list[dict]:
+def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[dict]:
+  """The table's rows; `on_row(rows so far)` after each (main saves them: a stopped run keeps what it measured)."""
   tok, vocab = run.tokenizer, run.vocab
   chat = run.config.dataset.prompt_format == "chat"
   prompt_ids = [sampling.encode_prompt(tok, r["prompt"], chat) for r in records]
@@ -177,6 +178,7 @@ def measure(run, records: list[dict], args) -> list[dict]:
           row["token_accuracy"] = row["token_accuracy_by_task"]["overall"]
           print(format_row(row), flush=True)
           rows.append(row)
+          on_row(rows)
   return rows
 
 
@@ -227,7 +229,14 @@ def main(argv=None) -> list[dict]:
   run = loading.load(args.workdir, step=args.step)
   records = evaluate.load_records(args.records, args.limit)
   print(f"{args.workdir} step {run.step}; {len(records)} records; {time.strftime('%Y-%m-%d')}", flush=True)
-  report = {"workdir": args.workdir, "step": run.step, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
+  report = {"workdir": args.workdir, "step": run.step, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
+            "partial": True}
+
+  def save(**fields):
+    report.update(fields)
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+
   if args.probe_ratios:
     report["masked_accuracy"], report["accuracy_by_index"] = probe(
         run, records, [float(r) for r in args.probe_ratios.split(",")])
@@ -235,11 +244,11 @@ def main(argv=None) -> list[dict]:
           flush=True)
     print("the whole answer masked, accuracy by the token's index in the answer:\n"
           + format_probe(report["accuracy_by_index"]), flush=True)
+  save()
   print(HEADER, flush=True)
-  report["rows"] = rows = measure(run, records, args)
+  rows = measure(run, records, args, on_row=lambda rows: save(rows=rows))
   print("token accuracy (exact match) per task:\n" + format_by_task(rows), flush=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
+  save(rows=rows, partial=False)
   return rows
 
 

@@ -5,8 +5,10 @@
 #   bash scripts/gpu_fast_sampling.sh speed_small     # synthetic weights: cache x answer x batch (then speed_1b)
 #   bash scripts/gpu_fast_sampling.sh train_llada     # the tasks_long preset (then train_flowlm)
 #   bash scripts/gpu_fast_sampling.sh quality_llada   # speed/quality table on the long-answer set (then quality_flowlm)
-# Or both models in one call, each pair of sections running side by side on the one GPU:
-#   bash scripts/gpu_fast_sampling.sh pair       (each phase stops after SECTION_TIMEOUT, default 280 s here)
+# Sections joined by + run side by side, each on a GPU of its own where the machine has one per section
+# (nvidia-h200-x2), otherwise sharing the GPU (45% of its memory each; timings then share it too):
+#   bash scripts/gpu_fast_sampling.sh train_llada+train_flowlm quality_llada+quality_flowlm
+#   bash scripts/gpu_fast_sampling.sh pair       (the same, each phase stopping after SECTION_TIMEOUT, default 280 s)
 # Writes JSON + logs under $OUT (or ./gpu_out). LIMIT: records per task of the quality table (default 15);
 # TRAIN_ARGS: more --config overrides for the training sections; TRAIN_TIMEOUT: their time limit.
 # LONG_TRAIN_PER_TASK: the training sections train on that many generated records per task instead of the
@@ -17,7 +19,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0 --sampler_reps 1"
 table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15}"
-if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *" train_"* || " $* " == *" pair "* ]]; then
+if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
   # Built once per size on a machine (a warm one keeps /tmp), whole or not at all: a failed or stopped build
   # leaves no folder behind to be reused.
   long=/tmp/long_tasks_$LONG_TRAIN_PER_TASK/sft_tasks_long
@@ -31,7 +33,21 @@ if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *" train_"* || " $* " == *"
   data_args="--config.dataset.name= --config.dataset.train_files=$long/train.jsonl \
     --config.dataset.validation_files=$long/test.jsonl"
 fi
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+side_by_side() {  # side_by_side "a+b": each section in a child process of this script, then wait for all
+  local sections=(${1//+/ }) i=0 one
+  for one in "${sections[@]}"; do
+    if [ "$gpus" -ge "${#sections[@]}" ]; then
+      echo "=== $one on GPU $i"; CUDA_VISIBLE_DEVICES=$i bash "$0" "$one" &
+    else
+      echo "=== $one sharing the GPU"; XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 bash "$0" "$one" &
+    fi
+    i=$((i + 1))
+  done
+  wait
+}
 for section in "$@"; do
+  if [[ $section == *+* ]]; then side_by_side "$section"; continue; fi
   case $section in
     speed_small) cmd="python3 -m flowlm_jax.bench --no-train --shapes small --samplers llada,flowlm $grid --out $OUT/fast_small.json" ;;
     speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
@@ -39,11 +55,9 @@ for section in "$@"; do
     train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long ${data_args:-} ${TRAIN_ARGS:-}" ;;
     quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=runs/llada-long $table --out $OUT/fast_llada.json" ;;
     quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=runs/flowlm-long $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
-    pair) # two processes share the GPU; two phases must fit one 600 s call
-          for two in "train_llada train_flowlm" "quality_llada quality_flowlm"; do
-            for one in $two; do
-              XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} bash "$0" "$one" &
-            done; wait
+    pair) # two phases must fit one 600 s call
+          for two in train_llada+train_flowlm quality_llada+quality_flowlm; do
+            SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} side_by_side "$two"
           done; continue ;;
     *) echo "unknown section $section"; continue ;;
   esac

@@ -260,7 +260,9 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
   records = evaluate.load_records(limit_per_task=1)  # answers of 1-11 tokens: all decoded at 16
   args = fast.parse_args(["--workdir=unused", "--answers=16", "--caches=none,dual", "--thresholds=0", "--block=8",
                           "--batch=2"])
-  rows = fast.measure(run, records, args)
+  saved = []  # main saves the rows after each one: a stopped run keeps what it measured
+  rows = fast.measure(run, records, args, on_row=lambda rows: saved.append(len(rows)))
+  assert saved == [1, 2]
   assert [(r["cache"], r["threshold"], r["records"]) for r in rows] == [("none", 0, 4), ("dual", 0, 4)]
   assert rows[0]["agreement"] == rows[0]["speedup"] == 1.0
   assert all(r["passes_per_answer"] == 16 for r in rows)
@@ -288,3 +290,24 @@ def test_gpu_scripts_parse_and_all_keep_nvlink_multicast_off():
     assert os.path.basename(path) == "gpu_env.sh" or 'source "$(dirname "$0")/gpu_env.sh"' in text, path
   with open(os.path.join(REPO, "scripts", "gpu_env.sh")) as f:
     assert "export NCCL_NVLS_ENABLE=0" in f.read()
+
+
+@pytest.mark.parametrize("gpus, placement", [(2, ["on GPU 0", "on GPU 1"]), (1, ["sharing the GPU"] * 2)])
+def test_gpu_fast_sampling_runs_joined_sections_side_by_side(tmp_path, gpus, placement):
+  """`a+b` runs each section in a child of the script: on a GPU of its own where there is one per section."""
+  import subprocess
+
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  fake = bin_dir / "nvidia-smi"  # `-L` lists the GPUs; the script's name/memory query gets a csv line
+  fake.write_text("#!/bin/sh\n[ \"$1\" = -L ] && { i=0; while [ $i -lt %d ]; do echo \"GPU $i: H200\"; "
+                  "i=$((i+1)); done; exit 0; }\necho 'name, memory'\n" % gpus)
+  fake.chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+  result = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_fast_sampling.sh"), "no_such+nor_this"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+  lines = result.stdout.splitlines()
+  assert [line for line in lines if line.startswith("===")] == [f"=== no_such {placement[0]}",
+                                                              f"=== nor_this {placement[1]}"]
+  assert sorted(line for line in lines if line.startswith("unknown")) == ["unknown section no_such",
+                                                                          "unknown section nor_this"]
