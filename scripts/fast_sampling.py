@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import time
 
 import jax
@@ -220,6 +221,7 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--probe_ratios", default="0.05,0.3,0.6,0.9,1.0",
                  help="shares of the answer masked for the probe, comma list ('' = no probe)")
+  p.add_argument("--probe_only", action="store_true", help="print and save the probe, decode nothing")
   p.add_argument("--out", default="fast_sampling.json")
   return p.parse_args(argv)
 
@@ -232,10 +234,11 @@ def main(argv=None) -> list[dict]:
   report = {"workdir": args.workdir, "step": run.step, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
             "partial": True}
 
-  def save(**fields):
+  def save(**fields):  # whole or not at all: a run stopped while writing keeps the previous file
     report.update(fields)
-    with open(args.out, "w") as f:
+    with open(args.out + ".partial", "w") as f:
       json.dump(report, f, indent=1)
+    os.replace(args.out + ".partial", args.out)
 
   if args.probe_ratios:
     report["masked_accuracy"], report["accuracy_by_index"] = probe(
@@ -244,7 +247,9 @@ def main(argv=None) -> list[dict]:
           flush=True)
     print("the whole answer masked, accuracy by the token's index in the answer:\n"
           + format_probe(report["accuracy_by_index"]), flush=True)
-  save()
+  save(partial=not args.probe_only)
+  if args.probe_only:
+    return []
   print(HEADER, flush=True)
   rows = measure(run, records, args, on_row=lambda rows: save(rows=rows))
   print("token accuracy (exact match) per task:\n" + format_by_task(rows), flush=True)

@@ -16,7 +16,7 @@
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+[ -n "${SIDE_BY_SIDE_CHILD:-}" ] || nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0 --sampler_reps 1"
 table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15}"
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
@@ -34,20 +34,23 @@ if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" 
     --config.dataset.validation_files=$long/test.jsonl"
 fi
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
-side_by_side() {  # side_by_side "a+b": each section in a child process of this script, then wait for all
-  local sections=(${1//+/ }) i=0 one
+side_by_side() {  # side_by_side "a+b": each section in a child process of this script; fails if one fails
+  local sections=(${1//+/ }) i=0 one pids=() failed=0
+  local share=$(awk "BEGIN { print 0.9 / ${#sections[@]} }")
   for one in "${sections[@]}"; do
     if [ "$gpus" -ge "${#sections[@]}" ]; then
-      echo "=== $one on GPU $i"; CUDA_VISIBLE_DEVICES=$i bash "$0" "$one" &
+      echo "=== $one on GPU $i"; SIDE_BY_SIDE_CHILD=1 CUDA_VISIBLE_DEVICES=$i bash "$0" "$one" &
     else
-      echo "=== $one sharing the GPU"; XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 bash "$0" "$one" &
+      echo "=== $one sharing the GPU"; SIDE_BY_SIDE_CHILD=1 XLA_PYTHON_CLIENT_MEM_FRACTION=$share bash "$0" "$one" &
     fi
-    i=$((i + 1))
+    pids+=($!); i=$((i + 1))
   done
-  wait
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  return $failed
 }
+status=0  # the script's exit status: 1 if any section failed (a training stopped by its time limit has not)
 for section in "$@"; do
-  if [[ $section == *+* ]]; then side_by_side "$section"; continue; fi
+  if [[ $section == *+* ]]; then side_by_side "$section" || status=1; continue; fi
   case $section in
     speed_small) cmd="python3 -m flowlm_jax.bench --no-train --shapes small --samplers llada,flowlm $grid --out $OUT/fast_small.json" ;;
     speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
@@ -57,12 +60,16 @@ for section in "$@"; do
     quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=runs/flowlm-long $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
     pair) # two phases must fit one 600 s call
           for two in train_llada+train_flowlm quality_llada+quality_flowlm; do
-            SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} side_by_side "$two"
+            SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} side_by_side "$two" || status=1
           done; continue ;;
-    *) echo "unknown section $section"; continue ;;
+    *) echo "unknown section $section"; status=1; continue ;;
   esac
   limit=${SECTION_TIMEOUT:-580}
   [[ $section == train_* ]] && limit=${TRAIN_TIMEOUT:-$limit}  # a stopped training saves where it is
   echo "=== $section: $cmd"
-  timeout "$limit" $cmd 2>&1 | quiet | tee "$OUT/$section.log" | tail -30
+  timeout "$limit" $cmd 2>&1 | quiet | tee "$OUT/$section.log" | tail -30 | sed "s/^/[$section] /"
+  rc=${PIPESTATUS[0]}
+  [[ $rc == 124 && $section == train_* ]] && rc=0
+  [ "$rc" = 0 ] || { echo "=== $section failed (exit $rc): $OUT/$section.log"; status=1; }
 done
+exit $status

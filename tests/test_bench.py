@@ -292,22 +292,63 @@ def test_gpu_scripts_parse_and_all_keep_nvlink_multicast_off():
     assert "export NCCL_NVLS_ENABLE=0" in f.read()
 
 
-@pytest.mark.parametrize("gpus, placement", [(2, ["on GPU 0", "on GPU 1"]), (1, ["sharing the GPU"] * 2)])
-def test_gpu_fast_sampling_runs_joined_sections_side_by_side(tmp_path, gpus, placement):
-  """`a+b` runs each section in a child of the script: on a GPU of its own where there is one per section."""
-  import subprocess
-
+def _fake_gpu_machine(tmp_path, gpus: int) -> dict:
+  """An environment whose nvidia-smi lists `gpus` GPUs and whose python3 prints the GPU settings it got, then
+  sleeps $FAKE_SLEEP seconds and exits with $FAKE_RC_<section> (0 by default)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  fake = bin_dir / "nvidia-smi"  # `-L` lists the GPUs; the script's name/memory query gets a csv line
-  fake.write_text("#!/bin/sh\n[ \"$1\" = -L ] && { i=0; while [ $i -lt %d ]; do echo \"GPU $i: H200\"; "
-                  "i=$((i+1)); done; exit 0; }\necho 'name, memory'\n" % gpus)
-  fake.chmod(0o755)
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
-  result = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_fast_sampling.sh"), "no_such+nor_this"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-  lines = result.stdout.splitlines()
-  assert [line for line in lines if line.startswith("===")] == [f"=== no_such {placement[0]}",
-                                                              f"=== nor_this {placement[1]}"]
-  assert sorted(line for line in lines if line.startswith("unknown")) == ["unknown section no_such",
-                                                                          "unknown section nor_this"]
+  (bin_dir / "nvidia-smi").write_text(
+      "#!/bin/sh\n[ \"$1\" = -L ] && { i=0; while [ $i -lt %d ]; do echo \"GPU $i: H200\"; i=$((i+1)); done; "
+      "exit 0; }\necho 'name, memory'\n" % gpus)
+  (bin_dir / "python3").write_text(
+      "#!/bin/bash\necho \"devices=${CUDA_VISIBLE_DEVICES:-all} memory=$XLA_PYTHON_CLIENT_MEM_FRACTION\"\n"
+      "sleep ${FAKE_SLEEP:-0}\nfor a in \"$@\"; do case $a in *llada-long*) exit ${FAKE_RC_llada:-0};; "
+      "*flowlm-long*) exit ${FAKE_RC_flowlm:-0};; esac; done\n")
+  for tool in ("nvidia-smi", "python3"):
+    (bin_dir / tool).chmod(0o755)
+  return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+
+
+def _run_fast_sampling_script(tmp_path, env: dict, *sections: str):
+  import subprocess
+
+  return subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_fast_sampling.sh"), *sections], cwd=tmp_path,
+                        env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("gpus, settings", [(2, ["devices=0 memory=0.92", "devices=1 memory=0.92"]),
+                                            (1, ["devices=all memory=0.45"] * 2)])
+def test_gpu_fast_sampling_runs_joined_sections_side_by_side(tmp_path, gpus, settings):
+  """`a+b` runs each section in a child of the script: on a GPU of its own where there is one per section,
+  else sharing the GPU's memory; the script fails when a child fails."""
+  env = _fake_gpu_machine(tmp_path, gpus)
+  result = _run_fast_sampling_script(tmp_path, env, "quality_llada+quality_flowlm")
+  assert result.returncode == 0, result.stdout + result.stderr
+  got = sorted(line for line in result.stdout.splitlines() if "devices=" in line)
+  assert got == sorted([f"[quality_llada] {settings[0]}", f"[quality_flowlm] {settings[1]}"])
+  failing = _run_fast_sampling_script(tmp_path, {**env, "FAKE_RC_flowlm": "3"}, "quality_llada+quality_flowlm")
+  assert failing.returncode == 1 and "=== quality_flowlm failed (exit 3)" in failing.stdout
+  assert _run_fast_sampling_script(tmp_path, env, "no_such_section").returncode == 1
+
+
+def test_gpu_fast_sampling_counts_a_training_stopped_by_its_time_limit_as_done(tmp_path):
+  """A training stopped by TRAIN_TIMEOUT saves a checkpoint and resumes next call; a stopped measurement failed."""
+  env = {**_fake_gpu_machine(tmp_path, 2), "FAKE_SLEEP": "5", "TRAIN_TIMEOUT": "1", "SECTION_TIMEOUT": "1"}
+  assert _run_fast_sampling_script(tmp_path, env, "train_llada+train_flowlm").returncode == 0
+  stopped = _run_fast_sampling_script(tmp_path, env, "quality_llada")
+  assert stopped.returncode == 1 and "=== quality_llada failed (exit 124)" in stopped.stdout
+
+
+def test_fast_sampling_probe_only_saves_the_probe_of_a_run_and_decodes_nothing(reference_run, tmp_path):
+  from flowlm_jax.tokenizer import ASSETS_DIR
+
+  fast = script("fast_sampling")
+  out = tmp_path / "probe.json"
+  assert fast.main([f"--workdir={reference_run}", f"--records={ASSETS_DIR}/sft_tasks/test.jsonl", "--limit=2",
+                    "--probe_ratios=0.5,1.0", "--probe_only", f"--out={out}"]) == []
+  report = json.loads(out.read_text())
+  assert not report["partial"] and "rows" not in report and not os.path.exists(f"{out}.partial")
+  assert set(report["masked_accuracy"]) == set(report["accuracy_by_index"]) == {"add", "copy", "reverse", "sort"}
+  assert all(set(by_ratio) == {"0.5", "1.0"} and all(0 <= a <= 1 for a in by_ratio.values())
+             for by_ratio in report["masked_accuracy"].values())
+  assert report["accuracy_by_index"]["add"]["0-31"] is not None and report["accuracy_by_index"]["add"]["32-63"] is None
