@@ -94,16 +94,23 @@ def templated_prompt_text(tokenizer, turns: list[dict]) -> str:
 _PROBE_ANSWER = "@@answer@@"  # survives the `trim` filter some templates apply to a turn's content
 
 
-def end_of_turn_id(tokenizer) -> int:
+def end_of_turn_token(tokenizer) -> int | None:
   """The token the chat template writes right after an assistant's content (LLaDA: <|eot_id|>, ChatML:
-  <|im_end|>), read off a rendered turn; [EOS] when the template writes no added token there."""
+  <|im_end|>), read off a rendered turn; None when the template writes no added token there (its marker is
+  then plain text to this vocabulary)."""
   probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE_ANSWER}]
   text = tokenizer.apply_chat_template(probe, tokenize=False)
   after = text[text.index(_PROBE_ANSWER) + len(_PROBE_ANSWER):]
   ids = tokenizer.encode(after, add_special_tokens=False)
   if ids and tokenizer.convert_ids_to_tokens(ids[0]) in tokenizer.get_added_vocab():
     return ids[0]
-  return tokenizer.eos_token_id
+  return None
+
+
+def end_of_turn_id(tokenizer) -> int:
+  """Where an answer ends in chat rows: the template's end-of-turn token, else [EOS]."""
+  end = end_of_turn_token(tokenizer)
+  return tokenizer.eos_token_id if end is None else end
 
 
 def vocab_of(tokenizer) -> Vocab:

@@ -83,6 +83,19 @@ def test_a_base_release_that_ships_the_template_without_its_tokens_stays_plain(t
   assert prompt_sent(run, monkeypatch) == plain(run)
 
 
+def test_an_instruct_release_whose_eos_is_its_end_of_turn_token_is_prompted_through_its_template(tmp_path):
+  """Llama-3-style Instruct tokenizers name <|eot_id|> as EOS: the end-of-turn marker is still a token of its own."""
+  directory = tmp_path / "llada-tiny-instruct"
+  shutil.copytree(LLADA, directory)
+  config_path = directory / "tokenizer_config.json"
+  config = json.loads(config_path.read_text())
+  config["eos_token"] = "<|eot_id|>"
+  config_path.write_text(json.dumps(config))
+  tokenizer = load_tokenizer(str(directory))
+  assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+  assert flowlm_jax.load(str(directory)).config.dataset.prompt_format == "chat"
+
+
 @pytest.mark.parametrize("name, expected", [
     ("Dream-v0-Base-7B", "plain"),
     ("Dream-v0-Instruct-7B", "chat"),

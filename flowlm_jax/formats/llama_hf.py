@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from flowlm_jax.formats import dream_hf, llada_hf
 from flowlm_jax.formats import safetensors_dir as st
 from flowlm_jax.models.llama import ModelConfig, Transformer
-from flowlm_jax.tokenizer import end_of_turn_id, has_chat_template
+from flowlm_jax.tokenizer import end_of_turn_token, has_chat_template
 from flowlm_jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,8 @@ def prompt_format_of(directory: str, tokenizer) -> tuple[str, str]:
   name = release_name(directory)
   if "base" in re.split(r"[^a-z0-9]+", name.lower()):
     return "plain", f"its name {name!r} marks a base model"
-  end = end_of_turn_id(tokenizer)
-  if end == tokenizer.eos_token_id:
+  end = end_of_turn_token(tokenizer)  # may be [EOS] itself (a release whose EOS is <|eot_id|>): still its own token
+  if end is None:
     return "plain", "its chat template's end-of-turn marker is not a token of its vocabulary (a base model's)"
   return "chat", f"its chat template closes a turn with {tokenizer.convert_ids_to_tokens(end)}, a token of its own"
 
