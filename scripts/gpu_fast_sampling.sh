@@ -13,6 +13,8 @@
 # TRAIN_ARGS: more --config overrides for the training sections; TRAIN_TIMEOUT: their time limit.
 # LONG_TRAIN_PER_TASK: the training sections train on that many generated records per task instead of the
 # shipped 600 (the same test set; scripts/build_assets.py writes them under /tmp first, ~30 s for 10000).
+# RESUME_ONLY=1: a training section whose run has no checkpoint fails at once instead of starting from step 0
+# (the second call of a training split over calls, on a machine that was not kept warm).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
@@ -64,6 +66,12 @@ for section in "$@"; do
           done; continue ;;
     *) echo "unknown section $section"; status=1; continue ;;
   esac
+  workdir=$(sed -n 's/.*--workdir=\([^ ]*\).*/\1/p' <<<"$cmd")
+  if [[ -n "${RESUME_ONLY:-}" && $section == train_* && ! -d $workdir/checkpoints ]]; then
+    # a later call of a training split over calls: runs/ is gone when the machine was given back in between
+    echo "=== $section: RESUME_ONLY, but $workdir has no checkpoint (a fresh machine?): not training from step 0"
+    status=1; continue
+  fi
   limit=${SECTION_TIMEOUT:-580}
   [[ $section == train_* ]] && limit=${TRAIN_TIMEOUT:-$limit}  # a stopped training saves where it is
   echo "=== $section: $cmd"

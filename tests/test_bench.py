@@ -352,3 +352,12 @@ def test_fast_sampling_probe_only_saves_the_probe_of_a_run_and_decodes_nothing(r
   assert all(set(by_ratio) == {"0.5", "1.0"} and all(0 <= a <= 1 for a in by_ratio.values())
              for by_ratio in report["masked_accuracy"].values())
   assert report["accuracy_by_index"]["add"]["0-31"] is not None and report["accuracy_by_index"]["add"]["32-63"] is None
+
+
+def test_gpu_fast_sampling_resume_only_refuses_to_start_a_training_from_step_0(tmp_path):
+  env = {**_fake_gpu_machine(tmp_path, 2), "RESUME_ONLY": "1"}
+  (tmp_path / "runs" / "llada-long" / "checkpoints").mkdir(parents=True)  # only the LLaDA run exists
+  result = _run_fast_sampling_script(tmp_path, env, "train_llada+train_flowlm")
+  assert result.returncode == 1
+  assert "=== train_flowlm: RESUME_ONLY, but runs/flowlm-long has no checkpoint" in result.stdout
+  assert any(line.startswith("[train_llada] devices=0") for line in result.stdout.splitlines())  # it resumed
