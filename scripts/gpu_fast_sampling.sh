@@ -6,7 +6,7 @@
 #   bash scripts/gpu_fast_sampling.sh train_llada     # the tasks_long preset (then train_flowlm)
 #   bash scripts/gpu_fast_sampling.sh quality_llada   # speed/quality table on the long-answer set (then quality_flowlm)
 # Sections joined by + run side by side, each on a GPU of its own where the machine has one per section
-# (nvidia-h200-x2), otherwise sharing the GPU (45% of its memory each; timings then share it too):
+# (nvidia-h200-x2), otherwise sharing the GPU (0.9/n of its memory each; timings then share it too):
 #   bash scripts/gpu_fast_sampling.sh train_llada+train_flowlm quality_llada+quality_flowlm
 #   bash scripts/gpu_fast_sampling.sh pair       (the same, each phase stopping after SECTION_TIMEOUT, default 280 s)
 # Writes JSON + logs under $OUT (or ./gpu_out). LIMIT: records per task of the quality table (default 15);
