@@ -16,7 +16,7 @@ answer length of --answers that holds its reference answer and [EOS] (answer_len
 First, before any decoding (seconds), a probe of what the model learnt (--probe_ratios): per task and share
 of the answer replaced by [MASK], the accuracy on the masked answer tokens ([EOS] padding not counted) with the
 rows built as training built them. Copy and reverse near 1/26 with 5% masked mean the model does not read the
-prompt (docs/performance.md, "Training the tasks_long preset longer"), and decoding cannot succeed. A second
+prompt (docs/performance.md, "Earlier runs, superseded"), and decoding cannot succeed. A second
 table, the whole answer masked, by the token's index in the answer: where a positional skill (reverse's mirror
 lookup) stops reaching.
 Steps: --steps, 0 = the answer length (one token per step, Fast-dLLM's baseline); blocks of --block.
