@@ -195,6 +195,12 @@ def pack_documents(docs: list[list[int]], vocab: Vocab, max_length: int) -> Toke
   return TokenizedSplit(tokens, ~vocab.special_mask(tokens), num_records=len(docs))
 
 
+def answer_slot(length: int, slots) -> int | None:
+  """The smallest of `slots` (answer lengths) that holds `length` tokens, an answer with its end; None if none
+  does. Training rows (dataset.answer_slots) and the long-answer benchmark's decoding lengths both use it."""
+  return next((n for n in sorted(slots) if length <= n), None)
+
+
 def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   columns = records.column_names
   has_messages = dcfg.messages_field in columns
@@ -213,11 +219,12 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   answers = ended_answer_ids(tokenizer, [a for _, a in pairs], chat, vocab)
   prompts = prompts_ids(tokenizer, [p for p, _ in pairs], chat)
   slots = sorted(dcfg.answer_slots)
+  fill = vocab.pad_id if slots else vocab.eos_id  # [PAD] keys are masked out: with slots the row ends with its answer
   rows, prompt_lens, row_ends, truncated, dropped = [], [], [], 0, 0
   for prompt_ids, answer in zip(prompts, answers):
     cut = False
     if slots:  # the answer filled with [EOS] to the answer length it would be decoded at
-      slot = next((n for n in slots if len(answer) <= n), slots[-1])
+      slot = answer_slot(len(answer), slots) or slots[-1]
       cut = len(answer) > slot
       if cut and dcfg.overlong == "error":
         raise ValueError(f"dataset: an answer of {len(answer)} tokens with its end does not fit the largest of "
@@ -234,7 +241,6 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
       cut = True
       row = row[:L]
     truncated += cut
-    fill = vocab.pad_id if slots else vocab.eos_id  # [PAD] keys are masked out: the row ends with its answer
     row_ends.append(len(row) if slots else L)
     rows.append(row + [fill] * (L - len(row)))
     prompt_lens.append(len(prompt_ids))

@@ -72,13 +72,16 @@ def exact_match(records: list[dict], answers: list[str]) -> dict[str, float]:
   """{task: accuracy, "overall": accuracy}: an answer counts when it equals the record's, both stripped."""
   if len(answers) != len(records):
     raise ValueError(f"{len(answers)} answers for {len(records)} records")
-  correct, total = collections.Counter(), collections.Counter()
-  for record, answer in zip(records, answers):
-    hit = answer.strip() == record["answer"].strip()
+  return mean_by_task(records, [answer.strip() == record["answer"].strip() for record, answer in zip(records, answers)])
+
+
+def mean_by_task(records: list[dict], values) -> dict[str, float]:
+  """{task: mean, "overall": mean} of one value per record (a hit, a share of right tokens, a credit)."""
+  groups = collections.defaultdict(list)
+  for record, value in zip(records, values, strict=True):
     for key in (record["task"], "overall"):
-      correct[key] += hit
-      total[key] += 1
-  return {key: correct[key] / n for key, n in total.items()}
+      groups[key].append(value)
+  return {key: float(np.mean(v)) for key, v in groups.items()}
 
 
 # --- rows as training renders them ----------------------------------------------------------------
@@ -176,12 +179,8 @@ def multiple_choice(run, records: list[dict], *, choices: int = 4, distractors: 
   nats = nats.mean(axis=1).reshape(len(records), choices)
   tied = nats == nats.min(axis=1, keepdims=True)
   credit = tied[:, 0] / tied.sum(axis=1)
-  accuracy = collections.defaultdict(list)
-  for record, c in zip(records, credit):
-    accuracy[record["task"]].append(c)
-    accuracy["overall"].append(c)
   return {"choices": choices, "distractors": distractors, "chance": 1.0 / choices, "draws": draws,
-          "accuracy": {task: float(np.mean(v)) for task, v in accuracy.items()}}
+          "accuracy": mean_by_task(records, credit)}
 
 
 # --- quality against steps ---------------------------------------------------------------------

@@ -27,7 +27,6 @@ package module may import.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import time
@@ -45,21 +44,17 @@ def answer_bins(records: list[dict], reference_ids: list[list[int]], answers: li
   """{answer length: indices of the records decoded at it}: the smallest length that holds answer + [EOS]."""
   bins = {a: [] for a in sorted(answers)}
   for i, ids in enumerate(reference_ids):
-    fitting = [a for a in bins if len(ids) < a]
-    if fitting:
-      bins[fitting[0]].append(i)
+    slot = data.answer_slot(len(ids) + 1, answers)  # the answer and its [EOS]
+    if slot is not None:
+      bins[slot].append(i)
   return {a: idx for a, idx in bins.items() if idx}
 
 
 def token_accuracy(records: list[dict], reference_ids: list[list[int]], answer_ids: list[list[int]]) -> dict[str, float]:
   """{task: accuracy, "overall": accuracy}, as evaluate.exact_match: the mean over records of the share of
   reference tokens reproduced at their position."""
-  shares = collections.defaultdict(list)
-  for record, ref, got in zip(records, reference_ids, answer_ids, strict=True):
-    share = sum(a == b for a, b in zip(ref, got)) / len(ref)
-    shares[record["task"]].append(share)
-    shares["overall"].append(share)
-  return {key: float(np.mean(values)) for key, values in shares.items()}
+  shares = [sum(a == b for a, b in zip(ref, got)) / len(ref) for ref, got in zip(reference_ids, answer_ids, strict=True)]
+  return evaluate.mean_by_task(records, shares)
 
 
 def predict_masked(predict, split: data.TokenizedSplit, ratio: float, vocab, rng, batch: int = 16):
