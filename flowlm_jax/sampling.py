@@ -471,17 +471,22 @@ def left_padded(prompt_BxP, length_B) -> np.ndarray:
 
 
 def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, *, mode: str, key=None,
-             return_trajectory: bool = False, prompt_bucket: int = PROMPT_BUCKET, initial_BxA=None) -> SampleOutput:
+             return_trajectory: bool = False, prompt_bucket: int = PROMPT_BUCKET, padded: bool | None = None,
+             initial_BxA=None) -> SampleOutput:
   """Answers to `prompt_ids` (each ending in [SEP]) decoded the LLaDA or FlowLM way.
 
   `key` defaults to `jax.random.key(icfg.seed)`. Compiled samplers are cached per (model, spec,
   shapes), so repeated calls with the same config and prompt bucket do not recompile (a bucket as
-  long as the longest prompt of several calls gives them all one shape). `initial_BxA` (FlowLM only):
-  the answers to refine instead of the configured start.
+  long as the longest prompt of several calls gives them all one shape). `padded`: None = whether some
+  prompt is shorter than the bucket (rows without [PAD]s skip the attention mask: a second compiled
+  program); True = the masked program whatever the prompts, so that calls sharing a bucket share one
+  compile (a timed loop, a server). `initial_BxA` (FlowLM only): the answers to refine instead of the
+  configured start.
   """
   prompt_BxP, length_B = pad_prompts(prompt_ids, vocab.pad_id, prompt_bucket)
   key = jax.random.key(icfg.seed) if key is None else key
-  kwargs = dict(padded=bool(np.any(length_B < prompt_BxP.shape[1])), return_trajectory=return_trajectory)
+  padded = bool(np.any(length_B < prompt_BxP.shape[1])) if padded is None else padded
+  kwargs = dict(padded=padded, return_trajectory=return_trajectory)
   B = len(prompt_ids)
   if mode == "llada":
     if initial_BxA is not None:

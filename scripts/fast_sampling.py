@@ -128,10 +128,14 @@ def format_probe(result: dict[str, dict]) -> str:
 
 
 def decode_all(run, prompt_ids, icfg, mode: str, batch: int, bucket: int):
-  """(seconds for all prompts after a warm-up call on the first batch, concatenated SampleOutput fields)."""
+  """(seconds for all prompts after a warm-up call on the first batch, concatenated SampleOutput fields).
+
+  Every call compiles the masked program (padded=True): a prompt that fills the bucket would otherwise
+  compile the unmasked one inside the timed loop (it did: 13 s of the prefix row at 512 on 2026-11-29).
+  """
   chunks = [prompt_ids[i:i + batch] for i in range(0, len(prompt_ids), batch)]
   call = lambda chunk: sampling.generate(run.graphdef, run.params, chunk, run.vocab, icfg, mode=mode,
-                                         prompt_bucket=bucket)
+                                         prompt_bucket=bucket, padded=True)
   call(chunks[0])  # compile
   t0 = time.perf_counter()
   outs = [call(chunk) for chunk in chunks]  # host arrays: each call has finished

@@ -1,9 +1,11 @@
 import importlib.util
 import json
+import logging
 import os
 import sys
 import types
 
+import jax
 import pytest
 
 from flowlm_jax import bench
@@ -247,16 +249,23 @@ def test_fast_sampling_probe_scores_masked_answer_tokens_per_task_and_ratio(voca
   assert table.splitlines()[0] == "| task | 0-7 | 8-15 |" and table.splitlines()[2] == "| copy | 0.500 | - |"
 
 
-def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
+def _tiny_run(tokenizer, vocab):
+  """A loaded run as fast_sampling sees one: the tasks preset's config, a tiny random model."""
   from flowlm_jax import config as config_lib
-  from flowlm_jax import evaluate, train
+  from flowlm_jax import train
 
-  fast = script("fast_sampling")
   m = ModelConfig(vocab_size=vocab.size, num_real_tokens=vocab.size, d_model=32, n_layers=2, n_heads=2,
                   n_kv_heads=2, d_ff=64, compute_dtype="float32")
-  run = types.SimpleNamespace(config=config_lib.apply_variant(config_lib.base_config(), "tasks"),
-                              graphdef=train.abstract_model(m)[0], params=bench._init_params(m),
-                              tokenizer=tokenizer, vocab=vocab)
+  return types.SimpleNamespace(config=config_lib.apply_variant(config_lib.base_config(), "tasks"),
+                               graphdef=train.abstract_model(m)[0], params=bench._init_params(m),
+                               tokenizer=tokenizer, vocab=vocab)
+
+
+def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
+  from flowlm_jax import evaluate
+
+  fast = script("fast_sampling")
+  run = _tiny_run(tokenizer, vocab)
   records = evaluate.load_records(limit_per_task=1)  # answers of 1-11 tokens: all decoded at 16
   args = fast.parse_args(["--workdir=unused", "--answers=16", "--caches=none,dual", "--thresholds=0", "--block=8",
                           "--batch=2"])
@@ -272,6 +281,22 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
                                                                                   "overall"} for r in rows)
   table = fast.format_by_task(rows).splitlines()
   assert len(table) == 2 + len(rows) and table[0].count("|") == 4 + 4 + 1
+
+
+def test_fast_sampling_compiles_the_sampler_once_for_prompts_with_and_without_padding(tokenizer, vocab, caplog):
+  """A prompt that fills the bucket must not compile a second program inside the timed loop (it cost the prefix
+  row at 512 on the H200 13 s of its 20 s on 2026-11-29)."""
+  from flowlm_jax import sampling
+
+  fast = script("fast_sampling")
+  run = _tiny_run(tokenizer, vocab)
+  prompts = [[7] * 5 + [vocab.sep_id], [7] * 7 + [vocab.sep_id]]  # 6 tokens (padded to 8), then 8 (fills it)
+  icfg = sampling.run_config(run.config.inference, answer_length=24, steps=24, max_steps=24, block_length=8,
+                             cache="dual", parallel_threshold=0.0)  # a shape no other test compiles
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    seconds, out = fast.decode_all(run, prompts, icfg, "llada", batch=1, bucket=8)
+  compiles = [r for r in caplog.records if "Compiling jit(llada_sample)" in r.getMessage()]
+  assert len(compiles) == 1 and out["answer"].shape == (2, 24) and seconds > 0
 
 
 def test_gpu_scripts_parse_and_all_keep_nvlink_multicast_off():

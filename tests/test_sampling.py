@@ -464,6 +464,18 @@ def run_fast(mode, params=None, **overrides):
                            key=jax.random.key(3), return_trajectory=True)
 
 
+@pytest.mark.parametrize("mode, overrides", [("llada", {}), ("llada", dict(cache="dual")), ("flowlm", {})],
+                         ids=["llada", "llada-dual", "flowlm"])
+def test_the_masked_program_decodes_a_prompt_that_fills_its_bucket_as_the_unmasked_one(mode, overrides):
+  """padded=True (one compiled sampler for every call with a bucket) on a prompt without [PAD]s: the answers of
+  the unmasked program generate picks for it by default."""
+  graphdef, params = params_at(30.0)
+  filling = [PROMPTS[2]]  # 8 tokens: the bucket of 8
+  run = lambda padded: sampling.generate(graphdef, params, filling, VOCAB, inference_config(**{**FAST, **overrides}),
+                                         mode=mode, key=jax.random.key(5), padded=padded)
+  np.testing.assert_array_equal(run(True).answer, run(None).answer)
+
+
 @pytest.mark.parametrize("mode, overrides", [
     ("llada", dict(cache="prefix", cache_refresh=1)), ("llada", dict(cache="dual", cache_refresh=1)),
     ("llada", dict(parallel_threshold=1.0)), ("flowlm", dict(cache="prefix", cache_refresh=1)),
