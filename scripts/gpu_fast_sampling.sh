@@ -15,12 +15,19 @@
 # shipped 600 (the same test set; scripts/build_assets.py writes them under /tmp first, ~30 s for 10000).
 # RESUME_ONLY=1: a training section whose run has no checkpoint fails at once instead of starting from step 0
 # (the second call of a training split over calls, on a machine that was not kept warm).
+#   bash scripts/gpu_fast_sampling.sh export_llada   # the trained weights, ~36 MiB, back under $OUT/llada-long
+# (then export_flowlm, one per call: a call brings back 64 MiB). Keep them in the git-ignored models/ here and
+# a later session measures without training again: carry models/llada-long and set LLADA_RUN (FLOWLM_RUN), the
+# run the quality sections read (default: the training sections' runs/llada-long, runs/flowlm-long).
+# QUALITY_ARGS: more fast_sampling.py options, after the table's (the last of a repeated option counts), e.g.
+# "--steps 1 --block 512 --caches none --thresholds 0 --probe_ratios=" decodes each answer in one pass.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 [ -n "${SIDE_BY_SIDE_CHILD:-}" ] || nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0 --sampler_reps 1"
-table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15}"
+table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15} ${QUALITY_ARGS:-}"
+llada_run=${LLADA_RUN:-runs/llada-long} flowlm_run=${FLOWLM_RUN:-runs/flowlm-long}
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
   # Built once per size on a machine (a warm one keeps /tmp), whole or not at all: a failed or stopped build
   # leaves no folder behind to be reused.
@@ -58,8 +65,10 @@ for section in "$@"; do
     speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
     train_llada) cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=runs/llada-long ${data_args:-} ${TRAIN_ARGS:-}" ;;
     train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long ${data_args:-} ${TRAIN_ARGS:-}" ;;
-    quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=runs/llada-long $table --out $OUT/fast_llada.json" ;;
-    quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=runs/flowlm-long $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
+    quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=$llada_run $table --out $OUT/fast_llada.json" ;;
+    quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=$flowlm_run $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
+    export_llada) cmd="python3 -m flowlm_jax.export runs/llada-long --out $OUT/llada-long" ;;
+    export_flowlm) cmd="python3 -m flowlm_jax.export runs/flowlm-long --out $OUT/flowlm-long" ;;
     pair) # two phases must fit one 600 s call
           for two in train_llada+train_flowlm quality_llada+quality_flowlm; do
             SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} side_by_side "$two" || status=1

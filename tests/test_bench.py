@@ -364,6 +364,19 @@ def test_gpu_fast_sampling_counts_a_training_stopped_by_its_time_limit_as_done(t
   assert stopped.returncode == 1 and "=== quality_llada failed (exit 124)" in stopped.stdout
 
 
+def test_gpu_fast_sampling_measures_the_run_named_by_llada_run_and_exports_the_trained_one(tmp_path):
+  """Quality sections read LLADA_RUN / FLOWLM_RUN (weights exported and carried back: no training again), with
+  QUALITY_ARGS after the table's options; export sections write the trained runs under $OUT."""
+  env = {**_fake_gpu_machine(tmp_path, 1), "LLADA_RUN": "models/llada-long", "QUALITY_ARGS": "--steps 1"}
+  result = _run_fast_sampling_script(tmp_path, env, "quality_llada", "quality_flowlm", "export_llada")
+  assert result.returncode == 0, result.stdout + result.stderr
+  commands = [line for line in result.stdout.splitlines() if line.startswith("=== ")]
+  assert "--workdir=models/llada-long" in commands[0]
+  assert commands[0].index("--limit") < commands[0].index("--steps 1") < commands[0].index("--out")
+  assert "--workdir=runs/flowlm-long" in commands[1]
+  assert commands[2].endswith(f"flowlm_jax.export runs/llada-long --out {tmp_path / 'out'}/llada-long")
+
+
 def test_fast_sampling_probe_only_saves_the_probe_of_a_run_and_decodes_nothing(reference_run, tmp_path):
   from flowlm_jax.tokenizer import ASSETS_DIR
 
