@@ -18,7 +18,9 @@ of the answer replaced by [MASK], the accuracy on the masked answer tokens ([EOS
 rows built as training built them. Copy and reverse near 1/26 with 5% masked mean the model does not read the
 prompt (docs/performance.md, "Earlier runs, superseded"), and decoding cannot succeed. A second
 table, the whole answer masked, by the token's index in the answer: where a positional skill (reverse's mirror
-lookup) stops reaching.
+lookup) stops reaching. A third, the first k answer tokens shown (the reference's) and the rest masked, the state
+a semi-autoregressive sampler is in after k columns: accuracy on the next 32 against the second table's column
+for them, whether those states cost what the model predicts from an all-[MASK] answer.
 Steps: --steps, 0 = the answer length (one token per step, Fast-dLLM's baseline); blocks of --block.
 This is a script, not a module: flowlm_jax.evaluate and flowlm_jax.bench are both entry points, which no
 package module may import.
@@ -57,31 +59,53 @@ def token_accuracy(records: list[dict], reference_ids: list[list[int]], answer_i
   return evaluate.mean_by_task(records, shares)
 
 
+def predict_batched(predict, inputs, batch: int = 16) -> np.ndarray:
+  """`predict` (token ids [B, L] -> predicted ids [B, L]) over all rows of `inputs`, in whole batches (the last
+  one padded with repeated rows: one compiled shape)."""
+  n = len(inputs)
+  padded = np.concatenate([inputs, inputs[:(-n) % batch]])
+  return np.concatenate([np.asarray(predict(padded[i:i + batch])) for i in range(0, n, batch)])[:n]
+
+
 def predict_masked(predict, split: data.TokenizedSplit, ratio: float, vocab, rng, batch: int = 16):
   """(masked, predicted): each row's answer positions ([EOS] padding too, as in training) replaced by [MASK]
-  with probability `ratio`, and `predict`'s ids (token ids [B, L] -> predicted ids [B, L]) for those rows."""
+  with probability `ratio`, and `predict`'s ids for those rows."""
   masked = split.corruptible & (rng.random(split.tokens.shape) < ratio)
-  inputs = np.where(masked, vocab.mask_id, split.tokens)
-  n = len(inputs)
-  padded = np.concatenate([inputs, inputs[:(-n) % batch]])  # whole batches: one compiled shape
-  return masked, np.concatenate([np.asarray(predict(padded[i:i + batch])) for i in range(0, n, batch)])[:n]
+  return masked, predict_batched(predict, np.where(masked, vocab.mask_id, split.tokens), batch)
+
+
+def answer_index(split: data.TokenizedSplit) -> np.ndarray:
+  """[B, L]: each column's index within its row's answer (negative in the prompt)."""
+  return np.arange(split.tokens.shape[1])[None, :] - split.corruptible.argmax(1)[:, None]
+
+
+def accuracy_per_task(right, scored, tasks: list[str]) -> dict[str, float | None]:
+  """{task: the share of its rows' `scored` tokens that are `right`} (None where none is scored)."""
+  of_task = np.asarray(tasks)
+  result = {}
+  for task in dict.fromkeys(tasks):
+    sel = scored & (of_task == task)[:, None]
+    result[task] = float(right[sel].mean()) if sel.any() else None
+  return result
+
+
+def by_task(columns: dict) -> dict[str, dict]:
+  """{column: {task: accuracy}} -> {task: {column: accuracy}} (the probe tables' layout)."""
+  tasks = next(iter(columns.values()))
+  return {task: {column: per_task[task] for column, per_task in columns.items()} for task in tasks}
 
 
 def masked_accuracy(predict, split: data.TokenizedSplit, tasks: list[str], ratios: list[float], vocab,
-                    seed: int = 0, batch: int = 16) -> dict[str, dict[float, float]]:
+                    seed: int = 0, batch: int = 16) -> dict[str, dict[float, float | None]]:
   """{task: {ratio: accuracy}}: `predict` scored on the masked answer tokens ([EOS] padding not counted) at
   each share `ratio` of the answer masked (predict_masked)."""
   rng = np.random.default_rng(seed)
   content = split.corruptible & (split.tokens != vocab.eos_id)
-  rows_of = {task: np.asarray(tasks) == task for task in dict.fromkeys(tasks)}
-  result = {task: {} for task in rows_of}
+  columns = {}
   for ratio in ratios:
     masked, predicted = predict_masked(predict, split, ratio, vocab, rng, batch)
-    scored = masked & content
-    right = (predicted == split.tokens) & scored
-    for task, rows in rows_of.items():
-      result[task][ratio] = float(right[rows].sum() / max(scored[rows].sum(), 1))
-  return result
+    columns[ratio] = accuracy_per_task(predicted == split.tokens, masked & content, tasks)
+  return by_task(columns)
 
 
 def accuracy_by_index(predict, split: data.TokenizedSplit, tasks: list[str], vocab, edges: list[int],
@@ -89,32 +113,40 @@ def accuracy_by_index(predict, split: data.TokenizedSplit, tasks: list[str], voc
   """{task: {"a-b": accuracy}}: the whole answer masked, accuracy on answer tokens whose index within the
   answer is in [a, b) (None where no answer reaches it). Where a positional skill stops working."""
   masked, predicted = predict_masked(predict, split, 1.0, vocab, np.random.default_rng(0), batch)
-  index = np.arange(split.tokens.shape[1])[None, :] - split.corruptible.argmax(1)[:, None]
-  scored = masked & (split.tokens != vocab.eos_id)
-  right = predicted == split.tokens
-  result = {}
-  for task in dict.fromkeys(tasks):
-    rows = (np.asarray(tasks) == task)[:, None]
-    result[task] = {}
-    for a, b in zip(edges, edges[1:]):
-      sel = scored & rows & (index >= a) & (index < b)
-      result[task][f"{a}-{b - 1}"] = float(right[sel].mean()) if sel.any() else None
-  return result
+  index, scored = answer_index(split), masked & (split.tokens != vocab.eos_id)
+  return by_task({f"{a}-{b - 1}": accuracy_per_task(predicted == split.tokens, scored & (index >= a) & (index < b), tasks)
+                  for a, b in zip(edges, edges[1:])})
+
+
+def accuracy_after_prefix(predict, split: data.TokenizedSplit, tasks: list[str], vocab, shown: list[int],
+                          block: int = 32, batch: int = 16) -> dict[str, dict[str, float | None]]:
+  """{task: {"k shown": accuracy}}: the first k answer tokens shown (the reference's), the rest [MASK]ed, as
+  when a semi-autoregressive sampler has finished k columns; accuracy on the next `block` answer tokens. Against
+  accuracy_by_index's [k, k + block) column: whether the states the sampler visits cost what it predicts."""
+  index, content = answer_index(split), split.tokens != vocab.eos_id
+  columns = {}
+  for k in shown:
+    masked = split.corruptible & (index >= k)
+    predicted = predict_batched(predict, np.where(masked, vocab.mask_id, split.tokens), batch)
+    columns[f"{k} shown"] = accuracy_per_task(predicted == split.tokens, masked & content & (index < k + block), tasks)
+  return by_task(columns)
 
 
 INDEX_EDGES = [0, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+PREFIX_SHOWN = [0, 32, 64, 128, 192, 256, 320, 384, 448]
 
 
-def probe(run, records: list[dict], ratios: list[float]) -> tuple[dict, dict]:
-  """(masked_accuracy, accuracy_by_index) of `run` on `records`, in the run's own training rows ([PAD] keys
-  unseen, as in training)."""
+def probe(run, records: list[dict], ratios: list[float]) -> dict[str, dict]:
+  """{"masked_accuracy", "accuracy_by_index", "accuracy_after_prefix"} of `run` on `records`, in the run's own
+  training rows ([PAD] keys unseen, as in training)."""
   split = evaluate.sft_rows(run, records)
   logits = lambda params, tokens: likelihood.model_logits_fn(run.graphdef, params, run.vocab.pad_id)(tokens)
   forward = jax.jit(lambda params, tokens: logits(params, tokens).argmax(-1))
   predict = lambda tokens: forward(run.params, tokens)
   tasks = [r["task"] for r in records]
-  return (masked_accuracy(predict, split, tasks, ratios, run.vocab),
-          accuracy_by_index(predict, split, tasks, run.vocab, INDEX_EDGES))
+  return {"masked_accuracy": masked_accuracy(predict, split, tasks, ratios, run.vocab),
+          "accuracy_by_index": accuracy_by_index(predict, split, tasks, run.vocab, INDEX_EDGES),
+          "accuracy_after_prefix": accuracy_after_prefix(predict, split, tasks, run.vocab, PREFIX_SHOWN)}
 
 
 def format_probe(result: dict[str, dict]) -> str:
@@ -240,12 +272,13 @@ def main(argv=None) -> list[dict]:
     os.replace(args.out + ".partial", args.out)
 
   if args.probe_ratios:
-    report["masked_accuracy"], report["accuracy_by_index"] = probe(
-        run, records, [float(r) for r in args.probe_ratios.split(",")])
+    report.update(probe(run, records, [float(r) for r in args.probe_ratios.split(",")]))
     print("accuracy on masked answer tokens, the rest of the row in view:\n" + format_probe(report["masked_accuracy"]),
           flush=True)
     print("the whole answer masked, accuracy by the token's index in the answer:\n"
           + format_probe(report["accuracy_by_index"]), flush=True)
+    print("the first k answer tokens shown, the rest masked (a semi-autoregressive state): accuracy on the next 32:\n"
+          + format_probe(report["accuracy_after_prefix"]), flush=True)
   save(partial=not args.probe_only)
   if args.probe_only:
     return []

@@ -245,6 +245,15 @@ def test_fast_sampling_probe_scores_masked_answer_tokens_per_task_and_ratio(voca
       "copy": {"0-1": 1.0, "2-3": 0.0, "4-7": 0.0}, "sort": {"0-1": 1.0, "2-3": 0.0, "4-7": 0.0}}
   # An answer index no row reaches (answers are 4-6 tokens here) is None, not 0.
   assert fast.accuracy_by_index(first_two, split, tasks, vocab, [0, 8, 16], batch=5)["copy"]["8-15"] is None
+  # The first k answer tokens shown: only columns from k on are masked, and the next `block` of them scored.
+  seen.clear()
+  shown = fast.accuracy_after_prefix(right_on([0, 1, 2, 3, 4]), split, tasks, vocab, [0, 2, 8], block=2, batch=5)
+  assert shown == {"copy": {"0 shown": 1.0, "2 shown": 1.0, "8 shown": None},
+                   "sort": {"0 shown": 1.0, "2 shown": 1.0, "8 shown": None}}
+  assert np.array_equal(seen[1] == vocab.mask_id, corruptible & (index >= 2))
+  wrong_after_two = lambda x: np.where(index[:len(x)] < 3, tokens[:len(x)], x)  # right on answer tokens 0-2 only
+  assert fast.accuracy_after_prefix(wrong_after_two, split, tasks, vocab, [0, 2], block=2, batch=5) == {
+      "copy": {"0 shown": 1.0, "2 shown": 0.5}, "sort": {"0 shown": 1.0, "2 shown": 0.5}}
   table = fast.format_probe({"copy": {"0-7": 0.5, "8-15": None}})
   assert table.splitlines()[0] == "| task | 0-7 | 8-15 |" and table.splitlines()[2] == "| copy | 0.500 | - |"
 
@@ -386,7 +395,9 @@ def test_fast_sampling_probe_only_saves_the_probe_of_a_run_and_decodes_nothing(r
                     "--probe_ratios=0.5,1.0", "--probe_only", f"--out={out}"]) == []
   report = json.loads(out.read_text())
   assert not report["partial"] and "rows" not in report and not os.path.exists(f"{out}.partial")
-  assert set(report["masked_accuracy"]) == set(report["accuracy_by_index"]) == {"add", "copy", "reverse", "sort"}
+  assert (set(report["masked_accuracy"]) == set(report["accuracy_by_index"]) == set(report["accuracy_after_prefix"])
+          == {"add", "copy", "reverse", "sort"})
+  assert report["accuracy_after_prefix"]["add"]["0 shown"] == report["accuracy_by_index"]["add"]["0-31"]
   assert all(set(by_ratio) == {"0.5", "1.0"} and all(0 <= a <= 1 for a in by_ratio.values())
              for by_ratio in report["masked_accuracy"].values())
   assert report["accuracy_by_index"]["add"]["0-31"] is not None and report["accuracy_by_index"]["add"]["32-63"] is None
