@@ -480,12 +480,15 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
   long as the longest prompt of several calls gives them all one shape). `padded`: None = whether some
   prompt is shorter than the bucket (rows without [PAD]s skip the attention mask: a second compiled
   program); True = the masked program whatever the prompts, so that calls sharing a bucket share one
-  compile (a timed loop, a server). `initial_BxA` (FlowLM only): the answers to refine instead of the
+  compile (a timed loop, a server); False with a padded prompt is an error. `initial_BxA` (FlowLM only): the answers to refine instead of the
   configured start.
   """
   prompt_BxP, length_B = pad_prompts(prompt_ids, vocab.pad_id, prompt_bucket)
   key = jax.random.key(icfg.seed) if key is None else key
-  padded = bool(np.any(length_B < prompt_BxP.shape[1])) if padded is None else padded
+  has_pads = bool(np.any(length_B < prompt_BxP.shape[1]))
+  if padded is False and has_pads:
+    raise ValueError("sampling: padded=False, but some prompt is shorter than the bucket (its [PAD]s need the mask)")
+  padded = has_pads if padded is None else padded
   kwargs = dict(padded=padded, return_trajectory=return_trajectory)
   B = len(prompt_ids)
   if mode == "llada":

@@ -20,7 +20,7 @@ prompt (docs/performance.md, "Earlier runs, superseded"), and decoding cannot su
 table, the whole answer masked, by the token's index in the answer: where a positional skill (reverse's mirror
 lookup) stops reaching. A third, the first k answer tokens shown (the reference's) and the rest masked, the state
 a semi-autoregressive sampler is in after k columns: accuracy on the next 32 against the second table's column
-for them, whether those states cost what the model predicts from an all-[MASK] answer.
+for the same 32 (all masked): whether those states cost what the model predicts from an all-[MASK] answer.
 Steps: --steps, 0 = the answer length (one token per step, Fast-dLLM's baseline); blocks of --block.
 This is a script, not a module: flowlm_jax.evaluate and flowlm_jax.bench are both entry points, which no
 package module may import.
@@ -132,8 +132,9 @@ def accuracy_after_prefix(predict, split: data.TokenizedSplit, tasks: list[str],
   return by_task(columns)
 
 
-INDEX_EDGES = [0, 32, 64, 128, 192, 256, 320, 384, 448, 512]
-PREFIX_SHOWN = [0, 32, 64, 128, 192, 256, 320, 384, 448]
+PREFIX_BLOCK = 32  # the LLaDA sampler's block in the table (--block's default)
+INDEX_EDGES = list(range(0, 513, PREFIX_BLOCK))  # by-index columns one block wide: the prefix table's ranges
+PREFIX_SHOWN = list(range(0, 512, 2 * PREFIX_BLOCK))
 
 
 def probe(run, records: list[dict], ratios: list[float]) -> dict[str, dict]:
@@ -146,7 +147,7 @@ def probe(run, records: list[dict], ratios: list[float]) -> dict[str, dict]:
   tasks = [r["task"] for r in records]
   return {"masked_accuracy": masked_accuracy(predict, split, tasks, ratios, run.vocab),
           "accuracy_by_index": accuracy_by_index(predict, split, tasks, run.vocab, INDEX_EDGES),
-          "accuracy_after_prefix": accuracy_after_prefix(predict, split, tasks, run.vocab, PREFIX_SHOWN)}
+          "accuracy_after_prefix": accuracy_after_prefix(predict, split, tasks, run.vocab, PREFIX_SHOWN, PREFIX_BLOCK)}
 
 
 def format_probe(result: dict[str, dict]) -> str:
@@ -277,7 +278,8 @@ def main(argv=None) -> list[dict]:
           flush=True)
     print("the whole answer masked, accuracy by the token's index in the answer:\n"
           + format_probe(report["accuracy_by_index"]), flush=True)
-    print("the first k answer tokens shown, the rest masked (a semi-autoregressive state): accuracy on the next 32:\n"
+    print(f"the first k answer tokens shown, the rest masked (a semi-autoregressive state): accuracy on the next "
+          f"{PREFIX_BLOCK}, against the column k-{{k + {PREFIX_BLOCK - 1}}} above:\n"
           + format_probe(report["accuracy_after_prefix"]), flush=True)
   save(partial=not args.probe_only)
   if args.probe_only:

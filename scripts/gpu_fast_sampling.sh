@@ -20,7 +20,8 @@
 # a later session measures without training again: carry models/llada-long and set LLADA_RUN (FLOWLM_RUN), the
 # run the quality sections read (default: the training sections' runs/llada-long, runs/flowlm-long).
 # QUALITY_ARGS: more fast_sampling.py options, after the table's (the last of a repeated option counts), e.g.
-# "--steps 1 --block 512 --caches none --thresholds 0 --probe_ratios=" decodes each answer in one pass.
+# "--steps 1 --block 512 --caches none --thresholds 0 --probe_ratios=" decodes each answer in one pass. Split on
+# spaces, no quoting (a value cannot hold a space); quality_flowlm's own --modes and --out come after it.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}

@@ -251,21 +251,21 @@ def test_fast_sampling_probe_scores_masked_answer_tokens_per_task_and_ratio(voca
   assert shown == {"copy": {"0 shown": 1.0, "2 shown": 1.0, "8 shown": None},
                    "sort": {"0 shown": 1.0, "2 shown": 1.0, "8 shown": None}}
   assert np.array_equal(seen[1] == vocab.mask_id, corruptible & (index >= 2))
-  wrong_after_two = lambda x: np.where(index[:len(x)] < 3, tokens[:len(x)], x)  # right on answer tokens 0-2 only
-  assert fast.accuracy_after_prefix(wrong_after_two, split, tasks, vocab, [0, 2], block=2, batch=5) == {
+  right_on_first_three = lambda x: np.where(index[:len(x)] < 3, tokens[:len(x)], x)  # answer tokens 0-2
+  assert fast.accuracy_after_prefix(right_on_first_three, split, tasks, vocab, [0, 2], block=2, batch=5) == {
       "copy": {"0 shown": 1.0, "2 shown": 0.5}, "sort": {"0 shown": 1.0, "2 shown": 0.5}}
   table = fast.format_probe({"copy": {"0-7": 0.5, "8-15": None}})
   assert table.splitlines()[0] == "| task | 0-7 | 8-15 |" and table.splitlines()[2] == "| copy | 0.500 | - |"
 
 
-def _tiny_run(tokenizer, vocab):
-  """A loaded run as fast_sampling sees one: the tasks preset's config, a tiny random model."""
+def _tiny_run(tokenizer, vocab, variant: str = "tasks"):
+  """A loaded run as fast_sampling sees one: a preset's config, a tiny random model."""
   from flowlm_jax import config as config_lib
   from flowlm_jax import train
 
   m = ModelConfig(vocab_size=vocab.size, num_real_tokens=vocab.size, d_model=32, n_layers=2, n_heads=2,
                   n_kv_heads=2, d_ff=64, compute_dtype="float32")
-  return types.SimpleNamespace(config=config_lib.apply_variant(config_lib.base_config(), "tasks"),
+  return types.SimpleNamespace(config=config_lib.apply_variant(config_lib.base_config(), variant),
                                graphdef=train.abstract_model(m)[0], params=bench._init_params(m),
                                tokenizer=tokenizer, vocab=vocab)
 
@@ -306,6 +306,38 @@ def test_fast_sampling_compiles_the_sampler_once_for_prompts_with_and_without_pa
     seconds, out = fast.decode_all(run, prompts, icfg, "llada", batch=1, bucket=8)
   compiles = [r for r in caplog.records if "Compiling jit(llada_sample)" in r.getMessage()]
   assert len(compiles) == 1 and out["answer"].shape == (2, 24) and seconds > 0
+
+
+def test_the_samplers_first_pass_is_the_probes_forward_pass_on_the_training_rows(tokenizer, vocab):
+  """tasks_long rows as trained (answer slots) and as the LLaDA sampler feeds them ([answer | prompt | pads],
+  prompts bucketed): the same prompt ids, the same answer length, the same answer logits from an all-[MASK]
+  answer. What the probe measures is what the sampler's first pass sees."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from flowlm_jax import evaluate, likelihood, sampling
+  from flowlm_jax.decoding_passes import Rows, decoding_model
+
+  fast = script("fast_sampling")
+  run = _tiny_run(tokenizer, vocab, "tasks_long")
+  records = evaluate.load_records(fast.LONG_TEST_FILE, 1)
+  split = evaluate.sft_rows(run, records)
+  probe_logits = np.asarray(likelihood.model_logits_fn(run.graphdef, run.params, vocab.pad_id)(
+      jnp.asarray(np.where(split.corruptible, vocab.mask_id, split.tokens))))
+  references = [tokenizer.encode(r["answer"], add_special_tokens=False) for r in records]
+  bins = fast.answer_bins(records, references, [256, 512])
+  assert set(bins) == {256, 512}
+  model, layers = decoding_model(run.graphdef, run.params)
+  for answer_length, idx in bins.items():
+    prompts = [sampling.encode_prompt(tokenizer, records[i]["prompt"], chat=False) for i in idx]
+    first = split.corruptible[idx].argmax(1)
+    assert [split.tokens[i, :f].tolist() for i, f in zip(idx, first)] == prompts
+    assert split.corruptible[idx].sum(1).tolist() == [answer_length] * len(idx)
+    prompt_BxP, length_B = sampling.pad_prompts(prompts, vocab.pad_id, 8)
+    rows = Rows(model, layers, jnp.asarray(prompt_BxP), jnp.asarray(length_B), padded=True)
+    sampler = np.asarray(rows.full(jnp.full((len(idx), answer_length), vocab.mask_id, jnp.int32)))
+    trained = np.stack([probe_logits[i, f:f + answer_length] for i, f in zip(idx, first)])
+    np.testing.assert_allclose(sampler[..., :trained.shape[-1]], trained, atol=2e-5)
 
 
 def test_gpu_scripts_parse_and_all_keep_nvlink_multicast_off():
@@ -397,7 +429,10 @@ def test_fast_sampling_probe_only_saves_the_probe_of_a_run_and_decodes_nothing(r
   assert not report["partial"] and "rows" not in report and not os.path.exists(f"{out}.partial")
   assert (set(report["masked_accuracy"]) == set(report["accuracy_by_index"]) == set(report["accuracy_after_prefix"])
           == {"add", "copy", "reverse", "sort"})
+  # "k shown" scores the by-index column of the same 32 answer tokens (there with the whole answer masked)
   assert report["accuracy_after_prefix"]["add"]["0 shown"] == report["accuracy_by_index"]["add"]["0-31"]
+  assert all(f"{k}-{k + 31}" in report["accuracy_by_index"]["add"] for k in map(int, (c.split()[0] for c in
+                                                                               report["accuracy_after_prefix"]["add"])))
   assert all(set(by_ratio) == {"0.5", "1.0"} and all(0 <= a <= 1 for a in by_ratio.values())
              for by_ratio in report["masked_accuracy"].values())
   assert report["accuracy_by_index"]["add"]["0-31"] is not None and report["accuracy_by_index"]["add"]["32-63"] is None

@@ -466,14 +466,17 @@ def run_fast(mode, params=None, **overrides):
 
 @pytest.mark.parametrize("mode, overrides", [("llada", {}), ("llada", dict(cache="dual")), ("flowlm", {})],
                          ids=["llada", "llada-dual", "flowlm"])
-def test_the_masked_program_decodes_a_prompt_that_fills_its_bucket_as_the_unmasked_one(mode, overrides):
+def test_masked_and_unmasked_programs_decode_a_prompt_that_fills_its_bucket_alike(mode, overrides):
   """padded=True (one compiled sampler for every call with a bucket) on a prompt without [PAD]s: the answers of
-  the unmasked program generate picks for it by default."""
+  the unmasked program generate picks for it by default. padded=False on a padded prompt is refused."""
   graphdef, params = params_at(30.0)
   filling = [PROMPTS[2]]  # 8 tokens: the bucket of 8
-  run = lambda padded: sampling.generate(graphdef, params, filling, VOCAB, inference_config(**{**FAST, **overrides}),
-                                         mode=mode, key=jax.random.key(5), padded=padded)
-  np.testing.assert_array_equal(run(True).answer, run(None).answer)
+  run = lambda prompts, padded: sampling.generate(graphdef, params, prompts, VOCAB,
+                                                  inference_config(**{**FAST, **overrides}), mode=mode,
+                                                  key=jax.random.key(5), padded=padded)
+  np.testing.assert_array_equal(run(filling, True).answer, run(filling, None).answer)
+  with pytest.raises(ValueError, match="padded=False, but some prompt is shorter than the bucket"):
+    run([PROMPTS[0]], False)
 
 
 @pytest.mark.parametrize("mode, overrides", [
