@@ -285,10 +285,12 @@ def _leave_out_of_rate(bar) -> None:
   """Leaves the time since the bar last printed (a compile, an evaluation) out of its rate and ETA.
 
   tqdm's rate is a moving average of (steps, seconds) between prints; restarting the interval drops the
-  pause from it, while the elapsed time shown stays the wall time (tqdm.unpause would shift that too).
+  pause from it, while the elapsed time shown stays the wall time (tqdm.unpause would shift that too). The
+  steps since the last print go with it: counted against the time after the pause alone, they made a piped
+  bar (a print every 30 s) read 131 steps/s on the H200 where 71 ran.
   """
   if not bar.disable:
-    bar.last_print_t = bar._time()  # tqdm's own clock (time.time unless a test replaces it)
+    bar.last_print_n, bar.last_print_t = bar.n, bar._time()  # tqdm's own clock (a test may replace it)
 
 
 def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, config_dict):

@@ -125,6 +125,32 @@ def test_the_progress_rate_and_eta_leave_the_compile_out():
   bar.close()
 
 
+def test_a_piped_bars_rate_leaves_an_evaluation_out_with_the_steps_before_it():
+  """Printing every 30 s (a log file): the steps run between the last print and an evaluation must not be
+  counted against the time after it (the bar read 1.8x the true rate on the H200)."""
+  from tqdm import tqdm
+
+  from flowlm_jax import loop
+
+  clock = [1000.0]
+  bar = tqdm(total=10_000, file=io.StringIO(), mininterval=30.0, miniters=1, smoothing=0.3)
+  bar._time = lambda: clock[0]
+  bar.start_t = bar.last_print_t = clock[0]
+
+  def run(steps, per_second):
+    for _ in range(steps):
+      clock[0] += 1 / per_second
+      bar.update(1)
+
+  for _ in range(3):  # 4 steps a second; every 100 steps (25 s, before the next print) a 60-s evaluation
+    run(100, 4.0)
+    clock[0] += 60.0
+    loop._leave_out_of_rate(bar)
+  run(200, 4.0)
+  assert bar.format_dict["rate"] == pytest.approx(4.0, rel=1e-6)
+  bar.close()
+
+
 def test_sample_answers_prompts_from_arguments_flags_and_a_file_and_writes_jsonl(finished_run, tmp_path, capsys):
   from flowlm_jax import sample
 
