@@ -8,7 +8,8 @@ answer length of --answers that holds its reference answer and [EOS] (answer_len
 128-255 tokens; 512: 256-511). Per (sampler, answer length, cache, threshold), over the same records:
 - seconds per answer: wall time of decoding them all in batches of --batch, after one warm-up call
   (compiling) on the first batch, / the number of records; generated tok/s = records x answer length /
-  that time; speedup = the uncached, threshold-0 row's seconds / this row's;
+  that time; speedup = the uncached, threshold-0 row's seconds / this row's (a * after the seconds: XLA compiled
+  inside the timed loop, and they include it; JSON timed_compiles);
 - passes/answer: forward passes per answer (whole-row passes in brackets, the rest ran cached slices);
 - exact match (flowlm_jax.evaluate.exact_match) and token accuracy (reference tokens reproduced at
   their position, / reference length) against the reference answers, overall and (a second table) per task;
@@ -160,8 +161,21 @@ def format_probe(result: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
+_COMPILES = []  # one entry per XLA compile in this process, once counting has started (count_compiles)
+
+
+def count_compiles() -> int:
+  """XLA compiles so far (jax.monitoring's backend-compile event; counting starts at the first call)."""
+  if not _COMPILES:
+    _COMPILES.append("counting")
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: event == "/jax/core/compile/backend_compile_duration" and _COMPILES.append(event))
+  return len(_COMPILES) - 1
+
+
 def decode_all(run, prompt_ids, icfg, mode: str, batch: int, bucket: int):
-  """(seconds for all prompts after a warm-up call on the first batch, concatenated SampleOutput fields).
+  """(seconds for all prompts after a warm-up call on the first batch, concatenated SampleOutput fields, XLA
+  compiles inside the timed loop: 0 unless something recompiled, and then the seconds include them).
 
   Every call compiles the masked program (padded=True): a prompt that fills the bucket would otherwise
   compile the unmasked one inside the timed loop (it did: 13 s of the prefix row at 512 on 2026-11-29).
@@ -170,10 +184,11 @@ def decode_all(run, prompt_ids, icfg, mode: str, batch: int, bucket: int):
   call = lambda chunk: sampling.generate(run.graphdef, run.params, chunk, run.vocab, icfg, mode=mode,
                                          prompt_bucket=bucket, padded=True)
   call(chunks[0])  # compile
-  t0 = time.perf_counter()
+  compiles, t0 = count_compiles(), time.perf_counter()
   outs = [call(chunk) for chunk in chunks]  # host arrays: each call has finished
-  seconds = time.perf_counter() - t0
-  return seconds, {name: np.concatenate([getattr(o, name) for o in outs]) for name in ("answer", "passes", "full_passes")}
+  seconds, compiles = time.perf_counter() - t0, count_compiles() - compiles
+  fields = {name: np.concatenate([getattr(o, name) for o in outs]) for name in ("answer", "passes", "full_passes")}
+  return seconds, fields, compiles
 
 
 def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[dict]:
@@ -196,7 +211,10 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
                                      steps=args.steps or answer_length, max_steps=args.steps or answer_length,
                                      block_length=min(args.block, answer_length), cache=cache,
                                      cache_refresh=args.cache_refresh, parallel_threshold=threshold)
-          seconds, out = decode_all(run, bin_prompts, icfg, mode, args.batch, bucket)
+          seconds, out, timed_compiles = decode_all(run, bin_prompts, icfg, mode, args.batch, bucket)
+          if timed_compiles:
+            print(f"warning: {timed_compiles} XLA compile(s) inside the timed loop of the next row: its seconds "
+                  "include them", flush=True)
           ids = [sampling.answer_ids(row, vocab, end_id) for row in out["answer"]]
           texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
           baseline = baseline or (seconds, out["answer"])  # the first setting: cache none, threshold 0
@@ -204,6 +222,7 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
                      batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
                      generated_tokens_per_s=len(idx) * answer_length / seconds, speedup=baseline[0] / seconds,
                      passes_per_answer=float(out["passes"].mean()), full_passes_per_answer=float(out["full_passes"].mean()),
+                     timed_compiles=timed_compiles,
                      agreement=float(np.mean(np.all(out["answer"] == baseline[1], axis=1))),
                      exact_match_by_task=evaluate.exact_match(bin_records, texts),
                      token_accuracy_by_task=token_accuracy(bin_records, [reference_ids[i] for i in idx], ids))
@@ -221,7 +240,7 @@ HEADER = ("| sampler | answer | cache | threshold | records | s/answer | generat
 
 def format_row(r: dict) -> str:
   return (f"| {r['mode']} | {r['answer']} | {r['cache']} | {r['threshold']:g} | {r['records']} | "
-          f"{r['seconds_per_answer']:.3f} | {r['generated_tokens_per_s']:,.0f} | {r['speedup']:.2f} | "
+          f"{r['seconds_per_answer']:.3f}{'*' if r.get('timed_compiles') else ''} | {r['generated_tokens_per_s']:,.0f} | {r['speedup']:.2f} | "
           f"{r['passes_per_answer']:.1f} ({r['full_passes_per_answer']:.1f}) | {r['exact_match']:.3f} | "
           f"{r['token_accuracy']:.3f} | {r['agreement']:.3f} |")
 

@@ -303,9 +303,13 @@ def test_fast_sampling_compiles_the_sampler_once_for_prompts_with_and_without_pa
   icfg = sampling.run_config(run.config.inference, answer_length=24, steps=24, max_steps=24, block_length=8,
                              cache="dual", parallel_threshold=0.0)  # a shape no other test compiles
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
-    seconds, out = fast.decode_all(run, prompts, icfg, "llada", batch=1, bucket=8)
+    seconds, out, timed_compiles = fast.decode_all(run, prompts, icfg, "llada", batch=1, bucket=8)
   compiles = [r for r in caplog.records if "Compiling jit(llada_sample)" in r.getMessage()]
   assert len(compiles) == 1 and out["answer"].shape == (2, 24) and seconds > 0
+  assert timed_compiles == 0
+  # The count sees a compile inside the timed loop: a second chunk of another shape compiles there.
+  *_, timed_compiles = fast.decode_all(run, [prompts[0], prompts[0] * 2], icfg, "llada", batch=1, bucket=8)
+  assert timed_compiles >= 1
 
 
 def test_the_samplers_first_pass_is_the_probes_forward_pass_on_the_training_rows(tokenizer, vocab):
