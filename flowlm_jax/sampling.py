@@ -480,8 +480,8 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
   long as the longest prompt of several calls gives them all one shape). `padded`: None = whether some
   prompt is shorter than the bucket (rows without [PAD]s skip the attention mask: a second compiled
   program); True = the masked program whatever the prompts, so that calls sharing a bucket share one
-  compile (a timed loop, a server); False with a padded prompt is an error. `initial_BxA` (FlowLM only): the answers to refine instead of the
-  configured start.
+  compile (a timed loop, a server); False with a padded prompt is an error. `initial_BxA` (FlowLM only):
+  the answers to refine instead of the configured start.
   """
   prompt_BxP, length_B = pad_prompts(prompt_ids, vocab.pad_id, prompt_bucket)
   key = jax.random.key(icfg.seed) if key is None else key

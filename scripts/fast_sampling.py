@@ -115,7 +115,8 @@ def accuracy_by_index(predict, split: data.TokenizedSplit, tasks: list[str], voc
   answer is in [a, b) (None where no answer reaches it). Where a positional skill stops working."""
   masked, predicted = predict_masked(predict, split, 1.0, vocab, np.random.default_rng(0), batch)
   index, scored = answer_index(split), masked & (split.tokens != vocab.eos_id)
-  return by_task({f"{a}-{b - 1}": accuracy_per_task(predicted == split.tokens, scored & (index >= a) & (index < b), tasks)
+  right = predicted == split.tokens
+  return by_task({f"{a}-{b - 1}": accuracy_per_task(right, scored & (index >= a) & (index < b), tasks)
                   for a, b in zip(edges, edges[1:])})
 
 
@@ -161,16 +162,22 @@ def format_probe(result: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-_COMPILES = []  # one entry per XLA compile in this process, once counting has started (count_compiles)
+_COMPILE_SECONDS: list[float] = []  # XLA compiles of this process since count_compiles started counting
+_counting = False
+
+
+def _on_compile(event: str, seconds: float, **_) -> None:
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILE_SECONDS.append(seconds)
 
 
 def count_compiles() -> int:
   """XLA compiles so far (jax.monitoring's backend-compile event; counting starts at the first call)."""
-  if not _COMPILES:
-    _COMPILES.append("counting")
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: event == "/jax/core/compile/backend_compile_duration" and _COMPILES.append(event))
-  return len(_COMPILES) - 1
+  global _counting
+  if not _counting:  # jax.monitoring keeps a listener for the life of the process: register it once
+    jax.monitoring.register_event_duration_secs_listener(_on_compile)
+    _counting = True
+  return len(_COMPILE_SECONDS)
 
 
 def decode_all(run, prompt_ids, icfg, mode: str, batch: int, bucket: int):
@@ -240,7 +247,8 @@ HEADER = ("| sampler | answer | cache | threshold | records | s/answer | generat
 
 def format_row(r: dict) -> str:
   return (f"| {r['mode']} | {r['answer']} | {r['cache']} | {r['threshold']:g} | {r['records']} | "
-          f"{r['seconds_per_answer']:.3f}{'*' if r.get('timed_compiles') else ''} | {r['generated_tokens_per_s']:,.0f} | {r['speedup']:.2f} | "
+          f"{r['seconds_per_answer']:.3f}{'*' if r.get('timed_compiles') else ''} | "
+          f"{r['generated_tokens_per_s']:,.0f} | {r['speedup']:.2f} | "
           f"{r['passes_per_answer']:.1f} ({r['full_passes_per_answer']:.1f}) | {r['exact_match']:.3f} | "
           f"{r['token_accuracy']:.3f} | {r['agreement']:.3f} |")
 
