@@ -28,7 +28,8 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 [ -n "${SIDE_BY_SIDE_CHILD:-}" ] || nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps 0 --sampler_reps 1"
 table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15} ${QUALITY_ARGS:-}"
-llada_run=${LLADA_RUN:-runs/llada-long} flowlm_run=${FLOWLM_RUN:-runs/flowlm-long}
+llada_train=runs/llada-long flowlm_train=runs/flowlm-long  # the training sections' runs
+llada_run=${LLADA_RUN:-$llada_train} flowlm_run=${FLOWLM_RUN:-$flowlm_train}
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
   # Built once per size on a machine (a warm one keeps /tmp), whole or not at all: a failed or stopped build
   # leaves no folder behind to be reused.
@@ -64,19 +65,20 @@ for section in "$@"; do
   case $section in
     speed_small) cmd="python3 -m flowlm_jax.bench --no-train --shapes small --samplers llada,flowlm $grid --out $OUT/fast_small.json" ;;
     speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
-    train_llada) cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=runs/llada-long ${data_args:-} ${TRAIN_ARGS:-}" ;;
-    train_flowlm) cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=runs/flowlm-long ${data_args:-} ${TRAIN_ARGS:-}" ;;
+    train_llada) workdir=$llada_train
+                 cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=$workdir ${data_args:-} ${TRAIN_ARGS:-}" ;;
+    train_flowlm) workdir=$flowlm_train
+                  cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=$workdir ${data_args:-} ${TRAIN_ARGS:-}" ;;
     quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=$llada_run $table --out $OUT/fast_llada.json" ;;
     quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=$flowlm_run $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
-    export_llada) cmd="python3 -m flowlm_jax.export runs/llada-long --out $OUT/llada-long" ;;
-    export_flowlm) cmd="python3 -m flowlm_jax.export runs/flowlm-long --out $OUT/flowlm-long" ;;
+    export_llada) cmd="python3 -m flowlm_jax.export $llada_train --out $OUT/llada-long" ;;
+    export_flowlm) cmd="python3 -m flowlm_jax.export $flowlm_train --out $OUT/flowlm-long" ;;
     pair) # two phases must fit one 600 s call
           for two in train_llada+train_flowlm quality_llada+quality_flowlm; do
             SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} side_by_side "$two" || status=1
           done; continue ;;
     *) echo "unknown section $section"; status=1; continue ;;
   esac
-  workdir=$(sed -n 's/.*--workdir=\([^ ]*\).*/\1/p' <<<"$cmd")
   if [[ -n "${RESUME_ONLY:-}" && $section == train_* && ! -d $workdir/checkpoints ]]; then
     # a later call of a training split over calls: runs/ is gone when the machine was given back in between
     echo "=== $section: RESUME_ONLY, but $workdir has no checkpoint (a fresh machine?): not training from step 0"
