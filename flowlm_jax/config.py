@@ -92,6 +92,8 @@ def base_config() -> ConfigDict:
   k.min_ratio = 0.0             # per-sequence ratio r ~ U[min_ratio, max_ratio]
   k.max_ratio = 1.0
   k.eps = 1e-3                  # corruption probability t = (1 - eps) r + eps (LLaDA)
+  k.clean_prefix_prob = 0.0     # training: share of rows whose answer starts clean (the states of a semi-
+  k.clean_prefix_block = 32     #   autoregressive sampler; masking.keep_clean_prefix), in multiples of this
 
   c.training = t = ConfigDict()
   t.loss = "llada"              # "llada" (1/t-weighted) | "flowlm" (all corrupted positions)
@@ -520,6 +522,8 @@ def _check_values(c: ConfigDict) -> None:
   for key in ("min_ratio", "max_ratio", "eps", "mask_prob", "random_prob", "keep_prob"):
     _require(0.0 <= k[key] <= 1.0, f"masking.{key}", f"must be in [0, 1], got {k[key]}")
   _require(k.min_ratio <= k.max_ratio, "masking.min_ratio", f"min_ratio={k.min_ratio} > max_ratio={k.max_ratio}")
+  _require(0.0 <= k.clean_prefix_prob <= 1.0, "masking.clean_prefix_prob", f"must be in [0, 1], got {k.clean_prefix_prob}")
+  _require(k.clean_prefix_block >= 1, "masking.clean_prefix_block", f"must be >= 1, got {k.clean_prefix_block}")
   if k.strategy == "CUSTOM":
     total = k.mask_prob + k.random_prob + k.keep_prob
     _require(math.isclose(total, 1.0, abs_tol=1e-6), "masking.mask_prob",

@@ -54,6 +54,10 @@ class MaskingSpec:
   mask_id: int
   # A tuple (not an array) so the frozen dataclass stays hashable and comparable.
   random_token_ids: tuple[int, ...]
+  # Training only (keep_clean_prefix): the share of rows whose first corruptible positions stay clean, and the
+  # multiple of positions such a prefix comes in.
+  clean_prefix_prob: float = 0.0
+  clean_prefix_block: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "random_token_ids", tuple(int(i) for i in np.asarray(self.random_token_ids).ravel()))
@@ -74,6 +78,9 @@ class MaskingSpec:
       raise ValueError("masking.random_prob > 0 but the vocab has no non-special ids to draw from")
     if self.mask_id in self.random_token_ids:
       raise ValueError(f"mask_id={self.mask_id} is among the random replacement ids; list it in vocab.special_ids")
+    if not (0.0 <= self.clean_prefix_prob <= 1.0 and self.clean_prefix_block >= 1):
+      raise ValueError(f"need 0 <= masking.clean_prefix_prob <= 1 and masking.clean_prefix_block >= 1, got "
+                       f"{self.clean_prefix_prob} and {self.clean_prefix_block}")
 
   @classmethod
   def from_config(cls, masking_cfg: Any, vocab: Vocab) -> MaskingSpec:
@@ -88,6 +95,8 @@ class MaskingSpec:
       eps=float(masking_cfg.eps),
       mask_id=vocab.mask_id,
       random_token_ids=tuple(vocab.random_token_ids.tolist()),
+      clean_prefix_prob=float(getattr(masking_cfg, "clean_prefix_prob", 0.0)),
+      clean_prefix_block=int(getattr(masking_cfg, "clean_prefix_block", 1)),
     )
 
 
@@ -168,3 +177,25 @@ def corrupt_at(key: jax.Array, tokens_BxL: jax.Array, corruptible_BxL: jax.Array
     random_BxL = sample_random_tokens(random_key, (batch_size, seq_len), spec)
     noisy_BxL = jnp.where(kind_BxL == KIND_RANDOM, random_BxL, noisy_BxL)
   return Corruption(noisy_tokens=noisy_BxL, corrupted=corrupted_BxL, t=t_B, kind=kind_BxL)
+
+
+def keep_clean_prefix(key: jax.Array, corruptible_BxL: jax.Array, spec: MaskingSpec) -> jax.Array:
+  """bool[B, L]: `corruptible_BxL` with, in a share `spec.clean_prefix_prob` of the rows, the first k corruptible
+  positions taken out (they stay clean and carry no loss); k is a multiple of `spec.clean_prefix_block` drawn
+  uniformly below the row's corruptible count, so at least one position is left.
+
+  A semi-autoregressive sampler conditions each block on finished blocks before it and [MASK]s after it, states
+  that i.i.d. corruption of the whole answer almost never produces; rows with a clean prefix train the
+  conditional of the rest of the answer given its start, as block diffusion does (Arriola et al. 2025, BD3-LM;
+  Wu et al. 2025, Fast-dLLM v2). With the loss normalised per corruptible token, such a row's loss is the
+  likelihood bound of the rest given the prefix.
+  """
+  corruptible = corruptible_BxL.astype(bool)
+  count_B = jnp.sum(corruptible, axis=-1, dtype=jnp.int32)
+  rank_BxL = jnp.cumsum(corruptible, axis=-1, dtype=jnp.int32) - 1  # index among the row's corruptible positions
+  block = spec.clean_prefix_block
+  row_key, length_key = jax.random.split(key)
+  blocks_B = jnp.maximum((count_B + block - 1) // block, 1)  # the prefix ends before the last block starts
+  prefix_B = jax.random.randint(length_key, count_B.shape, 0, blocks_B) * block
+  prefix_B = jnp.where(jax.random.uniform(row_key, count_B.shape) < spec.clean_prefix_prob, prefix_B, 0)
+  return corruptible & (rank_BxL >= prefix_B[:, None])

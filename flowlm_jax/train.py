@@ -202,6 +202,9 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
 
   def loss_of(trained, mb, key):
     params, fp8_meta = trained
+    if cfg.masking.clean_prefix_prob > 0:  # training rows only: evaluation scores the whole answer
+      prefix_key = jax.random.fold_in(key, 1)  # off, the noise stream is what it always was
+      mb = {**mb, "corruptible": masking.keep_clean_prefix(prefix_key, mb["corruptible"], cfg.masking)}
     return batch_loss(graphdef, params, mb, key, cfg, fp8_meta)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)

@@ -30,6 +30,10 @@ grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps
 table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15} ${QUALITY_ARGS:-}"
 llada_train=runs/llada-long flowlm_train=runs/flowlm-long  # the training sections' runs
 llada_run=${LLADA_RUN:-$llada_train} flowlm_run=${FLOWLM_RUN:-$flowlm_train}
+# *_llada_prefix: LLaDA with half the training rows keeping a clean answer start in whole blocks of 32 (the
+# semi-autoregressive sampler's states; masking.keep_clean_prefix), against the decoding gap of docs/performance.md
+prefix_train=runs/llada-long-prefix prefix_run=${LLADA_PREFIX_RUN:-runs/llada-long-prefix}
+prefix_args="--config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32"
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
   # Built once per size on a machine (a warm one keeps /tmp), whole or not at all: a failed or stopped build
   # leaves no folder behind to be reused.
@@ -69,10 +73,14 @@ for section in "$@"; do
                  cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=$workdir ${data_args:-} ${TRAIN_ARGS:-}" ;;
     train_flowlm) workdir=$flowlm_train
                   cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=$workdir ${data_args:-} ${TRAIN_ARGS:-}" ;;
+    train_llada_prefix) workdir=$prefix_train
+                        cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=$workdir $prefix_args ${data_args:-} ${TRAIN_ARGS:-}" ;;
     quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=$llada_run $table --out $OUT/fast_llada.json" ;;
+    quality_llada_prefix) cmd="python3 scripts/fast_sampling.py --workdir=$prefix_run $table --out $OUT/fast_llada_prefix.json" ;;
     quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=$flowlm_run $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
     export_llada) cmd="python3 -m flowlm_jax.export $llada_train --out $OUT/llada-long" ;;
     export_flowlm) cmd="python3 -m flowlm_jax.export $flowlm_train --out $OUT/flowlm-long" ;;
+    export_llada_prefix) cmd="python3 -m flowlm_jax.export $prefix_train --out $OUT/llada-long-prefix" ;;
     pair) # two phases must fit one 600 s call
           for two in train_llada+train_flowlm quality_llada+quality_flowlm; do
             SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} side_by_side "$two" || status=1

@@ -420,6 +420,13 @@ def test_gpu_fast_sampling_measures_the_run_named_by_llada_run_and_exports_the_t
   assert commands[0].index("--limit") < commands[0].index("--steps 1") < commands[0].index("--out")
   assert "--workdir=runs/flowlm-long" in commands[1]
   assert commands[2].endswith(f"flowlm_jax.export runs/llada-long --out {tmp_path / 'out'}/llada-long")
+  # The clean-prefix LLaDA run: its own directory, the option on, the same data and TRAIN_ARGS.
+  env = {**env, "TRAIN_ARGS": "--config.training.max_steps=7"}
+  result = _run_fast_sampling_script(tmp_path, env, "train_llada_prefix", "quality_llada_prefix")
+  assert result.returncode == 0, result.stdout + result.stderr
+  train, quality = [line for line in result.stdout.splitlines() if line.startswith("=== ")]
+  assert "--workdir=runs/llada-long-prefix --config.masking.clean_prefix_prob=0.5" in train
+  assert train.endswith("--config.training.max_steps=7") and "--workdir=runs/llada-long-prefix " in quality
 
 
 def test_fast_sampling_probe_only_saves_the_probe_of_a_run_and_decodes_nothing(reference_run, tmp_path):

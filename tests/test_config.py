@@ -329,12 +329,20 @@ def test_validate_accepts_an_int_for_a_float_field():
   config_lib.validate(c)
 
 
-@pytest.mark.parametrize("key", ["min_ratio", "max_ratio", "eps", "mask_prob", "random_prob", "keep_prob"])
+@pytest.mark.parametrize("key", ["min_ratio", "max_ratio", "eps", "mask_prob", "random_prob", "keep_prob",
+                                 "clean_prefix_prob"])
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_validate_rejects_a_masking_ratio_outside_0_1(key, value):
   c = preset()
   c.masking[key] = value
   with pytest.raises(ValueError, match=re.escape(f"masking.{key}: must be in [0, 1]")):
+    config_lib.validate(c)
+
+
+def test_validate_rejects_a_clean_prefix_block_below_one():
+  c = preset()
+  c.masking.clean_prefix_block = 0
+  with pytest.raises(ValueError, match=re.escape("masking.clean_prefix_block: must be >= 1, got 0")):
     config_lib.validate(c)
 
 

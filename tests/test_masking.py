@@ -221,3 +221,57 @@ def test_mask_id_among_random_ids_raises():
   vocab = Vocab(size=8, mask_id=1, pad_id=0, eos_id=2, sep_id=3, special_ids=(0, 2, 3))
   with pytest.raises(ValueError, match="mask_id"):
     masking.MaskingSpec.from_config(make_cfg(), vocab)
+
+
+# --- clean answer prefixes (training rows in the states of a semi-autoregressive sampler) -----
+
+
+def _prefix_lengths(spec, corruptible_BxL, seed=0):
+  """(kept corruptible [B, L], per row: how many of its first corruptible positions were taken out)."""
+  kept = np.asarray(masking.keep_clean_prefix(jax.random.key(seed), jnp.asarray(corruptible_BxL), spec))
+  corruptible = np.asarray(corruptible_BxL, bool)
+  assert not (kept & ~corruptible).any()  # nothing becomes corruptible
+  removed = corruptible & ~kept
+  rank = np.cumsum(corruptible, axis=1) - 1
+  lengths = removed.sum(1)
+  # What is taken out is exactly the row's first `length` corruptible positions, and one is always left.
+  np.testing.assert_array_equal(removed, corruptible & (rank < lengths[:, None]))
+  assert (kept.sum(1) >= 1).all()
+  return kept, lengths
+
+
+def test_clean_prefix_off_leaves_every_row_as_it_was():
+  corruptible = np.zeros((64, 48), bool)
+  corruptible[:, 8:40] = True
+  kept, _ = _prefix_lengths(make_spec(clean_prefix_prob=0.0, clean_prefix_block=1), corruptible)
+  np.testing.assert_array_equal(kept, corruptible)
+
+
+def test_clean_prefix_length_is_uniform_over_whole_blocks_below_the_answer_length():
+  """40 corruptible positions, blocks of 8: prefixes of 0, 8, ..., 32 positions, each in a fifth of the rows."""
+  rows = 20_000
+  corruptible = np.zeros((rows, 64), bool)
+  corruptible[:, 10:50] = True
+  _, lengths = _prefix_lengths(make_spec(clean_prefix_prob=1.0, clean_prefix_block=8), corruptible)
+  values, counts = np.unique(lengths, return_counts=True)
+  assert values.tolist() == [0, 8, 16, 24, 32]
+  np.testing.assert_allclose(counts / rows, 0.2, atol=SIGMAS * np.sqrt(0.2 * 0.8 / rows))
+
+
+def test_clean_prefix_goes_to_the_configured_share_of_rows_and_counts_corruptible_positions_only():
+  """Half the rows draw a prefix (of 0..n-1 positions, so n-1 in n of them lose some); rows whose corruptible
+  positions have holes lose their first corruptible positions, not their first columns."""
+  rows, n = 20_000, 30
+  corruptible = np.zeros((rows, 64), bool)
+  corruptible[:, 4:64:2] = True  # every other column: 30 corruptible positions with holes between them
+  _, lengths = _prefix_lengths(make_spec(clean_prefix_prob=0.5, clean_prefix_block=1), corruptible, seed=1)
+  expected = 0.5 * (n - 1) / n
+  assert abs((lengths > 0).mean() - expected) < SIGMAS * np.sqrt(expected * (1 - expected) / rows)
+  assert lengths.max() == n - 1
+
+
+def test_clean_prefix_settings_out_of_range_raise_naming_the_fields():
+  with pytest.raises(ValueError, match="clean_prefix_prob"):
+    make_spec(clean_prefix_prob=1.5)
+  with pytest.raises(ValueError, match="clean_prefix_block"):
+    make_spec(clean_prefix_block=0)

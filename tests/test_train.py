@@ -179,3 +179,26 @@ def test_chunked_loss_config_trains_like_the_full_one(setup):
   np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-4)
   np.testing.assert_allclose(state_a.params["wq"], state_b.params["wq"], rtol=1e-4, atol=1e-6)
+
+
+def test_clean_prefix_rows_train_on_the_rest_of_the_answer_and_evaluation_scores_it_whole(setup):
+  """masking.clean_prefix_prob = 1 with prefixes of any length: a training step's rows keep on average half
+  their answer clean (count/corruptible ~ (n + 1) / 2n of the whole), while the evaluation step, which scores
+  the whole answer, is the same with the option on or off."""
+  prefixed = dataclasses.replace(setup.step_cfg.masking, clean_prefix_prob=1.0, clean_prefix_block=1)
+  rows = 256  # enough that half the answer tokens is many spreads away from all of them
+  batch = jax.tree.map(jnp.asarray, {"tokens": setup.train_split.tokens[:rows],
+                                     "corruptible": setup.train_split.corruptible[:rows]})
+  whole = float(jnp.sum(batch["corruptible"]))
+  _, _, _, step, evaluate, state = build(setup)
+  _, _, _, prefix_step, prefix_evaluate, prefix_state = build(setup, masking=prefixed)  # the same initial state
+  key = jax.random.PRNGKey(5)
+  for name, value in evaluate(state.params, batch, key).items():
+    np.testing.assert_allclose(prefix_evaluate(prefix_state.params, batch, key)[name], value, rtol=1e-6)
+  _, metrics = step(state, batch)  # (the steps donate their states)
+  _, prefix_metrics = prefix_step(prefix_state, batch)
+  assert float(metrics["count/corruptible"]) == whole
+  n = np.asarray(batch["corruptible"]).sum(1)
+  expected = float(np.sum((n + 1) / 2))
+  spread = float(np.sqrt(np.sum((n ** 2 - 1) / 12)))  # the sd of the sum of uniform prefix lengths
+  assert abs(float(prefix_metrics["count/corruptible"]) - expected) < 5 * spread
