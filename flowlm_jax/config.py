@@ -92,8 +92,8 @@ def base_config() -> ConfigDict:
   k.min_ratio = 0.0             # per-sequence ratio r ~ U[min_ratio, max_ratio]
   k.max_ratio = 1.0
   k.eps = 1e-3                  # corruption probability t = (1 - eps) r + eps (LLaDA)
-  k.clean_prefix_prob = 0.0     # training: share of rows whose answer starts clean (the states of a semi-
-  k.clean_prefix_block = 32     #   autoregressive sampler; masking.keep_clean_prefix), in multiples of this
+  k.clean_prefix_prob = 0.0     # training: share of rows whose answer starts clean (nearer a semi-
+  k.clean_prefix_block = 32     #   autoregressive sampler's states; masking.keep_clean_prefix), in multiples of this
 
   c.training = t = ConfigDict()
   t.loss = "llada"              # "llada" (1/t-weighted) | "flowlm" (all corrupted positions)

@@ -57,7 +57,7 @@ class MaskingSpec:
   # Training only (keep_clean_prefix): the share of rows whose first corruptible positions stay clean, and the
   # multiple of positions such a prefix comes in.
   clean_prefix_prob: float = 0.0
-  clean_prefix_block: int = 1
+  clean_prefix_block: int = 32
 
   def __post_init__(self):
     object.__setattr__(self, "random_token_ids", tuple(int(i) for i in np.asarray(self.random_token_ids).ravel()))
@@ -96,7 +96,7 @@ class MaskingSpec:
       mask_id=vocab.mask_id,
       random_token_ids=tuple(vocab.random_token_ids.tolist()),
       clean_prefix_prob=float(getattr(masking_cfg, "clean_prefix_prob", 0.0)),
-      clean_prefix_block=int(getattr(masking_cfg, "clean_prefix_block", 1)),
+      clean_prefix_block=int(getattr(masking_cfg, "clean_prefix_block", 32)),
     )
 
 
@@ -185,10 +185,11 @@ def keep_clean_prefix(key: jax.Array, corruptible_BxL: jax.Array, spec: MaskingS
   uniformly below the row's corruptible count, so at least one position is left.
 
   A semi-autoregressive sampler conditions each block on finished blocks before it and [MASK]s after it, states
-  that i.i.d. corruption of the whole answer almost never produces; rows with a clean prefix train the
-  conditional of the rest of the answer given its start, as block diffusion does (Arriola et al. 2025, BD3-LM;
-  Wu et al. 2025, Fast-dLLM v2). With the loss normalised per corruptible token, such a row's loss is the
-  likelihood bound of the rest given the prefix.
+  that i.i.d. corruption of the whole answer almost never produces. Rows with a clean prefix come closer: a
+  clean start, the rest corrupted at the row's rate t (the sampler's later blocks are all [MASK]; block
+  diffusion, Arriola et al. 2025 and Wu et al. 2025's Fast-dLLM v2, also noises block by block under
+  block-causal attention). With the loss normalised per corruptible token, such a row's loss is the
+  likelihood bound of the rest of the answer given its start.
   """
   corruptible = corruptible_BxL.astype(bool)
   count_B = jnp.sum(corruptible, axis=-1, dtype=jnp.int32)

@@ -193,6 +193,9 @@ def split_micro_batches(batch, n: int):
 # --- steps ------------------------------------------------------------------------------------
 
 
+CLEAN_PREFIX_STREAM = 0x636C6E70  # fold_in data for the clean-prefix draw ("clnp"): far from split indices
+
+
 def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
   """One optimiser step. Every micro-batch quantizes with the step's incoming FP8 scaling state (if any);
   the new state keeps the largest absolute maxima over the micro-batches (fp8.combine_micro_batches)."""
@@ -203,7 +206,9 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
   def loss_of(trained, mb, key):
     params, fp8_meta = trained
     if cfg.masking.clean_prefix_prob > 0:  # training rows only: evaluation scores the whole answer
-      prefix_key = jax.random.fold_in(key, 1)  # off, the noise stream is what it always was
+      # A stream of its own: with partitionable threefry fold_in(key, i) is split(key, n)[i] for small i, which
+      # `corrupt` draws from. Off, the noise stream is what it always was.
+      prefix_key = jax.random.fold_in(key, CLEAN_PREFIX_STREAM)
       mb = {**mb, "corruptible": masking.keep_clean_prefix(prefix_key, mb["corruptible"], cfg.masking)}
     return batch_loss(graphdef, params, mb, key, cfg, fp8_meta)
 

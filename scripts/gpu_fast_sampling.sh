@@ -30,8 +30,8 @@ grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps
 table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15} ${QUALITY_ARGS:-}"
 llada_train=runs/llada-long flowlm_train=runs/flowlm-long  # the training sections' runs
 llada_run=${LLADA_RUN:-$llada_train} flowlm_run=${FLOWLM_RUN:-$flowlm_train}
-# *_llada_prefix: LLaDA with half the training rows keeping a clean answer start in whole blocks of 32 (the
-# semi-autoregressive sampler's states; masking.keep_clean_prefix), against the decoding gap of docs/performance.md
+# *_llada_prefix: LLaDA with half the training rows keeping a clean answer start in whole blocks of 32 (nearer
+# the semi-autoregressive sampler's states; masking.keep_clean_prefix), against the decoding gap of docs/performance.md
 prefix_train=runs/llada-long-prefix prefix_run=${LLADA_PREFIX_RUN:-runs/llada-long-prefix}
 prefix_args="--config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32"
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then

@@ -258,6 +258,14 @@ def test_clean_prefix_length_is_uniform_over_whole_blocks_below_the_answer_lengt
   np.testing.assert_allclose(counts / rows, 0.2, atol=SIGMAS * np.sqrt(0.2 * 0.8 / rows))
 
 
+def test_clean_prefix_of_a_count_that_is_not_whole_blocks_ends_before_the_last_partial_block():
+  """35 corruptible positions, blocks of 8: five blocks (the last of 3), prefixes 0, 8, ..., 32: 3 left at most."""
+  corruptible = np.zeros((4_000, 48), bool)
+  corruptible[:, 5:40] = True
+  _, lengths = _prefix_lengths(make_spec(clean_prefix_prob=1.0, clean_prefix_block=8), corruptible, seed=2)
+  assert sorted(set(lengths.tolist())) == [0, 8, 16, 24, 32]
+
+
 def test_clean_prefix_goes_to_the_configured_share_of_rows_and_counts_corruptible_positions_only():
   """Half the rows draw a prefix (of 0..n-1 positions, so n-1 in n of them lose some); rows whose corruptible
   positions have holes lose their first corruptible positions, not their first columns."""
