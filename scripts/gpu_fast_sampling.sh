@@ -32,8 +32,13 @@ llada_train=runs/llada-long flowlm_train=runs/flowlm-long  # the training sectio
 llada_run=${LLADA_RUN:-$llada_train} flowlm_run=${FLOWLM_RUN:-$flowlm_train}
 # *_llada_prefix: LLaDA with half the training rows keeping a clean answer start in whole blocks of 32 (nearer
 # the semi-autoregressive sampler's states; masking.keep_clean_prefix), against the decoding gap of docs/performance.md
-prefix_train=runs/llada-long-prefix prefix_run=${LLADA_PREFIX_RUN:-runs/llada-long-prefix}
+prefix_train=runs/llada-long-prefix
+prefix_run=${LLADA_PREFIX_RUN:-$prefix_train}
 prefix_args="--config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32"
+# The section's command (and, for a training, its workdir): one rule per kind of section.
+train() { workdir=$2; cmd="python3 launch.py --config=configs/$1.py:tasks_long --workdir=$2 ${3:-} ${data_args:-} ${TRAIN_ARGS:-}"; }
+quality() { cmd="python3 scripts/fast_sampling.py --workdir=$1 $table ${3:-} --out $OUT/$2.json"; }
+export_run() { cmd="python3 -m flowlm_jax.export $1 --out $OUT/$(basename "$1")"; }
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
   # Built once per size on a machine (a warm one keeps /tmp), whole or not at all: a failed or stopped build
   # leaves no folder behind to be reused.
@@ -69,18 +74,15 @@ for section in "$@"; do
   case $section in
     speed_small) cmd="python3 -m flowlm_jax.bench --no-train --shapes small --samplers llada,flowlm $grid --out $OUT/fast_small.json" ;;
     speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
-    train_llada) workdir=$llada_train
-                 cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=$workdir ${data_args:-} ${TRAIN_ARGS:-}" ;;
-    train_flowlm) workdir=$flowlm_train
-                  cmd="python3 launch.py --config=configs/flowlm.py:tasks_long --workdir=$workdir ${data_args:-} ${TRAIN_ARGS:-}" ;;
-    train_llada_prefix) workdir=$prefix_train
-                        cmd="python3 launch.py --config=configs/llada.py:tasks_long --workdir=$workdir $prefix_args ${data_args:-} ${TRAIN_ARGS:-}" ;;
-    quality_llada) cmd="python3 scripts/fast_sampling.py --workdir=$llada_run $table --out $OUT/fast_llada.json" ;;
-    quality_llada_prefix) cmd="python3 scripts/fast_sampling.py --workdir=$prefix_run $table --out $OUT/fast_llada_prefix.json" ;;
-    quality_flowlm) cmd="python3 scripts/fast_sampling.py --workdir=$flowlm_run $table --modes llada,flowlm --out $OUT/fast_flowlm.json" ;;
-    export_llada) cmd="python3 -m flowlm_jax.export $llada_train --out $OUT/llada-long" ;;
-    export_flowlm) cmd="python3 -m flowlm_jax.export $flowlm_train --out $OUT/flowlm-long" ;;
-    export_llada_prefix) cmd="python3 -m flowlm_jax.export $prefix_train --out $OUT/llada-long-prefix" ;;
+    train_llada) train llada $llada_train ;;
+    train_flowlm) train flowlm $flowlm_train ;;
+    train_llada_prefix) train llada $prefix_train "$prefix_args" ;;
+    quality_llada) quality $llada_run fast_llada ;;
+    quality_llada_prefix) quality $prefix_run fast_llada_prefix ;;
+    quality_flowlm) quality $flowlm_run fast_flowlm "--modes llada,flowlm" ;;
+    export_llada) export_run $llada_train ;;
+    export_flowlm) export_run $flowlm_train ;;
+    export_llada_prefix) export_run $prefix_train ;;
     pair) # two phases must fit one 600 s call
           for two in train_llada+train_flowlm quality_llada+quality_flowlm; do
             SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} side_by_side "$two" || status=1
