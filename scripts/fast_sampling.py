@@ -6,8 +6,8 @@
 Records: the long-answer set (flowlm_jax/assets/sft_tasks_long/test.jsonl), each decoded at the smallest
 answer length of --answers that holds its reference answer and [EOS] (answer_length 256: answers of
 128-255 tokens; 512: 256-511). Per (sampler, answer length, cache, threshold), over the same records:
-- seconds per answer: wall time of decoding them all in batches of --batch, after one warm-up call
-  (compiling) on the first batch, / the number of records; generated tok/s = records x answer length /
+- seconds per answer: wall time of decoding them all in batches of --batch, after a warm-up call
+  (compiling) per batch shape, / the number of records; generated tok/s = records x answer length /
   that time; speedup = the uncached, threshold-0 row's seconds / this row's (a * after the seconds: XLA compiled
   inside the timed loop, and they include it; JSON timed_compiles);
 - passes/answer: forward passes per answer (whole-row passes in brackets, the rest ran cached slices);
@@ -181,16 +181,19 @@ def count_compiles() -> int:
 
 
 def decode_all(run, prompt_ids, icfg, mode: str, batch: int, bucket: int):
-  """(seconds for all prompts after a warm-up call on the first batch, concatenated SampleOutput fields, XLA
+  """(seconds for all prompts after a warm-up call per batch shape, concatenated SampleOutput fields, XLA
   compiles inside the timed loop: 0 unless something recompiled, and then the seconds include them).
 
   Every call compiles the masked program (padded=True): a prompt that fills the bucket would otherwise
   compile the unmasked one inside the timed loop (it did: 13 s of the prefix row at 512 on 2026-11-29).
+  The last batch of a count that is not a multiple of `batch` is smaller: another shape, compiled in the
+  warm-up too (it was compiled inside every batch-32 row's timed loop on 2026-11-29).
   """
   chunks = [prompt_ids[i:i + batch] for i in range(0, len(prompt_ids), batch)]
   call = lambda chunk: sampling.generate(run.graphdef, run.params, chunk, run.vocab, icfg, mode=mode,
                                          prompt_bucket=bucket, padded=True)
-  call(chunks[0])  # compile
+  for chunk in {len(c): c for c in chunks}.values():  # compile: one call per batch shape
+    call(chunk)
   compiles, t0 = count_compiles(), time.perf_counter()
   outs = [call(chunk) for chunk in chunks]  # host arrays: each call has finished
   seconds, compiles = time.perf_counter() - t0, count_compiles() - compiles

@@ -16,9 +16,11 @@
 # RESUME_ONLY=1: a training section whose run has no checkpoint fails at once instead of starting from step 0
 # (the second call of a training split over calls, on a machine that was not kept warm).
 #   bash scripts/gpu_fast_sampling.sh export_llada   # the trained weights, ~36 MiB, back under $OUT/llada-long
-# (then export_flowlm, one per call: a call brings back 64 MiB). Keep them in the git-ignored models/ here and
-# a later session measures without training again: carry models/llada-long and set LLADA_RUN (FLOWLM_RUN), the
-# run the quality sections read (default: the training sections' runs/llada-long, runs/flowlm-long).
+# (then export_flowlm, one per call: a call brings back 8 files, 16 MiB each, so the export comes as a tar in
+# parts: scripts/device_transfer.sh). Here `bash scripts/device_transfer.sh unpack FILES_AT/llada-long models`
+# puts it in the git-ignored models/, and a later session measures without training again: carry
+# models/llada-long and set LLADA_RUN (FLOWLM_RUN), the run the quality sections read (default: the training
+# sections' runs/llada-long, runs/flowlm-long).
 # QUALITY_ARGS: more fast_sampling.py options, after the table's (the last of a repeated option counts), e.g.
 # "--steps 1 --block 512 --caches none --thresholds 0 --probe_ratios=" decodes each answer in one pass. Split on
 # spaces, no quoting (a value cannot hold a space); quality_flowlm's own --modes and --out come after it.
@@ -38,7 +40,7 @@ prefix_args="--config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefi
 # The section's command (and, for a training, its workdir): one rule per kind of section.
 train() { workdir=$2; cmd="python3 launch.py --config=configs/$1.py:tasks_long --workdir=$2 ${3:-} ${data_args:-} ${TRAIN_ARGS:-}"; }
 quality() { cmd="python3 scripts/fast_sampling.py --workdir=$1 $table ${3:-} --out $OUT/$2.json"; }
-export_run() { cmd="python3 -m flowlm_jax.export $1 --out $OUT/$(basename "$1")"; }
+export_run() { cmd="bash $(dirname "$0")/device_transfer.sh export $1 $OUT/$(basename "$1")"; }
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
   # Built once per size on a machine (a warm one keeps /tmp), whole or not at all: a failed or stopped build
   # leaves no folder behind to be reused.

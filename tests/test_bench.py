@@ -294,7 +294,7 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
 
 def test_fast_sampling_compiles_the_sampler_once_for_prompts_with_and_without_padding(tokenizer, vocab, caplog):
   """A prompt that fills the bucket must not compile a second program inside the timed loop (it cost the prefix
-  row at 512 on the H200 13 s of its 20 s on 2026-11-29)."""
+  row at 512 on the H200 13 s of its 20 s on 2026-11-29), nor a smaller last batch (every batch-32 row)."""
   from flowlm_jax import sampling
 
   fast = script("fast_sampling")
@@ -307,8 +307,15 @@ def test_fast_sampling_compiles_the_sampler_once_for_prompts_with_and_without_pa
   compiles = [r for r in caplog.records if "Compiling jit(llada_sample)" in r.getMessage()]
   assert len(compiles) == 1 and out["answer"].shape == (2, 24) and seconds > 0
   assert timed_compiles == 0
-  # The count sees a compile inside the timed loop: a second chunk of another shape compiles there.
-  *_, timed_compiles = fast.decode_all(run, [prompts[0], prompts[0] * 2], icfg, "llada", batch=1, bucket=8)
+  # Five prompts in batches of 3: the last batch (2 rows) is another shape, compiled before the timing too.
+  caplog.clear()
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    *_, out, timed_compiles = fast.decode_all(run, (prompts * 3)[:5], icfg, "llada", batch=3, bucket=8)
+  compiles = [r for r in caplog.records if "Compiling jit(llada_sample)" in r.getMessage()]
+  assert (len(compiles), timed_compiles, out["answer"].shape) == (2, 0, (5, 24))
+  # The count sees a compile inside the timed loop: a prompt longer than the bucket (another shape; the warm-up
+  # takes the last batch of each size, here the cached one) compiles there.
+  *_, timed_compiles = fast.decode_all(run, [prompts[0] * 2, prompts[0]], icfg, "llada", batch=1, bucket=8)
   assert timed_compiles >= 1
 
 
@@ -364,7 +371,8 @@ def test_gpu_scripts_parse_and_all_keep_nvlink_multicast_off():
 
 def _fake_gpu_machine(tmp_path, gpus: int) -> dict:
   """An environment whose nvidia-smi lists `gpus` GPUs and whose python3 prints the GPU settings it got, then
-  sleeps $FAKE_SLEEP seconds and exits with $FAKE_RC_<section> (0 by default)."""
+  sleeps $FAKE_SLEEP seconds and exits with $FAKE_RC_<section> (0 by default); as `-m flowlm_jax.export RUN
+  --out DIR` it also writes a one-line DIR/model.safetensors."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "nvidia-smi").write_text(
@@ -372,7 +380,8 @@ def _fake_gpu_machine(tmp_path, gpus: int) -> dict:
       "exit 0; }\necho 'name, memory'\n" % gpus)
   (bin_dir / "python3").write_text(
       "#!/bin/bash\necho \"devices=${CUDA_VISIBLE_DEVICES:-all} memory=$XLA_PYTHON_CLIENT_MEM_FRACTION\"\n"
-      "sleep ${FAKE_SLEEP:-0}\nfor a in \"$@\"; do case $a in *llada-long*) exit ${FAKE_RC_llada:-0};; "
+      "sleep ${FAKE_SLEEP:-0}\n[ \"$2\" = flowlm_jax.export ] && mkdir -p \"$5\" && echo weights > \"$5/model.safetensors\"\n"
+      "for a in \"$@\"; do case $a in *llada-long*) exit ${FAKE_RC_llada:-0};; "
       "*flowlm-long*) exit ${FAKE_RC_flowlm:-0};; esac; done\n")
   for tool in ("nvidia-smi", "python3"):
     (bin_dir / tool).chmod(0o755)
@@ -419,7 +428,8 @@ def test_gpu_fast_sampling_measures_the_run_named_by_llada_run_and_exports_the_t
   assert "--workdir=models/llada-long" in commands[0]
   assert commands[0].index("--limit") < commands[0].index("--steps 1") < commands[0].index("--out")
   assert "--workdir=runs/flowlm-long" in commands[1]
-  assert commands[2].endswith(f"flowlm_jax.export runs/llada-long --out {tmp_path / 'out'}/llada-long")
+  assert commands[2].endswith(f"device_transfer.sh export runs/llada-long {tmp_path / 'out'}/llada-long")
+  assert (tmp_path / "out" / "llada-long" / "llada-long.tar.part00").is_file()
   # The clean-prefix LLaDA run: its own directory, the option on, the same data and TRAIN_ARGS.
   env = {**env, "TRAIN_ARGS": "--config.training.max_steps=7"}
   result = _run_fast_sampling_script(tmp_path, env, "train_llada_prefix", "quality_llada_prefix")

@@ -250,3 +250,59 @@ def test_exports_that_name_the_config_classes_by_their_old_paths_still_load():
   assert registry.config_class("flowlm_jax.modernbert.ModernBertConfig") is modernbert.ModernBertConfig
   with pytest.raises(ValueError, match="not a flowlm_jax model config"):
     loading.model_config({"model_class": "os.path.join", "model_shape": shape})
+
+
+TRANSFER = os.path.join(REPO, "scripts", "device_transfer.sh")
+
+
+def transfer(*args, cwd=None):
+  env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # its python3
+  return subprocess.run(["bash", TRANSFER, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def test_an_export_packed_on_the_device_unpacks_here_and_loads_the_same(workdir, tmp_path):
+  """scripts/device_transfer.sh export (on the GPU machine) then unpack (here): the same model."""
+  import flowlm_jax
+
+  packed = transfer("export", workdir, str(tmp_path / "out" / "run-export"))
+  assert packed.returncode == 0, packed.stderr
+  unpacked = transfer("unpack", str(tmp_path / "out" / "run-export"), str(tmp_path / "models"))
+  assert unpacked.returncode == 0, unpacked.stderr
+  a, b = flowlm_jax.load(workdir), flowlm_jax.load(str(tmp_path / "models" / "run-export"))
+  tokens = fixed_tokens(a.vocab)
+  np.testing.assert_array_equal(logits(a, tokens), logits(b, tokens))
+
+
+def test_device_transfer_packs_within_the_device_limits_and_refuses_damage(tmp_path):
+  """A call brings back 8 files of 16 MiB: a 40 MiB directory comes as 3 parts + SHA256SUMS and unpacks
+  byte for byte; a damaged or missing part, an existing target, and a directory too big for one call are
+  refused with a one-line reason."""
+  src = tmp_path / "model"
+  src.mkdir()
+  payload = np.random.default_rng(0).bytes(40 * 2**20)
+  (src / "model.safetensors").write_bytes(payload)
+  (src / "config.json").write_text("{}\n")
+  out = tmp_path / "out" / "model"
+  assert transfer("pack", str(src), str(out)).returncode == 0
+  files = sorted(os.listdir(out))
+  assert files == ["SHA256SUMS", "model.tar.part00", "model.tar.part01", "model.tar.part02"]
+  assert all(os.path.getsize(out / f) <= 16 * 2**20 for f in files)
+  assert transfer("unpack", str(out), str(tmp_path / "models")).returncode == 0
+  assert (tmp_path / "models" / "model" / "model.safetensors").read_bytes() == payload
+  again = transfer("unpack", str(out), str(tmp_path / "models"))
+  assert again.returncode == 1 and "exists" in again.stderr
+
+  with open(out / "model.tar.part01", "r+b") as f:  # one flipped byte
+    f.seek(1000)
+    byte = f.read(1)
+    f.seek(1000)
+    f.write(bytes([byte[0] ^ 1]))
+  damaged = transfer("unpack", str(out), str(tmp_path / "elsewhere"))
+  assert damaged.returncode == 1 and "damaged" in damaged.stderr
+  assert not (tmp_path / "elsewhere" / "model").exists()
+  os.remove(out / "model.tar.part02")
+  assert transfer("unpack", str(out), str(tmp_path / "elsewhere")).returncode == 1
+
+  (src / "more.bin").write_bytes(payload + payload)  # 120 MiB: over 7 parts
+  big = transfer("pack", str(src), str(tmp_path / "out" / "big"))
+  assert big.returncode == 1 and "more than 7 parts" in big.stderr and not (tmp_path / "out" / "big").exists()
