@@ -21,6 +21,8 @@
 # puts it in the git-ignored models/, and a later session measures without training again: carry
 # models/llada-long and set LLADA_RUN (FLOWLM_RUN), the run the quality sections read (default: the training
 # sections' runs/llada-long, runs/flowlm-long).
+# train_/quality_/export_llada_prefix and _flowlm_prefix: the same runs with half the training rows keeping a
+# clean answer start (masking.clean_prefix_prob=0.5; LLADA_PREFIX_RUN / FLOWLM_PREFIX_RUN as above).
 # QUALITY_ARGS: more fast_sampling.py options, after the table's (the last of a repeated option counts), e.g.
 # "--steps 1 --block 512 --caches none --thresholds 0 --probe_ratios=" decodes each answer in one pass. Split on
 # spaces, no quoting (a value cannot hold a space); quality_flowlm's own --modes and --out come after it.
@@ -32,10 +34,10 @@ grid="--answers 256,512 --batches 1,32 --caches none,prefix,dual --sampler_steps
 table="--answers 256,512 --caches none,prefix,dual --thresholds 0,0.9 --batch 1 --limit ${LIMIT:-15} ${QUALITY_ARGS:-}"
 llada_train=runs/llada-long flowlm_train=runs/flowlm-long  # the training sections' runs
 llada_run=${LLADA_RUN:-$llada_train} flowlm_run=${FLOWLM_RUN:-$flowlm_train}
-# *_llada_prefix: LLaDA with half the training rows keeping a clean answer start in whole blocks of 32 (nearer
-# the semi-autoregressive sampler's states; masking.keep_clean_prefix), against the decoding gap of docs/performance.md
-prefix_train=runs/llada-long-prefix
-prefix_run=${LLADA_PREFIX_RUN:-$prefix_train}
+# *_prefix: half the training rows keep a clean answer start in whole blocks of 32 (the semi-autoregressive
+# sampler's states; masking.keep_clean_prefix), against the decoding gap of docs/performance.md
+llada_prefix_train=runs/llada-long-prefix flowlm_prefix_train=runs/flowlm-long-prefix
+llada_prefix_run=${LLADA_PREFIX_RUN:-$llada_prefix_train} flowlm_prefix_run=${FLOWLM_PREFIX_RUN:-$flowlm_prefix_train}
 prefix_args="--config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32"
 # The section's command (and, for a training, its workdir): one rule per kind of section.
 train() { workdir=$2; cmd="python3 launch.py --config=configs/$1.py:tasks_long --workdir=$2 ${3:-} ${data_args:-} ${TRAIN_ARGS:-}"; }
@@ -78,13 +80,16 @@ for section in "$@"; do
     speed_1b) cmd="python3 -m flowlm_jax.bench --no-train --shapes 1b --samplers llada $grid --out $OUT/fast_1b.json" ;;
     train_llada) train llada $llada_train ;;
     train_flowlm) train flowlm $flowlm_train ;;
-    train_llada_prefix) train llada $prefix_train "$prefix_args" ;;
+    train_llada_prefix) train llada $llada_prefix_train "$prefix_args" ;;
+    train_flowlm_prefix) train flowlm $flowlm_prefix_train "$prefix_args" ;;
     quality_llada) quality $llada_run fast_llada ;;
-    quality_llada_prefix) quality $prefix_run fast_llada_prefix ;;
+    quality_llada_prefix) quality $llada_prefix_run fast_llada_prefix ;;
     quality_flowlm) quality $flowlm_run fast_flowlm "--modes llada,flowlm" ;;
+    quality_flowlm_prefix) quality $flowlm_prefix_run fast_flowlm_prefix "--modes llada,flowlm" ;;
     export_llada) export_run $llada_train ;;
     export_flowlm) export_run $flowlm_train ;;
-    export_llada_prefix) export_run $prefix_train ;;
+    export_llada_prefix) export_run $llada_prefix_train ;;
+    export_flowlm_prefix) export_run $flowlm_prefix_train ;;
     pair) # two phases must fit one 600 s call
           for two in train_llada+train_flowlm quality_llada+quality_flowlm; do
             SECTION_TIMEOUT=${SECTION_TIMEOUT:-280} side_by_side "$two" || status=1

@@ -437,6 +437,13 @@ def test_gpu_fast_sampling_measures_the_run_named_by_llada_run_and_exports_the_t
   train, quality = [line for line in result.stdout.splitlines() if line.startswith("=== ")]
   assert "--workdir=runs/llada-long-prefix --config.masking.clean_prefix_prob=0.5" in train
   assert train.endswith("--config.training.max_steps=7") and "--workdir=runs/llada-long-prefix " in quality
+  # ... and its FlowLM twin, measured with both samplers from the run FLOWLM_PREFIX_RUN names.
+  env = {**env, "FLOWLM_PREFIX_RUN": "models/flowlm-long-prefix"}
+  result = _run_fast_sampling_script(tmp_path, env, "train_flowlm_prefix", "quality_flowlm_prefix")
+  assert result.returncode == 0, result.stdout + result.stderr
+  train, quality = [line for line in result.stdout.splitlines() if line.startswith("=== ")]
+  assert "configs/flowlm.py:tasks_long --workdir=runs/flowlm-long-prefix --config.masking.clean_prefix_prob" in train
+  assert "--workdir=models/flowlm-long-prefix " in quality and "--modes llada,flowlm" in quality
 
 
 def test_fast_sampling_probe_only_saves_the_probe_of_a_run_and_decodes_nothing(reference_run, tmp_path):
