@@ -16,7 +16,7 @@
 # RESUME_ONLY=1: a training section whose run has no checkpoint fails at once instead of starting from step 0
 # (the second call of a training split over calls, on a machine that was not kept warm).
 #   bash scripts/gpu_fast_sampling.sh export_llada   # the trained weights, ~36 MiB, back under $OUT/llada-long
-# (then export_flowlm, one per call: a call brings back 8 files, 16 MiB each, so the export comes as a tar in
+# (then export_flowlm, one per call: a call brings back 8 files of 16 MiB, 64 MiB in all, so the export comes as a tar in
 # parts: scripts/device_transfer.sh). Here `bash scripts/device_transfer.sh unpack FILES_AT/llada-long models`
 # puts it in the git-ignored models/, and a later session measures without training again: carry
 # models/llada-long and set LLADA_RUN (FLOWLM_RUN), the run the quality sections read (default: the training

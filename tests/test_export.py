@@ -287,22 +287,33 @@ def test_device_transfer_packs_within_the_device_limits_and_refuses_damage(tmp_p
   files = sorted(os.listdir(out))
   assert files == ["SHA256SUMS", "model.tar.part00", "model.tar.part01", "model.tar.part02"]
   assert all(os.path.getsize(out / f) <= 16 * 2**20 for f in files)
+  assert sum(os.path.getsize(out / f) for f in files) <= 61 * 2**20  # 64 MiB a call, its logs included
   assert transfer("unpack", str(out), str(tmp_path / "models")).returncode == 0
   assert (tmp_path / "models" / "model" / "model.safetensors").read_bytes() == payload
   again = transfer("unpack", str(out), str(tmp_path / "models"))
   assert again.returncode == 1 and "exists" in again.stderr
 
-  with open(out / "model.tar.part01", "r+b") as f:  # one flipped byte
-    f.seek(1000)
-    byte = f.read(1)
-    f.seek(1000)
-    f.write(bytes([byte[0] ^ 1]))
+  def flip_a_byte():
+    with open(out / "model.tar.part01", "r+b") as f:
+      f.seek(1000)
+      byte = f.read(1)
+      f.seek(1000)
+      f.write(bytes([byte[0] ^ 1]))
+
+  flip_a_byte()
   damaged = transfer("unpack", str(out), str(tmp_path / "elsewhere"))
   assert damaged.returncode == 1 and "damaged" in damaged.stderr
   assert not (tmp_path / "elsewhere" / "model").exists()
-  os.remove(out / "model.tar.part02")
-  assert transfer("unpack", str(out), str(tmp_path / "elsewhere")).returncode == 1
+  flip_a_byte()  # back as packed
+  os.rename(out / "model.tar.part02", tmp_path / "part02")  # a part missing, then one that is not listed
+  missing = transfer("unpack", str(out), str(tmp_path / "elsewhere"))
+  assert missing.returncode == 1 and "missing" in missing.stderr
+  os.rename(tmp_path / "part02", out / "model.tar.part02")
+  (out / "model.tar.part03").write_bytes(b"more")
+  unlisted = transfer("unpack", str(out), str(tmp_path / "elsewhere"))
+  assert unlisted.returncode == 1 and "does not list" in unlisted.stderr
+  assert not (tmp_path / "elsewhere").exists()  # nothing written by a refused unpack
 
-  (src / "more.bin").write_bytes(payload + payload)  # 120 MiB: over 7 parts
+  (src / "more.bin").write_bytes(payload[:25 * 2**20])  # 65 MiB: more than one call brings back
   big = transfer("pack", str(src), str(tmp_path / "out" / "big"))
-  assert big.returncode == 1 and "more than 7 parts" in big.stderr and not (tmp_path / "out" / "big").exists()
+  assert big.returncode == 1 and "more than 4 parts" in big.stderr and not (tmp_path / "out" / "big").exists()
