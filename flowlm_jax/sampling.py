@@ -454,11 +454,17 @@ class SampleOutput:
   full_passes: np.ndarray | None = None  # int32 [B]: those that ran whole rows (the rest: cached slices)
 
 
+def prompt_columns(prompt_ids: list[list[int]], bucket: int = PROMPT_BUCKET) -> int:
+  """The prompt width of a batch holding `prompt_ids`: the longest rounded up to a multiple of `bucket` (pass
+  it as `generate(prompt_bucket=...)` to give batches of a longer list one shape)."""
+  return -(-max(len(p) for p in prompt_ids) // bucket) * bucket
+
+
 def pad_prompts(prompt_ids: list[list[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
   """(prompt [B, P], length [B]): prompts followed by [PAD]s up to P, the longest rounded up to `bucket`."""
   if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
     raise ValueError("sampling: need at least one prompt, and no prompt may be empty")
-  P = -(-max(len(p) for p in prompt_ids) // bucket) * bucket
+  P = prompt_columns(prompt_ids, bucket)
   prompt_BxP = np.full((len(prompt_ids), P), pad_id, np.int32)
   for row, ids in enumerate(prompt_ids):
     prompt_BxP[row, :len(ids)] = ids

@@ -212,7 +212,7 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
   for answer_length, idx in answer_bins(records, reference_ids, list(map(int, args.answers.split(",")))).items():
     bin_records = [records[i] for i in idx]
     bin_prompts = [prompt_ids[i] for i in idx]
-    bucket = -(-max(map(len, bin_prompts)) // sampling.PROMPT_BUCKET) * sampling.PROMPT_BUCKET
+    bucket = sampling.prompt_columns(bin_prompts)  # one prompt shape for every batch of the bin
     for mode in args.modes.split(","):
       baseline = None
       for cache in args.caches.split(","):
