@@ -58,12 +58,10 @@ def evaluate_tasks(run, records: list[dict], steps: int, *, batch_size: int = 12
   tasks = [r["task"] for r in records]
   counts = dict(collections.Counter(tasks), overall=len(records))
   accuracy, answers = {}, {}
+  prompts = [r["prompt"] for r in records]
   for mode in modes:
-    answers[mode] = []
-    for start in range(0, len(records), batch_size):
-      prompts = [r["prompt"] for r in records[start:start + batch_size]]
-      answers[mode] += sampling.generate_texts(run.graphdef, run.params, run.tokenizer, run.vocab, prompts, icfg,
-                                               mode=mode, chat=chat)
+    answers[mode] = sampling.generate_texts(run.graphdef, run.params, run.tokenizer, run.vocab, prompts, icfg,
+                                            mode=mode, chat=chat, batch_size=batch_size)
     accuracy[mode] = exact_match(records, answers[mode])
   return {"steps": steps, "counts": counts, "accuracy": accuracy, "answers": answers}
 
@@ -247,10 +245,8 @@ def refine(run, prompt_ids: list[list[int]], start_NxA: np.ndarray, icfg, *, bat
 
   if start_NxA.shape[1] != icfg.answer_length:
     raise ValueError(f"start answers have {start_NxA.shape[1]} tokens, inference.answer_length={icfg.answer_length}")
-  return np.concatenate([
-      sampling.generate(run.graphdef, run.params, prompt_ids[first:first + batch_size], run.vocab, icfg,
-                        mode="flowlm", initial_BxA=start_NxA[first:first + batch_size]).answer
-      for first in range(0, len(prompt_ids), batch_size)])
+  return sampling.generate_batched(run.graphdef, run.params, prompt_ids, run.vocab, icfg, mode="flowlm",
+                                   batch_size=batch_size, initial_NxA=start_NxA)
 
 
 def self_correction(run, records: list[dict], rates=(0.1, 0.2, 0.3, 0.5), *, steps: int | None = None,

@@ -92,11 +92,8 @@ def answer(run, prompts: list[str], icfg, modes, batch_size: int) -> list[dict]:
   from flowlm_jax import sampling
 
   chat = run.config.dataset.prompt_format == "chat"
-  answers = {mode: [] for mode in modes}
-  for start in range(0, len(prompts), batch_size):
-    for mode in modes:
-      answers[mode] += sampling.generate_texts(run.graphdef, run.params, run.tokenizer, run.vocab,
-                                               prompts[start:start + batch_size], icfg, mode=mode, chat=chat)
+  answers = {mode: sampling.generate_texts(run.graphdef, run.params, run.tokenizer, run.vocab, prompts, icfg,
+                                          mode=mode, chat=chat, batch_size=batch_size) for mode in modes}
   return [{"prompt": prompt, "mode": mode, "answer": answers[mode][i]}
           for i, prompt in enumerate(prompts) for mode in modes]
 

@@ -457,6 +457,8 @@ class SampleOutput:
 def prompt_columns(prompt_ids: list[list[int]], bucket: int = PROMPT_BUCKET) -> int:
   """The prompt width of a batch holding `prompt_ids`: the longest rounded up to a multiple of `bucket` (pass
   it as `generate(prompt_bucket=...)` to give batches of a longer list one shape)."""
+  if not prompt_ids:
+    raise ValueError("sampling: need at least one prompt")
   return -(-max(len(p) for p in prompt_ids) // bucket) * bucket
 
 
@@ -518,6 +520,21 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
                       passes=np.asarray(passes, np.int32), full_passes=np.asarray(full, np.int32))
 
 
+def generate_batched(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, *, mode: str,
+                     batch_size: int, key=None, initial_NxA=None) -> np.ndarray:
+  """int32 [N, A]: the answers of `generate` over `prompt_ids` in batches of `batch_size`. Every batch is as
+  wide as the longest prompt of all and runs the masked program, so the full batches share one compiled
+  sampler (and a smaller last batch has one more), whatever their prompts' lengths."""
+  if not prompt_ids:
+    return np.zeros((0, icfg.answer_length), np.int32)
+  width = prompt_columns(prompt_ids)
+  return np.concatenate([
+      generate(graphdef, params, prompt_ids[first:first + batch_size], vocab, icfg, mode=mode, key=key,
+               prompt_bucket=width, padded=True,
+               initial_BxA=None if initial_NxA is None else initial_NxA[first:first + batch_size]).answer
+      for first in range(0, len(prompt_ids), batch_size)])
+
+
 def decode_answers(tokenizer, vocab: Vocab, answers_NxA, *, chat: bool = False) -> list[str]:
   """Answer token rows as stripped text, each cut where training rows end an answer (`answer_ids`); `chat`: the
   run's rows were chat, so a templated tokenizer's answers end at the template's end-of-turn token."""
@@ -544,11 +561,15 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 def generate_texts(graphdef, params, tokenizer, vocab: Vocab, prompts: list[str], icfg, *, mode: str,
-                   chat: bool, key=None) -> list[str]:
-  """Decoded, stripped answers to plain-text prompts (encoded the way training rows were)."""
+                   chat: bool, key=None, batch_size: int | None = None) -> list[str]:
+  """Decoded, stripped answers to plain-text prompts (encoded the way training rows were); all in one batch,
+  or in batches of `batch_size` (`generate_batched`)."""
   prompt_ids = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
-  out = generate(graphdef, params, prompt_ids, vocab, icfg, mode=mode, key=key)
-  return decode_answers(tokenizer, vocab, out.answer, chat=chat)
+  if batch_size is None:
+    answers = generate(graphdef, params, prompt_ids, vocab, icfg, mode=mode, key=key).answer
+  else:
+    answers = generate_batched(graphdef, params, prompt_ids, vocab, icfg, mode=mode, batch_size=batch_size, key=key)
+  return decode_answers(tokenizer, vocab, answers, chat=chat)
 
 
 def run_config(icfg, **overrides) -> Any:

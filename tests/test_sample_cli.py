@@ -54,10 +54,12 @@ def test_batch_size_must_be_positive(capsys):
 
 
 def test_prompts_are_decoded_in_batches_and_each_answer_stays_with_its_prompt(monkeypatch):
+  """Each mode decodes every prompt in batches of --batch_size (sampling.generate_batched: one compiled sampler
+  for all of them, tested in test_sampling.py), and each answer row names its own prompt."""
   calls = []
 
-  def fake_generate_texts(graphdef, params, tokenizer, vocab, prompts, icfg, *, mode, chat):
-    calls.append((mode, list(prompts)))
+  def fake_generate_texts(graphdef, params, tokenizer, vocab, prompts, icfg, *, mode, chat, batch_size):
+    calls.append((mode, list(prompts), batch_size))
     return [f"{mode}:{p[::-1]}" for p in prompts]
 
   monkeypatch.setattr(sampling, "generate_texts", fake_generate_texts)
@@ -65,6 +67,5 @@ def test_prompts_are_decoded_in_batches_and_each_answer_stays_with_its_prompt(mo
                               graphdef=None, params=None, tokenizer=None, vocab=None)
   prompts = ["p1", "p2", "p3", "p4", "p5"]
   rows = sample.answer(run, prompts, icfg=None, modes=("llada", "flowlm"), batch_size=2)
-  assert [len(batch) for mode, batch in calls if mode == "llada"] == [2, 2, 1]
-  assert [p for mode, batch in calls if mode == "flowlm" for p in batch] == prompts
+  assert calls == [("llada", prompts, 2), ("flowlm", prompts, 2)]
   assert rows == [{"prompt": p, "mode": m, "answer": f"{m}:{p[::-1]}"} for p in prompts for m in ("llada", "flowlm")]

@@ -433,8 +433,8 @@ def test_evaluate_tasks_scores_the_samplers_answers(tokenizer, vocab, monkeypatc
   records = evaluate.load_records(limit_per_task=1)
   right = {r["prompt"]: r["answer"] for r in records}
   # An oracle sampler for LLaDA decoding, a wrong one for FlowLM decoding.
-  monkeypatch.setattr(sampling, "generate_texts", lambda graphdef, params, tok, voc, prompts, icfg, mode, chat:
-                      [right[p] if mode == "llada" else "wrong" for p in prompts])
+  monkeypatch.setattr(sampling, "generate_texts", lambda graphdef, params, tok, voc, prompts, icfg, mode, chat,
+                      batch_size: [right[p] if mode == "llada" else "wrong" for p in prompts])
   run = types.SimpleNamespace(config=config_lib.apply_variant(config_lib.base_config(), "tasks"), graphdef=None,
                               params=None, tokenizer=tokenizer, vocab=vocab)
   result = evaluate.evaluate_tasks(run, records, steps=4)
@@ -477,6 +477,24 @@ def test_masked_and_unmasked_programs_decode_a_prompt_that_fills_its_bucket_alik
   np.testing.assert_array_equal(run(filling, True).answer, run(filling, None).answer)
   with pytest.raises(ValueError, match="padded=False, but some prompt is shorter than the bucket"):
     run([PROMPTS[0]], False)
+
+
+@pytest.mark.parametrize("mode", ["llada", "flowlm"])
+def test_batched_generation_compiles_one_sampler_for_prompts_of_every_length(mode, caplog):
+  """generate_batched gives every batch the longest prompt's width and the masked program: batches of 4-, 12- and
+  8-token prompts share one compile (three before: one per bucket, padded or not), and each answer is the
+  one `generate` gives its prompt alone."""
+  import logging
+
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(answer_length=24, block_length=8, steps=12)  # a shape no other test compiles
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    batched = sampling.generate_batched(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode, batch_size=1)
+  compiles = [r for r in caplog.records if f"Compiling jit({mode}_sample)" in r.getMessage()]
+  assert len(compiles) == 1 and batched.shape == (3, 24)
+  alone = [sampling.generate(graphdef, params, [p], VOCAB, icfg, mode=mode).answer[0] for p in PROMPTS]
+  np.testing.assert_array_equal(batched, np.stack(alone))
+  assert sampling.generate_batched(graphdef, params, [], VOCAB, icfg, mode=mode, batch_size=2).shape == (0, 24)
 
 
 @pytest.mark.parametrize("mode, overrides", [
