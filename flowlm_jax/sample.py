@@ -88,7 +88,8 @@ def overrides_of(args: argparse.Namespace) -> dict:
 
 
 def answer(run, prompts: list[str], icfg, modes, batch_size: int) -> list[dict]:
-  """{prompt, mode, answer} for every prompt and mode, prompt by prompt (its modes together)."""
+  """{prompt, mode, answer} for every prompt and mode, listed prompt by prompt (its modes together); each
+  mode decodes all prompts in batches of `batch_size`."""
   from flowlm_jax import sampling
 
   chat = run.config.dataset.prompt_format == "chat"

@@ -523,8 +523,11 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
 def generate_batched(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, *, mode: str,
                      batch_size: int, key=None, initial_NxA=None) -> np.ndarray:
   """int32 [N, A]: the answers of `generate` over `prompt_ids` in batches of `batch_size`. Every batch is as
-  wide as the longest prompt of all and runs the masked program, so the full batches share one compiled
-  sampler (and a smaller last batch has one more), whatever their prompts' lengths."""
+  wide as the longest prompt of all (rounded up to PROMPT_BUCKET) and runs the masked program, so the full
+  batches share one compiled sampler, and a smaller last batch one more, whatever their prompts' lengths. One
+  long prompt widens every batch (compute, not memory: the batch's peak is the same)."""
+  if batch_size < 1:
+    raise ValueError(f"sampling: batch_size must be >= 1, got {batch_size}")
   if not prompt_ids:
     return np.zeros((0, icfg.answer_length), np.int32)
   width = prompt_columns(prompt_ids)

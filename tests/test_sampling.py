@@ -495,6 +495,16 @@ def test_batched_generation_compiles_one_sampler_for_prompts_of_every_length(mod
   alone = [sampling.generate(graphdef, params, [p], VOCAB, icfg, mode=mode).answer[0] for p in PROMPTS]
   np.testing.assert_array_equal(batched, np.stack(alone))
   assert sampling.generate_batched(graphdef, params, [], VOCAB, icfg, mode=mode, batch_size=2).shape == (0, 24)
+  # Guidance and the dual cache, a smaller last batch: two programs (2 rows, 1 row), the same answers.
+  guided = inference_config(answer_length=24, block_length=8, steps=12, cache="dual", cfg_scale=1.0)
+  caplog.clear()
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    batched = sampling.generate_batched(graphdef, params, PROMPTS, VOCAB, guided, mode=mode, batch_size=2)
+  assert len([r for r in caplog.records if f"Compiling jit({mode}_sample)" in r.getMessage()]) == 2
+  alone = [sampling.generate(graphdef, params, [p], VOCAB, guided, mode=mode).answer[0] for p in PROMPTS]
+  np.testing.assert_array_equal(batched, np.stack(alone))
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    sampling.generate_batched(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode, batch_size=0)
 
 
 @pytest.mark.parametrize("mode, overrides", [
