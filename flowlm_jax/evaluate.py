@@ -295,7 +295,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=0, help="steps for both samplers (default: inference.steps)")
   p.add_argument("--batch_size", type=int, default=128)
   p.add_argument("--records", default=TEST_FILE, help="a .jsonl of {task, prompt, answer} records")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  # Bad numbers fail here, before the checkpoint loads and the samplers compile.
+  if args.batch_size < 1:
+    p.error(f"--batch_size must be > 0, got {args.batch_size}")
+  for name in ("limit", "steps"):
+    if getattr(args, name) < 0:
+      p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+  return args
 
 
 def main(argv=None) -> int:

@@ -99,3 +99,12 @@ def test_runs_sharing_a_label_are_pooled_over_runs_and_seeds():
   assert compare.pool([no_bytes, _run_result(0.4, 2.0, 0.6)])["bits_per_byte"] is None
   one = compare.pool([_run_result(0.2, 1.0, 0.4)])
   assert one["bounds"]["mask"]["error"] == 0.01  # one run: its standard error over sequences
+
+
+@pytest.mark.parametrize("flag, message", [("--batch_size=0", "--batch_size must be > 0, got 0"),
+                                           ("--limit=-1", "--limit must be >= 0, got -1"),
+                                           ("--steps=-4", "--steps must be >= 0, got -4")])
+def test_evaluate_refuses_bad_numbers_before_loading_anything(flag, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.parse_args(["--workdir=does-not-exist", flag])
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
