@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def jit_compiles(caplog, name: str):
+  """Yields a list that, after the block, holds the log records of each `jax.jit(name)` compile inside it
+  (jax.log_compiles logs one per compile, persistent-cache hits included)."""
+  import jax
+
+  caplog.clear()
+  compiles = []
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    yield compiles
+  compiles.extend(r for r in caplog.records if f"Compiling jit({name})" in r.getMessage())
 
 
 def load_preset(name: str, variant: str | None = None):

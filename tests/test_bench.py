@@ -1,16 +1,14 @@
 import importlib.util
 import json
-import logging
 import os
 import sys
 import types
 
-import jax
 import pytest
 
 from flowlm_jax import bench
 from flowlm_jax.models.llama import ModelConfig
-from helpers import REPO
+from helpers import REPO, jit_compiles
 
 
 def script(name: str):
@@ -302,16 +300,13 @@ def test_fast_sampling_compiles_the_sampler_once_for_prompts_with_and_without_pa
   prompts = [[7] * 5 + [vocab.sep_id], [7] * 7 + [vocab.sep_id]]  # 6 tokens (padded to 8), then 8 (fills it)
   icfg = sampling.run_config(run.config.inference, answer_length=24, steps=24, max_steps=24, block_length=8,
                              cache="dual", parallel_threshold=0.0)  # a shape no other test compiles
-  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+  with jit_compiles(caplog, "llada_sample") as compiles:
     seconds, out, timed_compiles = fast.decode_all(run, prompts, icfg, "llada", batch=1, bucket=8)
-  compiles = [r for r in caplog.records if "Compiling jit(llada_sample)" in r.getMessage()]
   assert len(compiles) == 1 and out["answer"].shape == (2, 24) and seconds > 0
   assert timed_compiles == 0
   # Five prompts in batches of 3: the last batch (2 rows) is another shape, compiled before the timing too.
-  caplog.clear()
-  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+  with jit_compiles(caplog, "llada_sample") as compiles:
     *_, out, timed_compiles = fast.decode_all(run, (prompts * 3)[:5], icfg, "llada", batch=3, bucket=8)
-  compiles = [r for r in caplog.records if "Compiling jit(llada_sample)" in r.getMessage()]
   assert (len(compiles), timed_compiles, out["answer"].shape) == (2, 0, (5, 24))
   # The count sees a compile inside the timed loop: a prompt longer than the bucket (another shape; the warm-up
   # takes the last batch of each size, here the cached one) compiles there.

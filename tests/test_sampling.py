@@ -18,6 +18,7 @@ from flowlm_jax import config as config_lib
 from flowlm_jax import evaluate, sample, sampling
 from flowlm_jax.models.llama import ModelConfig, Transformer
 from flowlm_jax.vocab import Vocab
+from helpers import jit_compiles
 
 VOCAB = Vocab(size=60, mask_id=1, pad_id=0, eos_id=2, sep_id=3, special_ids=(0, 1, 2, 3, 4))
 MASK = VOCAB.mask_id
@@ -484,23 +485,19 @@ def test_batched_generation_compiles_one_sampler_for_prompts_of_every_length(mod
   """generate_batched gives every batch the longest prompt's width and the masked program: batches of 4-, 12- and
   8-token prompts share one compile (three before: one per bucket, padded or not), and each answer is the
   one `generate` gives its prompt alone."""
-  import logging
-
   graphdef, params = params_at(30.0)
   icfg = inference_config(answer_length=24, block_length=8, steps=12)  # a shape no other test compiles
-  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+  with jit_compiles(caplog, f"{mode}_sample") as compiles:
     batched = sampling.generate_batched(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode, batch_size=1)
-  compiles = [r for r in caplog.records if f"Compiling jit({mode}_sample)" in r.getMessage()]
   assert len(compiles) == 1 and batched.shape == (3, 24)
   alone = [sampling.generate(graphdef, params, [p], VOCAB, icfg, mode=mode).answer[0] for p in PROMPTS]
   np.testing.assert_array_equal(batched, np.stack(alone))
   assert sampling.generate_batched(graphdef, params, [], VOCAB, icfg, mode=mode, batch_size=2).shape == (0, 24)
   # Guidance and the dual cache, a smaller last batch: two programs (2 rows, 1 row), the same answers.
   guided = inference_config(answer_length=24, block_length=8, steps=12, cache="dual", cfg_scale=1.0)
-  caplog.clear()
-  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+  with jit_compiles(caplog, f"{mode}_sample") as compiles:
     batched = sampling.generate_batched(graphdef, params, PROMPTS, VOCAB, guided, mode=mode, batch_size=2)
-  assert len([r for r in caplog.records if f"Compiling jit({mode}_sample)" in r.getMessage()]) == 2
+  assert len(compiles) == 2
   alone = [sampling.generate(graphdef, params, [p], VOCAB, guided, mode=mode).answer[0] for p in PROMPTS]
   np.testing.assert_array_equal(batched, np.stack(alone))
   with pytest.raises(ValueError, match="batch_size must be >= 1"):
