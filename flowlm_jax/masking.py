@@ -95,8 +95,9 @@ class MaskingSpec:
       eps=float(masking_cfg.eps),
       mask_id=vocab.mask_id,
       random_token_ids=tuple(vocab.random_token_ids.tolist()),
-      clean_prefix_prob=float(getattr(masking_cfg, "clean_prefix_prob", 0.0)),
-      clean_prefix_block=int(getattr(masking_cfg, "clean_prefix_block", 32)),
+      # A section without these keys (built by hand) gets the dataclass's defaults, written once above.
+      clean_prefix_prob=float(getattr(masking_cfg, "clean_prefix_prob", cls.clean_prefix_prob)),
+      clean_prefix_block=int(getattr(masking_cfg, "clean_prefix_block", cls.clean_prefix_block)),
     )
 
 
