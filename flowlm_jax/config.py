@@ -114,6 +114,8 @@ def base_config() -> ConfigDict:
   t.num_epochs = 1.0
   t.max_steps = 0               # >0 overrides num_epochs
   t.seed = 0
+  t.init_from = ""              # a directory written by `python -m flowlm_jax.export` whose weights a new run starts
+                                # from (step 0, fresh optimiser); same architecture and tokenizer; a resume ignores it
   t.save_steps = 100            # checkpoint period in steps (and a final save)
   t.save_total_limit = 3        # checkpoints kept
   t.async_checkpointing = True
@@ -540,6 +542,8 @@ def _check_values(c: ConfigDict) -> None:
   for key in ("weight_decay", "gradient_clip_val", "warmup_steps", "max_steps"):
     _require(t[key] >= 0, f"training.{key}", f"must be >= 0, got {t[key]}")
   _require(t.num_epochs > 0 or t.max_steps > 0, "training.num_epochs", "set num_epochs > 0 or max_steps > 0")
+  if t.init_from:
+    _check_init_from(t.init_from, m)
 
   _require(e.eval_steps >= 0 and e.eval_batches >= 0 and e.eval_batch_size >= 0, "evaluation.eval_steps",
            "eval_steps, eval_batches and eval_batch_size must be >= 0")
@@ -575,6 +579,14 @@ def _check_pretrained(m: ConfigDict) -> None:
     _require(os.path.isfile(os.path.join(path, "config.json")), "model.pretrained", f"no config.json in {path}")
   _require(m.tokenizer not in EMBEDDED_TOKENIZERS, "model.tokenizer",
            "a pretrained model needs its own tokenizer (usually the same dir or hub name as model.pretrained)")
+
+
+def _check_init_from(path: str, m: ConfigDict) -> None:
+  """Where the directory is; what is in it (format, tokenizer, shapes) warm_start.check reads before any compile."""
+  _require(not m.pretrained, "training.init_from", f"set it or model.pretrained ({m.pretrained!r}), not both")
+  full = os.path.abspath(os.path.expanduser(path))
+  _require(os.path.isdir(full), "training.init_from",
+           f"no such directory: {full} (a directory written by `python -m flowlm_jax.export`)")
 
 
 def split_files(spec: str) -> list[str]:
@@ -615,7 +627,7 @@ MAY_CHANGE_ON_RESUME = (
     "training.max_steps", "training.num_epochs", "training.save_steps", "training.save_total_limit",
     "training.async_checkpointing", "training.nonfinite", "training.stop_check_every", "training.gradient_accumulation_steps",
     "model.remat", "model.scan_unroll", "model.attention", "model.loss_chunk_size",  # same math, other memory/speed
-    "model.pretrained",  # only the initial weights: the checkpoint replaces them
+    "model.pretrained", "training.init_from",  # only the initial weights: the checkpoint replaces them
 )
 
 

@@ -109,9 +109,7 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
 
 def _load_exported(path: str, step: int | None) -> LoadedRun:
   """A LoadedRun from model.safetensors + config.json + tokenizer files (no Orbax, no optimiser state)."""
-  import numpy as np
   from flax import nnx
-  from safetensors.numpy import load_file
 
   path = os.path.abspath(path)
   meta = exported.read_config_json(path)
@@ -129,12 +127,7 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
   if model_cfg.num_real_tokens != vocab.size:
     raise ValueError(f"{path}: the tokenizer has {vocab.size} tokens, the exported model {model_cfg.num_real_tokens}")
   graphdef, abstract_model_state = train.abstract_model(model_cfg)
-  template = nnx.to_pure_dict(abstract_model_state)
-  flat = load_file(os.path.join(path, exported.WEIGHTS_FILE))
-  source = os.path.join(path, exported.WEIGHTS_FILE)
-  arrays = exported.unflatten_like(flat, template, source)
-  # Stored as float32; cast back to the model's parameter dtype (exact for bfloat16/float16 masters).
-  arrays = jax.tree.map(lambda a, t: np.asarray(a).astype(t.dtype), arrays, template)
+  arrays = exported.read_params(path, nnx.to_pure_dict(abstract_model_state))
   shardings = sharding.param_shardings(abstract_model_state, sharding.single_device_mesh())
   params = jax.device_put(arrays, shardings)
   model = nnx.merge(graphdef, params)

@@ -10,8 +10,9 @@ DIR holds
   tokenizer files     `tokenizer.save_pretrained(DIR)`, [MASK]/[PAD] included
 
 `flowlm_jax.load(DIR)` (loading.py) loads it back (no Orbax, no optimiser state, no `model.pretrained` source)
-and gives the same logits as loading the run's checkpoint. Nothing here depends on the mesh the run was trained
-on. This module only names, checks and writes the files.
+and gives the same logits as loading the run's checkpoint, and `training.init_from` starts a new run from its
+weights (warm_start.py). Nothing here depends on the mesh the run was trained on. This module only names, checks,
+reads and writes the files.
 """
 
 from __future__ import annotations
@@ -90,6 +91,29 @@ def unflatten_like(flat: dict[str, Any], template: dict, source: str = "") -> di
     return {k: build(v, f"{prefix}{_name(k)}.") if isinstance(v, dict) else flat[f"{prefix}{_name(k)}"]
             for k, v in node.items()}
   return build(template, "")
+
+
+def read_params(path: str, template: dict, *, check_only: bool = False) -> dict | None:
+  """`path`'s weights in `template`'s nested structure and parameter dtypes (numpy arrays).
+
+  Names and shapes are checked against `template` (a pure dict of arrays or shape structs) from the file's
+  header first, so a mismatch fails in one line before any tensor is read; `check_only` stops there (None).
+  """
+  import types
+
+  import jax
+  import numpy as np
+  from safetensors import safe_open
+
+  source = os.path.join(path, WEIGHTS_FILE)
+  with safe_open(source, framework="numpy") as f:
+    names = list(f.keys())
+    unflatten_like({n: types.SimpleNamespace(shape=tuple(f.get_slice(n).get_shape())) for n in names}, template, source)
+    if check_only:
+      return None
+    arrays = unflatten_like({n: f.get_tensor(n) for n in names}, template, source)
+  # Stored as float32; cast back to the model's parameter dtype (exact for bfloat16/float16 masters).
+  return jax.tree.map(lambda a, t: np.asarray(a).astype(t.dtype), arrays, template)
 
 
 def write(out: str, params: dict, meta: dict) -> dict[str, Any]:
