@@ -542,8 +542,9 @@ def _check_values(c: ConfigDict) -> None:
   for key in ("weight_decay", "gradient_clip_val", "warmup_steps", "max_steps"):
     _require(t[key] >= 0, f"training.{key}", f"must be >= 0, got {t[key]}")
   _require(t.num_epochs > 0 or t.max_steps > 0, "training.num_epochs", "set num_epochs > 0 or max_steps > 0")
-  if t.init_from:
-    _check_init_from(t.init_from, m)
+  # What the directory holds is checked only where a run starts from it (warm_start.check): a resume needs it not.
+  _require(not (t.init_from and m.pretrained), "training.init_from",
+           f"set it or model.pretrained ({m.pretrained!r}), not both: a run starts from one set of weights")
 
   _require(e.eval_steps >= 0 and e.eval_batches >= 0 and e.eval_batch_size >= 0, "evaluation.eval_steps",
            "eval_steps, eval_batches and eval_batch_size must be >= 0")
@@ -579,14 +580,6 @@ def _check_pretrained(m: ConfigDict) -> None:
     _require(os.path.isfile(os.path.join(path, "config.json")), "model.pretrained", f"no config.json in {path}")
   _require(m.tokenizer not in EMBEDDED_TOKENIZERS, "model.tokenizer",
            "a pretrained model needs its own tokenizer (usually the same dir or hub name as model.pretrained)")
-
-
-def _check_init_from(path: str, m: ConfigDict) -> None:
-  """Where the directory is; what is in it (format, tokenizer, shapes) warm_start.check reads before any compile."""
-  _require(not m.pretrained, "training.init_from", f"set it or model.pretrained ({m.pretrained!r}), not both")
-  full = os.path.abspath(os.path.expanduser(path))
-  _require(os.path.isdir(full), "training.init_from",
-           f"no such directory: {full} (a directory written by `python -m flowlm_jax.export`)")
 
 
 def split_files(spec: str) -> list[str]:

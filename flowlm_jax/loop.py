@@ -19,8 +19,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-
 from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import data, losses, masking, sharding, train, warm_start
@@ -72,8 +70,6 @@ def prepare(config, *, num_devices: int | None = None) -> Setup:
       model=model_cfg, masking=masking.MaskingSpec.from_config(config.masking, vocab), loss=t.loss,
       loss_weighting=t.loss_weighting, grad_accum=t.gradient_accumulation_steps,
       loss_chunk_size=config.model.loss_chunk_size, pad_id=vocab.pad_id)
-  if t.init_from:
-    warm_start.check(t.init_from, nnx.to_pure_dict(train.abstract_model(model_cfg)[1]), tokenizer)
   mesh = sharding.make_mesh(config)
   for rows in {t.batch_size, config.evaluation.eval_batch_size or t.batch_size}:
     sharding.check_process_split(mesh, rows)
@@ -150,13 +146,14 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   except BaseException:
     checkpointer.close()
     raise
-  if state is None:
-    initial = None
-    if c.training.init_from:
-      initial, source_step = warm_start.initial_params(c.training.init_from, nnx.to_pure_dict(abstract_model_state))
-      if is_main:
-        print(f"initial weights: {c.training.init_from} (exported at its step {source_step})", flush=True)
-    state = train.init_state(s.model_cfg, tx, c.training.seed, shardings, params=initial)
+  if state is None and c.training.init_from:  # checked here, before anything compiles: a resume never reads it
+    source_step = warm_start.check(c.training.init_from, s.model_cfg, s.tokenizer)
+    if is_main:
+      print(f"initial weights: {c.training.init_from} (exported at its step {source_step})", flush=True)
+    state = train.init_state(s.model_cfg, tx, c.training.seed, shardings,
+                             params=warm_start.initial_params(c.training.init_from, s.model_cfg, shardings.params))
+  elif state is None:
+    state = train.init_state(s.model_cfg, tx, c.training.seed, shardings)
   start_step = int(state.step)
   if is_main:  # written only once the checkpoint (if any) is known to belong to this config
     with open(os.path.join(workdir, "config.yaml"), "w") as f:

@@ -115,10 +115,10 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState,
                params: Params | None = None) -> TrainState:
   """Parameters are created directly in their shards (one jit), so no device ever holds them whole.
 
-  `params` (a pure dict) replaces the random initialisation; without it a config with pretrained weights
-  (`model.pretrained`) loads them, except while traced for shapes (jax.eval_shape). Loaded weights go
-  straight into their shards (HF LLaDA/Dream directories are streamed one tensor at a time) and are donated
-  to the state, so no second copy of them is made.
+  `params` (a pure dict, e.g. training.init_from's weights) replaces the random initialisation and is consumed
+  (donated); without it a config with pretrained weights (`model.pretrained`) loads them, except while traced
+  for shapes (jax.eval_shape). Loaded weights go straight into their shards (HF LLaDA/Dream directories are
+  streamed one tensor at a time) and are donated to the state, so no second copy of them is made.
   """
   loaded = params is None and bool(getattr(model_cfg, "pretrained", "")) and not _tracing()
   if loaded:
@@ -135,7 +135,7 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, shardings: TrainState,
         rng=jax.random.PRNGKey(seed + 1), nonfinite_count=jnp.zeros((), jnp.int32),
         last_nonfinite_step=jnp.full((), -1, jnp.int32), fp8=initial_fp8_meta(model_cfg))
 
-  return jax.jit(init, out_shardings=shardings, donate_argnums=0 if loaded else ())(params)
+  return jax.jit(init, out_shardings=shardings, donate_argnums=0 if params is not None else ())(params)
 
 
 def _tracing() -> bool:

@@ -3,42 +3,79 @@
 For fine-tuning a model trained here on other records, with another objective or another masking option
 (clean answer prefixes, docs/sampling.md) without training it again from random weights: the run starts at
 step 0 with a fresh optimiser and schedule, and only its parameters come from a directory written by
-`python -m flowlm_jax.export`. A run resuming from its own checkpoint ignores the option: the checkpoint
-holds newer weights (config.MAY_CHANGE_ON_RESUME).
+`python -m flowlm_jax.export`. The directory is read only when a run starts without a checkpoint: a resume
+takes its own checkpoint's weights and needs the directory no more (config.MAY_CHANGE_ON_RESUME).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+from flowlm_jax import loading
 from flowlm_jax.formats import flowlm_export as exported
 from flowlm_jax.tokenizer import load_tokenizer
 
 KEY = "training.init_from"
+# Model config fields that set only precision, memory, speed, initialisation or provenance: the run's own apply.
+MAY_DIFFER = ("init_std", "param_dtype", "compute_dtype", "matmul_dtype", "remat", "attention", "scan_unroll",
+              "pretrained", "hf_config")
 
 
-def check(path: str, template: dict, tokenizer) -> None:
-  """Raises one line naming the key when `path` cannot start this run: not an export, another tokenizer or
-  another architecture.
+def check(path: str, model_cfg, tokenizer) -> int:
+  """The step `path` was exported at; raises one line naming the key where it cannot start this run.
 
-  Reads config.json, the tokenizer files and the weights' header only (no tensor), before any compile.
+  Reads config.json, the tokenizer files and the weights' header (no tensor): not an export, a newer format,
+  another tokenizer, another architecture (family, sizes, RoPE base, norm epsilon, ...) or missing, extra or
+  mis-shaped tensors all fail here, before anything compiles.
   """
+  from safetensors import SafetensorError
+
   path = os.path.abspath(os.path.expanduser(path))
   try:
     if not exported.is_exported(path):
       raise ValueError(f"{path} is not a directory written by `python -m flowlm_jax.export` (config.json with "
                        f"\"format\": \"{exported.FORMAT}\" and {exported.WEIGHTS_FILE})")
-    exported.read_config_json(path)  # a newer format_version than this code reads
-    if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-      raise ValueError(f"{path} was trained with another tokenizer than model.tokenizer (set model.tokenizer to "
-                       "the one it was trained with, e.g. the export directory itself)")
-    exported.read_params(path, template, check_only=True)
+    meta = exported.read_config_json(path)
+    _check_tokenizer(path, tokenizer)
+    _check_architecture(path, loading.model_config(meta), model_cfg)
+    exported.read_params(path, _template(model_cfg), check_only=True)
+  except SafetensorError as e:  # a damaged or truncated file: its message does not name it
+    raise ValueError(f"{KEY}: {os.path.join(path, exported.WEIGHTS_FILE)} does not read: {e}") from None
   except (OSError, ValueError) as e:
     raise ValueError(f"{KEY}: {e}") from None
+  return int(meta["step"])
 
 
-def initial_params(path: str, template: dict) -> tuple[dict, int]:
-  """(`path`'s parameters in `template`'s structure and dtypes, as numpy arrays; the step it was exported at)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  step = int(exported.read_config_json(path)["step"])
-  return exported.read_params(path, template), step
+def initial_params(path: str, model_cfg, shardings: dict) -> dict:
+  """`path`'s parameters as jax Arrays in `shardings` (the params' structure), each process reading only the
+  parts its devices hold, in the model's parameter dtypes."""
+  return exported.read_params(os.path.abspath(os.path.expanduser(path)), _template(model_cfg), shardings)
+
+
+def _template(model_cfg) -> dict:
+  from flax import nnx
+
+  from flowlm_jax import train
+
+  return nnx.to_pure_dict(train.abstract_model(model_cfg)[1])
+
+
+def _check_tokenizer(path: str, tokenizer) -> None:
+  try:
+    source = load_tokenizer(path)
+  except Exception as e:  # transformers' own errors, several lines long
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    raise ValueError(f"{path}: its tokenizer files do not load ({type(e).__name__}: {first_line})") from None
+  if source.get_vocab() != tokenizer.get_vocab():
+    raise ValueError(f"{path} was trained with another tokenizer than model.tokenizer (set model.tokenizer to "
+                     "the one it was trained with, e.g. the export directory itself)")
+
+
+def _check_architecture(path: str, source, run) -> None:
+  if type(source) is not type(run):
+    raise ValueError(f"{path} holds a {type(source).__name__} model; this run builds a {type(run).__name__}")
+  differ = [f"{f.name}={getattr(source, f.name)!r} (the run's: {getattr(run, f.name)!r})"
+            for f in dataclasses.fields(run) if f.name not in MAY_DIFFER and getattr(source, f.name) != getattr(run, f.name)]
+  if differ:
+    raise ValueError(f"{path} holds another architecture: {', '.join(differ)}; set the run's model.* to match")

@@ -1,5 +1,6 @@
 """`training.init_from`: a new run starting from the weights of an exported one (warm_start.py)."""
 
+import logging
 import os
 
 import jax
@@ -54,6 +55,24 @@ def test_a_run_with_init_from_starts_from_the_exported_weights(exported, tmp_pat
 
 
 @pytest.mark.integration
+def test_a_sharded_run_starts_from_the_exported_weights(exported, tmp_path):
+  """On 4 simulated devices (fsdp 2 x tensor 2) each device's shards hold the export's values."""
+  from helpers import diff_yaml, launch
+  from mesh_worker import cpu_env
+
+  source, weights = exported
+  overlay = diff_yaml("llada", None, fine_tune_config(source, learning_rate=1e-12, max_steps=1, save_steps=1),
+                      str(tmp_path / "tiny.yaml"))
+  r = launch("--config=configs/llada.py", f"--config_yaml={overlay}", f"--workdir={tmp_path / 'ft'}",
+             "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", env=cpu_env(4))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "mesh: {'data': 1, 'fsdp': 2, 'tensor': 2}" in r.stdout
+  started = params_at(str(tmp_path / "ft"), 1)
+  for name, want in weights.items():
+    np.testing.assert_allclose(started[name], want, rtol=0, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.integration
 def test_a_resumed_fine_tune_continues_from_its_checkpoint_not_from_the_export(exported, tmp_path):
   from flowlm_jax import loop
 
@@ -69,40 +88,72 @@ def test_a_resumed_fine_tune_continues_from_its_checkpoint_not_from_the_export(e
   assert any(np.abs(whole[n] - at_two[n]).max() > 0 for n in whole)  # steps 3-4 trained
 
 
-def test_init_from_must_be_an_export_and_not_beside_model_pretrained(exported, tmp_path):
+def test_init_from_and_model_pretrained_are_refused_together(exported):
   from flowlm_jax import config as config_lib
-  from flowlm_jax import loop
 
-  with pytest.raises(ValueError, match="training.init_from: no such directory: .*missing"):
-    config_lib.validate(fine_tune_config(str(tmp_path / "missing")))
-  not_export = tmp_path / "plain"
-  not_export.mkdir()
-  (not_export / "config.json").write_text('{"model_type": "llada"}')
-  with pytest.raises(ValueError, match="^training.init_from: .*plain is not a directory written by"):
-    loop.prepare(fine_tune_config(str(not_export)))
   c = fine_tune_config(exported[0])
   c.model.pretrained = c.model.tokenizer = exported[0]  # passes model.pretrained's own checks
-  with pytest.raises(ValueError, match="training.init_from: set it or model.pretrained"):
+  with pytest.raises(ValueError, match="^training.init_from: set it or model.pretrained"):
     config_lib.validate(c)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: setattr(c.model, "d_model", 48), r"parameter '.*' has shape"),
-    (lambda c: setattr(c.model, "n_layers", 3), r"parameter '.*' has shape"),
-    (lambda c: setattr(c.model, "tokenizer", "embedded"), "another tokenizer than model.tokenizer"),
-])
-def test_another_architecture_or_tokenizer_fails_in_one_line_before_any_compile(exported, change, message,
-                                                                                monkeypatch):
-  from flowlm_jax import loop, train
+def _damaged_weights(path):
+  with open(os.path.join(path, "model.safetensors"), "r+b") as f:
+    f.truncate(100)
 
-  def no_compile(*args, **kwargs):
-    raise AssertionError("compiled before the check")
-  monkeypatch.setattr(train, "compile_steps", no_compile)
-  c = fine_tune_config(exported[0])
-  change(c)
-  with pytest.raises(ValueError, match=f"^training.init_from: .*{message}") as e:
-    loop.prepare(c)
+
+def _not_an_export(path):
+  os.remove(os.path.join(path, "config.json"))
+
+
+def _no_tokenizer(path):
+  for name in os.listdir(path):
+    if name.startswith(("tokenizer", "special_tokens")):
+      os.remove(os.path.join(path, name))
+
+
+@pytest.mark.parametrize("change, damage, message", [
+    (lambda c: setattr(c.model, "d_model", 48), None, r"another architecture: .*d_model=32 \(the run's: 48\)"),
+    (lambda c: setattr(c.model, "rope_theta", 5e5), None, r"another architecture: rope_theta=10000.0"),
+    (lambda c: setattr(c.model, "tokenizer", "embedded"), None, "another tokenizer than model.tokenizer"),
+    (None, _damaged_weights, "model.safetensors"),
+    (None, _not_an_export, "is not a directory written by `python -m flowlm_jax.export`"),
+    (None, _no_tokenizer, "its tokenizer files do not load"),
+    (lambda c: setattr(c.training, "init_from", "/no/such/export"), None, "/no/such/export is not a directory"),
+])
+def test_what_cannot_start_the_run_fails_in_one_line_before_anything_compiles(exported, change, damage, message,
+                                                                               tmp_path, caplog):
+  import shutil
+
+  from flowlm_jax import loop
+
+  source = str(tmp_path / "export")
+  shutil.copytree(exported[0], source)
+  if damage:
+    damage(source)
+  c = fine_tune_config(source)
+  if change:
+    change(c)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING), pytest.raises(
+      ValueError, match=f"^training.init_from: .*{message}") as e:
+    loop.run(c, str(tmp_path / "run"))
   assert "\n" not in str(e.value)
+  assert [r.getMessage()[:60] for r in caplog.records if r.getMessage().startswith("Compiling jit(")] == []
+  assert not os.path.isdir(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.integration
+def test_a_resume_needs_the_export_no_more(exported, tmp_path):
+  import shutil
+
+  from flowlm_jax import loop
+
+  source = str(tmp_path / "export")
+  shutil.copytree(exported[0], source)
+  config = fine_tune_config(source, max_steps=2, save_steps=1)
+  loop.run(config, str(tmp_path / "run"), stop_at_step=1)
+  shutil.rmtree(source)
+  assert loop.run(config, str(tmp_path / "run"))["checkpoint"].endswith(os.path.join("checkpoints", "2"))
 
 
 def test_init_from_may_change_when_a_run_resumes():

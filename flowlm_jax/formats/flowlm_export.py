@@ -93,27 +93,29 @@ def unflatten_like(flat: dict[str, Any], template: dict, source: str = "") -> di
   return build(template, "")
 
 
-def read_params(path: str, template: dict, *, check_only: bool = False) -> dict | None:
-  """`path`'s weights in `template`'s nested structure and parameter dtypes (numpy arrays).
+def read_params(path: str, template: dict, shardings: dict | None = None, *,
+                check_only: bool = False) -> dict | None:
+  """`path`'s weights in `template`'s nested structure and parameter dtypes.
 
-  Names and shapes are checked against `template` (a pure dict of arrays or shape structs) from the file's
-  header first, so a mismatch fails in one line before any tensor is read; `check_only` stops there (None).
+  Without `shardings` numpy arrays; with them (the same structure of jax Shardings) jax Arrays placed shard by
+  shard, each process reading only the parts its devices hold (formats/safetensors_dir.py). Names and shapes
+  are checked against `template` (a pure dict of shape structs) from the file's header first, so a mismatch
+  fails in one line before any tensor is read; `check_only` stops there (None).
   """
   import types
 
-  import jax
-  import numpy as np
-  from safetensors import safe_open
+  from flowlm_jax.formats import safetensors_dir
 
+  ckpt = safetensors_dir.Checkpoint(path)  # the header only
   source = os.path.join(path, WEIGHTS_FILE)
-  with safe_open(source, framework="numpy") as f:
-    names = list(f.keys())
-    unflatten_like({n: types.SimpleNamespace(shape=tuple(f.get_slice(n).get_shape())) for n in names}, template, source)
-    if check_only:
-      return None
-    arrays = unflatten_like({n: f.get_tensor(n) for n in names}, template, source)
-  # Stored as float32; cast back to the model's parameter dtype (exact for bfloat16/float16 masters).
-  return jax.tree.map(lambda a, t: np.asarray(a).astype(t.dtype), arrays, template)
+  unflatten_like({n: types.SimpleNamespace(shape=ckpt.shape(n)) for n in ckpt.names()}, template, source)
+  if check_only:
+    return None
+  flat_template = flatten_params(template)
+  table = [safetensors_dir.reshaped(name, name, want.shape, want.shape) for name, want in flat_template.items()]
+  flat = safetensors_dir.load(table, ckpt, flat_template, None if shardings is None else flatten_params(shardings))
+  # Stored as float32, read into the model's parameter dtype (exact for bfloat16/float16 masters).
+  return unflatten_like(flat, template, source)
 
 
 def write(out: str, params: dict, meta: dict) -> dict[str, Any]:
