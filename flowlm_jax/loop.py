@@ -19,6 +19,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
+
 from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import data, losses, masking, sharding, train, warm_start
@@ -146,14 +148,9 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   except BaseException:
     checkpointer.close()
     raise
-  if state is None and c.training.init_from:  # checked here, before anything compiles: a resume never reads it
-    source_step = warm_start.check(c.training.init_from, s.model_cfg, s.tokenizer)
-    if is_main:
-      print(f"initial weights: {c.training.init_from} (exported at its step {source_step})", flush=True)
+  if state is None:
     state = train.init_state(s.model_cfg, tx, c.training.seed, shardings,
-                             params=warm_start.initial_params(c.training.init_from, s.model_cfg, shardings.params))
-  elif state is None:
-    state = train.init_state(s.model_cfg, tx, c.training.seed, shardings)
+                             params=_warm_start_params(c.training.init_from, s, abstract_model_state, shardings, is_main))
   start_step = int(state.step)
   if is_main:  # written only once the checkpoint (if any) is known to belong to this config
     with open(os.path.join(workdir, "config.yaml"), "w") as f:
@@ -297,6 +294,18 @@ def _leave_out_of_rate(bar) -> None:
   """
   if not bar.disable:
     bar.last_print_n, bar.last_print_t = bar.n, bar._time()  # tqdm's own clock (a test may replace it)
+
+
+def _warm_start_params(init_from: str, s: Setup, abstract_model_state, shardings, is_main: bool):
+  """training.init_from's weights in their shards, or None (random init, or model.pretrained's). Checked first,
+  before anything compiles; only a run without a checkpoint gets here, so a resume never reads the directory."""
+  if not init_from:
+    return None
+  template = nnx.to_pure_dict(abstract_model_state)
+  source_step = warm_start.check(init_from, s.model_cfg, template, s.tokenizer)
+  if is_main:
+    print(f"initial weights: {init_from} (exported at its step {source_step})", flush=True)
+  return warm_start.initial_params(init_from, template, shardings.params)
 
 
 def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, config_dict):

@@ -22,8 +22,9 @@ MAY_DIFFER = ("init_std", "param_dtype", "compute_dtype", "matmul_dtype", "remat
               "pretrained", "hf_config")
 
 
-def check(path: str, model_cfg, tokenizer) -> int:
-  """The step `path` was exported at; raises one line naming the key where it cannot start this run.
+def check(path: str, model_cfg, template: dict, tokenizer) -> int:
+  """The step `path` was exported at; raises one line naming the key where it cannot start this run, whose
+  model is `model_cfg` with parameters shaped as `template` (a pure dict of shape structs).
 
   Reads config.json, the tokenizer files and the weights' header (no tensor): not an export, a newer format,
   another tokenizer, another architecture (family, sizes, RoPE base, norm epsilon, ...) or missing, extra or
@@ -39,7 +40,7 @@ def check(path: str, model_cfg, tokenizer) -> int:
     meta = exported.read_config_json(path)
     _check_tokenizer(path, tokenizer)
     _check_architecture(path, loading.model_config(meta), model_cfg)
-    exported.read_params(path, _template(model_cfg), check_only=True)
+    exported.read_params(path, template, check_only=True)
   except SafetensorError as e:  # a damaged or truncated file: its message does not name it
     raise ValueError(f"{KEY}: {os.path.join(path, exported.WEIGHTS_FILE)} does not read: {e}") from None
   except (OSError, ValueError) as e:
@@ -47,18 +48,10 @@ def check(path: str, model_cfg, tokenizer) -> int:
   return int(meta["step"])
 
 
-def initial_params(path: str, model_cfg, shardings: dict) -> dict:
-  """`path`'s parameters as jax Arrays in `shardings` (the params' structure), each process reading only the
-  parts its devices hold, in the model's parameter dtypes."""
-  return exported.read_params(os.path.abspath(os.path.expanduser(path)), _template(model_cfg), shardings)
-
-
-def _template(model_cfg) -> dict:
-  from flax import nnx
-
-  from flowlm_jax import train
-
-  return nnx.to_pure_dict(train.abstract_model(model_cfg)[1])
+def initial_params(path: str, template: dict, shardings: dict) -> dict:
+  """`path`'s parameters as jax Arrays in `shardings` (`template`'s structure) and `template`'s dtypes, each
+  process reading only the parts its devices hold."""
+  return exported.read_params(os.path.abspath(os.path.expanduser(path)), template, shardings)
 
 
 def _check_tokenizer(path: str, tokenizer) -> None:
