@@ -145,12 +145,13 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
                                        async_save=c.training.async_checkpointing)
   try:
     state = _restore(checkpointer, abstract, s.iterator, resume_dir, resume_step, c.training, config_dict)
+    if state is None:  # a refused training.init_from (or unreadable model.pretrained) closes the checkpointer too
+      state = train.init_state(s.model_cfg, tx, c.training.seed, shardings,
+                               params=_warm_start_params(c.training.init_from, s, abstract_model_state, shardings,
+                                                         is_main))
   except BaseException:
     checkpointer.close()
     raise
-  if state is None:
-    state = train.init_state(s.model_cfg, tx, c.training.seed, shardings,
-                             params=_warm_start_params(c.training.init_from, s, abstract_model_state, shardings, is_main))
   start_step = int(state.step)
   if is_main:  # written only once the checkpoint (if any) is known to belong to this config
     with open(os.path.join(workdir, "config.yaml"), "w") as f:
