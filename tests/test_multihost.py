@@ -210,3 +210,34 @@ def test_a_signal_to_one_process_stops_both_and_a_killed_process_takes_the_other
   died = read("err0")
   assert "another task died" in died or "gloo::EnforceNotMet" in died, died[:3000]
   assert f"resumed from {os.path.join(workdir, 'checkpoints')}/{saved[0]}" in read("out0")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_processes_start_from_an_exported_directory(tmp_path):
+  """training.init_from on 2 processes x 4 devices with the parameters sharded over both (fsdp 8), so each
+  process reads only its devices' parts of the file: at a learning rate of 1e-12 the saved step-1 weights are
+  the export's."""
+  import jax
+  from test_export import write_checkpoint
+
+  from flowlm_jax import export, load
+
+  weights, _ = write_checkpoint(str(tmp_path / "source"), tiny_config("flowlm"), step=7, seed=3)
+  export.export(str(tmp_path / "source"), str(tmp_path / "exported"))
+  c = tiny_config("llada", learning_rate=1e-12, max_steps=1, save_steps=1)
+  c.training.init_from = str(tmp_path / "exported")
+  overlay = diff_yaml("llada", None, c, str(tmp_path / "ft.yaml"))
+  workdir = str(tmp_path / "ft")
+  launch_py = os.path.join(REPO, "launch.py")
+  results = _two_processes(lambda coord, i: [
+      launch_py, "--config=configs/llada.py", f"--config_yaml={overlay}", f"--workdir={workdir}",
+      "--config.mesh.data=1", "--config.mesh.fsdp=8", f"--coordinator_address={coord}", "--num_processes=2",
+      f"--process_id={i}"])
+  for i, p in enumerate(results):
+    assert p.returncode == 0, f"process {i}:\n{p.stderr[-3000:]}"
+  assert "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1}" in results[0].stdout
+  assert f"initial weights: {tmp_path / 'exported'} (exported at its step 7)" in results[0].stdout
+  started = load(workdir, step=1).params
+  for name, want in weights.items():
+    np.testing.assert_allclose(np.asarray(jax.device_get(started[name])), want, rtol=0, atol=1e-9, err_msg=name)
