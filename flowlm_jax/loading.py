@@ -127,9 +127,8 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
   if model_cfg.num_real_tokens != vocab.size:
     raise ValueError(f"{path}: the tokenizer has {vocab.size} tokens, the exported model {model_cfg.num_real_tokens}")
   graphdef, abstract_model_state = train.abstract_model(model_cfg)
-  arrays = exported.read_params(path, nnx.to_pure_dict(abstract_model_state))
   shardings = sharding.param_shardings(abstract_model_state, sharding.single_device_mesh())
-  params = jax.device_put(arrays, shardings)
+  params = exported.read_params(path, nnx.to_pure_dict(abstract_model_state), shardings)
   model = nnx.merge(graphdef, params)
   return LoadedRun(config=config, model=model, tokenizer=tokenizer, vocab=vocab, step=int(meta["step"]),
                    graphdef=graphdef, params=params)
