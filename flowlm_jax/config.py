@@ -157,7 +157,7 @@ def base_config() -> ConfigDict:
   # Fast decoding for both (Fast-dLLM, Wu et al. 2025; docs/sampling.md)
   i.cache = "none"              # key/value cache between refreshes: "none" | "prefix" | "dual" (approximate)
   i.cache_refresh = 0           # also refresh the cache every this many steps (0: LLaDA at each block's
-                                # first step, FlowLM at the first step only)
+                                # first step only, FlowLM every sampling.FLOWLM_CACHE_REFRESH = 8 steps)
   i.parallel_threshold = 0.0    # > 0: also commit every candidate whose confidence is above it; 0 = off
 
   c.logging = lg = ConfigDict()

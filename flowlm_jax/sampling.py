@@ -34,6 +34,10 @@ from flowlm_jax.vocab import Vocab
 NEG_INF = float(np.finfo(np.float32).min)  # what the model puts on padded vocabulary rows
 PROMPT_BUCKET = 8  # prompts are padded to a multiple of this: fewer shapes, fewer compiles
 STRATEGIES = ("below_threshold", "most_confident_changes", "fill_then_refine")
+# FlowLM's default refresh period of the prompt cache. Refreshed only at the first step (an all-[MASK] answer), the
+# prompt's keys/values never see the answer taking shape: on two FlowLM-trained tasks_long models that lost nearly
+# every exact answer (0-1 of 70 at 256, against 22-29 uncached); refreshed every 8 steps, 21 and 29 (docs/sampling.md).
+FLOWLM_CACHE_REFRESH = 8
 # XLA options for the decoding loops on GPU (measured in docs/performance.md: -3% time at `small`):
 # the loop body as one CUDA graph (command buffers including WHILE), and no dot merging, whose weight
 # concatenations are loop-invariant but were recomputed at every step.
@@ -93,7 +97,7 @@ class FlowSpec:
   initial_answer: str
   vocab: Vocab
   cache: str = "none"             # prefix and dual alike cache the prompt: every answer column is re-predicted
-  cache_refresh: int = 0          # refresh every this many steps (0: only at the first step)
+  cache_refresh: int = 0          # refresh every this many steps (0: every FLOWLM_CACHE_REFRESH steps)
   parallel_threshold: float = 0.0  # > 0: also rewrite every candidate above this confidence, not just k
 
   def __post_init__(self):
@@ -405,7 +409,7 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
     """
     if spec.cache == "none":
       return rows.full(answer_BxA), cache, True
-    refresh = (t == 0) | ((t % spec.cache_refresh == 0) if spec.cache_refresh else False)
+    refresh = t % (spec.cache_refresh or FLOWLM_CACHE_REFRESH) == 0
     logits, cache = jax.lax.cond(refresh, lambda: rows.refresh(answer_BxA, 0, A),
                                  lambda: rows.from_cache(answer_BxA, cache, 0, A, A))
     return logits, cache, refresh

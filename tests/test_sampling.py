@@ -607,9 +607,11 @@ def test_llada_full_passes_are_one_per_block_plus_the_periodic_refreshes(overrid
 
 @pytest.mark.parametrize("refresh", [0, 3])
 def test_flowlm_full_passes_are_the_refresh_steps_among_each_rows_passes(refresh):
-  out = run_fast("flowlm", cache="prefix", cache_refresh=refresh)
-  want = -(-out.passes // refresh) if refresh else np.ones_like(out.passes)  # steps 0, k, 2k, ... of its passes
-  np.testing.assert_array_equal(out.full_passes, want)
+  """cache_refresh = 0 is FlowLM's default period (sampling.FLOWLM_CACHE_REFRESH), not a cache computed once."""
+  period = refresh or sampling.FLOWLM_CACHE_REFRESH
+  out = run_fast("flowlm", cache="prefix", cache_refresh=refresh, max_steps=3 * period)
+  assert out.passes.max() > period, out.passes  # some row runs past its first period
+  np.testing.assert_array_equal(out.full_passes, -(-out.passes // period))  # steps 0, k, 2k, ... of its passes
 
 
 def test_flowlm_parallel_decoding_takes_fewer_passes():
