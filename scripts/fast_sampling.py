@@ -279,7 +279,8 @@ def parse_args(argv=None):
   p.add_argument("--modes", default="llada", help="samplers, comma list of llada,flowlm")
   p.add_argument("--steps", type=int, default=0, help="0 = the answer length (one token per step)")
   p.add_argument("--block", type=int, default=32, help="LLaDA block length")
-  p.add_argument("--cache_refresh", type=int, default=0)
+  p.add_argument("--cache_refresh", type=int, default=0,
+                 help="also refresh a cache every this many steps (0: LLaDA at each block's first step, FlowLM every 8)")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--probe_ratios", default="0.05,0.3,0.6,0.9,1.0",
                  help="shares of the answer masked for the probe, comma list ('' = no probe)")
