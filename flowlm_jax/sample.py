@@ -20,7 +20,7 @@ OVERRIDES = {
     "temperature": "temperature", "remasking": "remasking", "cfg_scale": "cfg_scale",
     "threshold": "confidence_threshold", "max_replacements": "max_replacements",
     "strategy": "replacement_strategy", "max_steps": "max_steps", "initial_answer": "initial_answer",
-    "seed": "seed",
+    "seed": "seed", "cache": "cache", "cache_refresh": "cache_refresh", "parallel_threshold": "parallel_threshold",
 }
 
 
@@ -46,9 +46,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max_steps", type=int, help="FlowLM step limit")
   p.add_argument("--initial_answer", choices=("mask", "random"))
   p.add_argument("--seed", type=int)
+  fast = p.add_argument_group("fast decoding (both samplers; docs/sampling.md)")
+  fast.add_argument("--cache", choices=("none", "prefix", "dual"), help="approximate key/value cache")
+  fast.add_argument("--cache_refresh", type=int,
+                    help="also refresh the cache every this many steps (0: LLaDA at each block's first step, FlowLM every 8)")
+  fast.add_argument("--parallel_threshold", type=float,
+                    help="also commit every candidate above this confidence (0 = off)")
   args = p.parse_intermixed_args(argv)  # prompts may come before, between or after the options
   if args.batch_size <= 0:
     p.error(f"--batch_size must be > 0, got {args.batch_size}")
+  if args.cache_refresh is not None and args.cache_refresh < 0:
+    p.error(f"--cache_refresh must be >= 0, got {args.cache_refresh}")
+  if args.parallel_threshold is not None and not 0.0 <= args.parallel_threshold <= 1.0:
+    p.error(f"--parallel_threshold must be in [0, 1], got {args.parallel_threshold}")
   try:  # bad input fails here, before the checkpoint loads and the samplers compile
     args.prompts = args.prompts + args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
   except (OSError, ValueError) as e:
