@@ -146,21 +146,33 @@ def _tracing() -> bool:
 # --- loss -------------------------------------------------------------------------------------
 
 
-def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig, fp8_meta=None):
+def _weighting(cfg: StepConfig) -> str:
+  return "inverse_t" if cfg.loss == "llada" else cfg.loss_weighting
+
+
+def own_normaliser(batch, key, cfg: StepConfig) -> jax.Array:
+  """The count a batch's loss sum is divided by (losses.loss_normaliser) under the corruption `key` draws:
+  corruptible positions for the likelihood bounds, corrupted ones for FlowLM's plain weighting."""
+  c = masking.corrupt(key, batch["tokens"], batch["corruptible"], cfg.masking)
+  return losses.loss_normaliser(_weighting(cfg), c.corrupted, batch["corruptible"])
+
+
+def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig, fp8_meta=None, normaliser=None):
   """(loss, metric sums) of one (micro-)batch under fresh corruption drawn from `key`.
 
+  The loss is the weighted NLL sum over `normaliser` (default: the batch's own, `own_normaliser`); a micro-batch
+  gets the whole step's, so that the summed micro-batch losses are the whole batch's per-token mean.
   Training rows are right-padded, so key padding is passed as lengths (cuDNN's fast padded kernel).
   With `loss_chunk_size` the cross-entropy is fused and chunked (losses.fused_weighted_cross_entropy).
   With `fp8_meta` the layers' projections run in FP8, and the "gradient" of `fp8_meta` is its next value.
   """
   tokens, corruptible = batch["tokens"], batch["corruptible"]
   c = masking.corrupt(key, tokens, corruptible, cfg.masking)
-  weighting = "inverse_t" if cfg.loss == "llada" else cfg.loss_weighting
-  # The loss's normaliser (corruptible positions for the likelihood bounds, corrupted ones for FlowLM's plain
-  # weighting), so that loss * normaliser summed over batches, over the normalisers summed, is a per-token mean.
-  normaliser = losses.loss_normaliser(weighting, c.corrupted, corruptible)
+  weighting = _weighting(cfg)
+  own = losses.loss_normaliser(weighting, c.corrupted, corruptible)  # == own_normaliser(batch, key, cfg)
+  denominator = jnp.maximum(own if normaliser is None else normaliser, 1.0)
   if weighting != losses.GIDD:
-    weight = losses.loss_weights(cfg.loss, cfg.loss_weighting, c.corrupted, c.t, corruptible)
+    weight = losses.loss_weights(cfg.loss, cfg.loss_weighting, c.corrupted, c.t, corruptible, denominator)
   model = nnx.merge(graphdef, params)
   kv_lengths_B = jnp.sum(c.noisy_tokens != cfg.pad_id, axis=-1, dtype=jnp.int32)
   fp8_args = {} if fp8_meta is None else {"fp8_meta": fp8_meta}
@@ -170,7 +182,7 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig, fp8_meta=N
     total, nll, correct = losses.fused_gidd_loss(
         hidden, model.output_matrix(), tokens, c.noisy_tokens, corruptible, c.t,
         losses.MixedNoise.from_masking(cfg.masking), cfg.model.num_real_tokens, cfg.loss_chunk_size, bias)
-    loss = total / jnp.maximum(normaliser, 1.0)
+    loss = total / denominator
   elif cfg.loss_chunk_size:
     loss, nll, correct = losses.fused_weighted_cross_entropy(
         hidden, model.output_matrix(), tokens, weight, cfg.model.num_real_tokens, cfg.loss_chunk_size, bias)
@@ -181,7 +193,7 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig, fp8_meta=N
   # Plain cross-entropy per corrupted token: comparable across methods and with the unigram entropy.
   sums["nll/corrupted"] = jnp.sum(jnp.where(c.corrupted, jax.lax.stop_gradient(nll), 0.0))
   sums["count/corruptible"] = jnp.sum(corruptible, dtype=jnp.float32)
-  sums["count/loss"] = jnp.maximum(normaliser, 1.0)
+  sums["count/loss"] = jnp.maximum(own, 1.0)
   return loss, sums
 
 
@@ -196,21 +208,32 @@ def split_micro_batches(batch, n: int):
 CLEAN_PREFIX_STREAM = 0x636C6E70  # fold_in data for the clean-prefix draw ("clnp"): far from split indices
 
 
+def training_rows(batch, key, cfg: StepConfig):
+  """The rows as training sees them: with `clean_prefix_prob`, some keep a clean answer start (evaluation scores
+  the whole answer)."""
+  if cfg.masking.clean_prefix_prob <= 0:
+    return batch
+  # A stream of its own: with partitionable threefry fold_in(key, i) is split(key, n)[i] for small i, which
+  # `corrupt` draws from. Off, the noise stream is what it always was.
+  prefix_key = jax.random.fold_in(key, CLEAN_PREFIX_STREAM)
+  return {**batch, "corruptible": masking.keep_clean_prefix(prefix_key, batch["corruptible"], cfg.masking)}
+
+
 def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
-  """One optimiser step. Every micro-batch quantizes with the step's incoming FP8 scaling state (if any);
-  the new state keeps the largest absolute maxima over the micro-batches (fp8.combine_micro_batches)."""
+  """One optimiser step: the gradient of the whole batch's per-token loss, summed over micro-batches that each
+  divide by the whole batch's normaliser (a mean of per-micro-batch means would weight the tokens of a
+  micro-batch with fewer corrupted or answer tokens more). Every micro-batch quantizes with the step's incoming
+  FP8 scaling state (if any); the new state keeps the largest absolute maxima over the micro-batches
+  (fp8.combine_micro_batches)."""
   rng, step_key = jax.random.split(state.rng)
-  micro = split_micro_batches(batch, cfg.grad_accum)
   keys = jax.random.split(step_key, cfg.grad_accum)
+  micro = jax.vmap(functools.partial(training_rows, cfg=cfg))(split_micro_batches(batch, cfg.grad_accum), keys)
+  # Corruption is a pure function of (key, rows): this draws what each micro-batch's loss will draw again.
+  normaliser = jnp.sum(jax.vmap(functools.partial(own_normaliser, cfg=cfg))(micro, keys))
 
   def loss_of(trained, mb, key):
     params, fp8_meta = trained
-    if cfg.masking.clean_prefix_prob > 0:  # training rows only: evaluation scores the whole answer
-      # A stream of its own: with partitionable threefry fold_in(key, i) is split(key, n)[i] for small i, which
-      # `corrupt` draws from. Off, the noise stream is what it always was.
-      prefix_key = jax.random.fold_in(key, CLEAN_PREFIX_STREAM)
-      mb = {**mb, "corruptible": masking.keep_clean_prefix(prefix_key, mb["corruptible"], cfg.masking)}
-    return batch_loss(graphdef, params, mb, key, cfg, fp8_meta)
+    return batch_loss(graphdef, params, mb, key, cfg, fp8_meta, normaliser)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -226,8 +249,6 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
   if cfg.grad_accum > 1:
     carry, _ = jax.lax.scan(accumulate, carry, (jax.tree.map(lambda x: x[1:], micro), keys[1:]))
   (grads, loss, sums), new_fp8_meta = carry
-  grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
-  loss = loss / cfg.grad_accum
   grad_norm = optax.tree.norm(grads)
 
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -251,7 +272,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
 
 def eval_step(params: Params, batch, key, *, graphdef, cfg: StepConfig):
   """Metric sums of one validation batch. `loss_sum` / `count/loss`, each summed over batches, is the loss
-  per token: per corruptible token (1/t-weighted) for LLaDA, per corrupted token for FlowLM."""
+  per token: per corruptible token for the likelihood bounds (LLaDA's 1/t, `inverse_t`, `gidd`), per corrupted
+  token for FlowLM's plain weighting (`none`)."""
   loss, sums = batch_loss(graphdef, params, batch, key, cfg)
   sums["loss_sum"] = loss * sums["count/loss"]
   return sums

@@ -44,31 +44,38 @@ def test_compiled_step_lowers_the_loss_on_a_fixed_batch(setup):
   assert float(after["loss_sum"]) < 0.9 * float(before["loss_sum"])
 
 
-def test_gradient_accumulation_averages_micro_batch_gradients_like_one_full_batch(setup):
-  """With a corruption that draws nothing (every position [MASK], t = 1) and micro-batches holding equal token
-  counts, accumulating 2 micro-batches must give the gradient of the full batch's mean NLL per token,
-  computed here directly from the model's logits."""
+@pytest.mark.parametrize("loss, weighting", [("llada", "inverse_t"), ("flowlm", "none")])
+@pytest.mark.parametrize("answer_lengths", [(16,) * 8, (16, 2) * 4], ids=["equal", "unequal"])
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch_per_token_loss(setup, loss, weighting,
+                                                                                   answer_lengths):
+  """With a corruption that draws nothing (every corruptible position [MASK], t = 1), accumulating 2 micro-batches
+  must give the gradient of the whole batch's mean NLL per corruptible (= corrupted) token, computed here directly
+  from the model's logits, also when the micro-batches hold different token counts (rows r % 2: 16 against 2
+  tokens), where a mean of the micro-batch means would weight the short rows' tokens 8x."""
   graphdef, _ = train.abstract_model(setup.model_cfg)
   state = train.init_state(setup.model_cfg, optax.identity(), 0,
                            train.state_shardings(setup.model_cfg, optax.identity(), setup.mesh))
   vocab = setup.vocab
-  tokens = jax.random.choice(jax.random.PRNGKey(3), jnp.asarray(vocab.random_token_ids), (8, 16))
-  batch = {"tokens": tokens.astype(jnp.int32), "corruptible": jnp.ones((8, 16), bool)}
+  tokens = jax.random.choice(jax.random.PRNGKey(3), jnp.asarray(vocab.random_token_ids), (8, 16)).astype(jnp.int32)
+  corruptible = jnp.arange(16)[None, :] >= 16 - jnp.asarray(answer_lengths)[:, None]  # answers end the rows
+  batch = {"tokens": tokens, "corruptible": corruptible}
   all_masked = dataclasses.replace(setup.step_cfg.masking, mask_prob=1.0, random_prob=0.0, keep_prob=0.0,
                                    min_ratio=1.0, max_ratio=1.0, eps=0.0)
-  cfg = train.StepConfig(**{**setup.step_cfg.__dict__, "grad_accum": 2, "masking": all_masked})
+  cfg = train.StepConfig(**{**setup.step_cfg.__dict__, "grad_accum": 2, "masking": all_masked, "loss": loss,
+                            "loss_weighting": weighting})
 
   def full_batch_loss(params):
     model = nnx.merge(graphdef, params)
-    logits = model(jnp.full_like(batch["tokens"], vocab.mask_id))
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["tokens"][..., None], axis=-1)[..., 0]
-    return jnp.mean(nll)  # LLaDA with t = 1: the NLL summed over corrupted positions / corruptible positions
+    logits = model(jnp.where(corruptible, vocab.mask_id, tokens))
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(corruptible, nll, 0.0)) / jnp.sum(corruptible)
 
-  expected = jax.jit(jax.grad(full_batch_loss))(state.params)
+  want_loss, expected = jax.jit(jax.value_and_grad(full_batch_loss))(state.params)
   sgd = optax.sgd(1.0)
   step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=sgd, cfg=cfg))
-  new_state, _ = step(train.TrainState(state.params, sgd.init(state.params), state.step, state.rng,
-                                       state.nonfinite_count, state.last_nonfinite_step), batch)
+  new_state, metrics = step(train.TrainState(state.params, sgd.init(state.params), state.step, state.rng,
+                                             state.nonfinite_count, state.last_nonfinite_step), batch)
+  np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5)
   for name in ("wq", "embed", "w_down", "final_norm"):
     np.testing.assert_allclose(state.params[name] - new_state.params[name], expected[name], rtol=1e-4, atol=1e-7)
 
