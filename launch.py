@@ -28,7 +28,8 @@ cli.register_config_parsers()  # list-valued fields: `--config.inference.test_pr
 config_flags.DEFINE_config_file("config", "configs/flowlm.py", "Preset file, optionally `:variant`.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_string("config_yaml", None, "YAML overlay with the values that differ from the preset.")
-flags.DEFINE_string("resume", None, "Checkpoint to resume from (a step dir, a checkpoints dir or a workdir).")
+flags.DEFINE_string("resume", None, "Checkpoint to start a workdir without checkpoints from (a step dir, a checkpoints "
+                    "dir or a workdir); a workdir with its own resumes its newest.")
 flags.DEFINE_integer("stop_at_step", None, "Save and exit after this step (e.g. a time-limited allocation).")
 flags.DEFINE_bool("dry_run", False, "Validate, print the resolved config, load tokenizer and data, then exit.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (automatic on TPU pods / SLURM).")

@@ -185,7 +185,17 @@ class Checkpointer:
     if candidates:
       raise CheckpointError(f"no checkpoint in {self.directory} could be restored: all {len(candidates)} were damaged "
                             f"(set aside as N.damaged-*); {START_FRESH}")
+    set_aside_before = self.set_aside_steps()
+    if set_aside_before:  # an earlier launch set every step aside: starting fresh here would train over them
+      raise CheckpointError(f"no checkpoint in {self.directory} could be restored: every step was set aside as "
+                            f"damaged ({', '.join(set_aside_before[:3])}{', ...' if len(set_aside_before) > 3 else ''}); "
+                            f"{START_FRESH}")
     return None
+
+  def set_aside_steps(self) -> list[str]:
+    """The names of the steps set aside as damaged (`N.damaged-<time>`), newest step first."""
+    names = [n for n in os.listdir(self.directory) if ".damaged-" in n and n.split(".")[0].isdigit()]
+    return sorted(names, key=lambda n: -int(n.split(".")[0]))
 
   def _restore_agreed(self, step: int, abstract: TrainState, config_dict):
     """((state, data), None) on success, (None, reason) when every process finds the step damaged."""

@@ -206,6 +206,14 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
           result["train"] = row
           window, window_start, window_steps = None, time.perf_counter(), 0
+        if step % c.training.save_steps == 0 or last or halt:
+          # Before evaluating and sampling: a failure there (or a preemption's grace period running out) loses
+          # nothing, and an asynchronous save overlaps them.
+          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
+          save(step)
+          result["checkpoint"] = os.path.join(workdir, "checkpoints", str(step))  # as the user wrote the workdir
+          if last:
+            upload_saved()
         evaluating = (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last
         if evaluating:
           result["eval"] = evaluate(eval_step, state.params, s, step)
@@ -219,12 +227,6 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           samples_echoed = time.monotonic() if echo else samples_echoed
         if evaluating or sampling:
           _leave_out_of_rate(bar)
-        if step % c.training.save_steps == 0 or last or halt:
-          nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
-          save(step)
-          result["checkpoint"] = os.path.join(workdir, "checkpoints", str(step))  # as the user wrote the workdir
-          if last:
-            upload_saved()
         if halt:
           checkpointer.wait()
           why = "preempted" if preempted else f"stopped at step {stop_at_step} as asked"  # a signal may have reached another process
@@ -310,12 +312,22 @@ def _warm_start_params(init_from: str, s: Setup, abstract_model_state, shardings
 
 
 def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, config_dict):
-  """Resumes from --resume or the workdir's newest good checkpoint; None only where there is none."""
+  """Resumes from the workdir's newest good checkpoint, or where it has none, from --resume; None only where
+  there is no checkpoint at all. A workdir's own checkpoints win over --resume, so the same command relaunched
+  (after a preemption, a requeue) goes on from where that workdir got to instead of from --resume's step."""
   source = checkpointer
   if resume_dir is not None and os.path.abspath(resume_dir) != checkpointer.directory:
-    source = ckpt_lib.Checkpointer(resume_dir, max_to_keep=tcfg.save_total_limit, async_save=False)
-    if not source.all_steps():
-      raise FileNotFoundError(f"--resume: no checkpoints in {resume_dir}")
+    if checkpointer.all_steps():
+      if jax.process_index() == 0:
+        print(f"--resume={resume_dir} ignored: {checkpointer.directory} has checkpoints of its own (the newest is "
+              f"resumed); --resume starts a workdir without any", flush=True)
+      resume_dir, resume_step = None, None
+    else:
+      source = ckpt_lib.Checkpointer(resume_dir, max_to_keep=tcfg.save_total_limit, async_save=False)
+  if resume_dir is not None and not source.all_steps():
+    if source is not checkpointer:
+      source.close()
+    raise FileNotFoundError(f"--resume: no checkpoints in {resume_dir}")
   try:
     # Damaged steps of another run's directory (--resume) are skipped, never renamed.
     found = source.restore_latest_good(abstract, resume_step, config_dict=config_dict,

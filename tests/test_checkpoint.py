@@ -93,11 +93,18 @@ def test_a_reader_skips_a_damaged_checkpoint_without_moving_it(setup, tmp_path):
 
 
 def test_when_every_checkpoint_is_damaged_restore_fails_instead_of_starting_fresh(setup, tmp_path):
-  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1])
-  truncate_state(tmp_path / "ckpt" / "1")
-  with pytest.raises(ckpt_lib.CheckpointError, match="could be restored"):
+  """... and so does every later launch, once they are set aside (Orbax lists no step any more)."""
+  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1, 2])
+  for step in (1, 2):
+    truncate_state(tmp_path / "ckpt" / str(step))
+  with pytest.raises(ckpt_lib.CheckpointError, match="all 2 were damaged"):
     ckpt.restore_latest_good(abstract)
   ckpt.close()
+  relaunched = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"))
+  assert relaunched.all_steps() == []
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"every step was set aside as damaged \(2\.damaged-\d+, 1\.damaged"):
+    relaunched.restore_latest_good(abstract)
+  relaunched.close()
 
 
 def test_checkpoint_of_a_different_model_is_rejected_naming_the_parameter(setup, tmp_path):
@@ -181,3 +188,48 @@ def test_resume_path_accepts_step_dirs_checkpoint_dirs_and_workdirs(tmp_path):
   assert ckpt_lib.resolve_resume_path(str(tmp_path / "checkpoints")) == (str(tmp_path / "checkpoints"), None)
   with pytest.raises(FileNotFoundError, match="--resume"):
     ckpt_lib.resolve_resume_path(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.integration
+def test_a_relaunch_with_resume_goes_on_from_the_workdirs_own_checkpoints(tmp_path, capsys):
+  """`--workdir=y --resume=x/checkpoints/2` relaunched as it was (a requeue) resumes y's own newest step, not x's
+  step 2 again, and ends where one uninterrupted run from x/2 ends."""
+  config = tiny_config("llada", max_steps=6, save_steps=2)
+  source, split, whole = (str(tmp_path / name) for name in ("x", "y", "z"))
+  loop.run(tiny_config("llada", max_steps=2, save_steps=2), source)
+  resume = os.path.join(source, "checkpoints", "2")
+  loop.run(config, whole, resume=resume)
+  loop.run(config, split, resume=resume, stop_at_step=4)
+  capsys.readouterr()
+  loop.run(config, split, resume=resume)
+  out = capsys.readouterr().out
+  assert f"--resume={os.path.join(source, 'checkpoints')} ignored" in out
+  assert f"resumed from {os.path.join(split, 'checkpoints')}/4" in out
+  state = {}
+  for name in (split, whole):
+    ckpt = ckpt_lib.Checkpointer(os.path.join(name, "checkpoints"))
+    assert ckpt.all_steps()[-1] == 6
+    state[name] = ckpt._manager.restore(6).state["params"]
+    ckpt.close()
+  assert_trees_equal(state[split], state[whole])
+
+
+def test_resume_of_a_workdir_without_checkpoints_is_an_error_even_when_it_is_the_run_own(tmp_path):
+  workdir = tmp_path / "w"
+  (workdir / "checkpoints").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="--resume: no checkpoints in"):
+    loop.run(tiny_config("llada", max_steps=2), str(workdir), resume=str(workdir))
+
+
+@pytest.mark.integration
+def test_a_failure_in_evaluation_or_sampling_after_the_last_step_keeps_its_checkpoint(tmp_path, monkeypatch):
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError("sampling ran out of memory")
+
+  monkeypatch.setattr(loop, "_sample_test_prompts", out_of_memory)
+  workdir = str(tmp_path / "w")
+  with pytest.raises(MemoryError):
+    loop.run(tiny_config("llada", max_steps=2, save_steps=100), workdir)  # saves only at the last step
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
