@@ -224,9 +224,9 @@ def test_resume_of_a_workdir_without_checkpoints_is_an_error_even_when_it_is_the
 @pytest.mark.integration
 def test_a_failure_in_evaluation_or_sampling_after_the_last_step_keeps_its_checkpoint(tmp_path, monkeypatch):
   def out_of_memory(*args, **kwargs):
-    raise MemoryError("sampling ran out of memory")
+    raise MemoryError("evaluation ran out of memory")
 
-  monkeypatch.setattr(loop, "_sample_test_prompts", out_of_memory)
+  monkeypatch.setattr(loop, "evaluate", out_of_memory)  # runs at the last step
   workdir = str(tmp_path / "w")
   with pytest.raises(MemoryError):
     loop.run(tiny_config("llada", max_steps=2, save_steps=100), workdir)  # saves only at the last step
