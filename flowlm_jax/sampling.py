@@ -402,22 +402,24 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
   check_cacheable(model, spec.cache)
   rows = Rows(model, layers, prompt_BxP, length_B, padded)
 
-  def answer_logits(answer_BxA, cache, t):
+  def answer_logits(answer_BxA, cache, t, recheck_B):
     """(logits of every answer column, the cache, whether this pass ran whole rows).
 
-    Every answer column is re-predicted at every step, so only the prompt can come from the cache.
+    Every answer column is re-predicted at every step, so only the prompt can come from the cache. A row that
+    found nothing to do against the cache is checked again by a full pass (the next step) before it stops: the
+    cached prompt is stale, and a full pass may still rewrite it.
     """
     if spec.cache == "none":
-      return rows.full(answer_BxA), cache, True
-    refresh = t % (spec.cache_refresh or FLOWLM_CACHE_REFRESH) == 0
+      return rows.full(answer_BxA), cache, jnp.bool_(True)
+    refresh = (t % (spec.cache_refresh or FLOWLM_CACHE_REFRESH) == 0) | jnp.any(recheck_B)
     logits, cache = jax.lax.cond(refresh, lambda: rows.refresh(answer_BxA, 0, A),
                                  lambda: rows.from_cache(answer_BxA, cache, 0, A, A))
     return logits, cache, refresh
 
   def body(carry):
-    t, answer_BxA, done_B, steps_B, cache, full_B, trajectory = carry
+    t, answer_BxA, done_B, recheck_B, steps_B, cache, full_B, trajectory = carry
     gumbel_key, _ = _step_keys(step_key, t)
-    logits, cache, refresh = answer_logits(answer_BxA, cache, t)
+    logits, cache, refresh = answer_logits(answer_BxA, cache, t, recheck_B)
     full_B += refresh & ~done_B
     pred_BxA, conf_BxA, prob_of = predict(logits, spec.temperature, gumbel_key, vocab)
     update_BxA, has_candidates_B = flowlm_update(spec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fill_count_B)
@@ -426,21 +428,24 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
     new_BxA = jnp.where(update_BxA & ~done_B[:, None], pred_BxA, answer_BxA)
     # Greedy decoding is deterministic: a step that changes nothing would repeat forever.
     unchanged_B = jnp.all(new_BxA == answer_BxA, axis=-1)
-    stop_B = ~done_B & (~has_candidates_B | (unchanged_B if spec.temperature == 0 else False))
+    final_B = ~done_B & (~has_candidates_B | (unchanged_B if spec.temperature == 0 else False))
+    stop_B = final_B & refresh  # only a full pass says a row is final
     steps_B = jnp.where(stop_B, t, steps_B)
-    return t + 1, new_BxA, done_B | stop_B, steps_B, cache, full_B, _record(trajectory, t + 1, new_BxA)
+    return (t + 1, new_BxA, done_B | stop_B, final_B & ~refresh, steps_B, cache, full_B,
+            _record(trajectory, t + 1, new_BxA))
 
   def cond(carry):
-    t, _, done_B, _, _, _, _ = carry
+    t, _, done_B, *_ = carry
     return (t < spec.max_steps) & ~jnp.all(done_B)
 
   trajectory = None
   if return_trajectory:
     trajectory = jnp.zeros((spec.max_steps + 1, B, A), jnp.int32).at[0].set(answer0_BxA)
   cache = None if spec.cache == "none" else rows.empty_cache(answer0_BxA)
-  carry = (jnp.int32(0), answer0_BxA, jnp.zeros((B,), bool), jnp.full((B,), spec.max_steps, jnp.int32), cache,
+  no_rows = jnp.zeros((B,), bool)
+  carry = (jnp.int32(0), answer0_BxA, no_rows, no_rows, jnp.full((B,), spec.max_steps, jnp.int32), cache,
            jnp.zeros((B,), jnp.int32), trajectory)
-  t_end, answer_BxA, _, steps_B, _, full_B, trajectory = jax.lax.while_loop(cond, body, carry)
+  t_end, answer_BxA, _, _, steps_B, _, full_B, trajectory = jax.lax.while_loop(cond, body, carry)
   return answer_BxA, steps_B, full_B, _hold_final(trajectory, t_end, answer_BxA)
 
 
@@ -535,9 +540,12 @@ def generate_batched(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab
   if not prompt_ids:
     return np.zeros((0, icfg.answer_length), np.int32)
   width = prompt_columns(prompt_ids)
+  key = jax.random.key(icfg.seed) if key is None else key
+  # Each batch draws its own noise (the first the key's, as `generate` would): one key for all would give row r of
+  # every batch the same draws, so the same prompt in two batches would get the same sample.
   return np.concatenate([
-      generate(graphdef, params, prompt_ids[first:first + batch_size], vocab, icfg, mode=mode, key=key,
-               prompt_bucket=width, padded=True,
+      generate(graphdef, params, prompt_ids[first:first + batch_size], vocab, icfg, mode=mode,
+               key=key if first == 0 else jax.random.fold_in(key, first), prompt_bucket=width, padded=True,
                initial_BxA=None if initial_NxA is None else initial_NxA[first:first + batch_size]).answer
       for first in range(0, len(prompt_ids), batch_size)])
 

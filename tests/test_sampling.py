@@ -504,6 +504,20 @@ def test_batched_generation_compiles_one_sampler_for_prompts_of_every_length(mod
     sampling.generate_batched(graphdef, params, PROMPTS, VOCAB, icfg, mode=mode, batch_size=0)
 
 
+@pytest.mark.parametrize("mode, overrides", [("llada", dict(temperature=0.8)), ("flowlm", dict(initial_answer="random"))])
+def test_each_batch_draws_its_own_noise(mode, overrides):
+  """The same prompt in two batches gets two samples (one key for every batch gave row r of each the same draws);
+  the first batch keeps `generate`'s."""
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(**overrides)
+  prompts = [PROMPTS[0]] * 4
+  batched = sampling.generate_batched(graphdef, params, prompts, VOCAB, icfg, mode=mode, batch_size=2,
+                                      key=jax.random.key(4))
+  first = sampling.generate(graphdef, params, prompts[:2], VOCAB, icfg, mode=mode, key=jax.random.key(4), padded=True)
+  np.testing.assert_array_equal(batched[:2], first.answer)
+  assert not np.array_equal(batched[:2], batched[2:]), batched
+
+
 @pytest.mark.parametrize("mode, overrides", [
     ("llada", dict(cache="prefix", cache_refresh=1)), ("llada", dict(cache="dual", cache_refresh=1)),
     ("llada", dict(parallel_threshold=1.0)), ("flowlm", dict(cache="prefix", cache_refresh=1)),
@@ -605,13 +619,40 @@ def test_llada_full_passes_are_one_per_block_plus_the_periodic_refreshes(overrid
   assert not np.any(out.answer == MASK)
 
 
+def test_flowlm_cache_refresh_0_is_the_default_period_not_a_cache_computed_once():
+  period = sampling.FLOWLM_CACHE_REFRESH
+  default, explicit, once = (run_fast("flowlm", cache="prefix", cache_refresh=r, max_steps=3 * period)
+                             for r in (0, period, 3 * period))
+  assert default.passes.max() > period, default.passes  # some row runs past its first period
+  for name in ("answer", "passes", "full_passes", "trajectory"):
+    np.testing.assert_array_equal(getattr(default, name), getattr(explicit, name), err_msg=name)
+  assert np.any(default.full_passes > once.full_passes), (default.full_passes, once.full_passes)
+
+
 @pytest.mark.parametrize("refresh", [0, 3])
-def test_flowlm_full_passes_are_the_refresh_steps_among_each_rows_passes(refresh):
-  """cache_refresh = 0 is FlowLM's default period (sampling.FLOWLM_CACHE_REFRESH), not a cache computed once."""
+def test_flowlm_full_passes_count_the_periodic_refreshes_and_the_rechecks(refresh):
   period = refresh or sampling.FLOWLM_CACHE_REFRESH
   out = run_fast("flowlm", cache="prefix", cache_refresh=refresh, max_steps=3 * period)
-  assert out.passes.max() > period, out.passes  # some row runs past its first period
-  np.testing.assert_array_equal(out.full_passes, -(-out.passes // period))  # steps 0, k, 2k, ... of its passes
+  assert np.all(out.full_passes >= -(-out.passes // period)), (out.full_passes, out.passes)  # steps 0, k, 2k, ...
+  assert np.all(out.full_passes <= out.passes)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("refresh", [0, 4])
+def test_a_row_the_cached_flowlm_sampler_calls_final_is_final_for_a_full_pass(strategy, refresh):
+  """Greedy: a row stops only when a full pass finds nothing to do with its answer (the cached prompt is stale, so
+  a cached pass finding nothing proves nothing). The uncached sampler started from that answer stops at once."""
+  icfg = inference_config(answer_length=16, max_steps=32, replacement_strategy=strategy, cache="prefix",
+                          cache_refresh=refresh)
+  graphdef, params = params_at(30.0)
+  prompts = PROMPTS * 2
+  out = sampling.generate(graphdef, params, prompts, VOCAB, icfg, mode="flowlm", key=jax.random.key(0))
+  stopped = out.steps < icfg.max_steps
+  assert stopped.sum() >= len(prompts) // 2, out.steps
+  again = sampling.generate(graphdef, params, prompts, VOCAB, sampling.run_config(icfg, cache="none"), mode="flowlm",
+                            key=jax.random.key(0), initial_BxA=out.answer)
+  np.testing.assert_array_equal(again.steps[stopped], 0)
+  np.testing.assert_array_equal(again.answer[stopped], out.answer[stopped])
 
 
 def test_flowlm_parallel_decoding_takes_fewer_passes():
