@@ -230,7 +230,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         if halt:
           checkpointer.wait()
           why = "preempted" if preempted else f"stopped at step {stop_at_step} as asked"  # a signal may have reached another process
-          print(f"{why}: saved checkpoint at step {step} in {checkpointer.directory}; exiting", flush=True)
+          if is_main:
+            print(f"{why}: saved checkpoint at step {step} in {checkpointer.directory}; exiting", flush=True)
           result["halted_at"] = step
           break
   finally:
@@ -339,8 +340,9 @@ def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, co
     return None
   step, state, data_state = found
   iterator.restore(data_state)
-  print(f"resumed from {source.directory}/{step} (step {int(state.step)}, data epoch {data_state['epoch']} "
-        f"batch {data_state['position']})", flush=True)
+  if jax.process_index() == 0:
+    print(f"resumed from {source.directory}/{step} (step {int(state.step)}, data epoch {data_state['epoch']} "
+          f"batch {data_state['position']})", flush=True)
   return state
 
 

@@ -197,6 +197,7 @@ def test_a_signal_to_one_process_stops_both_and_a_killed_process_takes_the_other
   assert len(saved) == 1 and saved[0] % 4 == 0 and saved[0] >= signalled_after, saved
   assert max(metrics_rows(workdir)) == saved[0]
   assert f"preempted: saved checkpoint at step {saved[0]}" in read("out0")
+  assert "preempted:" not in read("out1")  # said once, by process 0
 
   # Relaunched, both resume; kill -9 one and the other exits non-zero within a bounded time, saying why.
   procs = _start(args_of, logs, _free_port())
@@ -210,6 +211,7 @@ def test_a_signal_to_one_process_stops_both_and_a_killed_process_takes_the_other
   died = read("err0")
   assert "another task died" in died or "gloo::EnforceNotMet" in died, died[:3000]
   assert f"resumed from {os.path.join(workdir, 'checkpoints')}/{saved[0]}" in read("out0")
+  assert "resumed from" not in read("out1")
 
 
 @pytest.mark.integration
