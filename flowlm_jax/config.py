@@ -126,7 +126,7 @@ def base_config() -> ConfigDict:
   c.dataloader = dl = ConfigDict()
   dl.shuffle = True             # reshuffle every epoch with a seed derived from (seed, epoch)
   dl.seed = 0                   # an epoch's rows that do not fill a last global batch are left out of it
-                                # (shapes stay static for jit); the next epoch's order differs
+                                # (shapes stay static for jit); shuffled, the next epoch leaves out others
 
   c.evaluation = e = ConfigDict()
   e.eval_steps = 100            # evaluate every this many steps (and at the end); 0 = only at end
