@@ -154,7 +154,13 @@ def prompts_ids(tokenizer, prompts: list, chat: bool) -> list[list[int]]:
     suffix = [separator_id(tokenizer), *tokenizer.encode(" Assistant:", add_special_tokens=False)]
   else:
     texts, suffix = list(prompts), [separator_id(tokenizer)]
-  return [ids + suffix for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+  return [ids + suffix for ids in content_ids(tokenizer, texts)]
+
+
+def content_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+  """Ids of record text (documents, prompts, answers): a special token's spelling in it ("[MASK]", "[PAD]",
+  "<|endoftext|>") is text like any other, never that token's id, which would put a [PAD] or [MASK] mid-row."""
+  return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def answer_end_id(tokenizer, chat: bool, vocab: Vocab) -> int:
@@ -167,7 +173,7 @@ def ended_answer_ids(tokenizer, answers: list[str], chat: bool, vocab: Vocab) ->
   """Ids of each answer, then `answer_end_id` (after a space that follows "Assistant:" in untemplated chat)."""
   end = answer_end_id(tokenizer, chat, vocab)
   space = " " if chat and not has_chat_template(tokenizer) else ""
-  return [ids + [end] for ids in tokenizer([space + a for a in answers], add_special_tokens=False)["input_ids"]]
+  return [ids + [end] for ids in content_ids(tokenizer, [space + a for a in answers])]
 
 
 def tokenize_split(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
@@ -176,7 +182,7 @@ def tokenize_split(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   if dcfg.kind == "text":
     if dcfg.text_field not in records.column_names:
       raise KeyError(f"dataset.text_field={dcfg.text_field!r} is not a column (columns: {records.column_names})")
-    docs = tokenizer(list(records[dcfg.text_field]), add_special_tokens=False)["input_ids"]
+    docs = content_ids(tokenizer, list(records[dcfg.text_field]))
     return pack_documents(docs, vocab, dcfg.max_length)
   return encode_sft(records, dcfg, tokenizer, vocab)
 

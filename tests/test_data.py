@@ -104,6 +104,22 @@ def test_sft_row_is_prompt_sep_answer_then_eos_fill(tokenizer, vocab):
   assert (split.num_records, split.num_truncated, split.num_dropped) == (2, 0, 0)
 
 
+def test_a_special_tokens_spelling_in_a_record_is_text_not_that_token(tokenizer, vocab):
+  """"[MASK]" in an answer, "[PAD]" in a prompt or a document: ordinary text tokens, so no [PAD] or [MASK] lands
+  mid-row (a [PAD] there hid the row's last token from attention; a [MASK] was a training target)."""
+  rows = [{"prompt": "say [PAD] [SEP]", "answer": "the [MASK] token [EOS] here"}]
+  split = data.encode_sft(records(rows), sft_cfg(max_length=48), tokenizer, vocab)
+  row = split.tokens[0].tolist()
+  answer_start = row.index(SEP) + 1
+  assert row.count(SEP) == 1 and vocab.pad_id not in row and vocab.mask_id not in row
+  assert EOS not in row[answer_start:answer_start + 8]  # the answer's own tokens (then the real [EOS] fill)
+  assert tokenizer.decode(row[answer_start:row.index(EOS, answer_start)]) == "the [MASK] token [EOS] here"
+  docs = data.tokenize_split(records([{"text": "hello [PAD] world [MASK]"}]),
+                             sft_cfg(kind="text", text_field="text", max_length=16), tokenizer, vocab)
+  text_row = docs.tokens[0].tolist()
+  assert vocab.mask_id not in text_row and text_row.index(vocab.pad_id) > text_row.index(EOS)  # only the tail fill
+
+
 def test_sft_prompt_and_sep_are_not_corruptible_answer_and_eos_fill_are(tokenizer, vocab):
   pairs = [("add 12 30", "42"), ("sort 4 1 3 2", "1 2 3 4")]
   split = data.encode_sft(records([{"prompt": p, "answer": a} for p, a in pairs]), sft_cfg(), tokenizer, vocab)
