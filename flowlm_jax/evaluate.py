@@ -118,8 +118,10 @@ def decode_answers(run, answers_NxA) -> list[str]:
 
 
 def spread(values) -> dict:
-  """{"mean", "std" (sample; 0 for one value), "min", "max", "n"} of a list of numbers."""
+  """{"mean", "std" (sample; 0 for one value), "min", "max", "n"} of a list of numbers; {"n": 0} of none."""
   values = [float(v) for v in values]
+  if not values:
+    return {"n": 0}
   return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
           "min": min(values), "max": max(values), "n": len(values)}
 
@@ -222,7 +224,7 @@ def clean_answers(run, records: list[dict], answer_length: int) -> tuple[list[li
   rows = sft_rows(run, records)
   prompts, answers = [], np.full((len(records), answer_length), run.vocab.eos_id, np.int32)
   for n, (tokens, answer) in enumerate(zip(rows.tokens, rows.corruptible)):
-    prompts.append(tokens[~answer].tolist())
+    prompts.append(tokens[:np.argmax(answer)].tolist())  # up to the answer: not the [PAD]s after an answer slot
     part = tokens[answer][:answer_length]
     answers[n, :len(part)] = part
   return prompts, answers

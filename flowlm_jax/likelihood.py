@@ -51,9 +51,15 @@ def uniform_draws(key_B: jax.Array, draws: int, antithetic: bool) -> jax.Array:
   """float32[B, K] in [0, 1): per row either (k + v) / K with one v ~ U[0, 1) (stratified), or K iid draws."""
   def one(key):
     if antithetic:
-      return (jnp.arange(draws, dtype=jnp.float32) + jax.random.uniform(key, ())) / draws
+      return stratified(jnp.arange(draws, dtype=jnp.float32), jax.random.uniform(key, ()), draws)
     return jax.random.uniform(key, (draws,))
   return jax.vmap(one)(key_B)
+
+
+def stratified(k, v, draws: int):
+  """(k + v) / K, kept below 1: in float32 the last stratum's sum rounds to 1.0 for v within ~2^-22 of 1, and
+  t = 1 - u = 0 would make its weight 1/t infinite (a NaN bound)."""
+  return jnp.minimum((k + v) / draws, jnp.nextafter(jnp.float32(1.0), jnp.float32(0.0)))
 
 
 def masking_times(u: jax.Array, steps=0) -> jax.Array:

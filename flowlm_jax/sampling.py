@@ -554,19 +554,19 @@ def decode_answers(tokenizer, vocab: Vocab, answers_NxA, *, chat: bool = False) 
   """Answer token rows as stripped text, each cut where training rows end an answer (`answer_ids`); `chat`: the
   run's rows were chat, so a templated tokenizer's answers end at the template's end-of-turn token."""
   end_id = data.answer_end_id(tokenizer, chat, vocab)
-  return [tokenizer.decode(answer_ids(row, vocab, end_id), skip_special_tokens=True).strip()
+  # Special tokens inside an answer stay in its text ("1 [SEP] 2"): dropped, a stray one let a wrong answer match.
+  return [tokenizer.decode(answer_ids(row, vocab, end_id), skip_special_tokens=False).strip()
           for row in np.asarray(answers_NxA)]
 
 
 def answer_ids(answer_A, vocab: Vocab, end_id: int | None = None) -> list[int]:
   """The answer up to its first [EOS], [PAD] (the training fill) or `end_id` (what training rows write after an
-  answer, `data.answer_end_id`: a chat template's end-of-turn token), without special tokens."""
+  answer, `data.answer_end_id`: a chat template's end-of-turn token); any other special token in it is kept."""
   ids = []
   for token in np.asarray(answer_A).tolist():
     if token in (vocab.eos_id, vocab.pad_id, end_id):
       break
-    if token not in vocab.special_ids:
-      ids.append(token)
+    ids.append(token)
   return ids
 
 

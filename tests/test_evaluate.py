@@ -39,6 +39,7 @@ def test_spread_is_mean_and_sample_std():
   assert evaluate.spread([1.0, 2.0, 4.0]) == pytest.approx(
       {"mean": 7 / 3, "std": np.std([1, 2, 4], ddof=1), "min": 1.0, "max": 4.0, "n": 3})
   assert evaluate.spread([0.5])["std"] == 0.0
+  assert evaluate.spread([]) == {"n": 0}  # e.g. no position corrupted at some rate in any run
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +109,24 @@ def test_evaluate_refuses_bad_numbers_before_loading_anything(flag, message, cap
   with pytest.raises(SystemExit) as exit_info:
     evaluate.parse_args(["--workdir=does-not-exist", flag])
   assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_special_token_inside_an_answer_makes_it_wrong(untrained_tasks_run, tokenizer, vocab):
+  """The samplers can emit [SEP] or [UNK] mid-answer: kept in the decoded text, such an answer no longer matches."""
+  ids = tokenizer.encode("1 2", add_special_tokens=False)
+  clean, stray = (np.asarray(x + [vocab.eos_id] * (16 - len(x)), np.int32)
+                  for x in (ids, ids[:1] + [vocab.sep_id] + ids[1:]))
+  texts = evaluate.decode_answers(untrained_tasks_run, np.stack([clean, stray]))
+  assert evaluate.exact_match([RECORDS[1]] * 2, texts)["overall"] == 0.5, texts
+
+
+def test_clean_answers_prompts_stop_where_the_answer_starts_with_answer_slots(untrained_tasks_run, tokenizer):
+  """With dataset.answer_slots a training row ends in [PAD]s after its slot; they are not part of the prompt."""
+  from flowlm_jax import sampling
+
+  run = types.SimpleNamespace(**vars(untrained_tasks_run))
+  run.config = untrained_tasks_run.config.copy_and_resolve_references()
+  with run.config.unlocked():
+    run.config.dataset.answer_slots = (8, 16)
+  prompts, _ = evaluate.clean_answers(run, RECORDS[:2], 8)
+  assert prompts == [sampling.encode_prompt(tokenizer, r["prompt"], chat=False) for r in RECORDS[:2]]

@@ -99,6 +99,14 @@ def test_mixed_corruption_draws_the_marginals_of_the_mixed_process():
   assert counts.min() > 0.8 * drawn.size / len(RANDOM_IDS)
 
 
+def test_the_last_stratum_stays_below_one_so_its_masking_time_is_positive():
+  largest_v = np.float32(1.0) - np.float32(2.0 ** -24)  # jax.random.uniform's largest value
+  u = likelihood.stratified(jnp.arange(4, dtype=jnp.float32), largest_v, 4)
+  assert float((3 + largest_v) / np.float32(4)) == 1.0  # what float32 rounds the plain sum to
+  t = np.asarray(likelihood.masking_times(u))
+  assert np.all(t > 0) and np.all(np.isfinite(1.0 / t)), t
+
+
 def test_uniform_draws_put_one_draw_in_each_stratum():
   u = np.asarray(likelihood.uniform_draws(row_keys(50), 5, antithetic=True))
   assert u.shape == (50, 5) and np.all((u >= 0) & (u < 1))

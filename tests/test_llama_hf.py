@@ -185,8 +185,9 @@ def test_decoded_chat_answers_stop_at_the_end_of_turn_training_rows_write(direct
   assert end_of_turn in chat_row and vocab.eos_id not in chat_row  # the template's end, then only text
   assert sampling.decode_answers(tokenizer, vocab, [chat_row], chat=True) == ["Shakespeare"]
   assert sampling.decode_answers(tokenizer, vocab, [answer_row("plain")], chat=False) == ["Shakespeare"]
-  # Plain decoding knows nothing of the template: the end-of-turn token does not end the answer.
-  assert sampling.decode_answers(tokenizer, vocab, [chat_row], chat=False)[0].startswith("Shakespeare and Marlowe")
+  # Plain decoding knows nothing of the template: the end-of-turn token does not end the answer (and shows).
+  assert sampling.decode_answers(tokenizer, vocab, [chat_row], chat=False)[0].startswith(
+      f"Shakespeare{tokenizer.decode([end_of_turn])} and Marlowe")
 
 
 # --- numerics against the independent numpy implementation -------------------------------------------

@@ -396,8 +396,8 @@ def test_argmax_and_logsumexp_match_numpy_with_ties_and_banned_entries():
   assert int(sampling.argmax_and_logsumexp(jnp.asarray(logits), jnp.asarray(logits))[0][0, 0]) == 10
 
 
-def test_answer_ids_stop_at_eos_and_skip_specials():
-  assert sampling.answer_ids(np.array([7, 4, 8, VOCAB.eos_id, 9]), VOCAB) == [7, 8]
+def test_answer_ids_stop_at_eos_and_keep_other_specials():
+  assert sampling.answer_ids(np.array([7, 4, 8, VOCAB.eos_id, 9]), VOCAB) == [7, 4, 8]  # 4: a special, kept
   assert sampling.answer_ids(np.array([7, VOCAB.pad_id, 9]), VOCAB) == [7]
   assert sampling.answer_ids(np.array([7, 8, 9]), VOCAB) == [7, 8, 9]
   assert sampling.answer_ids(np.array([7, 8, 9]), VOCAB, end_id=8) == [7]  # a chat template's end of turn
