@@ -10,17 +10,45 @@ the same tensor names, shapes and dtype as the release, and its tokenizer and mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 
 from flowlm_jax.formats import flowlm_export as layout
 
 FORMATS = ("flowlm", "hf")
 
 
+@contextlib.contextmanager
+def staged(out: str):
+  """A fresh directory beside `out` to write the export into; only once the block succeeds does it replace `out`
+  (whose old files go with it, none left behind). A failure leaves `out` as it was and removes the rest."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FileExistsError(f"export: {out} exists and is not a directory")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it owner-only; make it as shareable as a plain mkdir
+  try:
+    yield staging
+    replaced = f"{staging}.replaced"
+    if os.path.isdir(out):
+      os.rename(out, replaced)  # a crash before the next rename leaves the old export here, not lost
+    os.rename(staging, out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  shutil.rmtree(replaced, ignore_errors=True)
+
+
 def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool = False) -> dict:
-  """Writes `out` from the newest (or `step`) checkpoint of `workdir`; returns a summary dict."""
+  """Writes `out` from the newest (or `step`) checkpoint of `workdir`; returns a summary dict. With `overwrite`
+  the new export replaces a non-empty `out` whole, and only once it is complete (`staged`)."""
   from flowlm_jax import loading
   from flowlm_jax.logging import redact
   from flowlm_jax.models import registry
@@ -28,7 +56,7 @@ def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool =
 
   out = os.path.abspath(out)
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise FileExistsError(f"export: {out} exists and is not empty (pass --overwrite to write into it)")
+    raise FileExistsError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")
   run = loading.load(workdir, step=step)
   model_cfg = run.model.cfg
   config = redact(run.config.to_dict())
@@ -41,13 +69,13 @@ def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool =
       "tokenizer_source": config["model"]["tokenizer"],
       **config,
   }
-  tensors = layout.write(out, run.params, meta)
-  run.tokenizer.save_pretrained(out)
-
-  reloaded = vocab_of(load_tokenizer(out))
-  if reloaded != run.vocab:
-    raise RuntimeError(f"export: the tokenizer saved in {out} reloads with different special ids "
-                       f"({reloaded} vs {run.vocab})")
+  with staged(out) as staging:
+    tensors = layout.write(staging, run.params, meta)
+    run.tokenizer.save_pretrained(staging)
+    reloaded = vocab_of(load_tokenizer(staging))
+    if reloaded != run.vocab:
+      raise ValueError(f"export: the run's tokenizer, saved, reloads with different special ids ({reloaded} vs "
+                       f"{run.vocab}); {out} is left as it was")
   return {"out": out, "step": run.step, "num_parameters": meta["model_shape"]["num_parameters"],
           "tensors": len(tensors), "bytes": os.path.getsize(os.path.join(out, layout.WEIGHTS_FILE))}
 
@@ -57,16 +85,18 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> dict:
   from flowlm_jax import loading
   from flowlm_jax.models import registry
 
+  out = os.path.abspath(out)
   if os.path.isdir(out) and os.listdir(out):
     raise FileExistsError(f"export: {out} exists and is not empty")
   run = loading.load(workdir, step=step)
   hf_format = registry.hf_format(run.model.cfg)
-  if hf_format is None or not getattr(run.model.cfg, "pretrained", ""):
-    raise ValueError(f"export --format=hf: {workdir} did not start from an HF checkpoint (model.pretrained is "
-                     "not set); use --format=flowlm")
-  # Per tensor (a layer at a time for LLaDA/Dream): no host copy of the whole model.
-  summary = hf_format.save_hf(run.params, run.model.cfg, out, run.tokenizer)
-  return {**summary, "step": run.step}
+  # The source's config.json travels with the run (and with a flowlm export of it), the source itself need not.
+  if hf_format is None or not getattr(run.model.cfg, "hf_config", ""):
+    raise ValueError(f"export --format=hf: {workdir} did not start from an HF checkpoint (model.pretrained); "
+                     "use --format=flowlm")
+  with staged(out) as staging:  # per tensor (a layer at a time for LLaDA/Dream): no host copy of the whole model
+    summary = hf_format.save_hf(run.params, run.model.cfg, staging, run.tokenizer)
+  return {**summary, "out": out, "step": run.step}
 
 
 def main(argv=None) -> int:

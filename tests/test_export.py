@@ -128,6 +128,31 @@ def test_export_refuses_a_non_empty_out(workdir, tmp_path):
     export.export(workdir, str(tmp_path / "out"))
 
 
+def test_overwrite_replaces_the_export_whole_and_a_failure_leaves_the_old_one(workdir, tmp_path, monkeypatch):
+  import flowlm_jax
+  from flowlm_jax import export
+  from flowlm_jax.formats import flowlm_export
+
+  out = str(tmp_path / "out")
+  export.export(workdir, out)
+  (tmp_path / "out" / "chat_template.jinja").write_text("{{ another model's template }}")
+  export.export(workdir, out, overwrite=True)
+  assert not os.path.exists(os.path.join(out, "chat_template.jinja"))  # no file of the old export left behind
+  before = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)}
+
+  def write_then_fail(path, params, meta):
+    flowlm_export_write(path, params, meta)
+    raise OSError(28, "No space left on device")
+
+  flowlm_export_write = flowlm_export.write
+  monkeypatch.setattr(flowlm_export, "write", write_then_fail)
+  with pytest.raises(OSError, match="No space left"):
+    export.export(workdir, out, overwrite=True)
+  assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)} == before
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial directory left either
+  assert flowlm_jax.load(out).step == 7
+
+
 def test_bfloat16_parameters_round_trip_exactly(tmp_path):
   import flowlm_jax
   from flowlm_jax import export

@@ -522,3 +522,9 @@ def test_flowlm_export_of_a_dream_run_is_self_contained(tmp_path):
   assert cfg.pretrained == "" and cfg.shift_logits and cfg.qkv_bias and json.loads(cfg.hf_config)["model_type"] == "Dream"
   for name, value in saved.items():
     np.testing.assert_array_equal(np.asarray(loaded.params[name]), value)
+  # ... and it still becomes an HF release (weights, config.json, the run's tokenizer), the source long gone.
+  assert export.main([str(tmp_path / "out"), "--out", str(tmp_path / "hf"), "--format=hf"]) == 0
+  released = flowlm_jax.load(str(tmp_path / "hf"))
+  for name, value in saved.items():
+    np.testing.assert_array_equal(np.asarray(released.params[name], np.float32),
+                                  np.asarray(value).astype(released.params[name].dtype).astype(np.float32), err_msg=name)
