@@ -38,6 +38,7 @@ STRATEGIES = ("below_threshold", "most_confident_changes", "fill_then_refine")
 # prompt's keys/values never see the answer taking shape: on two FlowLM-trained tasks_long models that lost nearly
 # every exact answer (0-1 of 70 at 256, against 22-29 uncached); refreshed every 8 steps, 21 and 29 (docs/sampling.md).
 FLOWLM_CACHE_REFRESH = 8
+BATCH_STREAM = 0x62617463  # fold_in data of generate_batched's per-batch keys ("batc")
 # XLA options for the decoding loops on GPU (measured in docs/performance.md: -3% time at `small`):
 # the loop body as one CUDA graph (command buffers including WHILE), and no dot merging, whose weight
 # concatenations are loop-invariant but were recomputed at every step.
@@ -402,24 +403,22 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
   check_cacheable(model, spec.cache)
   rows = Rows(model, layers, prompt_BxP, length_B, padded)
 
-  def answer_logits(answer_BxA, cache, t, recheck_B):
+  def answer_logits(answer_BxA, cache, t):
     """(logits of every answer column, the cache, whether this pass ran whole rows).
 
-    Every answer column is re-predicted at every step, so only the prompt can come from the cache. A row that
-    found nothing to do against the cache is checked again by a full pass (the next step) before it stops: the
-    cached prompt is stale, and a full pass may still rewrite it.
+    Every answer column is re-predicted at every step, so only the prompt can come from the cache.
     """
     if spec.cache == "none":
       return rows.full(answer_BxA), cache, jnp.bool_(True)
-    refresh = (t % (spec.cache_refresh or FLOWLM_CACHE_REFRESH) == 0) | jnp.any(recheck_B)
+    refresh = t % (spec.cache_refresh or FLOWLM_CACHE_REFRESH) == 0
     logits, cache = jax.lax.cond(refresh, lambda: rows.refresh(answer_BxA, 0, A),
                                  lambda: rows.from_cache(answer_BxA, cache, 0, A, A))
     return logits, cache, refresh
 
   def body(carry):
-    t, answer_BxA, done_B, recheck_B, steps_B, cache, full_B, trajectory = carry
+    t, answer_BxA, done_B, steps_B, cache, full_B, trajectory = carry
     gumbel_key, _ = _step_keys(step_key, t)
-    logits, cache, refresh = answer_logits(answer_BxA, cache, t, recheck_B)
+    logits, cache, refresh = answer_logits(answer_BxA, cache, t)
     full_B += refresh & ~done_B
     pred_BxA, conf_BxA, prob_of = predict(logits, spec.temperature, gumbel_key, vocab)
     update_BxA, has_candidates_B = flowlm_update(spec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fill_count_B)
@@ -428,11 +427,12 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
     new_BxA = jnp.where(update_BxA & ~done_B[:, None], pred_BxA, answer_BxA)
     # Greedy decoding is deterministic: a step that changes nothing would repeat forever.
     unchanged_B = jnp.all(new_BxA == answer_BxA, axis=-1)
-    final_B = ~done_B & (~has_candidates_B | (unchanged_B if spec.temperature == 0 else False))
-    stop_B = final_B & refresh  # only a full pass says a row is final
-    steps_B = jnp.where(stop_B, t, steps_B)
-    return (t + 1, new_BxA, done_B | stop_B, final_B & ~refresh, steps_B, cache, full_B,
-            _record(trajectory, t + 1, new_BxA))
+    # Only a full pass says a row is final: against the cache's stale prompt "nothing to do" proves nothing, so
+    # such a row repeats that step (greedy: the same no-op) until the next periodic refresh checks it. On the
+    # schedule, not on demand, so that a row's passes do not depend on what else is in the batch.
+    final_B = ~done_B & (~has_candidates_B | (unchanged_B if spec.temperature == 0 else False)) & refresh
+    steps_B = jnp.where(final_B, t, steps_B)
+    return t + 1, new_BxA, done_B | final_B, steps_B, cache, full_B, _record(trajectory, t + 1, new_BxA)
 
   def cond(carry):
     t, _, done_B, *_ = carry
@@ -442,10 +442,9 @@ def flowlm_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: FlowSpec
   if return_trajectory:
     trajectory = jnp.zeros((spec.max_steps + 1, B, A), jnp.int32).at[0].set(answer0_BxA)
   cache = None if spec.cache == "none" else rows.empty_cache(answer0_BxA)
-  no_rows = jnp.zeros((B,), bool)
-  carry = (jnp.int32(0), answer0_BxA, no_rows, no_rows, jnp.full((B,), spec.max_steps, jnp.int32), cache,
+  carry = (jnp.int32(0), answer0_BxA, jnp.zeros((B,), bool), jnp.full((B,), spec.max_steps, jnp.int32), cache,
            jnp.zeros((B,), jnp.int32), trajectory)
-  t_end, answer_BxA, _, _, steps_B, _, full_B, trajectory = jax.lax.while_loop(cond, body, carry)
+  t_end, answer_BxA, _, steps_B, _, full_B, trajectory = jax.lax.while_loop(cond, body, carry)
   return answer_BxA, steps_B, full_B, _hold_final(trajectory, t_end, answer_BxA)
 
 
@@ -542,10 +541,12 @@ def generate_batched(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab
   width = prompt_columns(prompt_ids)
   key = jax.random.key(icfg.seed) if key is None else key
   # Each batch draws its own noise (the first the key's, as `generate` would): one key for all would give row r of
-  # every batch the same draws, so the same prompt in two batches would get the same sample.
+  # every batch the same draws, so the same prompt in two batches would get the same sample. A stream of their
+  # own: fold_in(key, i) alone is split(key)[i] for small i, which `generate` draws from.
+  batches = jax.random.fold_in(key, BATCH_STREAM)
   return np.concatenate([
       generate(graphdef, params, prompt_ids[first:first + batch_size], vocab, icfg, mode=mode,
-               key=key if first == 0 else jax.random.fold_in(key, first), prompt_bucket=width, padded=True,
+               key=key if first == 0 else jax.random.fold_in(batches, first), prompt_bucket=width, padded=True,
                initial_BxA=None if initial_NxA is None else initial_NxA[first:first + batch_size]).answer
       for first in range(0, len(prompt_ids), batch_size)])
 

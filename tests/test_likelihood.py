@@ -100,7 +100,7 @@ def test_mixed_corruption_draws_the_marginals_of_the_mixed_process():
 
 
 def test_the_last_stratum_stays_below_one_so_its_masking_time_is_positive():
-  largest_v = np.float32(1.0) - np.float32(2.0 ** -24)  # jax.random.uniform's largest value
+  largest_v = np.float32(1.0) - np.float32(2.0 ** -24)  # within 2^-22 of 1, where the float32 sum rounds up
   u = likelihood.stratified(jnp.arange(4, dtype=jnp.float32), largest_v, 4)
   assert float((3 + largest_v) / np.float32(4)) == 1.0  # what float32 rounds the plain sum to
   t = np.asarray(likelihood.masking_times(u))

@@ -630,11 +630,21 @@ def test_flowlm_cache_refresh_0_is_the_default_period_not_a_cache_computed_once(
 
 
 @pytest.mark.parametrize("refresh", [0, 3])
-def test_flowlm_full_passes_count_the_periodic_refreshes_and_the_rechecks(refresh):
+def test_flowlm_full_passes_are_the_refresh_steps_among_each_rows_passes(refresh):
   period = refresh or sampling.FLOWLM_CACHE_REFRESH
   out = run_fast("flowlm", cache="prefix", cache_refresh=refresh, max_steps=3 * period)
-  assert np.all(out.full_passes >= -(-out.passes // period)), (out.full_passes, out.passes)  # steps 0, k, 2k, ...
-  assert np.all(out.full_passes <= out.passes)
+  np.testing.assert_array_equal(out.full_passes, -(-out.passes // period))  # steps 0, k, 2k, ... of its passes
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_a_greedy_flowlm_answer_does_not_depend_on_the_rest_of_the_batch(cache):
+  graphdef, params = params_at(30.0)
+  icfg = inference_config(answer_length=16, max_steps=32, cache=cache, cache_refresh=4)
+  batched = sampling.generate(graphdef, params, PROMPTS, VOCAB, icfg, mode="flowlm", key=jax.random.key(0))
+  for i, prompt in enumerate(PROMPTS):
+    alone = sampling.generate(graphdef, params, [prompt], VOCAB, icfg, mode="flowlm", key=jax.random.key(0))
+    np.testing.assert_array_equal(alone.answer[0], batched.answer[i])
+    assert (alone.steps[0], alone.full_passes[0]) == (batched.steps[i], batched.full_passes[i])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -649,6 +659,7 @@ def test_a_row_the_cached_flowlm_sampler_calls_final_is_final_for_a_full_pass(st
   out = sampling.generate(graphdef, params, prompts, VOCAB, icfg, mode="flowlm", key=jax.random.key(0))
   stopped = out.steps < icfg.max_steps
   assert stopped.sum() >= len(prompts) // 2, out.steps
+  assert np.all(out.steps[stopped] % (refresh or sampling.FLOWLM_CACHE_REFRESH) == 0), out.steps  # on a full pass
   again = sampling.generate(graphdef, params, prompts, VOCAB, sampling.run_config(icfg, cache="none"), mode="flowlm",
                             key=jax.random.key(0), initial_BxA=out.answer)
   np.testing.assert_array_equal(again.steps[stopped], 0)
