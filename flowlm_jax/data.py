@@ -159,7 +159,9 @@ def prompts_ids(tokenizer, prompts: list, chat: bool) -> list[list[int]]:
 
 def content_ids(tokenizer, texts: list[str]) -> list[list[int]]:
   """Ids of record text (documents, prompts, answers): a special token's spelling in it ("[MASK]", "[PAD]",
-  "<|endoftext|>") is text like any other, never that token's id, which would put a [PAD] or [MASK] mid-row."""
+  "<|endoftext|>") is text like any other, never that token's id, which would put a [PAD] or [MASK] mid-row.
+  Not for a chat template's rendering, whose own special tokens must stay tokens: there a turn's text is not
+  escaped (not done)."""
   return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 

@@ -26,6 +26,7 @@ FORMATS = ("flowlm", "hf")
 def staged(out: str):
   """A fresh directory beside `out` to write the export into; only once the block succeeds does it replace `out`
   (whose old files go with it, none left behind). A failure leaves `out` as it was and removes the rest."""
+  out = os.path.realpath(out)  # a symlink's target is what gets replaced, not the link
   if os.path.exists(out) and not os.path.isdir(out):
     raise FileExistsError(f"export: {out} exists and is not a directory")
   parent = os.path.dirname(out)
@@ -34,13 +35,15 @@ def staged(out: str):
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it owner-only; make it as shareable as a plain mkdir
+  replaced = f"{staging}.replaced"
   try:
     yield staging
-    replaced = f"{staging}.replaced"
     if os.path.isdir(out):
       os.rename(out, replaced)  # a crash before the next rename leaves the old export here, not lost
     os.rename(staging, out)
   except BaseException:
+    if os.path.isdir(replaced) and not os.path.exists(out):
+      os.rename(replaced, out)
     shutil.rmtree(staging, ignore_errors=True)
     raise
   shutil.rmtree(replaced, ignore_errors=True)

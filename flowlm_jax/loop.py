@@ -9,6 +9,7 @@ leaving an unfinished save uncommitted.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -182,6 +183,25 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
       previous = None  # (step, finite flag) of the last step, read one step late so the device never idles
       step = start_step
       samples_echoed = time.monotonic()  # console echo of test-prompt answers is throttled from here
+
+      def evaluate_and_sample(step: int, last: bool) -> None:
+        nonlocal samples_echoed
+        evaluating = (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last
+        if evaluating:
+          result["eval"] = evaluate(eval_step, state.params, s, step)
+          logger.write(result["eval"])
+          if is_main:
+            bar.write(_format_eval(result["eval"]))
+        sampling = _sampling_due(c.inference, step, evaluating, last)
+        if sampling:
+          echo = last or time.monotonic() - samples_echoed >= c.logging.samples_print_seconds
+          result["samples"] = _sample_test_prompts(s, graphdef, state.params, step, logger, bar if echo else None)
+          samples_echoed = time.monotonic() if echo else samples_echoed
+        if evaluating or sampling:
+          _leave_out_of_rate(bar)
+
+      if start_step >= s.total_steps and not _final_evaluation_logged(workdir, start_step):
+        evaluate_and_sample(start_step, True)  # the checkpoint is saved before it: a failed one is done now
       while step < s.total_steps:
         batch = sharding.global_batch(next(s.iterator), s.mesh)
         state, metrics = train_step(state, batch)
@@ -207,26 +227,12 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           result["train"] = row
           window, window_start, window_steps = None, time.perf_counter(), 0
         if step % c.training.save_steps == 0 or last or halt:
-          # Before evaluating and sampling: a failure there (or a preemption's grace period running out) loses
-          # nothing, and an asynchronous save overlaps them.
+          # Before evaluating and sampling: a failure there (or a preemption's grace period running out) loses no
+          # training (a relaunch after a failed final evaluation runs it), and an asynchronous save overlaps them.
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           save(step)
           result["checkpoint"] = os.path.join(workdir, "checkpoints", str(step))  # as the user wrote the workdir
-          if last:
-            upload_saved()
-        evaluating = (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last
-        if evaluating:
-          result["eval"] = evaluate(eval_step, state.params, s, step)
-          logger.write(result["eval"])
-          if is_main:
-            bar.write(_format_eval(result["eval"]))
-        sampling = _sampling_due(c.inference, step, evaluating, last)
-        if sampling:
-          echo = last or time.monotonic() - samples_echoed >= c.logging.samples_print_seconds
-          result["samples"] = _sample_test_prompts(s, graphdef, state.params, step, logger, bar if echo else None)
-          samples_echoed = time.monotonic() if echo else samples_echoed
-        if evaluating or sampling:
-          _leave_out_of_rate(bar)
+        evaluate_and_sample(step, last)
         if halt:
           checkpointer.wait()
           why = "preempted" if preempted else f"stopped at step {stop_at_step} as asked"  # a signal may have reached another process
@@ -243,6 +249,21 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   if logger.offline_run_dir:
     result["wandb_offline_dir"] = logger.offline_run_dir
   return result
+
+
+def _final_evaluation_logged(workdir: str, step: int) -> bool:
+  """Whether metrics.jsonl holds an evaluation row of `step`; process 0's answer, the same on every process
+  (evaluation is collective)."""
+  logged = False
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() == 0 and os.path.isfile(path):
+    with open(path) as f:
+      rows = (json.loads(line) for line in f if '"eval_loss"' in line)
+      logged = any(row.get("step") == step for row in rows)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    logged = bool(multihost_utils.broadcast_one_to_all(np.int32(logged)))
+  return logged
 
 
 def _stop_requested(preemption, step: int, every: int) -> bool:
@@ -318,6 +339,10 @@ def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, co
   (after a preemption, a requeue) goes on from where that workdir got to instead of from --resume's step."""
   source = checkpointer
   if resume_dir is not None and os.path.abspath(resume_dir) != checkpointer.directory:
+    set_aside = checkpointer.set_aside_steps()
+    if set_aside and not checkpointer.all_steps():  # --resume would train over them
+      raise ckpt_lib.CheckpointError(f"{checkpointer.directory} holds only steps set aside as damaged "
+                                     f"({', '.join(set_aside[:3])}); {ckpt_lib.START_FRESH}")
     if checkpointer.all_steps():
       if jax.process_index() == 0:
         print(f"--resume={resume_dir} ignored: {checkpointer.directory} has checkpoints of its own (the newest is "

@@ -1,4 +1,5 @@
 import copy
+import json
 import errno
 import os
 import shutil
@@ -226,10 +227,31 @@ def test_a_failure_in_evaluation_or_sampling_after_the_last_step_keeps_its_check
   def out_of_memory(*args, **kwargs):
     raise MemoryError("evaluation ran out of memory")
 
+  evaluate = loop.evaluate
   monkeypatch.setattr(loop, "evaluate", out_of_memory)  # runs at the last step
-  workdir = str(tmp_path / "w")
+  workdir, config = str(tmp_path / "w"), tiny_config("llada", max_steps=2, save_steps=100)  # saves at the last step
   with pytest.raises(MemoryError):
-    loop.run(tiny_config("llada", max_steps=2, save_steps=100), workdir)  # saves only at the last step
+    loop.run(config, workdir)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert ckpt.all_steps() == [2]
   ckpt.close()
+  # The relaunch has nothing to train; it runs the final evaluation that failed (once: a third launch does not).
+  monkeypatch.setattr(loop, "evaluate", evaluate)
+  assert loop.run(config, workdir)["eval"]["step"] == 2
+  assert "eval" not in loop.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [row["step"] for row in map(json.loads, f) if "eval_loss" in row] == [2]
+
+
+@pytest.mark.integration
+def test_resume_does_not_train_over_a_workdir_whose_steps_were_all_set_aside(tmp_path):
+  config = tiny_config("llada", max_steps=2, save_steps=2)
+  source, workdir = str(tmp_path / "x"), str(tmp_path / "y")
+  loop.run(config, source)
+  loop.run(config, workdir)
+  truncate_state(os.path.join(workdir, "checkpoints", "2"))
+  with pytest.raises(ckpt_lib.CheckpointError, match="all 1 were damaged"):
+    loop.run(config, workdir)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"holds only steps set aside as damaged \(2\.damaged-"):
+    loop.run(config, workdir, resume=source)
+  assert [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()] == []

@@ -151,6 +151,21 @@ def test_overwrite_replaces_the_export_whole_and_a_failure_leaves_the_old_one(wo
   assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)} == before
   assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial directory left either
   assert flowlm_jax.load(out).step == 7
+  # The last rename failing (after the old export was moved aside) puts the old export back.
+  monkeypatch.setattr(flowlm_export, "write", flowlm_export_write)
+  real_rename = os.rename
+
+  def rename(src, dst):  # the new export's move into place fails; putting the old one back works
+    if dst == out and not src.endswith(".replaced"):
+      raise OSError(5, "Input/output error")
+    real_rename(src, dst)
+
+  monkeypatch.setattr(os, "rename", rename)
+  with pytest.raises(OSError, match="Input/output"):
+    export.export(workdir, out, overwrite=True)
+  monkeypatch.setattr(os, "rename", real_rename)
+  assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(out)} == before
+  assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_bfloat16_parameters_round_trip_exactly(tmp_path):
