@@ -80,6 +80,32 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch_per_token_l
     np.testing.assert_allclose(state.params[name] - new_state.params[name], expected[name], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("loss, weighting", [("llada", "inverse_t"), ("flowlm", "none")])
+def test_accumulated_loss_is_the_whole_batch_per_token_mean_under_random_corruption(setup, loss, weighting):
+  """With real corruption and clean prefixes, the step's loss is the micro-batches' loss sums over their counts
+  summed, each micro-batch drawing its noise as the scan does: the normaliser counted before the scan (vmapped)
+  is the one the micro-batches' own draws give."""
+  graphdef, _ = train.abstract_model(setup.model_cfg)
+  state = train.init_state(setup.model_cfg, optax.identity(), 0,
+                           train.state_shardings(setup.model_cfg, optax.identity(), setup.mesh))
+  batch = first_batch(setup)
+  prefixes = dataclasses.replace(setup.step_cfg.masking, clean_prefix_prob=0.7, clean_prefix_block=2)
+  cfg = train.StepConfig(**{**setup.step_cfg.__dict__, "grad_accum": 4, "masking": prefixes, "loss": loss,
+                            "loss_weighting": weighting})
+  sgd = optax.sgd(0.0)
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=sgd, cfg=cfg))
+  _, metrics = step(train.TrainState(state.params, sgd.init(state.params), state.step, state.rng,
+                                     state.nonfinite_count, state.last_nonfinite_step), batch)
+  keys = jax.random.split(jax.random.split(state.rng)[1], 4)
+  micro = train.split_micro_batches(batch, 4)
+  loss_sum = count = 0.0
+  for k in range(4):
+    mb = train.training_rows(jax.tree.map(lambda x: x[k], micro), keys[k], cfg)
+    mb_loss, sums = jax.jit(lambda p, b, key: train.batch_loss(graphdef, p, b, key, cfg))(state.params, mb, keys[k])
+    loss_sum, count = loss_sum + float(mb_loss) * float(sums["count/loss"]), count + float(sums["count/loss"])
+  np.testing.assert_allclose(float(metrics["loss"]), loss_sum / count, rtol=1e-5)
+
+
 def test_micro_batches_partition_the_batch():
   batch = {"tokens": jnp.arange(12).reshape(6, 2)}
   micro = train.split_micro_batches(batch, 3)["tokens"]
