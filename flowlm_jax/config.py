@@ -47,6 +47,8 @@ def base_config() -> ConfigDict:
   m.norm_eps = 1e-5
   m.init_std = 0.02
   m.tie_embeddings = False      # share the embedding with the output projection
+  m.qkv_bias = False            # q/k/v projections with biases (Qwen2, hence Dream); model.pretrained sets its own
+  m.shift_logits = False        # position p predicted from position p - 1's output (Dream); likewise
   m.param_dtype = "float32"     # master weights
   m.compute_dtype = "bfloat16"  # activations and matmuls
   m.matmul_dtype = "bfloat16"   # "fp8": training runs the layers' projections in FP8 with delayed scaling

@@ -528,3 +528,34 @@ def test_flowlm_export_of_a_dream_run_is_self_contained(tmp_path):
   for name, value in saved.items():
     np.testing.assert_array_equal(np.asarray(released.params[name], np.float32),
                                   np.asarray(value).astype(released.params[name].dtype).astype(np.float32), err_msg=name)
+
+
+@pytest.mark.integration
+def test_a_dream_derived_export_starts_a_fine_tune_once_the_run_names_its_architecture(tmp_path):
+  """qkv_bias and shift_logits come from model.pretrained's release; a run started from such an export
+  (training.init_from) names them with model.qkv_bias / model.shift_logits, as the refusal says."""
+  from flowlm_jax import export, loop
+  from helpers import tiny_config
+  from test_export import write_checkpoint
+  from test_warm_start import params_at
+
+  source = str(tmp_path / "dream")
+  shutil.copytree(DREAM, source)
+  c = load_preset("flowlm", "tasks")
+  c.model.pretrained = c.model.tokenizer = source
+  saved, _ = write_checkpoint(str(tmp_path / "run"), c, step=3)
+  out = str(tmp_path / "out")
+  export.export(str(tmp_path / "run"), out)
+  shape = json.load(open(os.path.join(out, "config.json")))["model_shape"]
+  fine_tune = tiny_config("flowlm", "tasks", learning_rate=1e-12, max_steps=1, save_steps=1)
+  fine_tune.model.tokenizer = fine_tune.training.init_from = out
+  for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta", "norm_eps", "tie_embeddings",
+              "vocab_size"):
+    fine_tune.model[key] = shape[key]
+  with pytest.raises(ValueError, match=r"qkv_bias=True \(the run's: False\), shift_logits=True"):
+    loop.run(fine_tune, str(tmp_path / "refused"))
+  fine_tune.model.qkv_bias = fine_tune.model.shift_logits = True
+  loop.run(fine_tune, str(tmp_path / "ft"))
+  started = params_at(str(tmp_path / "ft"), 1)
+  for name, value in saved.items():
+    np.testing.assert_allclose(started[name], value, rtol=0, atol=1e-9, err_msg=name)

@@ -59,7 +59,8 @@ class ModelConfig:
         d_model=model_cfg.d_model, n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads,
         n_kv_heads=model_cfg.n_kv_heads or model_cfg.n_heads, d_ff=model_cfg.d_ff,
         rope_theta=model_cfg.rope_theta, norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std,
-        tie_embeddings=model_cfg.tie_embeddings, param_dtype=model_cfg.param_dtype,
+        tie_embeddings=model_cfg.tie_embeddings, qkv_bias=model_cfg.qkv_bias, shift_logits=model_cfg.shift_logits,
+        param_dtype=model_cfg.param_dtype,
         compute_dtype=model_cfg.compute_dtype, matmul_dtype=model_cfg.matmul_dtype, remat=model_cfg.remat,
         attention=model_cfg.attention, scan_unroll=model_cfg.scan_unroll)
 
