@@ -338,6 +338,13 @@ def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, co
   there is no checkpoint at all. A workdir's own checkpoints win over --resume, so the same command relaunched
   (after a preemption, a requeue) goes on from where that workdir got to instead of from --resume's step."""
   source = checkpointer
+  if resume_dir is not None and os.path.abspath(resume_dir) == checkpointer.directory and resume_step is not None:
+    later = [step for step in checkpointer.all_steps() if step > resume_step]
+    if later:  # the first save would find its step taken, after the metrics past resume_step were dropped
+      raise ckpt_lib.CheckpointError(
+          f"--resume={resume_dir}/{resume_step}: this workdir has later steps ({', '.join(map(str, later[:3]))}"
+          f"{', ...' if len(later) > 3 else ''}) that training from it would run into; resume it into a new "
+          f"--workdir instead")
   if resume_dir is not None and os.path.abspath(resume_dir) != checkpointer.directory:
     set_aside = checkpointer.set_aside_steps()
     if set_aside and not checkpointer.all_steps():  # --resume would train over them

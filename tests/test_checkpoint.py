@@ -255,3 +255,18 @@ def test_resume_does_not_train_over_a_workdir_whose_steps_were_all_set_aside(tmp
   with pytest.raises(ckpt_lib.CheckpointError, match=r"holds only steps set aside as damaged \(2\.damaged-"):
     loop.run(config, workdir, resume=source)
   assert [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()] == []
+
+
+@pytest.mark.integration
+def test_resume_of_an_earlier_step_of_the_run_own_workdir_is_refused_before_touching_it(tmp_path):
+  """Training from step 2 in a workdir that holds step 4 would fail at the save of step 4, after dropping the
+  metrics past step 2: refused at once, nothing changed."""
+  config = tiny_config("llada", max_steps=4, save_steps=2)
+  workdir = str(tmp_path / "w")
+  loop.run(config, workdir)
+  before = tree_hashes(tmp_path / "w")
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"later steps \(4\) .* resume it into a new --workdir"):
+    loop.run(config, workdir, resume=os.path.join(workdir, "checkpoints", "2"))
+  assert tree_hashes(tmp_path / "w") == before
+  other = str(tmp_path / "branch")
+  assert loop.run(config, other, resume=os.path.join(workdir, "checkpoints", "2"))["checkpoint"].endswith("4")
