@@ -7,6 +7,7 @@ run is the same command plus the coordinator flags, so it must log the same loss
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -67,11 +68,11 @@ def _two_processes(args_of, timeout=300):
   env = {**os.environ, **cpu_env(4)}
   procs = [subprocess.Popen([sys.executable, *args_of(f"127.0.0.1:{port}", i)], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  results = []
+  # Both read at once: one after the other, a process blocked on a full pipe would stall the other in a collective.
   try:
-    for p in procs:
-      out, err = p.communicate(timeout=timeout)
-      results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+      outputs = list(pool.map(lambda p: p.communicate(timeout=timeout), procs))
+    results = [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
   finally:
     for p in procs:
       if p.poll() is None:
