@@ -337,21 +337,17 @@ def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, co
   """Resumes from the workdir's newest good checkpoint, or where it has none, from --resume; None only where
   there is no checkpoint at all. A workdir's own checkpoints win over --resume, so the same command relaunched
   (after a preemption, a requeue) goes on from where that workdir got to instead of from --resume's step."""
-  source = checkpointer
-  if resume_dir is not None and os.path.abspath(resume_dir) == checkpointer.directory and resume_step is not None:
-    later = [step for step in checkpointer.all_steps() if step > resume_step]
+  source, own_steps = checkpointer, checkpointer.all_steps()
+  if resume_dir is not None and os.path.abspath(resume_dir) == checkpointer.directory:
+    later = [step for step in own_steps if resume_step is not None and step > resume_step]
     if later:  # the first save would find its step taken, after the metrics past resume_step were dropped
       raise ckpt_lib.CheckpointError(
           f"--resume={resume_dir}/{resume_step}: this workdir has later steps ({', '.join(map(str, later[:3]))}"
           f"{', ...' if len(later) > 3 else ''}) that training from it would run into; resume it into a new "
           f"--workdir instead")
-  if resume_dir is not None and os.path.abspath(resume_dir) != checkpointer.directory:
-    set_aside = checkpointer.set_aside_steps()
-    if set_aside and not checkpointer.all_steps():  # --resume would train over them
-      raise ckpt_lib.CheckpointError(f"{checkpointer.directory} holds only steps set aside as damaged "
-                                     f"({', '.join(set_aside[:3])}); {ckpt_lib.START_FRESH}")
-    if checkpointer.all_steps():
-      if jax.process_index() == 0:
+  elif resume_dir is not None:
+    if own_steps or checkpointer.set_aside_steps():  # the workdir's own steps win; set-aside ones are refused below
+      if own_steps and jax.process_index() == 0:
         print(f"--resume={resume_dir} ignored: {checkpointer.directory} has checkpoints of its own (the newest is "
               f"resumed); --resume starts a workdir without any", flush=True)
       resume_dir, resume_step = None, None
