@@ -26,15 +26,15 @@ FORMATS = ("flowlm", "hf")
 def staged(out: str):
   """A fresh directory beside `out` to write the export into; only once the block succeeds does it replace `out`
   (whose old files go with it, none left behind). A failure leaves `out` as it was and removes the rest."""
+  from flowlm_jax.formats import safetensors_dir
+
   out = os.path.realpath(out)  # a symlink's target is what gets replaced, not the link
   if os.path.exists(out) and not os.path.isdir(out):
     raise FileExistsError(f"export: {out} exists and is not a directory")
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it owner-only; make it as shareable as a plain mkdir
+  safetensors_dir.shareable(staging, 0o777)
   replaced = f"{staging}.replaced"
   try:
     yield staging

@@ -124,14 +124,14 @@ def write(out: str, params: dict, meta: dict) -> dict[str, Any]:
   import numpy as np
   from safetensors.numpy import save_file
 
+  from flowlm_jax.formats import safetensors_dir
+
   os.makedirs(out, exist_ok=True)
   tensors = {name: np.ascontiguousarray(np.asarray(jax.device_get(value), dtype=np.float32))
              for name, value in flatten_params(params).items()}
   weights = os.path.join(out, WEIGHTS_FILE)
   save_file(tensors, weights, metadata={"format": FORMAT, "step": str(meta["step"])})
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(weights, 0o666 & ~umask)  # safetensors creates it owner-only; make it as shareable as the rest
+  safetensors_dir.shareable(weights)
   with open(os.path.join(out, CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
     f.write("\n")

@@ -322,9 +322,7 @@ def save_hf(params: Mapping, cfg, out: str, tokenizer=None) -> dict:
   # transformers refuses safetensors files without a framework tag.
   weights = os.path.join(out, WEIGHTS_FILE)
   save_file(tensors, weights, metadata={"format": "pt"})
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(weights, 0o666 & ~umask)  # safetensors creates it owner-only; make it as shareable as the rest
+  safetensors_dir.shareable(weights)
   hf = hf_config_dict(cfg)
   hf.pop("torch_dtype", None)  # the weights are float32 whatever the source said
   hf["dtype"] = "float32"

@@ -257,7 +257,7 @@ def save(table: list[Tensor], n_layers: int, params: Mapping, out: str, dtype,
                for t, name, layer in shard}
     path = os.path.join(out, file)
     save_file(tensors, path, metadata={"format": "pt"})  # transformers refuses files without a framework tag
-    _shareable(path)
+    shareable(path)
   if len(files) > 1:
     weight_map = {name: file for file, shard in zip(files, shards) for _, name, _ in shard}
     with open(os.path.join(out, INDEX_FILE), "w") as f:
@@ -272,8 +272,9 @@ def _host(value, layer: int | None) -> np.ndarray:
   return np.asarray(value if layer is None else value[layer])
 
 
-def _shareable(path: str) -> None:
-  """safetensors creates files owner-only; make them as readable as the rest of the directory."""
+def shareable(path: str, mode: int = 0o666) -> None:
+  """`mode` under the process's umask, what a plain open/mkdir would give: safetensors creates files and
+  tempfile.mkdtemp directories owner-only."""
   umask = os.umask(0)
   os.umask(umask)
-  os.chmod(path, 0o666 & ~umask)
+  os.chmod(path, mode & ~umask)
