@@ -87,12 +87,16 @@ def diffusion_loss_sum_and_count(
   return weighted_nll_sum(nll_BxL, weight_BxL), count
 
 
+def weighting_of(name: str, weighting: str) -> str:
+  """The weighting `training.loss` = `name` trains with: "llada" is always 1/t, its likelihood bound's weight."""
+  return "inverse_t" if name == "llada" else weighting
+
+
 def loss_weights(name: str, weighting: str, corrupted_BxL, t_B, corruptible_BxL, denominator=None) -> jax.Array:
   """Per-token weights w such that `loss_fn(name, weighting)(nll, ...) == sum(w * nll)`; with `denominator`
   (e.g. a whole step's normaliser, for one of its micro-batches) the weighted sum is divided by that instead."""
   loss_fn(name, weighting)  # validates the names
-  weight_BxL, count = diffusion_loss_weights(corrupted_BxL, t_B, corruptible_BxL,
-                                             "inverse_t" if name == "llada" else weighting)
+  weight_BxL, count = diffusion_loss_weights(corrupted_BxL, t_B, corruptible_BxL, weighting_of(name, weighting))
   return weight_BxL / (jnp.maximum(count, 1.0) if denominator is None else denominator)
 
 

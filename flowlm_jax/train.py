@@ -146,15 +146,11 @@ def _tracing() -> bool:
 # --- loss -------------------------------------------------------------------------------------
 
 
-def _weighting(cfg: StepConfig) -> str:
-  return "inverse_t" if cfg.loss == "llada" else cfg.loss_weighting
-
-
 def own_normaliser(batch, key, cfg: StepConfig) -> jax.Array:
   """The count a batch's loss sum is divided by (losses.loss_normaliser) under the corruption `key` draws:
   corruptible positions for the likelihood bounds, corrupted ones for FlowLM's plain weighting."""
   c = masking.corrupt(key, batch["tokens"], batch["corruptible"], cfg.masking)
-  return losses.loss_normaliser(_weighting(cfg), c.corrupted, batch["corruptible"])
+  return losses.loss_normaliser(losses.weighting_of(cfg.loss, cfg.loss_weighting), c.corrupted, batch["corruptible"])
 
 
 def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig, fp8_meta=None, normaliser=None):
@@ -168,7 +164,7 @@ def batch_loss(graphdef, params: Params, batch, key, cfg: StepConfig, fp8_meta=N
   """
   tokens, corruptible = batch["tokens"], batch["corruptible"]
   c = masking.corrupt(key, tokens, corruptible, cfg.masking)
-  weighting = _weighting(cfg)
+  weighting = losses.weighting_of(cfg.loss, cfg.loss_weighting)
   own = losses.loss_normaliser(weighting, c.corrupted, corruptible)  # == own_normaliser(batch, key, cfg)
   denominator = jnp.maximum(own if normaliser is None else normaliser, 1.0)
   if weighting != losses.GIDD:
