@@ -161,6 +161,8 @@ def base_config() -> ConfigDict:
   i.cache_refresh = 0           # also refresh the cache every this many steps (0: LLaDA at each block's
                                 # first step only, FlowLM every sampling.FLOWLM_CACHE_REFRESH = 8 steps)
   i.parallel_threshold = 0.0    # > 0: also commit every candidate whose confidence is above it; 0 = off
+  i.parallel_factor = 0.0       # > 0: also commit the most confident n candidates, n the largest whose i-th
+                                # has confidence >= 1 - factor / (i + 1) (Fast-dLLM's factor rule); 0 = off
 
   c.logging = lg = ConfigDict()
   lg.log_every = 10             # training metrics every this many steps
@@ -554,6 +556,9 @@ def _check_values(c: ConfigDict) -> None:
     _require(i[key] > 0, f"inference.{key}", f"must be > 0, got {i[key]}")
   _require(0.0 <= i.confidence_threshold <= 1.0, "inference.confidence_threshold", "must be in [0, 1]")
   _require(0.0 <= i.parallel_threshold <= 1.0, "inference.parallel_threshold", "must be in [0, 1] (0 = off)")
+  _require(i.parallel_factor >= 0.0, "inference.parallel_factor", f"must be >= 0 (0 = off), got {i.parallel_factor}")
+  _require(not (i.parallel_threshold and i.parallel_factor), "inference.parallel_factor",
+           "set it or inference.parallel_threshold, not both: they are two rules for the same choice")
   _require(i.cache_refresh >= 0, "inference.cache_refresh", f"must be >= 0, got {i.cache_refresh}")
   _require(i.temperature >= 0 and i.cfg_scale >= 0, "inference.temperature", "temperature and cfg_scale must be >= 0")
   block = i.block_length or i.answer_length

@@ -21,6 +21,7 @@ OVERRIDES = {
     "threshold": "confidence_threshold", "max_replacements": "max_replacements",
     "strategy": "replacement_strategy", "max_steps": "max_steps", "initial_answer": "initial_answer",
     "seed": "seed", "cache": "cache", "cache_refresh": "cache_refresh", "parallel_threshold": "parallel_threshold",
+    "parallel_factor": "parallel_factor",
 }
 
 
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also refresh the cache every this many steps (0: LLaDA at each block's first step, FlowLM every 8)")
   fast.add_argument("--parallel_threshold", type=float,
                     help="also commit every candidate above this confidence (0 = off)")
+  fast.add_argument("--parallel_factor", type=float,
+                    help="or Fast-dLLM's factor rule: the most confident n whose n-th has confidence >= 1 - factor / (n + 1) (0 = off)")
   args = p.parse_intermixed_args(argv)  # prompts may come before, between or after the options
   if args.batch_size <= 0:
     p.error(f"--batch_size must be > 0, got {args.batch_size}")
@@ -59,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--cache_refresh must be >= 0, got {args.cache_refresh}")
   if args.parallel_threshold is not None and not 0.0 <= args.parallel_threshold <= 1.0:
     p.error(f"--parallel_threshold must be in [0, 1], got {args.parallel_threshold}")
+  if args.parallel_factor is not None and args.parallel_factor < 0:
+    p.error(f"--parallel_factor must be >= 0, got {args.parallel_factor}")
+  if args.parallel_threshold and args.parallel_factor:
+    p.error("set --parallel_threshold or --parallel_factor, not both")
   try:  # bad input fails here, before the checkpoint loads and the samplers compile
     args.prompts = args.prompts + args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
   except (OSError, ValueError) as e:

@@ -10,7 +10,8 @@ are `decoding_passes.py`; this module holds the decoding rules.
   `replacement_strategy`; a row stops on its own (docs/sampling.md has the exact rules).
 
 Both can decode faster (Fast-dLLM, Wu et al. 2025): `parallel_threshold` > 0 also commits every
-candidate whose confidence is above it, and `cache` = prefix | dual reuses keys/values between refreshes.
+candidate whose confidence is above it, `parallel_factor` > 0 the most confident n whose confidences pass
+a bar that rises with n (parallel_count), and `cache` = prefix | dual reuses keys/values between refreshes.
 
 Each sampler is one `jax.jit` (a fori/while loop inside), batched, with no host work per step.
 Randomness: `init_key, step_key = split(key)`; step t draws `gumbel_key, conf_key =
@@ -64,6 +65,7 @@ class LladaSpec:
   cache: str = "none"             # none | prefix | dual (decoding_passes.py)
   cache_refresh: int = 0          # also refresh every this many steps of a block (0: only at its first step)
   parallel_threshold: float = 0.0  # > 0: also commit every [MASK] of the block above this confidence
+  parallel_factor: float = 0.0    # > 0: also commit the n most confident [MASK]s that parallel_count allows
 
   def __post_init__(self):
     _check(self.answer_length > 0 and self.steps > 0, "answer_length and steps must be > 0")
@@ -100,6 +102,7 @@ class FlowSpec:
   cache: str = "none"             # prefix and dual alike cache the prompt: every answer column is re-predicted
   cache_refresh: int = 0          # refresh every this many steps (0: every FLOWLM_CACHE_REFRESH steps)
   parallel_threshold: float = 0.0  # > 0: also rewrite every candidate above this confidence, not just k
+  parallel_factor: float = 0.0    # > 0: also rewrite the n most confident candidates parallel_count allows
 
   def __post_init__(self):
     _check(self.answer_length > 0 and self.max_steps > 0 and self.fill_steps > 0,
@@ -120,13 +123,21 @@ class FlowSpec:
 
 def _fast_options(icfg) -> dict:
   return dict(cache=icfg.cache, cache_refresh=int(icfg.cache_refresh),
-              parallel_threshold=float(icfg.parallel_threshold))
+              parallel_threshold=float(icfg.parallel_threshold), parallel_factor=float(icfg.parallel_factor))
 
 
 def _check_fast_options(spec) -> None:
   _check(spec.cache in CACHES, f"unknown cache {spec.cache!r} (one of {', '.join(CACHES)})")
   _check(spec.cache_refresh >= 0, f"cache_refresh must be >= 0, got {spec.cache_refresh}")
   _check(0.0 <= spec.parallel_threshold <= 1.0, f"parallel_threshold must be in [0, 1], got {spec.parallel_threshold}")
+  _check(spec.parallel_factor >= 0.0, f"parallel_factor must be >= 0, got {spec.parallel_factor}")
+  _check(not (spec.parallel_threshold and spec.parallel_factor),
+         "set parallel_threshold or parallel_factor, not both: they are two rules for the same choice")
+
+
+def is_parallel(spec) -> bool:
+  """Whether a step may commit more than its schedule's count (either parallel rule is on)."""
+  return spec.parallel_threshold > 0 or spec.parallel_factor > 0
 
 
 def _check(ok: bool, message: str) -> None:
@@ -152,6 +163,31 @@ def select_top_k(score_BxA, eligible_BxA, k_B):
   order = jnp.argsort(-score, axis=-1, stable=True)
   rank = jnp.argsort(order, axis=-1)
   return eligible_BxA & (rank < k_B[:, None])
+
+
+def parallel_count(conf_BxA, eligible_BxA, factor: float):
+  """[B]: Fast-dLLM's factor rule (Wu et al. 2025, Theorem 1: decoding n tokens at once from their
+  marginals picks what decoding them from the joint would when each is wrong with probability
+  epsilon and (n + 1) epsilon <= 1): the largest n such that the i-th most confident eligible position
+  has confidence >= 1 - factor / (i + 1) for every i <= n. The bar rises with n, so a step that would
+  commit many tokens needs each of them surer than a step that commits few. At least 1 where any
+  position is eligible; 0 where none is."""
+  conf = jnp.where(eligible_BxA, conf_BxA, -jnp.inf)
+  sorted_BxA = -jnp.sort(-conf, axis=-1)  # most confident first
+  n_A = jnp.arange(1, conf.shape[-1] + 1)
+  passes_BxA = sorted_BxA >= 1.0 - factor / (n_A + 1)
+  leading_B = jnp.sum(jnp.cumprod(passes_BxA, axis=-1), axis=-1, dtype=jnp.int32)
+  return jnp.minimum(jnp.maximum(leading_B, 1), jnp.sum(eligible_BxA, axis=-1, dtype=jnp.int32))
+
+
+def parallel_commit(spec, conf_BxA, eligible_BxA):
+  """Bool [B, A]: the eligible positions a parallel rule commits beyond the schedule's count (none when
+  both rules are off)."""
+  if spec.parallel_threshold > 0:
+    return eligible_BxA & (conf_BxA > spec.parallel_threshold)
+  if spec.parallel_factor > 0:
+    return select_top_k(conf_BxA, eligible_BxA, parallel_count(conf_BxA, eligible_BxA, spec.parallel_factor))
+  return jnp.zeros_like(eligible_BxA)
 
 
 def predict(logits_BxAxV, temperature: float, gumbel_key, vocab: Vocab):
@@ -285,15 +321,13 @@ def llada_block_logits(rows: Rows, spec: LladaSpec, answer_BxA, cache, block, re
 
 def llada_commit(spec: LladaSpec, block_BxL, pred_BxL, conf_BxL, score_BxL, i):
   """The block after committing step i's tokens: the schedule's count of the highest-scoring [MASK]s,
-  and with `parallel_threshold` at least one, plus every [MASK] whose confidence is above it."""
+  and with a parallel rule at least one, plus what the rule commits (parallel_commit)."""
   eligible_BxL = block_BxL == spec.vocab.mask_id  # every block starts all [MASK]
   B, L = block_BxL.shape
   k_B = transfer_count(jnp.full((B,), L), spec.steps // spec.num_blocks, i)
-  if spec.parallel_threshold > 0:  # Fast-dLLM's rule: everything confident enough, never nothing
+  if is_parallel(spec):  # Fast-dLLM: whatever the rule allows, never nothing
     k_B = jnp.maximum(k_B, 1)
-  commit_BxL = select_top_k(score_BxL, eligible_BxL, k_B)
-  if spec.parallel_threshold > 0:
-    commit_BxL |= eligible_BxL & (conf_BxL > spec.parallel_threshold)
+  commit_BxL = select_top_k(score_BxL, eligible_BxL, k_B) | parallel_commit(spec, conf_BxL, eligible_BxL)
   return jnp.where(commit_BxL, pred_BxL, block_BxL)
 
 
@@ -329,7 +363,7 @@ def llada_sample(graphdef, params, prompt_BxP, length_B, key, *, spec: LladaSpec
     # With parallel decoding a block ends as soon as no row has a [MASK] left in it; the schedule
     # guarantees that by its last step either way.
     finished = i + 1 == steps_per_block
-    if spec.parallel_threshold > 0:
+    if is_parallel(spec):
       finished |= ~jnp.any(block_BxL == vocab.mask_id)
     full_passes += refresh if spec.cache != "none" else 1
     return (t + 1, block + finished, jnp.where(finished, 0, i + 1), answer_BxA, cache, full_passes,
@@ -379,8 +413,7 @@ def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fi
     refinable = ~is_mask & (current_prob_BxA < spec.threshold) & (pred_BxA != answer_BxA)
     update = fill | select_top_k(-current_prob_BxA, refinable, max_rep_B)
     candidate = is_mask | refinable
-  if spec.parallel_threshold > 0:  # confidence-aware parallel decoding: every confident candidate, not just k
-    update |= candidate & (conf_BxA > spec.parallel_threshold)
+  update |= parallel_commit(spec, conf_BxA, candidate)  # confidence-aware parallel decoding
   return update, jnp.any(candidate, axis=-1)
 
 

@@ -1,11 +1,12 @@
 """Speed and quality of the fast samplers on a trained run: key/value cache x parallel threshold x answer length.
 
   uv run python scripts/fast_sampling.py --workdir=runs/llada-long [--answers 256,512 --caches none,prefix,dual
-      --thresholds 0,0.9 --modes llada --batch 1 --limit 0 --out fast_sampling.json]
+      --thresholds 0,0.9 --factors 1 --modes llada --batch 1 --limit 0 --out fast_sampling.json]
 
 Records: the long-answer set (flowlm_jax/assets/sft_tasks_long/test.jsonl), each decoded at the smallest
 answer length of --answers that holds its reference answer and [EOS] (answer_length 256: answers of
-128-255 tokens; 512: 256-511). Per (sampler, answer length, cache, threshold), over the same records:
+128-255 tokens; 512: 256-511). Per (sampler, answer length, cache, parallel rule: each of --thresholds, then each
+of --factors), over the same records:
 - seconds per answer: wall time of decoding them all in batches of --batch, after a warm-up call
   (compiling) per batch shape, / the number of records; generated tok/s = records x answer length /
   that time; speedup = the uncached, threshold-0 row's seconds / this row's (a * after the seconds: XLA compiled
@@ -216,11 +217,12 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
     for mode in args.modes.split(","):
       baseline = None
       for cache in args.caches.split(","):
-        for threshold in map(float, args.thresholds.split(",")):
+        for threshold, factor in parallel_rules(args):
           icfg = sampling.run_config(run.config.inference, answer_length=answer_length,
                                      steps=args.steps or answer_length, max_steps=args.steps or answer_length,
                                      block_length=min(args.block, answer_length), cache=cache,
-                                     cache_refresh=args.cache_refresh, parallel_threshold=threshold)
+                                     cache_refresh=args.cache_refresh, parallel_threshold=threshold,
+                                     parallel_factor=factor)
           seconds, out, timed_compiles = decode_all(run, bin_prompts, icfg, mode, args.batch, bucket)
           if timed_compiles:
             print(f"warning: {timed_compiles} XLA compile(s) inside the timed loop of the next row: its seconds "
@@ -228,7 +230,7 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
           ids = [sampling.answer_ids(row, vocab, end_id) for row in out["answer"]]
           texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
           baseline = baseline or (seconds, out["answer"])  # the first setting: cache none, threshold 0
-          row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, records=len(idx),
+          row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, factor=factor, records=len(idx),
                      batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
                      generated_tokens_per_s=len(idx) * answer_length / seconds, speedup=baseline[0] / seconds,
                      passes_per_answer=float(out["passes"].mean()), full_passes_per_answer=float(out["full_passes"].mean()),
@@ -244,12 +246,24 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
   return rows
 
 
+def parallel_rules(args) -> list[tuple[float, float]]:
+  """(parallel_threshold, parallel_factor) of each setting: --thresholds first (the first is the baseline), then
+  --factors (Fast-dLLM's factor rule, no threshold)."""
+  return ([(float(t), 0.0) for t in args.thresholds.split(",")]
+          + [(0.0, float(f)) for f in args.factors.split(",") if f])
+
+
+def rule_name(r: dict) -> str:
+  """The table's parallel-rule cell: the threshold (0 = one token per step), or "factor F"."""
+  return f"factor {r['factor']:g}" if r.get("factor") else f"{r['threshold']:g}"
+
+
 HEADER = ("| sampler | answer | cache | threshold | records | s/answer | generated tok/s | speedup | passes/answer "
           "(whole rows) | exact match | token accuracy | = uncached |\n" + "|---" * 12 + "|")
 
 
 def format_row(r: dict) -> str:
-  return (f"| {r['mode']} | {r['answer']} | {r['cache']} | {r['threshold']:g} | {r['records']} | "
+  return (f"| {r['mode']} | {r['answer']} | {r['cache']} | {rule_name(r)} | {r['records']} | "
           f"{r['seconds_per_answer']:.3f}{'*' if r.get('timed_compiles') else ''} | "
           f"{r['generated_tokens_per_s']:,.0f} | {r['speedup']:.2f} | "
           f"{r['passes_per_answer']:.1f} ({r['full_passes_per_answer']:.1f}) | {r['exact_match']:.3f} | "
@@ -263,7 +277,7 @@ def format_by_task(rows: list[dict]) -> str:
   for r in rows:
     cells = [f"{r['token_accuracy_by_task'][t]:.3f} ({r['exact_match_by_task'][t]:.2f})"
              if t in r["token_accuracy_by_task"] else "-" for t in tasks]
-    lines.append(f"| {r['mode']} | {r['answer']} | {r['cache']} | {r['threshold']:g} | " + " | ".join(cells) + " |")
+    lines.append(f"| {r['mode']} | {r['answer']} | {r['cache']} | {rule_name(r)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -276,6 +290,8 @@ def parse_args(argv=None):
   p.add_argument("--answers", default="256,512", help="answer lengths (bins), comma list")
   p.add_argument("--caches", default="none,prefix,dual", help="comma list; the first is the baseline")
   p.add_argument("--thresholds", default="0,0.9", help="parallel thresholds, comma list; the first is the baseline")
+  p.add_argument("--factors", default="",
+                 help="parallel_factor values (Fast-dLLM's factor rule), comma list; rows after the thresholds'")
   p.add_argument("--modes", default="llada", help="samplers, comma list of llada,flowlm")
   p.add_argument("--steps", type=int, default=0, help="0 = the answer length (one token per step)")
   p.add_argument("--block", type=int, default=32, help="LLaDA block length")

@@ -479,6 +479,19 @@ def test_validate_rejects_steps_not_divisible_by_the_number_of_blocks():
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize("threshold, factor, message", [
+    (0.0, -0.5, "inference.parallel_factor: must be >= 0 (0 = off), got -0.5"),
+    (0.9, 1.0, "inference.parallel_factor: set it or inference.parallel_threshold, not both")])
+def test_validate_rejects_a_negative_factor_and_two_parallel_rules(threshold, factor, message):
+  c = preset()
+  c.inference.parallel_threshold, c.inference.parallel_factor = threshold, factor
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_lib.validate(c)
+  c.inference.parallel_threshold = 0.0
+  c.inference.parallel_factor = abs(factor)
+  config_lib.validate(c)  # one rule, either way, is fine
+
+
 def test_validate_rejects_d_model_not_divisible_by_heads():
   c = preset()
   c.model.n_heads = 3

@@ -35,6 +35,10 @@ FLOWLM_IDS = [*STRATEGIES, "most_confident_changes-random", "below_threshold-ran
 # Parallel decoding (Fast-dLLM's confidence threshold); 0.3 sits in the tiny model's confidence range.
 LLADA_PARALLEL = dict(block_length=4, parallel_threshold=0.3)
 FLOWLM_PARALLEL_CASES = [(s, dict(parallel_threshold=0.3)) for s in STRATEGIES]
+# Fast-dLLM's factor rule; at factor 2 the bar 1 - 2 / (n + 1) is 0.33 for two tokens, 0.6 for four, 0.8 for nine:
+# the tiny model's confidences pass it for a varying count.
+LLADA_FACTOR = dict(block_length=4, parallel_factor=2.0)
+FLOWLM_FACTOR_CASES = [(s, dict(parallel_factor=2.0)) for s in STRATEGIES]
 
 
 def build(model_cfg: ModelConfig):
@@ -110,6 +114,26 @@ def ref_top(positions, key, k):
   return sorted(positions, key=lambda i: (key(i), i))[:max(int(k), 0)]
 
 
+def ref_factor_count(confs, factor):
+  """Fast-dLLM's factor rule, spelled out: the longest run of the most confident whose n-th has conf >= 1 - factor
+  / (n + 1); at least one where there is any."""
+  n = 0
+  for rank, c in enumerate(sorted(confs, reverse=True), start=1):
+    if c < 1 - factor / (rank + 1):
+      break
+    n = rank
+  return max(n, 1) if confs else 0
+
+
+def ref_parallel(candidates, conf, icfg):
+  """What a parallel rule adds: every candidate above the threshold, or the factor rule's most confident."""
+  if icfg.parallel_threshold:
+    return [j for j in candidates if conf[j] > icfg.parallel_threshold]
+  if icfg.parallel_factor:
+    return ref_top(candidates, lambda j: -conf[j], ref_factor_count([conf[j] for j in candidates], icfg.parallel_factor))
+  return []
+
+
 def ref_schedule(count, steps):
   return [count // steps + (i < count % steps) for i in range(steps)]
 
@@ -118,7 +142,8 @@ def ref_llada(graphdef, params, prompt_ids, key, icfg):
   """(trajectory [steps + 1, B, A], steps made); entries after the last step repeat the answer."""
   model = (graphdef, params)
   prompt, valid = ref_left_pad(prompt_ids)
-  B, A, threshold = len(prompt_ids), icfg.answer_length, icfg.parallel_threshold
+  B, A = len(prompt_ids), icfg.answer_length
+  parallel = icfg.parallel_threshold > 0 or icfg.parallel_factor > 0
   block = icfg.block_length or A
   steps_per_block = icfg.steps // (A // block)
   _, step_key = jax.random.split(key)
@@ -139,12 +164,11 @@ def ref_llada(graphdef, params, prompt_ids, key, icfg):
       score = np.asarray(jax.random.uniform(conf_key, (B, A))) if icfg.remasking == "random" else conf
       for r in range(B):
         masks = [j for j in cols if x[r, j] == MASK]
-        chosen = ref_top(masks, lambda j: -score[r, j], max(schedules[r][i], 1 if threshold else 0))
-        if threshold:  # parallel decoding: also every [MASK] of the block above the threshold
-          chosen += [j for j in masks if conf[r, j] > threshold and j not in chosen]
+        chosen = ref_top(masks, lambda j: -score[r, j], max(schedules[r][i], 1 if parallel else 0))
+        chosen += [j for j in ref_parallel(masks, conf[r], icfg) if j not in chosen]
         x[r, chosen] = pred[r, chosen]
       trajectory.append(x.copy())
-      if threshold and not np.any(x[:, cols] == MASK):  # the whole batch is done with this block
+      if parallel and not np.any(x[:, cols] == MASK):  # the whole batch is done with this block
         break
   passes = len(trajectory) - 1
   trajectory += [x.copy()] * (icfg.steps + 1 - len(trajectory))
@@ -169,8 +193,7 @@ def ref_flowlm_choose(strategy, x, pred, conf, probs, icfg, fill_schedule, t):
     chosen = ref_top(masks, lambda j: -conf[j], fill_schedule[t] if t < len(fill_schedule) else 0)
     chosen += ref_top(refinable, lambda j: current[j], k)
     candidates = masks + refinable
-  if icfg.parallel_threshold:  # parallel decoding: also every candidate above the threshold
-    chosen += [j for j in candidates if conf[j] > icfg.parallel_threshold and j not in chosen]
+  chosen += [j for j in ref_parallel(candidates, conf, icfg) if j not in chosen]
   return chosen, bool(candidates)
 
 
@@ -217,7 +240,10 @@ def ref_flowlm(graphdef, params, prompt_ids, key, icfg):
     LLADA_RANDOM,
     LLADA_PARALLEL,
     dict(LLADA_RANDOM, parallel_threshold=0.3),
-], ids=["greedy", "blocks-random-temperature-cfg", "blocks-parallel", "blocks-random-temperature-cfg-parallel"])
+    LLADA_FACTOR,
+    dict(LLADA_RANDOM, parallel_factor=2.0),
+], ids=["greedy", "blocks-random-temperature-cfg", "blocks-parallel", "blocks-random-temperature-cfg-parallel",
+        "blocks-factor", "blocks-random-temperature-cfg-factor"])
 def test_llada_matches_reference(overrides):
   """cache=none, parallel_threshold=0 (the first two) is the sampler as it was before those options."""
   graphdef, params = params_at(30.0)
@@ -230,8 +256,8 @@ def test_llada_matches_reference(overrides):
   np.testing.assert_array_equal(out.full_passes, passes)  # no cache: every pass runs whole rows
 
 
-@pytest.mark.parametrize("strategy, overrides", FLOWLM_CASES + FLOWLM_PARALLEL_CASES,
-                         ids=FLOWLM_IDS + [f"{s}-parallel" for s in STRATEGIES])
+@pytest.mark.parametrize("strategy, overrides", FLOWLM_CASES + FLOWLM_PARALLEL_CASES + FLOWLM_FACTOR_CASES,
+                         ids=FLOWLM_IDS + [f"{s}-parallel" for s in STRATEGIES] + [f"{s}-factor" for s in STRATEGIES])
 def test_flowlm_matches_reference(strategy, overrides):
   graphdef, params = params_at(30.0)
   icfg = inference_config(**{"replacement_strategy": strategy, **overrides})
@@ -591,10 +617,11 @@ def test_a_slice_pass_against_an_up_to_date_cache_is_the_full_pass(start, query)
     np.testing.assert_allclose(after[:, start:start + query], before[:, start:start + query], atol=1e-5)
 
 
-def test_parallel_decoding_commits_at_least_one_and_ends_blocks_early():
+@pytest.mark.parametrize("rule", [LLADA_PARALLEL, LLADA_FACTOR], ids=["threshold", "factor"])
+def test_parallel_decoding_commits_at_least_one_and_ends_blocks_early(rule):
   """Every step commits >= max(1, schedule) [MASK]s of the current block in each row that has one, never
   more than it holds; a block ends when no row has a [MASK] left in it; no [MASK] at the end."""
-  out = run_fast("llada", **LLADA_PARALLEL)  # the reference test's run (no recompile)
+  out = run_fast("llada", **rule)  # the reference test's run (no recompile)
   traj, L, passes = out.trajectory, 4, int(out.passes[0])
   assert 2 <= passes < 8, passes
   block = 0
@@ -666,10 +693,25 @@ def test_a_row_the_cached_flowlm_sampler_calls_final_is_final_for_a_full_pass(st
   np.testing.assert_array_equal(again.answer[stopped], out.answer[stopped])
 
 
-def test_flowlm_parallel_decoding_takes_fewer_passes():
-  plain, fast = run_fast("flowlm"), run_fast("flowlm", parallel_threshold=0.3)
+@pytest.mark.parametrize("rule", [dict(parallel_threshold=0.3), dict(parallel_factor=2.0)], ids=["threshold", "factor"])
+def test_flowlm_parallel_decoding_takes_fewer_passes(rule):
+  plain, fast = run_fast("flowlm"), run_fast("flowlm", **rule)
   assert fast.passes.sum() < plain.passes.sum(), (fast.passes, plain.passes)
   assert not np.any(fast.answer == MASK)
+
+
+def test_factor_rule_commits_the_longest_run_whose_nth_clears_its_bar():
+  """The n-th most confident eligible position must have conf >= 1 - factor / (n + 1): with factor 1 the bars
+  are 0.5, 0.667, 0.75, 0.8, ...; the count stops at the first miss even if a later one would clear its own bar
+  (it cannot: sorted confidences fall while the bar rises); at least one where any is eligible, 0 where none."""
+  conf = jnp.array([[0.70, 0.99, 0.60, 0.90, 0.10, 0.95],    # sorted .99 .95 .90 .70: bars .5 .667 .75 .8 -> 3
+                    [0.40, 0.30, 0.20, 0.10, 0.05, 0.01],    # the best misses 0.5: still 1
+                    [0.99, 0.99, 0.99, 0.99, 0.99, 0.99],    # ineligible but the first two
+                    [0.99, 0.99, 0.99, 0.99, 0.99, 0.99]])   # nothing eligible
+  eligible = jnp.array([[True] * 6, [True] * 6, [True, True] + [False] * 4, [False] * 6])
+  np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 1.0), [3, 1, 2, 0])
+  np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 0.1), [1, 1, 2, 0])  # bars .95 .967: .99, then .95 misses
+  np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 4.0), [5, 3, 2, 0])
 
 
 @pytest.mark.parametrize("mode", ["llada", "flowlm"])
@@ -694,6 +736,10 @@ def test_bad_fast_options_fail_with_one_line_naming_them():
     sampling.LladaSpec.from_config(inference_config(cache="full"), VOCAB)
   with pytest.raises(ValueError, match="parallel_threshold must be in"):
     sampling.FlowSpec.from_config(inference_config(parallel_threshold=1.5), VOCAB)
+  with pytest.raises(ValueError, match="parallel_factor must be >= 0"):
+    sampling.LladaSpec.from_config(inference_config(parallel_factor=-1.0), VOCAB)
+  with pytest.raises(ValueError, match="set parallel_threshold or parallel_factor, not both"):
+    sampling.FlowSpec.from_config(inference_config(parallel_threshold=0.9, parallel_factor=1.0), VOCAB)
   from flowlm_jax.decoding_passes import check_cacheable
 
   with pytest.raises(ValueError, match="model family object has no cached decoding"):
