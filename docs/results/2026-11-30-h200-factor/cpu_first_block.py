@@ -1,3 +1,11 @@
+"""Where parallel decoding's wrong tokens are: decode a task's long-answer test records (answer 256) with the
+LLaDA sampler under each parallel rule and print, per record, the answer positions that differ from the reference.
+
+  uv run python docs/results/2026-11-30-h200-factor/cpu_first_block.py models/flowlm-long-prefix copy,reverse 40 \
+      0.9:0 0.99:0 0:1 0:0.5 0:0.25      # rules as parallel_threshold:parallel_factor
+
+Run from the repository root (it reads scripts/fast_sampling.py's record file); ~10 minutes on 2 CPU cores.
+"""
 import sys, numpy as np, time
 sys.path.insert(0, "scripts")
 import fast_sampling as fs
