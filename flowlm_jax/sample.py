@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--cache_refresh must be >= 0, got {args.cache_refresh}")
   if args.parallel_threshold is not None and not 0.0 <= args.parallel_threshold <= 1.0:
     p.error(f"--parallel_threshold must be in [0, 1], got {args.parallel_threshold}")
-  if args.parallel_factor is not None and args.parallel_factor < 0:
+  if args.parallel_factor is not None and not args.parallel_factor >= 0:  # nan too
     p.error(f"--parallel_factor must be >= 0, got {args.parallel_factor}")
   if args.parallel_threshold and args.parallel_factor:
     p.error("set --parallel_threshold or --parallel_factor, not both")
@@ -101,6 +101,10 @@ def overrides_of(args: argparse.Namespace) -> dict:
   out = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
   if args.steps is not None and args.max_steps is None:
     out["max_steps"] = args.steps  # equal step budgets for both samplers unless asked otherwise
+  # One parallel rule asked for replaces the other the run may have been configured with (they cannot both be on).
+  for rule, other in (("parallel_threshold", "parallel_factor"), ("parallel_factor", "parallel_threshold")):
+    if out.get(rule) and other not in out:
+      out[other] = 0.0
   return out
 
 

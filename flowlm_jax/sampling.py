@@ -170,14 +170,13 @@ def parallel_count(conf_BxA, eligible_BxA, factor: float):
   marginals picks what decoding them from the joint would when each is wrong with probability
   epsilon and (n + 1) epsilon <= 1): the largest n such that the i-th most confident eligible position
   has confidence >= 1 - factor / (i + 1) for every i <= n. The bar rises with n, so a step that would
-  commit many tokens needs each of them surer than a step that commits few. At least 1 where any
-  position is eligible; 0 where none is."""
+  commit many tokens needs each of them surer than a step that commits few. 0 where nothing clears it:
+  the "at least one" per step is the sampler's (LLaDA's schedule), as for the threshold."""
   conf = jnp.where(eligible_BxA, conf_BxA, -jnp.inf)
   sorted_BxA = -jnp.sort(-conf, axis=-1)  # most confident first
   n_A = jnp.arange(1, conf.shape[-1] + 1)
   passes_BxA = sorted_BxA >= 1.0 - factor / (n_A + 1)
-  leading_B = jnp.sum(jnp.cumprod(passes_BxA, axis=-1), axis=-1, dtype=jnp.int32)
-  return jnp.minimum(jnp.maximum(leading_B, 1), jnp.sum(eligible_BxA, axis=-1, dtype=jnp.int32))
+  return jnp.sum(jnp.cumprod(passes_BxA, axis=-1), axis=-1, dtype=jnp.int32)
 
 
 def parallel_commit(spec, conf_BxA, eligible_BxA):

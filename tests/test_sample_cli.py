@@ -53,6 +53,7 @@ def test_a_bad_prompts_file_is_one_error_line_naming_it_before_anything_loads(tm
     ("--cache_refresh=-1", "--cache_refresh must be >= 0, got -1"),
     ("--parallel_threshold=1.5", "--parallel_threshold must be in [0, 1], got 1.5"),
     ("--parallel_factor=-1", "--parallel_factor must be >= 0, got -1.0"),
+    ("--parallel_factor=nan", "--parallel_factor must be >= 0, got nan"),
     ("--parallel_threshold=0.9 --parallel_factor=1", "set --parallel_threshold or --parallel_factor, not both"),
 ])
 def test_a_bad_option_is_one_error_line_naming_it(capsys, flag, message):
@@ -75,6 +76,22 @@ def test_fast_decoding_flags_reach_both_samplers_specs():
   for spec in (sampling.LladaSpec.from_config(icfg, vocab), sampling.FlowSpec.from_config(icfg, vocab)):
     assert (spec.parallel_factor, spec.parallel_threshold) == (1.5, 0.0), spec
   assert not {"cache", "cache_refresh", "parallel_threshold", "parallel_factor"} & set(sample.overrides_of(parse()))
+
+
+@pytest.mark.parametrize("configured, flag, expected", [
+    (dict(parallel_threshold=0.9), "--parallel_factor=1", (0.0, 1.0)),
+    (dict(parallel_factor=1.0), "--parallel_threshold=0.95", (0.95, 0.0)),
+    (dict(parallel_factor=1.0), "--parallel_threshold=0", (0.0, 1.0))])  # 0 = off: the run's rule stays
+def test_one_parallel_rule_on_the_command_line_replaces_the_runs_other_rule(configured, flag, expected):
+  """A run configured with one rule, sampled with the other: the flag's rule, not an error about both being set."""
+  from flowlm_jax import config as config_lib
+
+  icfg = config_lib.base_config().inference
+  icfg.update(configured)
+  icfg = sampling.run_config(icfg, **sample.overrides_of(parse(flag, "--gen_length=8", "--steps=8")))
+  vocab = sampling.Vocab(size=16, mask_id=1, pad_id=0, eos_id=2, sep_id=3, special_ids=(0, 1, 2, 3))
+  spec = sampling.LladaSpec.from_config(icfg, vocab)
+  assert (spec.parallel_threshold, spec.parallel_factor) == expected
 
 
 def test_prompts_are_decoded_in_batches_and_each_answer_stays_with_its_prompt(monkeypatch):

@@ -116,13 +116,13 @@ def ref_top(positions, key, k):
 
 def ref_factor_count(confs, factor):
   """Fast-dLLM's factor rule, spelled out: the longest run of the most confident whose n-th has conf >= 1 - factor
-  / (n + 1); at least one where there is any."""
+  / (n + 1) (0 when the most confident misses its bar)."""
   n = 0
   for rank, c in enumerate(sorted(confs, reverse=True), start=1):
     if c < 1 - factor / (rank + 1):
       break
     n = rank
-  return max(n, 1) if confs else 0
+  return n
 
 
 def ref_parallel(candidates, conf, icfg):
@@ -702,16 +702,30 @@ def test_flowlm_parallel_decoding_takes_fewer_passes(rule):
 
 def test_factor_rule_commits_the_longest_run_whose_nth_clears_its_bar():
   """The n-th most confident eligible position must have conf >= 1 - factor / (n + 1): with factor 1 the bars
-  are 0.5, 0.667, 0.75, 0.8, ...; the count stops at the first miss even if a later one would clear its own bar
-  (it cannot: sorted confidences fall while the bar rises); at least one where any is eligible, 0 where none."""
+  are 0.5, 0.667, 0.75, 0.8, ...; the count stops at the first miss (no later one can clear its own bar: sorted
+  confidences fall while the bar rises); 0 where the most confident misses or nothing is eligible."""
   conf = jnp.array([[0.70, 0.99, 0.60, 0.90, 0.10, 0.95],    # sorted .99 .95 .90 .70: bars .5 .667 .75 .8 -> 3
-                    [0.40, 0.30, 0.20, 0.10, 0.05, 0.01],    # the best misses 0.5: still 1
+                    [0.40, 0.30, 0.20, 0.10, 0.05, 0.01],    # the best misses 0.5
                     [0.99, 0.99, 0.99, 0.99, 0.99, 0.99],    # ineligible but the first two
                     [0.99, 0.99, 0.99, 0.99, 0.99, 0.99]])   # nothing eligible
   eligible = jnp.array([[True] * 6, [True] * 6, [True, True] + [False] * 4, [False] * 6])
-  np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 1.0), [3, 1, 2, 0])
-  np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 0.1), [1, 1, 2, 0])  # bars .95 .967: .99, then .95 misses
+  np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 1.0), [3, 0, 2, 0])
+  np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 0.1), [1, 0, 2, 0])  # bars .95 .967: .99, then .95 misses
   np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 4.0), [5, 3, 2, 0])
+
+
+@pytest.mark.parametrize("mode, overrides", [
+    ("llada", LLADA_RANDOM), ("llada", dict(block_length=4)),
+    *[("flowlm", dict(replacement_strategy=s)) for s in STRATEGIES]],
+    ids=["llada-random", "llada", *[f"flowlm-{s}" for s in STRATEGIES]])
+def test_a_factor_nothing_clears_adds_nothing_to_either_sampler(mode, overrides):
+  """Like a threshold of 1.0: a rule that no confidence passes commits nothing beyond the sampler's own choice
+  (the logits scaled down: every confidence is below 0.05, every bar of factor 0.5 above 0.75). With random
+  remasking a forced most-confident token would be a second commit beside the schedule's random one."""
+  params = params_at(3.0)
+  plain, fast = run_fast(mode, params, **overrides), run_fast(mode, params, parallel_factor=0.5, **overrides)
+  np.testing.assert_array_equal(fast.trajectory, plain.trajectory)
+  np.testing.assert_array_equal(fast.passes, plain.passes)
 
 
 @pytest.mark.parametrize("mode", ["llada", "flowlm"])
