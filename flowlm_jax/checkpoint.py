@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 RETRY_DELAYS_S = (2.0, 8.0, 30.0)  # waits before each retry of a step that failed for a non-damage reason
 # Status codes and messages by which tensorstore/Orbax report files that are missing, truncated or corrupt.
-DAMAGE_MARKERS = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "Truncated", "Error decoding", "checksum", "corrupt")
+DAMAGE_MARKERS = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "Truncated", "Error decoding", "checksum", "corrupt",
+                  "Invalid JSON")
 TRANSIENT_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
                      "ABORTED")
 START_FRESH = "to start a new run instead, use a new --workdir"
@@ -61,12 +63,14 @@ def failure_kind(e: BaseException) -> int:
   while e is not None and len(chain) < 10:
     chain.append(e)
     e = e.__cause__ or e.__context__
-  text = " ".join(f"{type(x).__name__}: {x}" for x in chain)
+  # Paths leave the text first: a workdir named `runs/corruption_study` must not make an I/O error read as damage.
+  text = re.sub(r"\S*/\S*", "<path>", " ".join(f"{type(x).__name__}: {x}" for x in chain))
   if any(isinstance(x, MemoryError) for x in chain) or any(m in text for m in TRANSIENT_MARKERS):
     return OTHER
   if any(isinstance(x, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)) for x in chain):
     return DAMAGED
-  if any(isinstance(x, KeyError) and "Unknown key" in str(x) for x in chain):  # an item directory is missing
+  if any(isinstance(x, KeyError) and ("Unknown key" in str(x) or "was not found in the checkpoint" in str(x))
+         for x in chain):  # an item directory (state, data, config) is missing
     return DAMAGED
   return DAMAGED if any(m in text for m in DAMAGE_MARKERS) else OTHER
 
@@ -129,7 +133,12 @@ class Checkpointer:
 
   def check_config(self, step: int, config_dict: dict) -> None:
     """Fails naming the keys in which the new config differs from the saved one where a resume must not."""
-    diffs = config_lib.resume_differences(self.read_config(step), config_dict)
+    saved = self.read_config(step)
+    try:
+      diffs = config_lib.resume_differences(saved, config_dict)
+    except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows
+      raise CheckpointMismatch(f"checkpoint {self.directory}/{step} holds a config this version cannot read "
+                               f"({_reason(e)}); resume with the version that wrote it, or {START_FRESH}") from e
     if diffs:
       raise CheckpointMismatch(f"checkpoint {self.directory}/{step} was saved with a different config: "
                                f"{', '.join(diffs)}; resume with the saved values, or {START_FRESH}")
@@ -137,6 +146,8 @@ class Checkpointer:
   def check_structure(self, step: int, abstract: TrainState) -> None:
     """Fails naming the parameter/optimiser paths whose saved shape or presence differs from the target's."""
     meta = self._manager.item_metadata(step)["state"]
+    if not meta:  # state/_METADATA missing or empty: the step is damaged, not another model's
+      raise FileNotFoundError(f"{self.directory}/{step}/state has no readable metadata")
     saved, want = _tree_paths(getattr(meta, "tree", meta)), _tree_paths(_state_dict(abstract))
     order = sorted(want, key=lambda p: (not p.startswith("params/"), p))  # parameters first: the likelier cause
     problems = [f"{p} has shape {saved[p]}, expected {want[p]}" for p in order if p in saved and saved[p] != want[p]]
@@ -179,12 +190,11 @@ class Checkpointer:
         return (s, *found)
       if step is not None:
         raise CheckpointError(f"checkpoint {self.directory}/{s} is damaged ({reason})")
-      moved = self._set_aside(s) if set_aside else "(left in place)"
-      log.warning("checkpoint %s/%d is damaged (%s); moved to %s, trying the previous one", self.directory, s,
-                  reason, moved)
+      moved = f"moved to {self._set_aside(s)}" if set_aside else "left in place"
+      log.warning("checkpoint %s/%d is damaged (%s); %s, trying the previous one", self.directory, s, reason, moved)
     if candidates:
-      raise CheckpointError(f"no checkpoint in {self.directory} could be restored: all {len(candidates)} were damaged "
-                            f"(set aside as N.damaged-*); {START_FRESH}")
+      raise CheckpointError(f"no checkpoint in {self.directory} could be restored: all {len(candidates)} were damaged"
+                            + (f" (set aside as N.damaged-*); {START_FRESH}" if set_aside else ""))
     set_aside_before = self.set_aside_steps()
     if set_aside_before:  # an earlier launch set every step aside: starting fresh here would train over them
       raise CheckpointError(f"no checkpoint in {self.directory} could be restored: every step was set aside as "
@@ -257,14 +267,21 @@ def restore_target(model_cfg, tx, shardings: TrainState) -> TrainState:
   return abstract_state(jax.eval_shape(lambda: train.init_state(model_cfg, tx, 0, shardings)), shardings)
 
 
-def resolve_resume_path(path: str) -> tuple[str, int | None]:
-  """`--resume` accepts a step directory (`…/checkpoints/1000`), a checkpoints directory or a workdir."""
-  path = os.path.abspath(path)
+def resolve_resume_path(path: str, what: str = "--resume") -> tuple[str, int | None]:
+  """(checkpoints directory, step or None) of a step directory (`…/checkpoints/1000`), a checkpoints directory or
+  a workdir (a workdir may be named by digits: a step directory is one Orbax wrote). Symlinks are resolved."""
+  path = os.path.realpath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"--resume: no such checkpoint directory: {path}")
-  base = os.path.basename(path)
-  if base.isdigit():
-    return os.path.dirname(path), int(base)
+    raise FileNotFoundError(f"{what}: no such checkpoint directory: {path}")
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return os.path.join(path, "checkpoints"), None
+  base = os.path.basename(path)
+  if base.isdigit() and is_step_directory(path):
+    return os.path.dirname(path), int(base)
   return path, None
+
+
+def is_step_directory(path: str) -> bool:
+  """Whether `path` is one step Orbax saved (its metadata file, or a damaged step's item directories)."""
+  return (os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA"))
+          or any(os.path.isdir(os.path.join(path, item)) for item in ("state", "config", "data")))

@@ -58,8 +58,10 @@ def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool =
   from flowlm_jax.tokenizer import load_tokenizer, vocab_of
 
   out = os.path.abspath(out)
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise FileExistsError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")
+  if os.path.isdir(out) and os.listdir(out):
+    if not overwrite:
+      raise FileExistsError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")
+    _check_replaceable(workdir, out)
   run = loading.load(workdir, step=step)
   model_cfg = run.model.cfg
   config = redact(run.config.to_dict())
@@ -81,6 +83,17 @@ def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool =
                        f"{run.vocab}); {out} is left as it was")
   return {"out": out, "step": run.step, "num_parameters": meta["model_shape"]["num_parameters"],
           "tensors": len(tensors), "bytes": os.path.getsize(os.path.join(out, layout.WEIGHTS_FILE))}
+
+
+def _check_replaceable(workdir: str, out: str) -> None:
+  """--overwrite replaces an earlier export, never the run itself or a directory that holds something else:
+  `staged` swaps the whole directory, so `--out=WORKDIR` would delete the run's checkpoints."""
+  source, target = os.path.realpath(workdir), os.path.realpath(out)
+  if source == target or source.startswith(target + os.sep):
+    raise FileExistsError(f"export: --out={out} holds {workdir}, the run being exported; choose another directory")
+  if not layout.is_exported(target):
+    raise FileExistsError(f"export: {out} is not an earlier export (no readable {layout.CONFIG_FILE} of one); "
+                          "--overwrite replaces only an export: choose an empty or absent --out")
 
 
 def export_hf(workdir: str, out: str, step: int | None = None) -> dict:
@@ -112,7 +125,8 @@ def main(argv=None) -> int:
   p.add_argument("--format", choices=FORMATS, default="flowlm",
                  help="flowlm: this project's layout (flowlm_jax.load); hf: the layout of the HF checkpoint the run "
                       "started from (ModernBERT, LLaDA, Dream)")
-  p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (flowlm format)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an earlier export at --out, once the new one is complete (flowlm format)")
   args = p.parse_args(argv)
   from flowlm_jax.checkpoint import CheckpointError  # heavy imports after argument errors
 

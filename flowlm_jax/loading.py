@@ -68,6 +68,8 @@ def load(workdir: str, step: int | None = None, prompt_format: str | None = None
   if exported.is_exported(workdir):
     run = _load_exported(workdir, step)
   elif llama_hf.is_checkpoint(workdir):
+    if step not in (None, 0):
+      raise ValueError(f"{workdir} is a released checkpoint (step 0), not a run with a step {step}")
     run = _load_hf_checkpoint(workdir, resolve_prompt_format=explicit is None)
   else:
     run = _load_run(workdir, step)
@@ -78,14 +80,21 @@ def load(workdir: str, step: int | None = None, prompt_format: str | None = None
 
 def _load_run(workdir: str, step: int | None) -> LoadedRun:
   """A LoadedRun from a run's Orbax checkpoints (its config as recorded, prompt_format included)."""
-  directory, resume_step = ckpt_lib.resolve_resume_path(workdir)
+  directory, resume_step = ckpt_lib.resolve_resume_path(workdir, what="load")
+  if step is not None and resume_step is not None and step != resume_step:
+    raise ValueError(f"{workdir} is the directory of step {resume_step}, not step {step}")
   step = resume_step if step is None else step
   checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
   try:
     steps = checkpointer.all_steps()
     if not steps:
       raise FileNotFoundError(f"no checkpoints in {directory}")
-    config = config_lib.from_dict(checkpointer.read_config(step if step is not None else steps[-1]))
+    saved = _newest_readable_config(checkpointer, [step] if step is not None else steps[::-1])
+    try:
+      config = config_lib.from_dict(saved)
+    except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows
+      raise ValueError(f"{directory}: the saved config cannot be read by this version ({e}); load it with the "
+                       "version that wrote it") from e
     tokenizer = load_tokenizer(config.model.tokenizer)
     vocab = vocab_of(tokenizer)
     model_cfg = registry.model_config(config.model, vocab)
@@ -105,6 +114,20 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
   model = nnx.merge(graphdef, state.params)
   return LoadedRun(config=config, model=model, tokenizer=tokenizer, vocab=vocab, step=restored_step,
                    graphdef=graphdef, params=state.params)
+
+
+def _newest_readable_config(checkpointer, steps: list[int]) -> dict:
+  """The saved config of the first of `steps` whose config reads; a damaged one is skipped, as
+  restore_latest_good skips its weights (the run's config is the same in every step)."""
+  for step in steps[:-1]:
+    try:
+      return checkpointer.read_config(step)
+    except Exception as e:  # noqa: BLE001 - classified: only damage moves on to an older step
+      if ckpt_lib.failure_kind(e) != ckpt_lib.DAMAGED:
+        raise
+      log.warning("checkpoint %s/%d: its config is damaged (%s); reading the previous step's",
+                  checkpointer.directory, step, type(e).__name__)
+  return checkpointer.read_config(steps[-1])
 
 
 def _load_exported(path: str, step: int | None) -> LoadedRun:

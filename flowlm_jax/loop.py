@@ -338,7 +338,7 @@ def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, co
   there is no checkpoint at all. A workdir's own checkpoints win over --resume, so the same command relaunched
   (after a preemption, a requeue) goes on from where that workdir got to instead of from --resume's step."""
   source, own_steps = checkpointer, checkpointer.all_steps()
-  if resume_dir is not None and os.path.abspath(resume_dir) == checkpointer.directory:
+  if resume_dir is not None and os.path.realpath(resume_dir) == os.path.realpath(checkpointer.directory):
     later = [step for step in own_steps if resume_step is not None and step > resume_step]
     if later:  # the first save would find its step taken, after the metrics past resume_step were dropped
       raise ckpt_lib.CheckpointError(

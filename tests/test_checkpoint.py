@@ -68,21 +68,52 @@ def test_save_then_restore_is_exact(setup, tmp_path):
   assert_trees_equal(state, restored)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(setup, tmp_path, caplog, damage):
-  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1, 2])
+def damage_step(step_dir, damage: str) -> None:
   if damage == "truncate":
-    truncate_state(tmp_path / "ckpt" / "2")
-  else:
-    shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
+    truncate_state(step_dir)
+  elif damage == "garble_sharding":  # tensorstore: FAILED_PRECONDITION ... Invalid JSON
+    (step_dir / "state" / "_sharding").write_text("{not json")
+  elif damage == "no_state_metadata":  # Orbax reads no metadata at all: not "a different model"
+    os.remove(step_dir / "state" / "_METADATA")
+  else:  # delete_state, delete_data, delete_config: an item directory gone
+    shutil.rmtree(step_dir / damage.removeprefix("delete_"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_state", "delete_data", "delete_config", "garble_sharding",
+                                    "no_state_metadata"])
+def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(setup, tmp_path, caplog, damage, no_backoff):
+  """Damage is recognised at once (no retries: `no_backoff` only shortens them) and the step set aside; the config
+  is checked as a resuming trainer checks it."""
+  config_dict = setup.config.to_dict()
+  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1, 2], config_dict=config_dict)
+  damage_step(tmp_path / "ckpt" / "2", damage)
   before = tree_hashes(tmp_path / "ckpt" / "1")
-  found = ckpt.restore_latest_good(abstract)
+  found = ckpt.restore_latest_good(abstract, config_dict=config_dict)
   assert ckpt.all_steps() == [1]
   ckpt.close()
   assert found is not None and found[0] == 1 and found[2]["position"] == 1
   assert [d.name.split(".")[1].split("-")[0] for d in (tmp_path / "ckpt").iterdir() if d.name.startswith("2.")] == ["damaged"]
   assert tree_hashes(tmp_path / "ckpt" / "1") == before
   assert any("checkpoint" in r.message and "damaged" in r.message for r in caplog.records)
+  assert not any("could not be read" in r.message for r in caplog.records), "damage was retried as an I/O error"
+
+
+def test_an_io_error_is_not_damage_whatever_the_paths_in_its_message_say():
+  """Marker words are read in the error, not in the paths it names: `runs/corruption_study` is a workdir name."""
+  eio = OSError(5, "Input/output error", "/runs/uniform_corruption/checkpoints/4/state/manifest.ocdbt")
+  assert ckpt_lib.failure_kind(eio) == ckpt_lib.OTHER
+  assert ckpt_lib.failure_kind(ValueError("DATA_LOSS: /runs/a/checkpoints/4/state: checksum mismatch")) == ckpt_lib.DAMAGED
+  assert ckpt_lib.failure_kind(FileNotFoundError(2, "No such file", "/runs/a/4/state")) == ckpt_lib.DAMAGED
+
+
+def test_a_saved_config_this_version_cannot_read_is_a_mismatch_not_an_io_error(setup, tmp_path):
+  """A key written by another version: refused in one line at once, nothing retried or moved."""
+  ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1], config_dict={"training": {"some_removed_key": 1}})
+  before = tree_hashes(tmp_path / "ckpt")
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"holds a config this version cannot read .*some_removed_key"):
+    ckpt.restore_latest_good(abstract, config_dict=setup.config.to_dict())
+  ckpt.close()
+  assert tree_hashes(tmp_path / "ckpt") == before
 
 
 def test_a_reader_skips_a_damaged_checkpoint_without_moving_it(setup, tmp_path):
@@ -183,12 +214,21 @@ def test_a_read_error_that_goes_away_is_retried_and_restores_the_newest_step(set
 
 
 def test_resume_path_accepts_step_dirs_checkpoint_dirs_and_workdirs(tmp_path):
+  tmp_path = tmp_path.resolve()
   (tmp_path / "checkpoints" / "40").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "40" / "_CHECKPOINT_METADATA").write_text("{}")  # what Orbax writes into a step
   assert ckpt_lib.resolve_resume_path(str(tmp_path / "checkpoints" / "40")) == (str(tmp_path / "checkpoints"), 40)
   assert ckpt_lib.resolve_resume_path(str(tmp_path)) == (str(tmp_path / "checkpoints"), None)
   assert ckpt_lib.resolve_resume_path(str(tmp_path / "checkpoints")) == (str(tmp_path / "checkpoints"), None)
+  (tmp_path / "latest").symlink_to(tmp_path / "checkpoints" / "40")  # a link to a step is that step
+  assert ckpt_lib.resolve_resume_path(str(tmp_path / "latest")) == (str(tmp_path / "checkpoints"), 40)
+  dated = tmp_path / "runs" / "20241130"  # a workdir named by digits is a workdir, not step 20241130 of runs/
+  (dated / "checkpoints").mkdir(parents=True)
+  assert ckpt_lib.resolve_resume_path(str(dated)) == (str(dated / "checkpoints"), None)
   with pytest.raises(FileNotFoundError, match="--resume"):
     ckpt_lib.resolve_resume_path(str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="^load: no such checkpoint directory"):
+    ckpt_lib.resolve_resume_path(str(tmp_path / "nowhere"), what="load")
 
 
 @pytest.mark.integration
@@ -267,6 +307,9 @@ def test_resume_of_an_earlier_step_of_the_run_own_workdir_is_refused_before_touc
   before = tree_hashes(tmp_path / "w")
   with pytest.raises(ckpt_lib.CheckpointError, match=r"later steps \(4\) .* resume it into a new --workdir"):
     loop.run(config, workdir, resume=os.path.join(workdir, "checkpoints", "2"))
+  os.symlink(workdir, tmp_path / "link")  # the same workdir under another name is the same workdir
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"later steps \(4\)"):
+    loop.run(config, str(tmp_path / "link"), resume=os.path.join(workdir, "checkpoints", "2"))
   assert tree_hashes(tmp_path / "w") == before
   other = str(tmp_path / "branch")
   assert loop.run(config, other, resume=os.path.join(workdir, "checkpoints", "2"))["checkpoint"].endswith("4")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import REPO, tiny_config, tree_hashes
 from mesh_worker import cpu_env
 
 
@@ -126,6 +126,21 @@ def test_export_refuses_a_non_empty_out(workdir, tmp_path):
   (tmp_path / "out" / "keep.txt").write_text("x")
   with pytest.raises(FileExistsError, match="not empty"):
     export.export(workdir, str(tmp_path / "out"))
+
+
+def test_overwrite_replaces_only_an_earlier_export_never_the_run_or_other_files(workdir, tmp_path):
+  """`staged` swaps the whole --out: with --out=WORKDIR (or a folder above it) that would delete the checkpoints."""
+  from flowlm_jax import export
+
+  before = tree_hashes(workdir)
+  for out in (workdir, os.path.dirname(workdir)):
+    with pytest.raises(FileExistsError, match="the run being exported; choose another directory"):
+      export.export(workdir, out, overwrite=True)
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "keep.txt").write_text("x")
+  with pytest.raises(FileExistsError, match="is not an earlier export"):
+    export.export(workdir, str(tmp_path / "notes"), overwrite=True)
+  assert tree_hashes(workdir) == before and (tmp_path / "notes" / "keep.txt").read_text() == "x"
 
 
 def test_overwrite_replaces_the_export_whole_and_a_failure_leaves_the_old_one(workdir, tmp_path, monkeypatch):

@@ -141,3 +141,20 @@ def test_a_bad_prompt_format_is_a_one_line_error_before_anything_loads(tmp_path)
   with pytest.raises(ValueError, match=r"prompt_format='Chat': expected one of auto, plain, chat") as info:
     flowlm_jax.load(str(tmp_path / "absent"), prompt_format="Chat")
   assert "\n" not in str(info.value)
+
+
+def test_a_damaged_newest_config_is_read_from_the_previous_step_and_a_step_is_never_silently_swapped(tmp_path):
+  """load() skips damage as a resuming trainer does: the newest step whose config is unreadable still loads (its
+  weights are fine; the config is the run's, read from the step before). An explicit step that contradicts the
+  directory named, or a step of a release (always step 0), is refused instead of quietly replaced."""
+  from test_export import write_checkpoint
+
+  c = load_preset("llada", "demo")
+  for step in (2, 4):
+    write_checkpoint(str(tmp_path / "run"), c, step=step)
+  (tmp_path / "run" / "checkpoints" / "4" / "config" / "metadata").write_text("{trunc")
+  assert flowlm_jax.load(str(tmp_path / "run")).step == 4
+  with pytest.raises(ValueError, match=r"checkpoints/4 is the directory of step 4, not step 2"):
+    flowlm_jax.load(str(tmp_path / "run" / "checkpoints" / "4"), step=2)
+  with pytest.raises(ValueError, match=r"is a released checkpoint \(step 0\), not a run with a step 500"):
+    flowlm_jax.load(LLADA, step=500)
