@@ -193,7 +193,7 @@ def report_markdown(report: dict) -> str:
   lines += _table(["label", "[MASK] ELBO (nats/token)", "bits/byte", "perplexity bound",
                    "mixed-noise ELBO (nats/token)"], rows)
   steps = [k.split("/")[1] for k in first_keys(groups, "bounds") if k.startswith("steps/")]
-  lines += ["", "T-step bound (nats/token; what a T-step random-order unmasking sampler attains):", ""]
+  lines += ["", "T-step bound (nats/token; bounds the NLL of a T-step random-order unmasking sampler):", ""]
   lines += _table(["label", *[f"T={n}" for n in steps]],
                   [[label, *[_pm(g["bounds"][f"steps/{n}"]) for n in steps]] for label, g in groups.items()])
   lines += ["", "![bound against steps](bound_vs_steps.png)", ""]

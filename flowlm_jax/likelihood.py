@@ -10,7 +10,8 @@ Three figures, each an upper bound on the negative log-likelihood estimated by M
   1/l), with a bounded weight. Applied to the answer positions of prompt + answer rows it is LLaDA's
   conditional likelihood of an answer given its prompt, which scores multiple-choice candidates.
   `steps=T` restricts t to the grid {1/T, ..., 1}: the discrete-time T-step bound (MDLM Sec. 3.2.3),
-  the likelihood a T-step random-order unmasking sampler attains; it decreases to the continuous one.
+  an upper bound on the NLL of a T-step random-order unmasking sampler; for a trained model (loss growing
+  with t) it lies above the continuous bound and nears it as T grows, but not for every model.
 - `mixed_noise_elbo_draws`: the exact ELBO of FlowLM's own corruption ([MASK] + uniform tokens, GIDD;
   the weights are derived in `losses.gidd_weights`).
 

@@ -77,6 +77,14 @@ def test_configs_resolve_to_the_architectures_of_the_releases():
   hash(llada)  # lives in the graphdef: a static argument of the compiled samplers
 
 
+@pytest.mark.parametrize("key", ["bias_for_layer_norm", "multi_query_attention"])
+def test_an_olmo_off_switch_spelt_false_reads_as_null(key):
+  """LLaDA's OLMo-style config.json may write `false` where the release writes `null`: the same model."""
+  hf = {**llama_hf.read_hf_config(LLADA), key: False}
+  same = lambda cfg: dataclasses.replace(cfg, hf_config="")  # the source's text is kept as written
+  assert same(llama_hf.from_hf_config(hf, compute_dtype="float32", pretrained=LLADA)) == same(fixture_config(LLADA))
+
+
 @FIXTURES
 def test_config_json_round_trips(directory):
   cfg = fixture_config(directory)

@@ -52,6 +52,7 @@ def complete(hf: dict) -> dict:
   hf.setdefault("rms_norm_eps", 1e-5)
   hf.setdefault("weight_tying", False)
   hf.setdefault("include_qkv_bias", False)
-  if hf.get("bias_for_layer_norm") is False:  # False and null both mean "no norm bias" when include_bias is off
-    hf["bias_for_layer_norm"] = None
+  for key in ("bias_for_layer_norm", "multi_query_attention"):  # OLMo configs spell "off" as false or null
+    if hf.get(key) is False:
+      hf[key] = None
   return hf
