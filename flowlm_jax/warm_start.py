@@ -41,11 +41,14 @@ def check(path: str, model_cfg, template: dict, tokenizer) -> int:
     _check_tokenizer(path, tokenizer)
     _check_architecture(path, loading.model_config(meta), model_cfg)
     exported.read_params(path, template, check_only=True)
+    return int(meta["step"])
   except SafetensorError as e:  # a damaged or truncated file: its message does not name it
     raise ValueError(f"{KEY}: {os.path.join(path, exported.WEIGHTS_FILE)} does not read: {e}") from None
+  except (KeyError, TypeError) as e:  # a config.json without a key an export always writes
+    raise ValueError(f"{KEY}: {os.path.join(path, exported.CONFIG_FILE)} is incomplete or damaged "
+                     f"({type(e).__name__}: {e})") from None
   except (OSError, ValueError) as e:
     raise ValueError(f"{KEY}: {e}") from None
-  return int(meta["step"])
 
 
 def initial_params(path: str, template: dict, shardings: dict) -> dict:

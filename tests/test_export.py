@@ -128,6 +128,27 @@ def test_export_refuses_a_non_empty_out(workdir, tmp_path):
     export.export(workdir, str(tmp_path / "out"))
 
 
+def test_a_damaged_export_is_a_one_line_error_naming_what_is_wrong(exported, tmp_path):
+  """Truncated weights name their file (safetensors' message does not); a config.json that no longer reads as an
+  export says so, instead of "no checkpoints in" the directory."""
+  import shutil
+
+  import flowlm_jax
+
+  weights, config = str(tmp_path / "weights"), str(tmp_path / "config")
+  for copy in (weights, config):
+    shutil.copytree(exported, copy)
+  with open(os.path.join(weights, "model.safetensors"), "r+b") as f:
+    f.truncate(os.path.getsize(os.path.join(weights, "model.safetensors")) - 100)
+  with pytest.raises(ValueError, match=r"weights/model.safetensors does not read: ") as info:
+    flowlm_jax.load(weights)
+  assert "\n" not in str(info.value)
+  with open(os.path.join(config, "config.json"), "w") as f:
+    f.write('{"format": "flowlm_jax", "st')
+  with pytest.raises(ValueError, match=r"config holds a config.json but is neither a whole export"):
+    flowlm_jax.load(config)
+
+
 def test_overwrite_replaces_only_an_earlier_export_never_the_run_or_other_files(workdir, tmp_path):
   """`staged` swaps the whole --out: with --out=WORKDIR (or a folder above it) that would delete the checkpoints."""
   from flowlm_jax import export

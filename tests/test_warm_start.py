@@ -1,5 +1,6 @@
 """`training.init_from`: a new run starting from the weights of an exported one (warm_start.py)."""
 
+import json
 import logging
 import os
 
@@ -106,6 +107,17 @@ def _not_an_export(path):
   os.remove(os.path.join(path, "config.json"))
 
 
+def _config_without(key):
+  def damage(path):
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+      meta = json.load(f)
+    del meta[key]
+    with open(config_path, "w") as f:
+      json.dump(meta, f)
+  return damage
+
+
 def _no_tokenizer(path):
   for name in os.listdir(path):
     if name.startswith(("tokenizer", "special_tokens")):
@@ -119,6 +131,8 @@ def _no_tokenizer(path):
     (None, _damaged_weights, "model.safetensors"),
     (None, _not_an_export, "is not a directory written by `python -m flowlm_jax.export`"),
     (None, _no_tokenizer, "its tokenizer files do not load"),
+    (None, _config_without("step"), r"config.json is incomplete or damaged \(KeyError: 'step'\)"),
+    (None, _config_without("model_shape"), r"config.json is incomplete or damaged \(KeyError: 'model_shape'\)"),
     (lambda c: setattr(c.training, "init_from", "/no/such/export"), None, "/no/such/export is not a directory"),
 ])
 def test_what_cannot_start_the_run_fails_in_one_line_before_anything_compiles(exported, change, damage, message,
