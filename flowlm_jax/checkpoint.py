@@ -34,6 +34,7 @@ from flowlm_jax.train import TrainState
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS_S = (2.0, 8.0, 30.0)  # waits before each retry of a step that failed for a non-damage reason
+MAX_RELISTS = 3  # a reader whose step was deleted under it (a training's max_to_keep) lists the steps again this often
 # Status codes and messages by which tensorstore/Orbax report files that are missing, truncated or corrupt.
 DAMAGE_MARKERS = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "Truncated", "Error decoding", "checksum", "corrupt",
                   "Invalid JSON")
@@ -125,8 +126,10 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._manager.wait_until_finished()  # raises if an asynchronous save failed: say so, but still close
+    finally:
+      self._manager.close()
 
   def read_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -184,16 +187,25 @@ class Checkpointer:
     candidates = [s for s in reversed(self.all_steps()) if step is None or s <= step]
     if step is not None and step not in candidates:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
-    for s in candidates:
+    damaged, relists = [], 0
+    while candidates:
+      s = candidates.pop(0)
       found, reason = self._restore_agreed(s, abstract, config_dict)
       if found is not None:
         return (s, *found)
+      if step is None and relists < MAX_RELISTS and not os.path.isdir(os.path.join(self.directory, str(s))):
+        # Gone, not damaged: a training writing here deleted it (max_to_keep) after a newer save. List again.
+        log.warning("checkpoint %s/%d was deleted while being read; reading the newest step again", self.directory, s)
+        self._manager.reload()
+        candidates, relists = [n for n in reversed(self.all_steps()) if n not in damaged], relists + 1
+        continue
       if step is not None:
         raise CheckpointError(f"checkpoint {self.directory}/{s} is damaged ({reason})")
+      damaged.append(s)
       moved = f"moved to {self._set_aside(s)}" if set_aside else "left in place"
       log.warning("checkpoint %s/%d is damaged (%s); %s, trying the previous one", self.directory, s, reason, moved)
-    if candidates:
-      raise CheckpointError(f"no checkpoint in {self.directory} could be restored: all {len(candidates)} were damaged"
+    if damaged:
+      raise CheckpointError(f"no checkpoint in {self.directory} could be restored: all {len(damaged)} were damaged"
                             + (f" (set aside as N.damaged-*); {START_FRESH}" if set_aside else ""))
     set_aside_before = self.set_aside_steps()
     if set_aside_before:  # an earlier launch set every step aside: starting fresh here would train over them

@@ -124,6 +124,27 @@ def test_a_reader_skips_a_damaged_checkpoint_without_moving_it(setup, tmp_path):
   assert found[0] == 1 and sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
 
 
+def test_a_reader_whose_step_a_training_deletes_meanwhile_reads_the_new_newest(setup, tmp_path, monkeypatch):
+  """A notebook loading a run that is training: the trainer saves step 3 and its max_to_keep deletes step 2
+  between the reader's listing and its read. Gone is not damaged: the reader lists again and restores step 3."""
+  ckpt, state, abstract = saved_steps(setup, tmp_path / "ckpt", [2])
+  writer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=1, async_save=False)
+  check_structure = ckpt_lib.Checkpointer.check_structure
+
+  def save_in_between(self, step, target):
+    if self is ckpt and step == 2 and writer.all_steps() == [2]:
+      writer.save(3, state, {"epoch": 0, "position": 3}, {})
+      writer.wait()
+      assert sorted(os.listdir(tmp_path / "ckpt")) == ["3"]
+    return check_structure(self, step, target)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "check_structure", save_in_between)
+  found = ckpt.restore_latest_good(abstract, set_aside=False)
+  writer.close()
+  ckpt.close()
+  assert found[0] == 3 and found[2]["position"] == 3
+
+
 def test_when_every_checkpoint_is_damaged_restore_fails_instead_of_starting_fresh(setup, tmp_path):
   """... and so does every later launch, once they are set aside (Orbax lists no step any more)."""
   ckpt, _, abstract = saved_steps(setup, tmp_path / "ckpt", [1, 2])
