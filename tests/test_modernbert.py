@@ -281,12 +281,41 @@ def test_export_round_trips_and_hf_accepts_the_config(tmp_path, tokenizer, direc
   hf = AutoConfig.from_pretrained(out)
   assert hf.model_type == "modernbert" and hf.num_hidden_layers == cfg.n_layers
   assert [t == "full_attention" for t in hf.layer_types] == list(cfg.global_layers)
+  # transformers 4.x reads only the older keys (its defaults otherwise): they spell the same model
+  with open(os.path.join(out, "config.json")) as f:
+    written = json.load(f)
+  every = written.get("global_attn_every_n_layers")  # the all-biases fixture's pattern has no such spelling
+  assert (every is None) == (directory == ALL_BIASES)
+  assert every is None or [i % every == 0 for i in range(cfg.n_layers)] == list(cfg.global_layers)
+  assert (written["global_rope_theta"], written["local_rope_theta"]) == (cfg.global_rope_theta, cfg.local_rope_theta)
   again = modernbert_hf.from_hf_config(modernbert_hf.read_hf_config(out), num_real_tokens=cfg.num_real_tokens,
                                     compute_dtype="float32", pretrained=out)
   assert dataclasses.replace(again, hf_config="") == dataclasses.replace(cfg, hf_config="", pretrained=out)
   reloaded = modernbert_hf.load_params(again)
   for name, value in params.items():
     np.testing.assert_array_equal(reloaded[name], value)
+
+
+def test_a_one_layer_model_round_trips(tmp_path):
+  """Layer 0 has no attn_norm, so a one-layer model has none at all: an empty stack, not a failed np.stack."""
+  cfg = dataclasses.replace(fixture_config(FIXTURE), n_layers=1, global_layers=(True,))
+  rng = np.random.default_rng(0)
+  params = {name: rng.normal(size=x.shape).astype(np.float32) for name, x in modernbert_hf.abstract_params(cfg).items()}
+  out = str(tmp_path / "one_layer")
+  modernbert_hf.save_hf(params, cfg, out, None)
+  again = modernbert_hf.from_hf_config(modernbert_hf.read_hf_config(out), num_real_tokens=cfg.num_real_tokens,
+                                    compute_dtype="float32", pretrained=out)
+  reloaded = modernbert_hf.load_params(again)
+  for name, value in params.items():
+    np.testing.assert_array_equal(reloaded[name], value)
+
+
+def test_a_layer_pattern_transformers_4_cannot_spell_is_left_to_layer_types():
+  assert modernbert_hf.global_every([True, False, False, True, False, False]) == 3
+  assert modernbert_hf.global_every([True, False, True, False]) == 2
+  assert modernbert_hf.global_every([True]) == 1 and modernbert_hf.global_every([True, False]) == 2
+  assert modernbert_hf.global_every([True, False, False, True, True]) is None
+  assert modernbert_hf.global_every([False, True]) is None
 
 
 def test_hf_names_cover_every_parameter():

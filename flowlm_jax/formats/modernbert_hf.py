@@ -151,10 +151,23 @@ def hf_config_dict(cfg: ModernBertConfig) -> dict:
       layer_types=["full_attention" if g else "sliding_attention" for g in cfg.global_layers],
       rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
                        "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}})
-  # The older spellings would contradict layer_types / rope_parameters if left behind.
-  for stale in ("global_attn_every_n_layers", "global_rope_theta", "local_rope_theta", "rope_scaling"):
+  # transformers 4.x reads only the older spellings (and falls back to its defaults without them): written with
+  # the same values, so both generations build this model; a layer pattern they cannot spell is left out.
+  for stale in ("global_attn_every_n_layers", "rope_scaling"):
     hf.pop(stale, None)
+  hf.update(global_rope_theta=cfg.global_rope_theta, local_rope_theta=cfg.local_rope_theta)
+  every = global_every(cfg.global_layers)
+  if every is not None:
+    hf["global_attn_every_n_layers"] = every
   return hf
+
+
+def global_every(global_layers) -> int | None:
+  """n where layer i is global exactly when i % n == 0 (transformers 4.x's `global_attn_every_n_layers`), else
+  None."""
+  later = [i for i, g in enumerate(global_layers) if g and i > 0]
+  n = later[0] if later else len(global_layers) or 1
+  return n if list(global_layers) == [i % n == 0 for i in range(len(global_layers))] else None
 
 
 # --- the name and layout table ----------------------------------------------------------------
@@ -263,7 +276,10 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg, template: Mapping, so
       for ours, piece in zip(rule.ours, rule.split(np.asarray(tensors[name]))):
         pieces[ours].append(piece)
     for ours, parts in pieces.items():
-      value = parts[0] if rule.layers is None else np.stack(parts)
+      if rule.layers is None:
+        value = parts[0]
+      else:  # a one-layer model has no attn_norm at all (layer 0's is an Identity): an empty stack
+        value = np.stack(parts) if parts else np.empty(template[ours].shape, template[ours].dtype)
       params[ours] = np.ascontiguousarray(value.astype(template[ours].dtype))
   return params
 
