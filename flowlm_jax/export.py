@@ -110,8 +110,15 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> dict:
   if hf_format is None or not getattr(run.model.cfg, "hf_config", ""):
     raise ValueError(f"export --format=hf: {workdir} did not start from an HF checkpoint (model.pretrained); "
                      "use --format=flowlm")
+  from flowlm_jax.tokenizer import load_tokenizer
+
   with staged(out) as staging:  # per tensor (a layer at a time for LLaDA/Dream): no host copy of the whole model
     summary = hf_format.save_hf(run.params, run.model.cfg, staging, run.tokenizer)
+    # The source's tokenizer files come along; a run trained with another model.tokenizer (tokens added) gets its
+    # own written over them, so the release's tokenizer describes the embedding rows it ships.
+    if load_tokenizer(staging).get_vocab() != run.tokenizer.get_vocab():
+      run.tokenizer.save_pretrained(staging)
+      summary["tokenizer"] = "the run's (model.tokenizer differs from the source's)"
   return {**summary, "out": out, "step": run.step}
 
 

@@ -567,3 +567,22 @@ def test_a_dream_derived_export_starts_a_fine_tune_once_the_run_names_its_archit
   started = params_at(str(tmp_path / "ft"), 1)
   for name, value in saved.items():
     np.testing.assert_allclose(started[name], value, rtol=0, atol=1e-9, err_msg=name)
+
+
+def test_an_hf_export_ships_the_runs_tokenizer_when_it_differs_from_the_sources(tmp_path):
+  """A run whose model.tokenizer adds a token to the release's: the exported release's tokenizer is the run's,
+  whose ids its embedding rows were trained with, not the source's copied along."""
+  from flowlm_jax import export
+  from flowlm_jax.tokenizer import load_tokenizer
+  from test_export import write_checkpoint
+
+  tokenizer = load_tokenizer(DREAM)
+  tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+  tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+  c = load_preset("flowlm", "tasks")
+  c.model.pretrained, c.model.tokenizer = DREAM, str(tmp_path / "tokenizer")
+  write_checkpoint(str(tmp_path / "run"), c, step=3)
+  assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--format=hf"]) == 0
+  shipped = load_tokenizer(str(tmp_path / "hf"))
+  assert shipped.get_vocab() == load_tokenizer(str(tmp_path / "tokenizer")).get_vocab()
+  assert "<|tool|>" in shipped.get_vocab() and "<|tool|>" not in load_tokenizer(DREAM).get_vocab()
