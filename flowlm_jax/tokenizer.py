@@ -42,6 +42,9 @@ def load_tokenizer(name: str):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
   except OSError as e:
     raise FileNotFoundError(f"model.tokenizer: cannot load {name!r} ({str(e).splitlines()[0]})") from None
+  except Exception as e:  # noqa: BLE001 - damaged files: transformers' own errors, often several lines long
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    raise ValueError(f"model.tokenizer: {name!r} does not load ({type(e).__name__}: {first_line})") from None
   _adopt_config_mask(tokenizer, path)
   missing = {k: v for k, v in REQUIRED_SPECIALS.items() if getattr(tokenizer, k, None) is None}
   if tokenizer.pad_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -64,8 +67,11 @@ def _adopt_config_mask(tokenizer, path: str) -> None:
   config = os.path.join(path, "config.json")
   if not os.path.isfile(config):
     return
-  with open(config) as f:
-    mask_id = json.load(f).get("mask_token_id")
+  try:
+    with open(config) as f:
+      mask_id = json.load(f).get("mask_token_id")
+  except (ValueError, AttributeError) as e:
+    raise ValueError(f"model.tokenizer: {config} does not read as JSON ({e})") from None
   if mask_id is None or mask_id == tokenizer.mask_token_id:
     return
   if not 0 <= mask_id < len(tokenizer):

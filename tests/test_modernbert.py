@@ -255,6 +255,32 @@ def test_bad_checkpoints_fail_in_one_line_naming_the_tensor(tmp_path, edit, mess
   assert "\n" not in str(info.value)
 
 
+def _truncate_weights(d):
+  path = os.path.join(d, "model.safetensors")
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _damaged_index(d):
+  os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "model-00001-of-00001.safetensors"))
+  with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+    f.write("{ oops")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate_weights, r"mb/model.safetensors does not read \(SafetensorError: "),
+    (_damaged_index, r"mb/model.safetensors.index.json does not read as a safetensors index \(JSONDecodeError: "),
+    (lambda d: open(os.path.join(d, "config.json"), "w").write('{"model_type": '),
+     r"mb/config.json does not read as JSON \(JSONDecodeError: "),
+])
+def test_damaged_files_fail_in_one_line_naming_the_file(tmp_path, damage, message):
+  directory = _copy_fixture(tmp_path, lambda t: None)
+  damage(directory)
+  with pytest.raises(ValueError, match=message) as info:
+    modernbert_hf.load_params(modernbert_hf.from_hf_config(modernbert_hf.read_hf_config(directory),
+                                                           pretrained=directory))
+  assert "\n" not in str(info.value)
+
+
 def test_missing_directory_and_unreachable_hub_are_one_line_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no such directory"):
     modernbert_hf.resolve_pretrained(str(tmp_path / "nope"))

@@ -116,6 +116,14 @@ def test_tokenizer_lacking_mask_and_pad_gets_them_added(tmp_path):
   assert tok.encode("a b a", add_special_tokens=False) == [2, 3, 2]  # the original ids are untouched
 
 
+def test_damaged_tokenizer_files_are_a_one_line_error(tmp_path):
+  shutil.copytree(pathlib.Path(__file__).parent / "fixtures" / "dream_tiny", tmp_path / "tok")
+  (tmp_path / "tok" / "tokenizer.json").write_text('{"version": ')
+  with pytest.raises(ValueError, match=r"^model.tokenizer: '.*tok' does not load \(") as info:
+    tokenizer_lib.load_tokenizer(str(tmp_path / "tok"))
+  assert "\n" not in str(info.value)
+
+
 def test_tokenizer_that_cannot_take_a_mask_token_is_a_one_line_error(tmp_path, monkeypatch):
   from transformers import PreTrainedTokenizerFast
 

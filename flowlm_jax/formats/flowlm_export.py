@@ -43,8 +43,9 @@ def is_exported(path: str) -> bool:
 
 
 def read_config_json(path: str) -> dict:
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    meta = json.load(f)
+  from flowlm_jax.formats import safetensors_dir
+
+  meta = safetensors_dir.read_json(os.path.join(path, CONFIG_FILE))
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path}/{CONFIG_FILE} is not a flowlm_jax export (format={meta.get('format')!r})")
   if meta.get("format_version", 0) > FORMAT_VERSION:

@@ -47,8 +47,7 @@ def read_hf_config(directory: str) -> dict:
   path = os.path.join(directory, HF_CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"model.pretrained: no {HF_CONFIG_FILE} in {directory}")
-  with open(path) as f:
-    hf = json.load(f)
+  hf = st.read_json(path, "model.pretrained")
   layout_of(hf, path)
   return hf
 

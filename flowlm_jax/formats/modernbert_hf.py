@@ -76,8 +76,7 @@ def read_hf_config(directory: str) -> dict:
   path = os.path.join(directory, HF_CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"model.pretrained: no {HF_CONFIG_FILE} in {directory}")
-  with open(path) as f:
-    hf = json.load(f)
+  hf = safetensors_dir.read_json(path, "model.pretrained")
   if hf.get("model_type") != "modernbert":
     raise ValueError(f"model.pretrained: {path} has model_type {hf.get('model_type')!r}, expected 'modernbert'")
   return hf

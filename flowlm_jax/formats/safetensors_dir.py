@@ -124,13 +124,16 @@ class Checkpoint:
   """
 
   def __init__(self, directory: str):
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     self.directory = directory
     index = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+      try:
+        with open(index) as f:
+          files = sorted(set(json.load(f)["weight_map"].values()))
+      except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} does not read as a safetensors index ({_first_line(e)})") from None
     elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
       files = [SINGLE_FILE]
     else:
@@ -140,10 +143,13 @@ class Checkpoint:
       path = os.path.join(directory, name)
       if not os.path.isfile(path):
         raise FileNotFoundError(f"model.pretrained: {INDEX_FILE} lists {name}, which is not in {directory}")
-      with safe_open(path, framework="np") as f:  # the header only
-        for key in f.keys():
-          self._file_of[key] = path
-          self._shapes[key] = tuple(f.get_slice(key).get_shape())
+      try:
+        with safe_open(path, framework="np") as f:  # the header only
+          for key in f.keys():
+            self._file_of[key] = path
+            self._shapes[key] = tuple(f.get_slice(key).get_shape())
+      except SafetensorError as e:  # a damaged or truncated file: its message does not name it
+        raise ValueError(f"{path} does not read ({_first_line(e)})") from None
     self.bytes_read = 0
 
   def names(self) -> list[str]:
@@ -160,6 +166,22 @@ class Checkpoint:
       tensor = f.get_tensor(name) if index is None else f.get_slice(name)[index]
     self.bytes_read += tensor.nbytes
     return tensor
+
+
+def read_json(path: str, what: str = "") -> dict:
+  """A JSON object from `path`; a damaged file is a one-line ValueError naming it (prefixed `what: `)."""
+  with open(path) as f:
+    try:
+      value = json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{what + ': ' if what else ''}{path} does not read as JSON ({_first_line(e)})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{what + ': ' if what else ''}{path} holds a JSON {type(value).__name__}, not an object")
+  return value
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def check(table: list[Tensor], ckpt: Checkpoint, n_layers: int, may_lack: tuple[str, ...] = ()) -> None:
