@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import math
 import os
 import time
 from typing import Any
@@ -47,8 +48,8 @@ class MetricsLogger:
     if not self.is_main:
       return
     row = {"time": round(time.time(), 3), **{k: _plain(v) for k, v in row.items()}}
-    self._metrics.write(json.dumps(row) + "\n")
-    self._to_wandb({k: v for k, v in row.items() if k != "time"}, step=row.get("step"))
+    self._metrics.write(json.dumps(row, allow_nan=False) + "\n")
+    self._to_wandb({k: v for k, v in row.items() if k != "time" and v is not None}, step=row.get("step"))
 
   def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
     """Decoded inference examples: one JSON line each, and a wandb.Table."""
@@ -156,11 +157,13 @@ def _start_wandb(workdir: str, config):
     return wandb.init(
         project=w.project, name=w.name or os.path.basename(os.path.abspath(workdir)), entity=w.entity or None,
         tags=list(w.tags), mode=mode, dir=workdir, config=redact(config.to_dict()),
-        settings=wandb.Settings(init_timeout=timeout, silent=True))
+        settings=wandb.Settings(init_timeout=timeout, login_timeout=ONLINE_PROBE_TIMEOUT, silent=True))
 
   why_not_online = None
   if mode == "online":
-    why_not_online = _unreachable(wandb.setup().settings.base_url)
+    base_url = wandb.setup().settings.base_url
+    # Without a key wandb asks for one on the terminal and waits (or, stdin closed, raises KeyboardInterrupt).
+    why_not_online = _no_api_key(base_url) or _unreachable(base_url)
     if why_not_online is None:
       try:
         return init("online", ONLINE_INIT_TIMEOUT)
@@ -176,6 +179,22 @@ def _start_wandb(workdir: str, config):
     log.warning("wandb: cannot track online (%s): logging offline instead; upload it later with `wandb sync %s`",
                 why_not_online, run.sync_dir)
   return run
+
+
+def _no_api_key(url: str) -> str | None:
+  """Why there is no wandb API key for `url` (None: $WANDB_API_KEY, or a ~/.netrc / $NETRC entry for its host)."""
+  import netrc
+  import urllib.parse
+
+  if os.environ.get("WANDB_API_KEY"):
+    return None
+  parsed = urllib.parse.urlparse(url)
+  try:
+    if netrc.netrc(os.environ.get("NETRC")).authenticators(parsed.hostname or url):
+      return None
+  except (OSError, netrc.NetrcParseError):
+    pass
+  return f"no API key for {parsed.netloc or url} (set WANDB_API_KEY or run `wandb login`)"
 
 
 def _unreachable(url: str, timeout: float = ONLINE_PROBE_TIMEOUT) -> str | None:
@@ -226,11 +245,12 @@ def _is_secret_key(key: str) -> bool:
 
 
 def _plain(v: Any) -> Any:
-  """JSON-able Python value from numpy/jax scalars."""
+  """JSON-able Python value from numpy/jax scalars: floats to 7 significant digits (a learning rate of 2e-6 stays
+  itself, not 0 after rounding to decimal places), and a non-finite one as null (bare NaN is not JSON)."""
   if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
-    return v.item()
+    v = v.item()
   if isinstance(v, float):
-    return round(v, 6)
+    return float(f"{v:.7g}") if math.isfinite(v) else None
   return v
 
 

@@ -329,6 +329,8 @@ def test_online_run_without_key_or_server_falls_back_to_offline_with_its_history
       1: {"step": 1, "loss": 3.0}, 2: {"step": 2, "loss": 1.5, "eval_loss": 2.75}}
   warnings = [r.getMessage() for r in caplog.records if r.name == "flowlm_jax.logging"]
   assert len(warnings) == 1 and "cannot track online" in warnings[0] and "127.0.0.1:9" in warnings[0], warnings
+  # Without a key, wandb is not even asked: it would prompt on a terminal and wait there
+  assert ("no API key for 127.0.0.1:9" in warnings[0]) == (not api_key)
   assert warnings[0].endswith(f"`wandb sync {run['dir']}`")
 
 
@@ -337,7 +339,8 @@ def test_online_run_the_server_refuses_is_tracked_offline(tmp_path, offline_env,
 
   monkeypatch.delenv("WANDB_MODE")
   monkeypatch.setenv("WANDB_API_KEY", "")
-  monkeypatch.setattr(logging_lib, "_unreachable", lambda url: None)  # the server answers, but there is no key
+  monkeypatch.setattr(logging_lib, "_unreachable", lambda url: None)  # the server answers, but refuses the key
+  monkeypatch.setattr(logging_lib, "_no_api_key", lambda url: None)
   c = tiny_config()
   c.logging.wandb.mode = "online"
   workdir = str(tmp_path / "w")
@@ -345,3 +348,21 @@ def test_online_run_the_server_refuses_is_tracked_offline(tmp_path, offline_env,
     _log_a_short_run(workdir, c)
   assert offline_run(workdir)["history"][2]["eval_loss"] == 2.75
   assert "cannot track online (UsageError" in caplog.text and "wandb sync" in caplog.text
+
+
+def test_metrics_rows_are_strict_json_and_keep_small_values(tmp_path):
+  """A learning rate of 2e-6 is logged as itself (not 0 after rounding to decimal places); a non-finite value as
+  null (bare NaN is not JSON: strict readers reject the whole file)."""
+  import numpy as np
+
+  from flowlm_jax.logging import MetricsLogger
+
+  c = tiny_config()
+  c.logging.wandb.mode = "disabled"
+  logger = MetricsLogger(str(tmp_path / "w"), c)
+  logger.write({"step": 1, "learning_rate": 1.8834e-6, "grad_norm": np.float32("nan"), "loss": np.float32(2.5),
+                "tokens": 4096})
+  logger.close()
+  with open(tmp_path / "w" / "metrics.jsonl") as f:
+    row = json.loads(f.readline(), parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+  assert (row["learning_rate"], row["grad_norm"], row["loss"], row["tokens"]) == (1.8834e-6, None, 2.5, 4096)
