@@ -59,9 +59,11 @@ def init_state(activations: tuple[str, ...], matmuls: tuple[str, ...], leading: 
 
 
 def quantize(x: jax.Array, meta: dict[str, jax.Array]) -> Quantized:
-  """x cast to e4m3 with its delayed scale. The division by the scale runs in float32 (flax's
-  fp8_scaled_dot_general default): in a bf16 compute dtype the scale would be rounded to bf16 here but not in
-  out_dq's product of the two scales, a systematic gain error of up to ~2^-8 per operand."""
+  """x cast to e4m3 with its delayed scale, divided by it in float32 (flax's fp8_scaled_dot_general default):
+  in a bf16 compute dtype the scale rounded to bf16 scaled every product by up to ~2^-9 per operand. out_dq
+  (flax's, as in its default) still multiplies back by the scales' product rounded to the compute dtype, a gain
+  error of at most ~2^-9 per product; dequantizing in float32 instead is untested against XLA's FP8 GEMM
+  rewrite on the GPU, which must keep firing (docs/performance.md, "FP8 matmuls")."""
   q, scale = fp8_ops.in_q(jnp.float32, E4M3, x, meta["scale"], meta["amax_history"])
   return Quantized(x, q, scale)
 
