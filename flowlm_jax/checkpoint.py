@@ -193,8 +193,11 @@ class Checkpointer:
       found, reason = self._restore_agreed(s, abstract, config_dict)
       if found is not None:
         return (s, *found)
-      if step is None and relists < MAX_RELISTS and not os.path.isdir(os.path.join(self.directory, str(s))):
+      if (step is None and relists < MAX_RELISTS and jax.process_count() == 1
+          and not os.path.isdir(os.path.join(self.directory, str(s)))):
         # Gone, not damaged: a training writing here deleted it (max_to_keep) after a newer save. List again.
+        # One process only (a notebook, sample, export): the processes of a job would each decide for themselves
+        # whether the step is gone, some while process 0 renames it aside, and their collectives would part.
         log.warning("checkpoint %s/%d was deleted while being read; reading the newest step again", self.directory, s)
         self._manager.reload()
         candidates, relists = [n for n in reversed(self.all_steps()) if n not in damaged], relists + 1

@@ -92,8 +92,9 @@ def _check_replaceable(workdir: str, out: str) -> None:
   if source == target or source.startswith(target + os.sep):
     raise FileExistsError(f"export: --out={out} holds {workdir}, the run being exported; choose another directory")
   if not layout.is_exported(target):
-    raise FileExistsError(f"export: {out} is not an earlier export (no readable {layout.CONFIG_FILE} of one); "
-                          "--overwrite replaces only an export: choose an empty or absent --out")
+    raise FileExistsError(f"export: {out} is not a whole earlier export ({layout.CONFIG_FILE} with \"format\": "
+                          f"\"{layout.FORMAT}\" and {layout.WEIGHTS_FILE}); --overwrite replaces only an export: "
+                          "choose an empty or absent --out")
 
 
 def export_hf(workdir: str, out: str, step: int | None = None) -> dict:

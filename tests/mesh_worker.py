@@ -344,6 +344,34 @@ def split(coordinator: str, process_id: int) -> dict:
   return out
 
 
+# --- two processes restoring a damaged newest step -------------------------------------------------------
+
+
+def damaged(coordinator: str, process_id: int, directory: str, delay: str) -> dict:
+  """Both processes restore from `directory` (steps 1 and 2, step 2 damaged); process 1 looks at the step
+  directory `delay` seconds later than process 0 (a slower host), which may by then have renamed it aside."""
+  import jax
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=2, process_id=process_id)
+  import os
+  import time
+
+  from flowlm_jax import checkpoint as ckpt_lib, loop, train
+  from helpers import tiny_config
+
+  setup = loop.prepare(tiny_config("flowlm"))
+  _, abstract_model = train.abstract_model(setup.model_cfg)
+  tx, _ = train.make_optimizer(setup.config.training, 20, abstract_model)
+  abstract = ckpt_lib.restore_target(setup.model_cfg, tx, train.state_shardings(setup.model_cfg, tx, setup.mesh))
+  ckpt_lib.RETRY_DELAYS_S = (0.0, 0.0)
+  if process_id == 1 and float(delay):
+    isdir = os.path.isdir
+    os.path.isdir = lambda path: (time.sleep(float(delay)), isdir(path))[1]
+  ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+  found = ckpt.restore_latest_good(abstract)
+  ckpt.close()
+  return {"restored": found[0], "listing": sorted(os.listdir(directory))}
+
+
 if __name__ == "__main__":
   mode, *args = sys.argv[1:]
   if mode == "meshes":
@@ -352,6 +380,8 @@ if __name__ == "__main__":
     result = attention_shardings()
   elif mode == "split":
     result = split(args[0], int(args[1]))
+  elif mode == "damaged":
+    result = damaged(args[0], int(args[1]), *args[2:])
   else:
     raise SystemExit(f"unknown mode {mode!r}")
   sys.stdout.write(f"\n{MARKER}{json.dumps(result)}\n")  # one write: other output (gloo logs) can't split it

@@ -159,7 +159,7 @@ def test_overwrite_replaces_only_an_earlier_export_never_the_run_or_other_files(
       export.export(workdir, out, overwrite=True)
   (tmp_path / "notes").mkdir()
   (tmp_path / "notes" / "keep.txt").write_text("x")
-  with pytest.raises(FileExistsError, match="is not an earlier export"):
+  with pytest.raises(FileExistsError, match="is not a whole earlier export"):
     export.export(workdir, str(tmp_path / "notes"), overwrite=True)
   assert tree_hashes(workdir) == before and (tmp_path / "notes" / "keep.txt").read_text() == "x"
 

@@ -81,6 +81,28 @@ def _two_processes(args_of, timeout=300):
 
 
 @pytest.mark.integration
+def test_two_processes_agree_to_set_a_damaged_step_aside_even_when_one_looks_later(tmp_path):
+  """Every process of a job takes the same branch: the newest step damaged, both set it aside (process 0
+  renames it) and restore the one before, even when process 1 looks at the step directory after process 0 has
+  renamed it (a process that decided "deleted, list again" there would enter another collective and hang)."""
+  from test_checkpoint import truncate_state
+  from test_export import write_checkpoint
+
+  c = tiny_config("flowlm")
+  for step in (1, 2):
+    write_checkpoint(str(tmp_path / "run"), c, step=step)
+  directory = str(tmp_path / "run" / "checkpoints")
+  truncate_state(os.path.join(directory, "2"))
+  worker = os.path.join(REPO, "tests", "mesh_worker.py")
+  results = _two_processes(lambda coord, i: [worker, "damaged", coord, str(i), directory, "0.2"], timeout=180)
+  for i, r in enumerate(results):
+    assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
+  outs = [parse(r.stdout) for r in results]
+  assert [o["restored"] for o in outs] == [1, 1]
+  assert [n.split(".")[0] + (".damaged" if ".damaged-" in n else "") for n in outs[0]["listing"]] == ["1", "2.damaged"]
+
+
+@pytest.mark.integration
 def test_two_processes_assemble_the_single_process_batch():
   """BatchIterator slices + sharding.global_batch on several meshes, through jax.distributed."""
   worker = os.path.join(REPO, "tests", "mesh_worker.py")
