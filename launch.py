@@ -25,7 +25,8 @@ from ml_collections import config_flags
 from flowlm_jax import cli
 
 cli.register_config_parsers()  # list-valued fields: `--config.inference.test_prompts='("a", "b")'` or repeated
-config_flags.DEFINE_config_file("config", "configs/flowlm.py", "Preset file, optionally `:variant`.", lock_config=True)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "flowlm.py")  # from any cwd
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Preset file, optionally `:variant`.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_string("config_yaml", None, "YAML overlay with the values that differ from the preset.")
 flags.DEFINE_string("resume", None, "Checkpoint to start a workdir without checkpoints from (a step dir, a checkpoints "
@@ -42,7 +43,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:  # absl leaves what is not a flag here; a preset path without --config= would be ignored
+    sys.exit(f"error: unexpected argument(s) {' '.join(argv[1:])} (flags are --name=value; the preset is "
+             "--config=PATH[:variant])")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   cli.quiet_libraries()
 
@@ -56,13 +59,27 @@ def main(argv):
     config_lib.validate(config)
   except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
     sys.exit(f"config error: {_message(e)}")
+  except OSError as e:  # ml_collections reports a preset file that did not load only when the config is read
+    cause = e.__cause__ or e
+    sys.exit(f"config error: --config={FLAGS['config'].serialize().partition('=')[2]}: "
+             f"{' '.join(str(cause).split())}")
   if not FLAGS.dry_run and not FLAGS.workdir:
     sys.exit("error: --workdir is required (or pass --dry_run)")
 
   import jax
-  if FLAGS.distributed or FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+  multi_host = FLAGS.distributed or FLAGS.coordinator_address
+  if not multi_host and (FLAGS.num_processes is not None or FLAGS.process_id is not None):
+    sys.exit("error: --num_processes/--process_id need --coordinator_address (or --distributed): without it "
+             "every process would run alone as process 0 of 1, all writing the same workdir")
+  if multi_host:
+    n, i = FLAGS.num_processes, FLAGS.process_id
+    if n is not None and i is not None and not 0 <= i < n:
+      sys.exit(f"error: --process_id={i} is not in [0, --num_processes={n})")
+    try:
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=n, process_id=i,
+                                 heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+    except (ValueError, RuntimeError) as e:  # missing flags, no coordinator: jax's own error, one line of it
+      sys.exit(f"error: jax.distributed.initialize: {_message(e)}")
 
   from flowlm_jax import loop
   from flowlm_jax.checkpoint import CheckpointError
@@ -138,10 +155,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with a bad `--config.*` override (e.g. a misspelled key) reported in one line."""
   try:
     return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     while isinstance(e, BaseException) and e.args:  # ml_collections wraps a KeyError in an AttributeError
       e = e.args[0]
-    sys.exit(f"config error: {' '.join(str(e).split())}")
+    text = str(e).strip()
+    if "Traceback (most recent call last)" in text:  # an error inside the preset's get_config: its last line says it
+      text = text.splitlines()[-1]
+    sys.exit(f"config error: {' '.join(text.split())}")
 
 
 def _message(e: BaseException) -> str:

@@ -119,8 +119,7 @@ def launch_in_process(*args: str, env: dict | None = None):
     with contextlib.chdir(REPO), mock.patch.dict(os.environ, env or {}), mock.patch.object(sys, "argv", argv), \
         contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
       try:
-        module._parse_flags(argv)
-        module.main([])
+        module.main(module._parse_flags(argv))  # what is not a flag, as absl's app.run hands it on
       except SystemExit as e:  # sys.exit("message") prints the message and exits 1
         code = e.code if isinstance(e.code, int) else 1
         if isinstance(e.code, str):

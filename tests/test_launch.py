@@ -48,11 +48,17 @@ def test_dry_run_reports_the_data_and_exits_without_training(tmp_path):
     (["--config.masking.min_ratio=0.9", "--config.masking.max_ratio=0.5"], "masking.min_ratio"),
     (["--config.dataset.train_files=/nonexistent.txt", "--config.dataset.name="], "dataset.train_files"),
     (["--config.training.batch_sise=3"], "batch_sise"),
+    (["--config=configs/flowlm.py:bogus"], "unknown config variant 'bogus'; known: demo"),
+    (["--config=configs/nonexistent.py"], "--config=configs/nonexistent.py: Failed loading config file"),
+    (["configs/llada.py"], "unexpected argument(s) configs/llada.py (flags are --name=value"),
+    (["--num_processes=2", "--process_id=1"], "--num_processes/--process_id need --coordinator_address"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2 is not in [0,"),
+    (["--distributed"], "jax.distributed.initialize: "),
 ])
 def test_bad_config_fails_with_one_line_naming_the_key(tmp_path, args, message):
   r = launch_in_process("--config=configs/flowlm.py", f"--workdir={tmp_path}", *args)
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
-  assert last.startswith("config error:") and message in last, last
+  assert last.startswith(("config error:", "error:")) and message in last, last
   assert "Traceback" not in r.stderr
   assert not os.path.isdir(os.path.join(tmp_path, "checkpoints"))
