@@ -125,6 +125,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   saved "checkpoint", and "wandb_offline_dir" where wandb tracked offline.
   """
   check_workdir(workdir)
+  if stop_at_step is not None and stop_at_step < 1:
+    raise ValueError(f"--stop_at_step must be >= 1, got {stop_at_step}")
   resume_dir, resume_step = ckpt_lib.resolve_resume_path(resume) if resume else (None, None)
   s = prepare(config)
   is_main = jax.process_index() == 0
@@ -202,7 +204,12 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
 
       if start_step >= s.total_steps and not _final_evaluation_logged(workdir, start_step):
         evaluate_and_sample(start_step, True)  # the checkpoint is saved before it: a failed one is done now
-      while step < s.total_steps:
+      if stop_at_step is not None and stop_at_step <= start_step < s.total_steps:
+        # A requeue passing the same --stop_at_step would otherwise creep one step further per relaunch.
+        if is_main:
+          print(f"--stop_at_step={stop_at_step}: the run is already at step {start_step}; nothing to train", flush=True)
+        result["halted_at"] = start_step
+      while step < s.total_steps and "halted_at" not in result:
         batch = sharding.global_batch(next(s.iterator), s.mesh)
         state, metrics = train_step(state, batch)
         step += 1

@@ -14,7 +14,12 @@ def test_stopped_and_relaunched_run_matches_an_uninterrupted_one(tiny_overlay, r
   r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={split}",
                         "--stop_at_step=3")
   assert r.returncode == 0, r.stderr[-2000:]
-  # The same command again, in a fresh process, continues from step 3.
+  # Relaunched with the same --stop_at_step (a requeue script), it trains nothing, instead of one step more.
+  r = launch_in_process("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={split}",
+                        "--stop_at_step=3")
+  assert r.returncode == 0 and "--stop_at_step=3: the run is already at step 3; nothing to train" in r.stdout
+  assert max(map(int, os.listdir(os.path.join(split, "checkpoints")))) == 3 and sorted(metrics_rows(split)) == [1, 2, 3]
+  # The same command without it, in a fresh process, continues from step 3.
   r = launch("--config=configs/flowlm.py", f"--config_yaml={tiny_overlay}", f"--workdir={split}")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resumed from" in r.stdout and "step 3" in r.stdout
@@ -54,6 +59,7 @@ def test_dry_run_reports_the_data_and_exits_without_training(tmp_path):
     (["--num_processes=2", "--process_id=1"], "--num_processes/--process_id need --coordinator_address"),
     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2 is not in [0,"),
     (["--distributed"], "jax.distributed.initialize: "),
+    (["--stop_at_step=0"], "--stop_at_step must be >= 1, got 0"),
 ])
 def test_bad_config_fails_with_one_line_naming_the_key(tmp_path, args, message):
   r = launch_in_process("--config=configs/flowlm.py", f"--workdir={tmp_path}", *args)
