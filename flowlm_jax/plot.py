@@ -20,6 +20,7 @@ Agg), e.g. `plot.loss_figure({"run": plot.read_metrics(workdir)})`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -86,10 +87,13 @@ def _color(i: int) -> str:
 
 
 def ema(values: Sequence[float], span: int) -> list[float]:
+  """Exponential moving average; a non-finite value (a skipped step of a file written before they were logged
+  as null) is passed over, not carried into every later point."""
   alpha, out, acc = 2.0 / (span + 1), [], None
   for v in values:
-    acc = v if acc is None else alpha * v + (1 - alpha) * acc
-    out.append(acc)
+    if math.isfinite(v):
+      acc = v if acc is None else alpha * v + (1 - alpha) * acc
+    out.append(acc if acc is not None else v)
   return out
 
 

@@ -123,3 +123,11 @@ def test_self_correction_figure_has_a_row_per_strategy_and_a_bar_per_label_and_r
   texts = [t.get_text() for t in axes[1].texts]  # small fractions keep three digits
   assert texts == ["0.004", "0.002", "0.004", "0.002"]
   assert [t.get_text() for t in fig.legends[0].get_texts()] == ["llada", "flowlm"]
+
+
+def test_a_non_finite_value_does_not_end_the_smoothed_curve():
+  """An older metrics file can hold a bare NaN (a skipped non-finite step): the average passes over it."""
+  values = [1.0] * 5 + [math.nan] + [2.0] * 20
+  smoothed = plot.ema(values, span=4)
+  assert all(math.isfinite(v) for v in smoothed[:5] + smoothed[6:])
+  assert smoothed[5] == smoothed[4] and smoothed[-1] == pytest.approx(2.0, abs=1e-3)
