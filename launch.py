@@ -96,6 +96,9 @@ def main(argv):
     return
   if "train" in result:
     print(summary(result, FLAGS.workdir, config, time.monotonic() - started), flush=True)
+  elif "eval" in result:  # relaunched after its last step, whose evaluation had failed: it ran now
+    print(f"the run in {FLAGS.workdir} had finished its steps; its final evaluation, missing, ran now:\n  eval   "
+          + _figures(result["eval"], ("eval_loss", "eval_nll_corrupted", "eval_accuracy")), flush=True)
   else:  # relaunched after its last step: nothing to train
     print(f"nothing to do: the run in {FLAGS.workdir} has finished its steps; raise --config.training.max_steps "
           "(or num_epochs) to train it further", flush=True)

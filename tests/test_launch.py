@@ -68,3 +68,15 @@ def test_bad_config_fails_with_one_line_naming_the_key(tmp_path, args, message):
   assert last.startswith(("config error:", "error:")) and message in last, last
   assert "Traceback" not in r.stderr
   assert not os.path.isdir(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_a_relaunch_that_only_ran_the_missing_final_evaluation_says_so(tmp_path, monkeypatch):
+  """loop.run returns only "eval" when a finished run's final evaluation had failed and ran on relaunch
+  (test_checkpoint.py checks that it runs): the command shows its figures, not "nothing to do"."""
+  from flowlm_jax import loop
+
+  monkeypatch.setattr(loop, "run", lambda *a, **k: {"eval": {"step": 6, "eval_loss": 2.5, "eval_accuracy": 0.25}})
+  r = launch_in_process("--config=configs/flowlm.py", f"--workdir={tmp_path / 'w'}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "its final evaluation, missing, ran now" in r.stdout and "eval_loss 2.5000" in r.stdout
+  assert "nothing to do" not in r.stdout
