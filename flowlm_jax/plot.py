@@ -382,12 +382,18 @@ def plot_workdirs(workdirs: Sequence[str], out: str, labels: Sequence[str] | Non
     raise ValueError(f"plot: {len(labels)} labels for {len(workdirs)} workdirs")
   if len(set(labels)) != len(labels):
     raise ValueError(f"plot: labels must be unique, got {labels}")
+  names = [_file_name(label) for label in labels]
+  if len(set(names)) != len(names):  # "run 1" and "run_1": one run's PNGs would overwrite the other's
+    raise ValueError(f"plot: labels {labels} give the same file names {names}; pass --labels that differ in "
+                     "letters or digits")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"plot: --out={out} exists and is not a directory")
   runs = {label: read_metrics(w) for label, w in zip(labels, workdirs)}
   os.makedirs(out, exist_ok=True)
   written = []
   for (label, rows), workdir in zip(runs.items(), workdirs):
     config = read_run_config(workdir) if os.path.isdir(workdir) else {}
-    name = _file_name(label)
+    name = names[labels.index(label)]
     for suffix, fig in (("loss", loss_figure(rows, label, config)),
                         ("accuracy_by_ratio", accuracy_by_ratio_figure(rows, label)),
                         ("mask_vs_random", mask_vs_random_figure(rows, label))):

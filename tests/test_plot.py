@@ -131,3 +131,15 @@ def test_a_non_finite_value_does_not_end_the_smoothed_curve():
   smoothed = plot.ema(values, span=4)
   assert all(math.isfinite(v) for v in smoothed[:5] + smoothed[6:])
   assert smoothed[5] == smoothed[4] and smoothed[-1] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_labels_that_share_a_file_name_and_an_out_that_is_a_file_fail_in_one_line(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+  assert plot.main([str(workdir), str(workdir), "--labels", "run 1,run_1", "--out", str(tmp_path / "plots")]) == 2
+  assert "give the same file names ['run_1', 'run_1']" in capsys.readouterr().err
+  (tmp_path / "taken").write_text("x")
+  assert plot.main([str(workdir), "--out", str(tmp_path / "taken")]) == 2
+  assert "exists and is not a directory" in capsys.readouterr().err
+  assert not os.path.isdir(tmp_path / "plots")
