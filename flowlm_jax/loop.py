@@ -181,12 +181,14 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   try:
     with _Preemption() as preemption, _progress(c, start_step, s.total_steps, is_main) as bar:
       window, window_start, window_steps = None, time.perf_counter(), 0
+      rate = _SteadyRate()
       nonfinite_seen = int(state.nonfinite_count)
       previous = None  # (step, finite flag) of the last step, read one step late so the device never idles
       step = start_step
       samples_echoed = time.monotonic()  # console echo of test-prompt answers is throttled from here
 
-      def evaluate_and_sample(step: int, last: bool) -> None:
+      def evaluate_and_sample(step: int, last: bool) -> bool:
+        """Whether it evaluated or sampled (a pause)."""
         nonlocal samples_echoed
         evaluating = (c.evaluation.eval_steps and step % c.evaluation.eval_steps == 0) or last
         if evaluating:
@@ -201,6 +203,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           samples_echoed = time.monotonic() if echo else samples_echoed
         if evaluating or sampling:
           _leave_out_of_rate(bar)
+        return bool(evaluating or sampling)
 
       if start_step >= s.total_steps and not _final_evaluation_logged(workdir, start_step):
         evaluate_and_sample(start_step, True)  # the checkpoint is saved before it: a failed one is done now
@@ -215,6 +218,9 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         step += 1
         if step == start_step + 1:
           _compiled(bar, metrics)
+          rate.restart()  # the compile is not training time
+        else:
+          rate.count_step()
         if stop_on_nonfinite:
           if previous is not None:
             _stop_if_nonfinite(*previous)
@@ -226,20 +232,26 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         preempted = _stop_requested(preemption, step, c.training.stop_check_every)
         halt = preempted or (stop_at_step is not None and step >= stop_at_step and not last)
         if step % c.logging.log_every == 0 or last or halt:
-          row = _train_row(jax.device_get(window), window_steps, step, schedule, tokens_per_step,
-                           time.perf_counter() - window_start, int(state.nonfinite_count))
+          sums = jax.device_get(window)  # waits for the window's steps: the rate's clock stops here
+          tokens_per_second = rate.tokens_per_second(tokens_per_step) or (  # no steady step yet: the whole window
+              tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9))
+          row = _train_row(sums, window_steps, step, schedule, tokens_per_second, int(state.nonfinite_count))
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           logger.write(row)
           bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
           result["train"] = row
           window, window_start, window_steps = None, time.perf_counter(), 0
+          rate.restart()
+        paused = False
         if step % c.training.save_steps == 0 or last or halt:
           # Before evaluating and sampling: a failure there (or a preemption's grace period running out) loses no
           # training (a relaunch after a failed final evaluation runs it), and an asynchronous save overlaps them.
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           save(step)
           result["checkpoint"] = os.path.join(workdir, "checkpoints", str(step))  # as the user wrote the workdir
-        evaluate_and_sample(step, last)
+          paused = True
+        if evaluate_and_sample(step, last) or paused:
+          rate.restart()
         if halt:
           checkpointer.wait()
           why = "preempted" if preempted else f"stopped at step {stop_at_step} as asked"  # a signal may have reached another process
@@ -381,9 +393,27 @@ def _restore(checkpointer, abstract, iterator, resume_dir, resume_step, tcfg, co
   return state
 
 
-def _train_row(sums, n_steps, step, schedule, tokens_per_step, seconds, nonfinite_count) -> dict[str, Any]:
+class _SteadyRate:
+  """Training tokens/s over the steps since the clock last restarted: the first step (its compile), a
+  checkpoint save and an evaluation or sampling pause restart it, as they restart the progress bar's rate."""
+
+  def __init__(self):
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+
+  def count_step(self) -> None:
+    self.steps += 1
+
+  def tokens_per_second(self, tokens_per_step: int) -> float | None:
+    """None before any step was counted."""
+    return tokens_per_step * self.steps / max(time.perf_counter() - self.start, 1e-9) if self.steps else None
+
+
+def _train_row(sums, n_steps, step, schedule, tokens_per_second, nonfinite_count) -> dict[str, Any]:
   row = {"step": step, "loss": float(sums["loss"]) / n_steps, "grad_norm": float(sums["grad_norm"]) / n_steps,
-         "learning_rate": float(schedule(step - 1)), "tokens_per_second": tokens_per_step * n_steps / max(seconds, 1e-9),
+         "learning_rate": float(schedule(step - 1)), "tokens_per_second": tokens_per_second,
          "nonfinite_count": nonfinite_count}
   if sums["count/corrupted"] > 0:
     row["nll_corrupted"] = float(sums["nll/corrupted"]) / float(sums["count/corrupted"])

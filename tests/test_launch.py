@@ -80,3 +80,21 @@ def test_a_relaunch_that_only_ran_the_missing_final_evaluation_says_so(tmp_path,
   assert r.returncode == 0, r.stderr[-2000:]
   assert "its final evaluation, missing, ran now" in r.stdout and "eval_loss 2.5000" in r.stdout
   assert "nothing to do" not in r.stdout
+
+
+def test_tokens_per_second_leaves_out_compile_saves_and_evaluation(tmp_path, monkeypatch):
+  """An evaluation that takes 2 s after step 2 is no training time: the row of steps 3-4 reports the rate of those
+  steps (~10 ms each here), not their tokens over the pause."""
+  import time
+
+  from flowlm_jax import loop
+
+  evaluate = loop.evaluate
+  monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (time.sleep(2.0), evaluate(*a, **k))[1])
+  c = tiny_config("llada", max_steps=6)
+  c.logging.log_every, c.evaluation.eval_steps, c.training.save_steps = 2, 2, 2
+  loop.run(c, str(tmp_path / "w"))
+  rows = metrics_rows(str(tmp_path / "w"))
+  tokens_per_step = c.training.batch_size * c.dataset.max_length
+  paused_rate = tokens_per_step * 2 / 2.0  # two steps' tokens over the pause alone
+  assert rows[4]["tokens_per_second"] > 4 * paused_rate, rows[4]  # two steps well inside half a second
