@@ -205,8 +205,10 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           _leave_out_of_rate(bar)
         return bool(evaluating or sampling)
 
-      if start_step >= s.total_steps and not _final_evaluation_logged(workdir, start_step):
-        evaluate_and_sample(start_step, True)  # the checkpoint is saved before it: a failed one is done now
+      finished = start_step >= s.total_steps
+      evaluation_step = bool(start_step and c.evaluation.eval_steps and start_step % c.evaluation.eval_steps == 0)
+      if (finished or evaluation_step) and not _evaluation_logged(workdir, start_step):
+        evaluate_and_sample(start_step, finished)  # saved before it: an evaluation that failed or was cut is done now
       if stop_at_step is not None and stop_at_step <= start_step < s.total_steps:
         # A requeue passing the same --stop_at_step would otherwise creep one step further per relaunch.
         if is_main:
@@ -270,7 +272,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   return result
 
 
-def _final_evaluation_logged(workdir: str, step: int) -> bool:
+def _evaluation_logged(workdir: str, step: int) -> bool:
   """Whether metrics.jsonl holds an evaluation row of `step`; process 0's answer, the same on every process
   (evaluation is collective)."""
   logged = False

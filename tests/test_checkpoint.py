@@ -283,6 +283,27 @@ def test_resume_of_a_workdir_without_checkpoints_is_an_error_even_when_it_is_the
     loop.run(tiny_config("llada", max_steps=2), str(workdir), resume=str(workdir))
 
 
+def test_an_evaluation_a_crash_cut_off_mid_run_runs_on_relaunch(tmp_path, monkeypatch):
+  """The checkpoint of step 2 is saved before its evaluation; the process dies in that evaluation. The relaunch
+  resumes at step 2 and runs the evaluation first, so no evaluation row is lost for good (nor run twice)."""
+  evaluate = loop.evaluate
+
+  def dies_at_step_2(eval_step, params, setup, step):
+    if step == 2:
+      raise MemoryError("evaluation ran out of memory")
+    return evaluate(eval_step, params, setup, step)
+
+  monkeypatch.setattr(loop, "evaluate", dies_at_step_2)
+  workdir, config = str(tmp_path / "w"), tiny_config("llada", max_steps=4, save_steps=2)
+  config.evaluation.eval_steps = 2
+  with pytest.raises(MemoryError):
+    loop.run(config, workdir)
+  monkeypatch.setattr(loop, "evaluate", evaluate)
+  loop.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [row["step"] for row in map(json.loads, f) if "eval_loss" in row] == [2, 4]
+
+
 @pytest.mark.integration
 def test_a_failure_in_evaluation_or_sampling_after_the_last_step_keeps_its_checkpoint(tmp_path, monkeypatch):
   def out_of_memory(*args, **kwargs):
