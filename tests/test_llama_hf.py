@@ -287,6 +287,8 @@ for name, value in placed.items():
 assert split["wq"] == split["w_gate"] == split["embed"] == 8 and split["bq"] == 2, split
 bad = [(name, got, 2 * size) for name, got, size in parts if got != 2 * size]  # bfloat16 in the files
 assert not bad, bad
+reads = {name: sum(n == name for n, _, _ in parts) for name in split}
+assert reads == split, (reads, split)  # each distinct part read once, not once per device replicating it
 assert {n for n, _, _ in parts} == set(whole) and sum(s for n, _, s in parts if n == "wq") == whole["wq"].size
 print("ok", split)
 """

@@ -5,8 +5,9 @@ lists, from the files' headers alone; `read(name, index)` copies one tensor, or 
 `load` builds our parameters from a table of `Tensor` entries: without shardings each as a whole numpy array,
 with shardings through `jax.make_array_from_callback`, so that each device's shard is assembled on the host
 from the slices of the per-layer HF tensors it covers (`Tensor.read_part` maps its index back through the
-transpose and head split) and put on its device at once. Each device reads only its share of the bytes, and the
-host never holds more than one shard plus one slice: no full host copy of the model, whatever its size.
+transpose and head split) and put on its device at once. Each distinct part is read once (devices that replicate
+it share the read), and the host holds one parameter's parts for this process's devices at a time, each parameter
+placed before the next is read: no full host copy of the model, whatever its size.
 
 Writing: `save` converts and writes the HF tensors shard by shard (`max_shard_bytes`, HF's 5 GB by default),
 with an index file when there is more than one shard, reading one layer's slice of a parameter at a time.
@@ -224,8 +225,22 @@ def load(table: list[Tensor], ckpt: Checkpoint, template: Mapping, shardings: Ma
       import jax
 
       # Waiting for each parameter's transfers bounds the host memory to its shards (transfers are async).
-      params[t.ours] = jax.block_until_ready(jax.make_array_from_callback(tuple(want.shape), shardings[t.ours], fill))
+      params[t.ours] = jax.block_until_ready(jax.make_array_from_callback(
+          tuple(want.shape), shardings[t.ours], _once_per_part(fill, want.shape)))
   return params
+
+
+def _once_per_part(fill, shape):
+  """`fill` (index -> part) called once per distinct part: jax asks once per local device, and devices that
+  replicate a part (an axis the parameter is not split over) would each read it from the file again."""
+  parts = {}
+
+  def once(index):
+    key = tuple(s.indices(n) for s, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape))
+    if key not in parts:
+      parts[key] = fill(index)
+    return parts[key]
+  return once
 
 
 def _shard(t: Tensor, ckpt: Checkpoint, shape, dtype, index) -> np.ndarray:
