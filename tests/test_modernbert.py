@@ -81,6 +81,18 @@ def test_fixture_config_resolves_the_hub_layout():
   assert (cfg.vocab_size, cfg.num_real_tokens, cfg.tie_embeddings, cfg.decoder_bias) == (8256, 8192, True, True)
 
 
+def test_older_layout_nulls_read_as_transformers_4_reads_them():
+  """local_rope_theta: null is the global base for the local layers too (transformers 4.x's ModernBertAttention);
+  a global_attn_every_n_layers that is not a positive integer is a one-line error, not a TypeError."""
+  hf = modernbert_hf.read_hf_config(FIXTURE)
+  cfg = modernbert_hf.from_hf_config({**hf, "local_rope_theta": None}, pretrained=FIXTURE)
+  assert (cfg.global_rope_theta, cfg.local_rope_theta) == (160000.0, 160000.0)
+  no_key = {k: v for k, v in hf.items() if k != "local_rope_theta"}
+  assert modernbert_hf.from_hf_config(no_key, pretrained=FIXTURE).local_rope_theta == 10000.0  # HF's default
+  with pytest.raises(ValueError, match=r"global_attn_every_n_layers must be a positive integer, got None"):
+    modernbert_hf.from_hf_config({**hf, "global_attn_every_n_layers": None}, pretrained=FIXTURE)
+
+
 def test_matches_hf_pytorch_logits_with_and_without_padding(main_model):
   """Rows: full, right-padded, left-padded (positions from the first real token); float32, within 1e-4."""
   e = expected()

@@ -119,6 +119,8 @@ def _global_layers(hf: dict, n_layers: int) -> tuple[bool, ...]:
   types = hf.get("layer_types")
   if types is None:
     every = hf.get("global_attn_every_n_layers", 3)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+      raise ValueError(f"model.pretrained: global_attn_every_n_layers must be a positive integer, got {every!r}")
     return tuple(i % every == 0 for i in range(n_layers))
   unknown = set(types) - {"full_attention", "sliding_attention"}
   if len(types) != n_layers or unknown:
@@ -132,7 +134,9 @@ def _rope_thetas(hf: dict) -> tuple[float, float]:
   if hf.get("rope_scaling") or any((p or {}).get("rope_type", "default") != "default" for p in rope.values()):
     raise ValueError("model.pretrained: only the default RoPE is supported (no rope_scaling / rope_type)")
   global_theta = (rope.get("full_attention") or {}).get("rope_theta", hf.get("global_rope_theta", 160_000.0))
-  local_theta = (rope.get("sliding_attention") or {}).get("rope_theta", hf.get("local_rope_theta", 10_000.0))
+  # transformers 4.x: local_rope_theta null means the local layers use the global base
+  local_default = global_theta if "local_rope_theta" in hf and hf["local_rope_theta"] is None else 10_000.0
+  local_theta = (rope.get("sliding_attention") or {}).get("rope_theta", hf.get("local_rope_theta") or local_default)
   return float(global_theta), float(local_theta)
 
 
