@@ -11,6 +11,8 @@ A failed restore is one of three kinds, and only the first ever moves a file:
   tree differs from the model's): one-line `CheckpointMismatch`, nothing touched;
 - anything else (out of memory, I/O errors of a shared filesystem, processes that disagree): retried with
   backoff, then a one-line `CheckpointError`, nothing touched.
+A step that vanished while a single process read it (a training beside it deleted it, `max_to_keep`) is not
+damage: the steps are listed again.
 """
 
 from __future__ import annotations
