@@ -233,7 +233,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         last = step == s.total_steps
         preempted = _stop_requested(preemption, step, c.training.stop_check_every)
         halt = preempted or (stop_at_step is not None and step >= stop_at_step and not last)
-        if step % c.logging.log_every == 0 or last or halt:
+        saving = step % c.training.save_steps == 0 or last or halt
+        if step % c.logging.log_every == 0 or saving:  # a row at a save: a crash after it loses no logged steps
           sums = jax.device_get(window)  # waits for the window's steps: the rate's clock stops here
           tokens_per_second = rate.tokens_per_second(tokens_per_step) or (  # no steady step yet: the whole window
               tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9))
@@ -245,7 +246,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           window, window_start, window_steps = None, time.perf_counter(), 0
           rate.restart()
         paused = False
-        if step % c.training.save_steps == 0 or last or halt:
+        if saving:
           # Before evaluating and sampling: a failure there (or a preemption's grace period running out) loses no
           # training (a relaunch after a failed final evaluation runs it), and an asynchronous save overlaps them.
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)

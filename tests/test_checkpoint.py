@@ -12,7 +12,7 @@ from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import loop, train
 from flowlm_jax.models.llama import ModelConfig
-from helpers import tiny_config, tree_hashes
+from helpers import metrics_rows, tiny_config, tree_hashes
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +302,26 @@ def test_an_evaluation_a_crash_cut_off_mid_run_runs_on_relaunch(tmp_path, monkey
   loop.run(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert [row["step"] for row in map(json.loads, f) if "eval_loss" in row] == [2, 4]
+
+
+def test_a_save_between_log_steps_writes_the_row_of_the_steps_it_saved(tmp_path, monkeypatch):
+  """log_every=4, save_steps=3: the process dies after saving step 3 (in its evaluation). The relaunch resumes
+  at 3, so steps 1-3 would never be logged unless the save wrote their row."""
+  evaluate = loop.evaluate
+
+  def dies_at_step_3(eval_step, params, setup, step):
+    if step == 3:
+      raise MemoryError("evaluation ran out of memory")
+    return evaluate(eval_step, params, setup, step)
+
+  monkeypatch.setattr(loop, "evaluate", dies_at_step_3)
+  workdir, config = str(tmp_path / "w"), tiny_config("llada", max_steps=8, save_steps=3)
+  config.logging.log_every, config.evaluation.eval_steps = 4, 3
+  with pytest.raises(MemoryError):
+    loop.run(config, workdir)
+  monkeypatch.setattr(loop, "evaluate", evaluate)
+  loop.run(config, workdir)
+  assert sorted(metrics_rows(workdir)) == [3, 4, 6, 8]  # 3 and 6: saves; 4 and 8: log steps (8 the last)
 
 
 @pytest.mark.integration
