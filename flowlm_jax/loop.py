@@ -147,6 +147,8 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.training.save_total_limit,
                                        async_save=c.training.async_checkpointing)
   try:
+    # Whether a restore would come from this workdir's own steps (its metrics.jsonl then tells what ran).
+    own_checkpoints = bool(checkpointer.all_steps())
     state = _restore(checkpointer, abstract, s.iterator, resume_dir, resume_step, c.training, config_dict)
     if state is None:  # a refused training.init_from (or unreadable model.pretrained) closes the checkpointer too
       state = train.init_state(s.model_cfg, tx, c.training.seed, shardings,
@@ -206,7 +208,9 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         return bool(evaluating or sampling)
 
       finished = start_step >= s.total_steps
-      evaluation_step = bool(start_step and c.evaluation.eval_steps and start_step % c.evaluation.eval_steps == 0)
+      # Mid-run only for a step of this workdir: a fork from --resume's step evaluated there already.
+      evaluation_step = bool(own_checkpoints and start_step and c.evaluation.eval_steps
+                             and start_step % c.evaluation.eval_steps == 0)
       if (finished or evaluation_step) and not _evaluation_logged(workdir, start_step):
         evaluate_and_sample(start_step, finished)  # saved before it: an evaluation that failed or was cut is done now
       if stop_at_step is not None and stop_at_step <= start_step < s.total_steps:

@@ -386,10 +386,13 @@ def plot_workdirs(workdirs: Sequence[str], out: str, labels: Sequence[str] | Non
   if len(set(names)) != len(names):  # "run 1" and "run_1": one run's PNGs would overwrite the other's
     raise ValueError(f"plot: labels {labels} give the same file names {names}; pass --labels that differ in "
                      "letters or digits")
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f"plot: --out={out} exists and is not a directory")
+  if len(names) > 1 and "compare" in names:  # compare_loss.png is the comparison figure's
+    raise ValueError(f"plot: the label 'compare' would name a run's files like the comparison figures'; pass --labels")
   runs = {label: read_metrics(w) for label, w in zip(labels, workdirs)}
-  os.makedirs(out, exist_ok=True)
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:  # a file where the folder (or one above it) should be
+    raise ValueError(f"plot: --out={out} cannot be a folder ({e.strerror})") from None
   written = []
   for (label, rows), workdir in zip(runs.items(), workdirs):
     config = read_run_config(workdir) if os.path.isdir(workdir) else {}

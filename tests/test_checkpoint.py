@@ -302,6 +302,11 @@ def test_an_evaluation_a_crash_cut_off_mid_run_runs_on_relaunch(tmp_path, monkey
   loop.run(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert [row["step"] for row in map(json.loads, f) if "eval_loss" in row] == [2, 4]
+  # A fork from that step (--resume into a new workdir) does not evaluate it again: it ran in the source.
+  fork = str(tmp_path / "fork")
+  loop.run(config, fork, resume=os.path.join(workdir, "checkpoints", "2"))
+  with open(os.path.join(fork, "metrics.jsonl")) as f:
+    assert [row["step"] for row in map(json.loads, f) if "eval_loss" in row] == [4]
 
 
 def test_a_save_between_log_steps_writes_the_row_of_the_steps_it_saved(tmp_path, monkeypatch):

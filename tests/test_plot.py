@@ -141,5 +141,9 @@ def test_labels_that_share_a_file_name_and_an_out_that_is_a_file_fail_in_one_lin
   assert "give the same file names ['run_1', 'run_1']" in capsys.readouterr().err
   (tmp_path / "taken").write_text("x")
   assert plot.main([str(workdir), "--out", str(tmp_path / "taken")]) == 2
-  assert "exists and is not a directory" in capsys.readouterr().err
+  assert "cannot be a folder" in capsys.readouterr().err
+  assert plot.main([str(workdir), "--out", str(tmp_path / "taken" / "sub")]) == 2
+  assert "cannot be a folder (Not a directory)" in capsys.readouterr().err
+  assert plot.main([str(workdir), str(workdir), "--labels", "a,compare", "--out", str(tmp_path / "plots")]) == 2
+  assert "the label 'compare' would name a run's files" in capsys.readouterr().err
   assert not os.path.isdir(tmp_path / "plots")
