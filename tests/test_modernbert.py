@@ -91,6 +91,8 @@ def test_older_layout_nulls_read_as_transformers_4_reads_them():
   assert modernbert_hf.from_hf_config(no_key, pretrained=FIXTURE).local_rope_theta == 10000.0  # HF's default
   with pytest.raises(ValueError, match=r"global_attn_every_n_layers must be a positive integer, got None"):
     modernbert_hf.from_hf_config({**hf, "global_attn_every_n_layers": None}, pretrained=FIXTURE)
+  with pytest.raises(ValueError, match=r"the global RoPE base \(rope_theta\) must be a number, got None"):
+    modernbert_hf.from_hf_config({**hf, "global_rope_theta": None}, pretrained=FIXTURE)
 
 
 def test_matches_hf_pytorch_logits_with_and_without_padding(main_model):

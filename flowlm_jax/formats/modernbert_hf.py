@@ -134,6 +134,8 @@ def _rope_thetas(hf: dict) -> tuple[float, float]:
   if hf.get("rope_scaling") or any((p or {}).get("rope_type", "default") != "default" for p in rope.values()):
     raise ValueError("model.pretrained: only the default RoPE is supported (no rope_scaling / rope_type)")
   global_theta = (rope.get("full_attention") or {}).get("rope_theta", hf.get("global_rope_theta", 160_000.0))
+  if not isinstance(global_theta, (int, float)) or isinstance(global_theta, bool):
+    raise ValueError(f"model.pretrained: the global RoPE base (rope_theta) must be a number, got {global_theta!r}")
   # transformers 4.x: local_rope_theta null means the local layers use the global base
   local_default = global_theta if "local_rope_theta" in hf and hf["local_rope_theta"] is None else 10_000.0
   local_theta = (rope.get("sliding_attention") or {}).get("rope_theta", hf.get("local_rope_theta") or local_default)
