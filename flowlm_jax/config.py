@@ -515,8 +515,11 @@ def _check_values(c: ConfigDict) -> None:
            "fp8 needs model.compute_dtype bfloat16 or float32 (float16 cannot hold the gradient scales)")
 
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
+  # A tuple flag's single value stays text (it may be a prompt): `--config.dataset.answer_slots=8` arrives as '8'.
+  as_text = any(isinstance(n, str) for n in d.answer_slots)
   _require(all(isinstance(n, int) and 0 < n < d.max_length for n in d.answer_slots), "dataset.answer_slots",
-           f"must be answer lengths between 1 and max_length - 1 = {d.max_length - 1}, got {tuple(d.answer_slots)}")
+           f"must be answer lengths between 1 and max_length - 1 = {d.max_length - 1}, got {tuple(d.answer_slots)}"
+           + ("; on the command line give a tuple: --config.dataset.answer_slots='(8,)'" if as_text else ""))
   _require(0.0 <= d.validation_split_ratio < 1.0, "dataset.validation_split_ratio", "must be in [0, 1)")
   _require(bool(d.name or d.train_files), "dataset.name", "set a dataset name or dataset.train_files")
   for key in ("train_files", "validation_files"):

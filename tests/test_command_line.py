@@ -51,6 +51,17 @@ def test_every_schema_field_is_set_by_a_command_line_override():
   assert overrides == wanted
 
 
+def test_a_number_tuple_given_as_one_bare_value_is_refused_with_the_spelling_that_works():
+  """The tuple parser keeps a single value as text (a prompt may be '42'): answer_slots=8 says to write (8,)."""
+  config, _ = parse_launch_flags(PRESET, "--config.dataset.answer_slots=8")
+  with pytest.raises(ValueError, match=r"got \('8',\); on the command line give a tuple: "
+                                       r"--config.dataset.answer_slots='\(8,\)'"):
+    config_lib.validate(config, num_devices=1)
+  config, _ = parse_launch_flags(PRESET, "--config.dataset.answer_slots=(8,)")
+  assert config.dataset.answer_slots == (8,)
+  config_lib.validate(config, num_devices=1)
+
+
 @pytest.mark.parametrize("args, expected", [
     (['--config.inference.test_prompts=("What is 3 plus 4?",)'], ("What is 3 plus 4?",)),  # issue 20's command
     (["--config.inference.test_prompts=add 1 2", "--config.inference.test_prompts=To be, or not"],
