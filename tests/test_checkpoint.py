@@ -283,43 +283,47 @@ def test_resume_of_a_workdir_without_checkpoints_is_an_error_even_when_it_is_the
     loop.run(tiny_config("llada", max_steps=2), str(workdir), resume=str(workdir))
 
 
+def evaluation_dies_at(monkeypatch, step: int | None = None):
+  """loop.evaluate raising MemoryError at `step` (every step when None), as a process dying in an evaluation;
+  returns the real one, to put back for the relaunch."""
+  evaluate = loop.evaluate
+
+  def dies(eval_step, params, setup, at):
+    if step is None or at == step:
+      raise MemoryError("evaluation ran out of memory")
+    return evaluate(eval_step, params, setup, at)
+
+  monkeypatch.setattr(loop, "evaluate", dies)
+  return evaluate
+
+
+def evaluated_steps(workdir: str) -> list[int]:
+  """The steps of metrics.jsonl's evaluation rows, in file order (a repeated one shows twice)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [row["step"] for row in map(json.loads, f) if "eval_loss" in row]
+
+
 def test_an_evaluation_a_crash_cut_off_mid_run_runs_on_relaunch(tmp_path, monkeypatch):
   """The checkpoint of step 2 is saved before its evaluation; the process dies in that evaluation. The relaunch
   resumes at step 2 and runs the evaluation first, so no evaluation row is lost for good (nor run twice)."""
-  evaluate = loop.evaluate
-
-  def dies_at_step_2(eval_step, params, setup, step):
-    if step == 2:
-      raise MemoryError("evaluation ran out of memory")
-    return evaluate(eval_step, params, setup, step)
-
-  monkeypatch.setattr(loop, "evaluate", dies_at_step_2)
+  evaluate = evaluation_dies_at(monkeypatch, 2)
   workdir, config = str(tmp_path / "w"), tiny_config("llada", max_steps=4, save_steps=2)
   config.evaluation.eval_steps = 2
   with pytest.raises(MemoryError):
     loop.run(config, workdir)
   monkeypatch.setattr(loop, "evaluate", evaluate)
   loop.run(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    assert [row["step"] for row in map(json.loads, f) if "eval_loss" in row] == [2, 4]
+  assert evaluated_steps(workdir) == [2, 4]
   # A fork from that step (--resume into a new workdir) does not evaluate it again: it ran in the source.
   fork = str(tmp_path / "fork")
   loop.run(config, fork, resume=os.path.join(workdir, "checkpoints", "2"))
-  with open(os.path.join(fork, "metrics.jsonl")) as f:
-    assert [row["step"] for row in map(json.loads, f) if "eval_loss" in row] == [4]
+  assert evaluated_steps(fork) == [4]
 
 
 def test_a_save_between_log_steps_writes_the_row_of_the_steps_it_saved(tmp_path, monkeypatch):
   """log_every=4, save_steps=3: the process dies after saving step 3 (in its evaluation). The relaunch resumes
   at 3, so steps 1-3 would never be logged unless the save wrote their row."""
-  evaluate = loop.evaluate
-
-  def dies_at_step_3(eval_step, params, setup, step):
-    if step == 3:
-      raise MemoryError("evaluation ran out of memory")
-    return evaluate(eval_step, params, setup, step)
-
-  monkeypatch.setattr(loop, "evaluate", dies_at_step_3)
+  evaluate = evaluation_dies_at(monkeypatch, 3)
   workdir, config = str(tmp_path / "w"), tiny_config("llada", max_steps=8, save_steps=3)
   config.logging.log_every, config.evaluation.eval_steps = 4, 3
   with pytest.raises(MemoryError):
@@ -331,11 +335,7 @@ def test_a_save_between_log_steps_writes_the_row_of_the_steps_it_saved(tmp_path,
 
 @pytest.mark.integration
 def test_a_failure_in_evaluation_or_sampling_after_the_last_step_keeps_its_checkpoint(tmp_path, monkeypatch):
-  def out_of_memory(*args, **kwargs):
-    raise MemoryError("evaluation ran out of memory")
-
-  evaluate = loop.evaluate
-  monkeypatch.setattr(loop, "evaluate", out_of_memory)  # runs at the last step
+  evaluate = evaluation_dies_at(monkeypatch)  # evaluation runs at the last step
   workdir, config = str(tmp_path / "w"), tiny_config("llada", max_steps=2, save_steps=100)  # saves at the last step
   with pytest.raises(MemoryError):
     loop.run(config, workdir)
@@ -346,8 +346,7 @@ def test_a_failure_in_evaluation_or_sampling_after_the_last_step_keeps_its_check
   monkeypatch.setattr(loop, "evaluate", evaluate)
   assert loop.run(config, workdir)["eval"]["step"] == 2
   assert "eval" not in loop.run(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    assert [row["step"] for row in map(json.loads, f) if "eval_loss" in row] == [2]
+  assert evaluated_steps(workdir) == [2]
 
 
 @pytest.mark.integration
