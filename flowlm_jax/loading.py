@@ -67,13 +67,13 @@ def load(workdir: str, step: int | None = None, prompt_format: str | None = None
   explicit = prompt_format if prompt_format in ("plain", "chat") else None
   if exported.is_exported(workdir):
     run = _load_exported(workdir, step)
-  elif os.path.isfile(os.path.join(workdir, exported.CONFIG_FILE)) and not llama_hf.is_checkpoint(workdir):
-    raise ValueError(f"{workdir} holds a {exported.CONFIG_FILE} but is neither a whole export (config.json with "
-                     f"\"format\": \"{exported.FORMAT}\" and {exported.WEIGHTS_FILE}) nor a LLaDA/Dream release")
   elif llama_hf.is_checkpoint(workdir):
     if step not in (None, 0):
       raise ValueError(f"{workdir} is a released checkpoint (step 0), not a run with a step {step}")
     run = _load_hf_checkpoint(workdir, resolve_prompt_format=explicit is None)
+  elif os.path.isfile(os.path.join(workdir, exported.CONFIG_FILE)):
+    raise ValueError(f"{workdir} holds a {exported.CONFIG_FILE} but is neither a whole export (config.json with "
+                     f"\"format\": \"{exported.FORMAT}\" and {exported.WEIGHTS_FILE}) nor a LLaDA/Dream release")
   else:
     run = _load_run(workdir, step)
   if explicit:
@@ -136,7 +136,6 @@ def _newest_readable_config(checkpointer, steps: list[int]) -> dict:
 def _load_exported(path: str, step: int | None) -> LoadedRun:
   """A LoadedRun from model.safetensors + config.json + tokenizer files (no Orbax, no optimiser state)."""
   from flax import nnx
-  from safetensors import SafetensorError
 
   path = os.path.abspath(path)
   meta = exported.read_config_json(path)
@@ -155,10 +154,7 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
     raise ValueError(f"{path}: the tokenizer has {vocab.size} tokens, the exported model {model_cfg.num_real_tokens}")
   graphdef, abstract_model_state = train.abstract_model(model_cfg)
   shardings = sharding.param_shardings(abstract_model_state, sharding.single_device_mesh())
-  try:
-    params = exported.read_params(path, nnx.to_pure_dict(abstract_model_state), shardings)
-  except SafetensorError as e:  # a damaged or truncated file: its message does not name it
-    raise ValueError(f"{os.path.join(path, exported.WEIGHTS_FILE)} does not read: {e}") from None
+  params = exported.read_params(path, nnx.to_pure_dict(abstract_model_state), shardings)
   model = nnx.merge(graphdef, params)
   return LoadedRun(config=config, model=model, tokenizer=tokenizer, vocab=vocab, step=int(meta["step"]),
                    graphdef=graphdef, params=params)

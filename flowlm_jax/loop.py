@@ -249,15 +249,13 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           result["train"] = row
           window, window_start, window_steps = None, time.perf_counter(), 0
           rate.restart()
-        paused = False
         if saving:
           # Before evaluating and sampling: a failure there (or a preemption's grace period running out) loses no
           # training (a relaunch after a failed final evaluation runs it), and an asynchronous save overlaps them.
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           save(step)
           result["checkpoint"] = os.path.join(workdir, "checkpoints", str(step))  # as the user wrote the workdir
-          paused = True
-        if evaluate_and_sample(step, last) or paused:
+        if evaluate_and_sample(step, last) or saving:  # a pause: the rate's clock starts again after it
           rate.restart()
         if halt:
           checkpointer.wait()
