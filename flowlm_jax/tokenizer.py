@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -67,11 +66,9 @@ def _adopt_config_mask(tokenizer, path: str) -> None:
   config = os.path.join(path, "config.json")
   if not os.path.isfile(config):
     return
-  try:
-    with open(config) as f:
-      mask_id = json.load(f).get("mask_token_id")
-  except (ValueError, AttributeError) as e:
-    raise ValueError(f"model.tokenizer: {config} does not read as JSON ({e})") from None
+  from flowlm_jax.formats.safetensors_dir import read_json
+
+  mask_id = read_json(config, "model.tokenizer").get("mask_token_id")
   if mask_id is None or mask_id == tokenizer.mask_token_id:
     return
   if not 0 <= mask_id < len(tokenizer):
