@@ -96,6 +96,8 @@ def base_config() -> ConfigDict:
   k.eps = 1e-3                  # corruption probability t = (1 - eps) r + eps (LLaDA)
   k.clean_prefix_prob = 0.0     # training: share of rows whose answer starts clean (nearer a semi-
   k.clean_prefix_block = 32     #   autoregressive sampler's states; masking.keep_clean_prefix), in multiples of this
+  k.mix_strategy = ""           # training: a second strategy for a share mix_prob of the rows, e.g. LLADA_STRATEGY
+  k.mix_prob = 0.0              #   in a FlowLM run, whose answers are then sometimes all [MASK] as LLaDA's sampler's
 
   c.training = t = ConfigDict()
   t.loss = "llada"              # "llada" (1/t-weighted) | "flowlm" (all corrupted positions)
@@ -533,6 +535,12 @@ def _check_values(c: ConfigDict) -> None:
   _require(k.min_ratio <= k.max_ratio, "masking.min_ratio", f"min_ratio={k.min_ratio} > max_ratio={k.max_ratio}")
   _require(0.0 <= k.clean_prefix_prob <= 1.0, "masking.clean_prefix_prob", f"must be in [0, 1], got {k.clean_prefix_prob}")
   _require(k.clean_prefix_block >= 1, "masking.clean_prefix_block", f"must be >= 1, got {k.clean_prefix_block}")
+  _require(0.0 <= k.mix_prob <= 1.0, "masking.mix_prob", f"must be in [0, 1], got {k.mix_prob}")
+  _require(k.mix_strategy in ("", *masking.STRATEGIES), "masking.mix_strategy",
+           f"{k.mix_strategy!r} is not one of {', '.join(masking.STRATEGIES)} (or empty: no mix)")
+  _require(k.mix_prob == 0 or k.mix_strategy, "masking.mix_strategy", f"must name a strategy when mix_prob={k.mix_prob}")
+  _require(k.mix_prob == 0 or not (t.loss == "flowlm" and t.loss_weighting == "gidd"), "masking.mix_prob",
+           "must be 0 with training.loss_weighting=gidd (the exact ELBO of one noise process)")
   if k.strategy == "CUSTOM":
     total = k.mask_prob + k.random_prob + k.keep_prob
     _require(math.isclose(total, 1.0, abs_tol=1e-6), "masking.mask_prob",

@@ -303,6 +303,8 @@ class MixedNoise:
 
   @classmethod
   def from_masking(cls, spec: masking.MaskingSpec) -> MixedNoise:
+    if spec.mix_prob > 0:
+      raise ValueError("the GIDD loss is the ELBO of one noise process; masking.mix_prob > 0 mixes two")
     s = spec.mask_prob + spec.random_prob
     return cls(time_scale=s, mask_prob=spec.mask_prob / s, random_prob=spec.random_prob / s,
                mask_id=spec.mask_id, random_token_ids=spec.random_token_ids)

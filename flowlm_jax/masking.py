@@ -5,7 +5,10 @@ with probability t ~ U[0, 1]. We generalise that in two ways the config can swit
   * t is drawn from U[min_ratio, max_ratio] (LLaDA: [0, 1]) and lifted off zero with LLaDA's `eps` trick,
     p = (1 - eps) * r + eps, so no sequence is trained with (almost) nothing to predict;
   * a chosen position is not always replaced by [MASK]: like BERT it may get a random token or stay as it is.
-    FlowLM trains the model to fix any position, so most chosen positions get a random token.
+    FlowLM trains the model to fix any position, so most chosen positions get a random token;
+  * optionally a share of the rows takes a second strategy's kinds (`mix_strategy`, `mix_prob`), e.g. LLaDA's
+    mostly-[MASK] corruption in a FlowLM run, so that the model also sees the all-[MASK] answers LLaDA's sampler
+    starts from.
 
 Everything here is pure and jit-able: the `MaskingSpec` is plain Python data that is closed over, e.g.
 `jax.jit(functools.partial(corrupt, spec=spec))`, and the randomness comes only from the key passed in.
@@ -58,15 +61,20 @@ class MaskingSpec:
   # multiple of positions such a prefix comes in.
   clean_prefix_prob: float = 0.0
   clean_prefix_block: int = 32
+  # The share of rows whose chosen positions take `mix_kinds` = (mask, random, unchanged) instead.
+  mix_prob: float = 0.0
+  mix_kinds: tuple[float, float, float] = (1.0, 0.0, 0.0)
 
   def __post_init__(self):
     object.__setattr__(self, "random_token_ids", tuple(int(i) for i in np.asarray(self.random_token_ids).ravel()))
-    total = self.mask_prob + self.random_prob + self.keep_prob
-    if min(self.mask_prob, self.random_prob, self.keep_prob) < 0 or abs(total - 1.0) > _PROB_TOLERANCE:
-      raise ValueError(
-        "masking.mask_prob + masking.random_prob + masking.keep_prob must be non-negative and sum to 1, got "
-        f"{self.mask_prob} + {self.random_prob} + {self.keep_prob} = {total}"
-      )
+    object.__setattr__(self, "mix_kinds", tuple(float(p) for p in self.mix_kinds))
+    for name, probs in (("mask_prob + masking.random_prob + masking.keep_prob", self.kinds),
+                        ("mix_strategy's probabilities", self.mix_kinds)):
+      if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1.0) > _PROB_TOLERANCE:
+        raise ValueError(f"masking.{name} must be non-negative and sum to 1, got "
+                         f"{' + '.join(str(p) for p in probs)} = {sum(probs)}")
+    if not 0.0 <= self.mix_prob <= 1.0:
+      raise ValueError(f"masking.mix_prob must lie in [0, 1], got {self.mix_prob}")
     if not 0.0 <= self.min_ratio <= self.max_ratio <= 1.0:
       raise ValueError(
         f"need 0 <= masking.min_ratio <= masking.max_ratio <= 1, got min_ratio={self.min_ratio}, "
@@ -74,18 +82,32 @@ class MaskingSpec:
       )
     if not 0.0 <= self.eps < 1.0:
       raise ValueError(f"masking.eps must lie in [0, 1), got {self.eps}")
-    if self.random_prob > 0 and not self.random_token_ids:
-      raise ValueError("masking.random_prob > 0 but the vocab has no non-special ids to draw from")
+    if self.draws_random_tokens and not self.random_token_ids:
+      raise ValueError("masking draws random tokens but the vocab has no non-special ids to draw from")
     if self.mask_id in self.random_token_ids:
       raise ValueError(f"mask_id={self.mask_id} is among the random replacement ids; list it in vocab.special_ids")
     if not (0.0 <= self.clean_prefix_prob <= 1.0 and self.clean_prefix_block >= 1):
       raise ValueError(f"need 0 <= masking.clean_prefix_prob <= 1 and masking.clean_prefix_block >= 1, got "
                        f"{self.clean_prefix_prob} and {self.clean_prefix_block}")
 
+  @property
+  def kinds(self) -> tuple[float, float, float]:
+    """(mask, random, unchanged) probabilities of a chosen position in a row without the mix."""
+    return (self.mask_prob, self.random_prob, self.keep_prob)
+
+  @property
+  def draws_random_tokens(self) -> bool:
+    return self.random_prob > 0 or (self.mix_prob > 0 and self.mix_kinds[1] > 0)
+
   @classmethod
   def from_config(cls, masking_cfg: Any, vocab: Vocab) -> MaskingSpec:
     """`masking_cfg`: the `masking` ConfigDict section, or any object with the same attributes."""
     mask_prob, random_prob, keep_prob = resolve_strategy(masking_cfg)
+    mix_strategy = getattr(masking_cfg, "mix_strategy", "")
+    mix_prob = float(getattr(masking_cfg, "mix_prob", cls.mix_prob))
+    if mix_prob > 0 and mix_strategy not in STRATEGIES:
+      raise ValueError(f"masking.mix_prob={mix_prob} needs masking.mix_strategy, one of {list(STRATEGIES)}; "
+                       f"got {mix_strategy!r}")
     return cls(
       mask_prob=mask_prob,
       random_prob=random_prob,
@@ -98,6 +120,8 @@ class MaskingSpec:
       # A section without these keys (built by hand) gets the dataclass's defaults, written once above.
       clean_prefix_prob=float(getattr(masking_cfg, "clean_prefix_prob", cls.clean_prefix_prob)),
       clean_prefix_block=int(getattr(masking_cfg, "clean_prefix_block", cls.clean_prefix_block)),
+      mix_prob=mix_prob,
+      mix_kinds=STRATEGIES[mix_strategy] if mix_prob > 0 else cls.mix_kinds,
     )
 
 
@@ -124,12 +148,25 @@ def sample_t(key: jax.Array, batch_size: int, spec: MaskingSpec) -> jax.Array:
   return (1.0 - spec.eps) * r_B + spec.eps
 
 
+MIX_ROW_STREAM = 0x6D697872  # fold_in data for the rows that take the mix strategy ("mixr"): far from split indices
+
+
+def _kind_thresholds(kinds: tuple[float, float, float]) -> tuple[float, float]:
+  """Where a uniform draw stops meaning MASK and RANDOM; normalised so that rounding in a sum never leaks."""
+  total = sum(kinds)
+  return kinds[0] / total, (kinds[0] + kinds[1]) / total
+
+
 def sample_kinds(key: jax.Array, corrupted_BxL: jax.Array, spec: MaskingSpec) -> jax.Array:
-  """int8[B, L]: for chosen positions, MASK / RANDOM / UNCHANGED with the strategy's probabilities."""
-  # Thresholds on one uniform draw; normalise so that rounding in a CUSTOM sum never leaks probability.
-  total = spec.mask_prob + spec.random_prob + spec.keep_prob
-  mask_below = spec.mask_prob / total
-  random_below = (spec.mask_prob + spec.random_prob) / total
+  """int8[B, L]: for chosen positions, MASK / RANDOM / UNCHANGED with the strategy's probabilities (in a share
+  `spec.mix_prob` of the rows, the mix strategy's)."""
+  mask_below, random_below = _kind_thresholds(spec.kinds)
+  if spec.mix_prob > 0:  # static: without a mix the draws are what they always were
+    # A stream of its own (fold_in with a far constant, as train.CLEAN_PREFIX_STREAM), not a split of `key`.
+    mixed_B = jax.random.uniform(jax.random.fold_in(key, MIX_ROW_STREAM), corrupted_BxL.shape[:1]) < spec.mix_prob
+    mix_mask_below, mix_random_below = _kind_thresholds(spec.mix_kinds)
+    mask_below = jnp.where(mixed_B, mix_mask_below, mask_below)[:, None]
+    random_below = jnp.where(mixed_B, mix_random_below, random_below)[:, None]
   u_BxL = jax.random.uniform(key, corrupted_BxL.shape, jnp.float32)
   kind_BxL = jnp.where(u_BxL < mask_below, KIND_MASK, jnp.where(u_BxL < random_below, KIND_RANDOM, KIND_UNCHANGED))
   return jnp.where(corrupted_BxL, kind_BxL, KIND_NONE).astype(jnp.int8)
@@ -174,7 +211,7 @@ def corrupt_at(key: jax.Array, tokens_BxL: jax.Array, corruptible_BxL: jax.Array
 
   noisy_BxL = tokens_BxL.astype(jnp.int32)
   noisy_BxL = jnp.where(kind_BxL == KIND_MASK, jnp.int32(spec.mask_id), noisy_BxL)
-  if spec.random_prob > 0:  # static: skip the draw (and the id table) when the strategy never uses it
+  if spec.draws_random_tokens:  # static: skip the draw (and the id table) when no strategy uses it
     random_BxL = sample_random_tokens(random_key, (batch_size, seq_len), spec)
     noisy_BxL = jnp.where(kind_BxL == KIND_RANDOM, random_BxL, noisy_BxL)
   return Corruption(noisy_tokens=noisy_BxL, corrupted=corrupted_BxL, t=t_B, kind=kind_BxL)

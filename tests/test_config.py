@@ -330,7 +330,7 @@ def test_validate_accepts_an_int_for_a_float_field():
 
 
 @pytest.mark.parametrize("key", ["min_ratio", "max_ratio", "eps", "mask_prob", "random_prob", "keep_prob",
-                                 "clean_prefix_prob"])
+                                 "clean_prefix_prob", "mix_prob"])
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_validate_rejects_a_masking_ratio_outside_0_1(key, value):
   c = preset()
@@ -343,6 +343,20 @@ def test_validate_rejects_a_clean_prefix_block_below_one():
   c = preset()
   c.masking.clean_prefix_block = 0
   with pytest.raises(ValueError, match=re.escape("masking.clean_prefix_block: must be >= 1, got 0")):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"masking.mix_prob": 0.25}, "masking.mix_strategy: must name a strategy when mix_prob=0.25"),
+    ({"masking.mix_strategy": "LLADA"}, "masking.mix_strategy: 'LLADA' is not one of"),
+    ({"masking.mix_strategy": "LLADA_STRATEGY", "masking.mix_prob": 0.25, "training.loss": "flowlm",
+      "training.loss_weighting": "gidd"}, "masking.mix_prob: must be 0 with training.loss_weighting=gidd"),
+])
+def test_validate_rejects_a_mix_it_cannot_train(changes, message):
+  c = preset()
+  for key, value in changes.items():
+    c = with_value(c, key, value)
+  with pytest.raises(ValueError, match=re.escape(message)):
     config_lib.validate(c)
 
 

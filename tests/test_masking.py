@@ -283,3 +283,50 @@ def test_clean_prefix_settings_out_of_range_raise_naming_the_fields():
     make_spec(clean_prefix_prob=1.5)
   with pytest.raises(ValueError, match="clean_prefix_block"):
     make_spec(clean_prefix_block=0)
+
+
+# --- a second strategy for a share of the rows ---------------------------------------------------
+
+
+def test_mixed_rows_take_the_mix_strategys_kinds_and_the_others_keep_their_own():
+  """FlowLM corruption with LLaDA's in a quarter of the rows: each row's kind fractions are one strategy's, the
+  rows split at the configured share, and t (the choice of positions) is the same draw as without the mix."""
+  plain = make_spec("FLOWLM_STRATEGY")
+  mixed = make_spec("FLOWLM_STRATEGY", mix_strategy="LLADA_STRATEGY", mix_prob=0.25)
+  _, out = corrupt_all(mixed, shape=(2_000, 256))
+  _, out_plain = corrupt_all(plain, shape=(2_000, 256))
+  np.testing.assert_array_equal(np.asarray(out.corrupted), np.asarray(out_plain.corrupted))
+  kind, corrupted = np.asarray(out.kind), np.asarray(out.corrupted)
+  rows = corrupted.sum(1) >= 100  # enough chosen positions per row to tell a 0.3 [MASK] share from 0.9 by far
+  kind, corrupted = kind[rows], corrupted[rows]
+  llada_rows = (kind == masking.KIND_MASK).sum(1) / corrupted.sum(1) > 0.6
+  assert abs(llada_rows.mean() - 0.25) < SIGMAS * np.sqrt(0.25 * 0.75 / rows.sum())
+  for strategy, of_strategy in (("LLADA_STRATEGY", llada_rows), ("FLOWLM_STRATEGY", ~llada_rows)):
+    chosen = corrupted[of_strategy].sum()
+    for kind_id, p in zip((masking.KIND_MASK, masking.KIND_RANDOM), masking.STRATEGIES[strategy]):
+      share = (kind[of_strategy] == kind_id).sum() / chosen
+      assert abs(share - p) <= binomial_tolerance(p, chosen), (strategy, kind_id, share, p)
+
+
+def test_a_mix_of_nothing_draws_what_no_mix_draws():
+  plain = corrupt_all(make_spec("FLOWLM_STRATEGY"))[1]
+  off = corrupt_all(make_spec("FLOWLM_STRATEGY", mix_strategy="LLADA_STRATEGY", mix_prob=0.0))[1]
+  for a, b in zip(plain, off):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_mix_that_draws_random_tokens_draws_them_where_the_main_strategy_never_does():
+  """Mask-only main strategy, BERT's kinds in every row: random replacements appear, from non-special ids."""
+  spec = make_spec("CUSTOM", mask_prob=1.0, mix_strategy="BERT_STRATEGY", mix_prob=1.0)
+  _, out = corrupt_all(spec, shape=(64, 256))
+  kind, noisy = np.asarray(out.kind), np.asarray(out.noisy_tokens)
+  random_share = (kind == masking.KIND_RANDOM).sum() / np.asarray(out.corrupted).sum()
+  assert abs(random_share - 0.1) < 0.02
+  assert not np.isin(noisy[kind == masking.KIND_RANDOM], VOCAB.special_ids).any()
+
+
+def test_a_mix_without_a_strategy_or_out_of_range_raises_naming_the_field():
+  with pytest.raises(ValueError, match="masking.mix_prob=0.5 needs masking.mix_strategy"):
+    make_spec(mix_prob=0.5)
+  with pytest.raises(ValueError, match="masking.mix_prob must lie in"):
+    make_spec(mix_strategy="LLADA_STRATEGY", mix_prob=1.5)
