@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 18's fine-tune-and-decode per seed on a lent GPU (docs/performance.md, "Fast sampling"): for each seed in
+# SEEDS, fine-tune BASE (default models/flowlm-long, carried) 3,000 steps with clean answer prefixes in half the
+# rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA (more --config overrides); then decode all 200 test records at
+# answers 256 and 512, batch 1: the LLaDA sampler over caches none,dual x thresholds 0,0.9 x factors 1,0.5,0.25,
+# and FlowLM's own sampler without a cache (threshold 0, factors 1 and 0.25). Seeds run side by side, one per GPU
+# where the machine has one per seed. Writes $OUT/NAME_sSEED_{train,llada,flowlm}.{log,json}.
+#   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
+#     bash scripts/gpu_seed_finetunes.sh
+# carry: [".whl", "models/flowlm-long"]. TRAIN_TIMEOUT (default 250 s) and DECODE_TIMEOUT (default 170 s) bound
+# each step; LONG_TRAIN_PER_TASK (default 10000) generated records per task, as in the fine-tunes before.
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+: "${SEEDS:?SEEDS, e.g. \"0 1\"}" "${NAME:?NAME, the prefix of the output files}"
+base=${BASE:-models/flowlm-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
+[ -d "$base" ] || { echo "no $base here: carry it"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+long=/tmp/long_tasks_$per_task/sft_tasks_long
+if [ ! -d "$long" ]; then  # whole or not at all, as gpu_fast_sampling.sh builds it
+  rm -rf "$long.partial"
+  python3 scripts/build_assets.py --long-tasks-only --out "$long.partial" --long-train-per-task "$per_task" \
+    >"$OUT/long_tasks.log" 2>&1 || { echo "building the records failed: $OUT/long_tasks.log"; exit 1; }
+  mv "$long.partial/sft_tasks_long" "$long" && rm -rf "$long.partial"
+fi
+train_args="--config.dataset.name= --config.dataset.train_files=$long/train.jsonl
+  --config.dataset.validation_files=$long/test.jsonl --config.training.init_from=$base
+  --config.training.max_steps=3000 --config.training.learning_rate=3e-4 --config.training.warmup_steps=100
+  --config.training.save_steps=1000 --config.evaluation.eval_steps=1000
+  --config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32 ${FT_EXTRA:-}"
+decode="--answers 256,512 --batch 1 --limit 0 --probe_ratios="
+gpus=$(nvidia-smi -L | grep -c "^GPU")
+
+one_seed() {  # one_seed SEED GPU: train, then decode both ways; a stopped training saves and is decoded
+  local seed=$1 run=runs/${NAME}_s$1 out=$OUT/${NAME}_s$1
+  export CUDA_VISIBLE_DEVICES=$2
+  rm -rf "$run"
+  timeout "${TRAIN_TIMEOUT:-250}" python3 launch.py --config=configs/flowlm.py:tasks_long --workdir="$run" $train_args \
+    --config.training.seed="$seed" --config.dataloader.seed="$seed" 2>&1 | quiet > "${out}_train.log"
+  timeout "${DECODE_TIMEOUT:-170}" python3 scripts/fast_sampling.py --workdir="$run" $decode --modes llada \
+    --caches none,dual --thresholds 0,0.9 --factors 1,0.5,0.25 --out "${out}_llada.json" 2>&1 | quiet > "${out}_llada.log"
+  timeout "${DECODE_TIMEOUT:-170}" python3 scripts/fast_sampling.py --workdir="$run" $decode --modes flowlm \
+    --caches none --thresholds 0 --factors 1,0.25 --out "${out}_flowlm.json" 2>&1 | quiet > "${out}_flowlm.log"
+  echo "=== seed $seed done: $(grep -c . "${out}_llada.log") + $(grep -c . "${out}_flowlm.log") lines of decoding"
+}
+
+i=0
+for seed in $SEEDS; do  # a GPU each, in rounds of as many seeds as GPUs
+  one_seed "$seed" $((i % gpus)) &
+  i=$((i + 1))
+  [ $((i % gpus)) = 0 ] && wait
+done
+wait
