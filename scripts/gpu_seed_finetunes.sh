@@ -4,7 +4,12 @@
 # rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA (more --config overrides); then decode all 200 test records at
 # answers 256 and 512, batch 1: the LLaDA sampler over caches none,dual x thresholds 0,0.9 x factors 1,0.5,0.25,
 # and FlowLM's own sampler without a cache (threshold 0, factors 1 and 0.25). Seeds run side by side, one per GPU
-# where the machine has one per seed. Writes $OUT/NAME_sSEED_{train,llada,flowlm}.{log,json}.
+# where the machine has one per seed. Writes $OUT/NAME_sSEED_{train,llada,flowlm}.{log,json}, packed into
+# $OUT/NAME.tgz at the end (a call brings back 8 files).
+# HELDOUT_PER_TASK=N: also decode N held-out records per task (drawn after the training records: build_assets.py
+# --long-heldout-per-task) at batch 32, with the same settings less threshold 0.9, for exact match with more
+# records than the 200 test ones ($OUT/NAME_sSEED_heldout_{llada,flowlm}.*). RULES: the LLaDA sampler's
+# thresholds (default 0,0.9).
 #   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
 #     bash scripts/gpu_seed_finetunes.sh
 # carry: [".whl", "models/flowlm-long"]. TRAIN_TIMEOUT (default 250 s) and DECODE_TIMEOUT (default 170 s) bound
@@ -15,10 +20,12 @@ source "$(dirname "$0")/gpu_env.sh"
 base=${BASE:-models/flowlm-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
 [ -d "$base" ] || { echo "no $base here: carry it"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-long=/tmp/long_tasks_$per_task/sft_tasks_long
+heldout=${HELDOUT_PER_TASK:-0}
+long=/tmp/long_tasks_${per_task}_$heldout/sft_tasks_long
 if [ ! -d "$long" ]; then  # whole or not at all, as gpu_fast_sampling.sh builds it
   rm -rf "$long.partial"
   python3 scripts/build_assets.py --long-tasks-only --out "$long.partial" --long-train-per-task "$per_task" \
+    --long-heldout-per-task "$heldout" \
     >"$OUT/long_tasks.log" 2>&1 || { echo "building the records failed: $OUT/long_tasks.log"; exit 1; }
   mv "$long.partial/sft_tasks_long" "$long" && rm -rf "$long.partial"
 fi
@@ -27,8 +34,16 @@ train_args="--config.dataset.name= --config.dataset.train_files=$long/train.json
   --config.training.max_steps=3000 --config.training.learning_rate=3e-4 --config.training.warmup_steps=100
   --config.training.save_steps=1000 --config.evaluation.eval_steps=1000
   --config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32 ${FT_EXTRA:-}"
-decode="--answers 256,512 --batch 1 --limit 0 --probe_ratios="
 gpus=$(nvidia-smi -L | grep -c "^GPU")
+
+decode() {  # decode RUN OUT_PREFIX THRESHOLDS MORE_ARGS...: the LLaDA grid, then FlowLM's own sampler
+  local run=$1 out=$2 thresholds=$3; shift 3
+  local common="--workdir=$run --answers 256,512 --limit 0 --probe_ratios= $*"
+  timeout "${DECODE_TIMEOUT:-170}" python3 scripts/fast_sampling.py $common --modes llada --caches none,dual \
+    --thresholds "$thresholds" --factors 1,0.5,0.25 --out "${out}_llada.json" 2>&1 | quiet > "${out}_llada.log"
+  timeout "${DECODE_TIMEOUT:-170}" python3 scripts/fast_sampling.py $common --modes flowlm --caches none \
+    --thresholds 0 --factors 1,0.25 --out "${out}_flowlm.json" 2>&1 | quiet > "${out}_flowlm.log"
+}
 
 one_seed() {  # one_seed SEED GPU: train, then decode both ways; a stopped training saves and is decoded
   local seed=$1 run=runs/${NAME}_s$1 out=$OUT/${NAME}_s$1
@@ -36,11 +51,9 @@ one_seed() {  # one_seed SEED GPU: train, then decode both ways; a stopped train
   rm -rf "$run"
   timeout "${TRAIN_TIMEOUT:-250}" python3 launch.py --config=configs/flowlm.py:tasks_long --workdir="$run" $train_args \
     --config.training.seed="$seed" --config.dataloader.seed="$seed" 2>&1 | quiet > "${out}_train.log"
-  timeout "${DECODE_TIMEOUT:-170}" python3 scripts/fast_sampling.py --workdir="$run" $decode --modes llada \
-    --caches none,dual --thresholds 0,0.9 --factors 1,0.5,0.25 --out "${out}_llada.json" 2>&1 | quiet > "${out}_llada.log"
-  timeout "${DECODE_TIMEOUT:-170}" python3 scripts/fast_sampling.py --workdir="$run" $decode --modes flowlm \
-    --caches none --thresholds 0 --factors 1,0.25 --out "${out}_flowlm.json" 2>&1 | quiet > "${out}_flowlm.log"
-  echo "=== seed $seed done: $(grep -c . "${out}_llada.log") + $(grep -c . "${out}_flowlm.log") lines of decoding"
+  decode "$run" "$out" "${RULES:-0,0.9}" --batch 1
+  [ "$heldout" = 0 ] || decode "$run" "${out}_heldout" 0 --batch 32 --records "$long/heldout.jsonl"
+  echo "=== seed $seed done"
 }
 
 i=0
@@ -50,3 +63,6 @@ for seed in $SEEDS; do  # a GPU each, in rounds of as many seeds as GPUs
   [ $((i % gpus)) = 0 ] && wait
 done
 wait
+grep -h "^| llada\|^| flowlm" "$OUT"/*_llada.log "$OUT"/*_flowlm.log | grep -v "(0\.[0-9][0-9])\|(1\.00)"  # each row's figures
+# One archive: a call brings back 8 files, and a seed writes up to 9.
+(cd "$OUT" && tar czf "$NAME.tgz" --remove-files ./*) && echo "=== $OUT/$NAME.tgz"

@@ -4,6 +4,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from flowlm_jax import bench
@@ -147,11 +148,20 @@ def test_long_task_set_rebuilds_identically_and_a_larger_training_set_keeps_its_
   build = script("build_assets")
   folder = os.path.join(REPO, "flowlm_jax", "assets", "sft_tasks_long")
   read = lambda name: [json.loads(line) for line in open(os.path.join(folder, name))]
-  train, test = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task)
-  assert (train, test) == (read("train.jsonl"), read("test.jsonl"))
-  more_train, more_test = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task + 50)
+  train, test, heldout = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task)
+  assert (train, test, heldout) == (read("train.jsonl"), read("test.jsonl"), [])
+  more_train, more_test, _ = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task + 50)
   assert more_test == test and len(more_train) == len(train) + 4 * 50
   assert not {r["prompt"] for r in test} & {r["prompt"] for r in more_train}
+
+
+def test_a_held_out_set_leaves_train_and_test_as_they_were_and_shares_no_prompt_with_them():
+  build = script("build_assets")
+  train, test, _ = build.make_sft(build.SFT_LONG, 100)
+  same_train, same_test, heldout = build.make_sft(build.SFT_LONG, 100, heldout_per_task=30)
+  assert (same_train, same_test) == (train, test)
+  assert [r["task"] for r in heldout] == [t for t in build.SFT_LONG.tasks for _ in range(30)]
+  assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train + test}
 
 
 def test_sampler_grid_is_every_answer_batch_and_cache_with_one_token_per_step_by_default():
@@ -288,6 +298,23 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
                                                                                   "overall"} for r in rows)
   table = fast.format_by_task(rows).splitlines()
   assert len(table) == 2 + len(rows) and table[0].count("|") == 4 + 4 + 1
+  assert (rows[0]["exact_won"], rows[0]["exact_lost"], rows[0]["exact_change"]) == (0, 0, 0.0)
+  assert fast.HEADER.splitlines()[0].count("|") == fast.format_row(rows[1]).count("|")
+
+
+def test_fast_sampling_compares_exact_answers_with_the_baseline_record_by_record():
+  """Of 100 records, 20 right only in the baseline and 10 right only here: -10 points, whatever the 40 both
+  got right; the interval is the paired one, sqrt((0.3 - 0.01) / 100) * 1.96 = 10.6 points either side."""
+  fast = script("fast_sampling")
+  base = np.array([True] * 40 + [True] * 20 + [False] * 10 + [False] * 30)
+  here = np.array([True] * 40 + [False] * 20 + [True] * 10 + [False] * 30)
+  change = fast.paired_change(base, here)
+  assert (change["exact_won"], change["exact_lost"]) == (10, 20)
+  assert change["exact_change"] == pytest.approx(-0.1)
+  np.testing.assert_allclose(change["exact_change_ci95"], (-0.1 - 0.10555, -0.1 + 0.10555), atol=1e-4)
+  same = fast.paired_change(base, base)
+  assert same["exact_change"] == 0 and same["exact_change_ci95"] == (0.0, 0.0)
+  assert fast.format_change({**change}) == "+10 -20: -10.0 [-20.6, +0.6]"
 
 
 def test_fast_sampling_compiles_the_sampler_once_for_prompts_with_and_without_padding(tokenizer, vocab, caplog):
