@@ -130,6 +130,22 @@ ONLINE_PROBE_TIMEOUT = 5.0
 ONLINE_INIT_TIMEOUT = 30.0
 
 
+# The WANDB_*_DIR values this process set itself: a later run (a notebook's second) moves them to its own workdir,
+# while a value the user set stays.
+_WANDB_DIRS_SET: dict[str, str] = {}
+
+
+def _keep_wandb_files_under(workdir: str) -> None:
+  """Every wandb file (run, staging, cache) under the workdir unless the user pointed them elsewhere; wandb puts
+  runs in `<dir>/wandb/`: dir=workdir gives `workdir/wandb/offline-run-*`."""
+  wandb_dir = os.path.join(workdir, "wandb")
+  os.makedirs(wandb_dir, exist_ok=True)
+  wanted = {"WANDB_DIR": workdir, **dict.fromkeys(("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"), wandb_dir)}
+  for var, path in wanted.items():
+    if var not in os.environ or os.environ[var] == _WANDB_DIRS_SET.get(var):
+      os.environ[var] = _WANDB_DIRS_SET[var] = path
+
+
 def _start_wandb(workdir: str, config):
   w = config.logging.wandb
   mode = w.mode
@@ -140,13 +156,7 @@ def _start_wandb(workdir: str, config):
     return None
   if env_mode in ("offline", "dryrun") and mode == "online":
     mode = "offline"
-  wandb_dir = os.path.join(workdir, "wandb")
-  os.makedirs(wandb_dir, exist_ok=True)
-  # Keep every wandb file (run, staging, cache) under the workdir unless the user pointed them elsewhere.
-  # wandb puts runs in `<dir>/wandb/`: dir=workdir gives `workdir/wandb/offline-run-*`.
-  os.environ.setdefault("WANDB_DIR", workdir)
-  for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-    os.environ.setdefault(var, wandb_dir)
+  _keep_wandb_files_under(workdir)
   try:
     import wandb
   except ImportError as e:

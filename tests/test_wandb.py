@@ -246,6 +246,29 @@ def test_wandb_mode_in_the_environment_can_only_make_tracking_more_private(tmp_p
   assert modes == ["offline"]
 
 
+WANDB_DIR_VARS = ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
+
+
+def test_a_second_run_in_one_process_keeps_its_wandb_files_under_its_own_workdir(tmp_path, offline_env, monkeypatch):
+  """A notebook that trains twice: the second run's wandb directories are its own workdir's, not the first's;
+  a directory the user set stays as it was for both."""
+  import wandb
+  from flowlm_jax.logging import MetricsLogger
+
+  for var in WANDB_DIR_VARS:
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "mine"))
+  seen = []
+  monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.append({v: os.environ.get(v) for v in WANDB_DIR_VARS}))
+  c = tiny_config()
+  c.logging.wandb.mode = "offline"
+  for name in ("a", "b"):
+    MetricsLogger(str(tmp_path / name), c).close()
+  assert [s["WANDB_DIR"] for s in seen] == [str(tmp_path / "a"), str(tmp_path / "b")]
+  assert [s["WANDB_DATA_DIR"] for s in seen] == [str(tmp_path / n / "wandb") for n in "ab"]
+  assert [s["WANDB_CONFIG_DIR"] for s in seen] == [str(tmp_path / "mine")] * 2
+
+
 def test_redact_drops_secret_keys_and_env_secret_values(monkeypatch):
   from flowlm_jax.logging import redact
 
