@@ -97,7 +97,7 @@ def base_config() -> ConfigDict:
   k.clean_prefix_prob = 0.0     # training: share of rows whose answer starts clean (nearer a semi-
   k.clean_prefix_block = 32     #   autoregressive sampler's states; masking.keep_clean_prefix), in multiples of this
   k.mix_strategy = ""           # training: a second strategy for a share mix_prob of the rows, e.g. LLADA_STRATEGY
-  k.mix_prob = 0.0              #   in a FlowLM run, whose answers are then sometimes all [MASK] as LLaDA's sampler's
+  k.mix_prob = 0.0              #   in a FlowLM run, whose answers are then sometimes mostly [MASK], as LLaDA's sampler's
 
   c.training = t = ConfigDict()
   t.loss = "llada"              # "llada" (1/t-weighted) | "flowlm" (all corrupted positions)

@@ -7,8 +7,8 @@ with probability t ~ U[0, 1]. We generalise that in two ways the config can swit
   * a chosen position is not always replaced by [MASK]: like BERT it may get a random token or stay as it is.
     FlowLM trains the model to fix any position, so most chosen positions get a random token;
   * optionally a share of the rows takes a second strategy's kinds (`mix_strategy`, `mix_prob`), e.g. LLaDA's
-    mostly-[MASK] corruption in a FlowLM run, so that the model also sees the all-[MASK] answers LLaDA's sampler
-    starts from.
+    mostly-[MASK] corruption in a FlowLM run, so that the model also sees answers that are mostly [MASK] (about
+    0.9 t of them), nearer the all-[MASK] answer LLaDA's sampler starts from than FlowLM's 0.3 t.
 
 Everything here is pure and jit-able: the `MaskingSpec` is plain Python data that is closed over, e.g.
 `jax.jit(functools.partial(corrupt, spec=spec))`, and the randomness comes only from the key passed in.

@@ -16,7 +16,7 @@ of --factors), over the same records:
   their position, / reference length) against the reference answers, overall and (a second table) per task;
 - agreement with the uncached sampler: answers identical to the cache=none, threshold-0 row's;
 - exact vs uncached: exact answers won and lost against that row on the same records, and the change in points
-  of exact match with its 95% interval (paired: only the records that changed count). --records
+  of exact match with its 95% interval (paired: only the records that changed count; Bonett-Price). --records
   heldout.jsonl of `scripts/build_assets.py --long-tasks-only --long-heldout-per-task N` gives more records than
   the 200 shipped ones, for a run trained on that build's train.jsonl.
 First, before any decoding (seconds), a probe of what the model learnt (--probe_ratios): per task and share
@@ -254,13 +254,16 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
 
 def paired_change(base_hits: np.ndarray, hits: np.ndarray) -> dict:
   """Exact answers won and lost against the baseline on the same records, and the change in exact match with
-  its 95% interval (the paired difference of two proportions: Wald, variance ((won + lost) / n - d^2) / n).
-  The records are shared, so only the ones that changed count: this is far tighter than two separate rates."""
+  its 95% interval. The records are shared, so only the ones that changed count: far tighter than two separate
+  rates. The interval is Bonett and Price's (2012) adjusted Wald for a paired difference: one more record won
+  and one more lost, of n + 2, so that few or no changed records do not make it collapse onto the change."""
   n = len(hits)
   won, lost = int(np.sum(hits & ~base_hits)), int(np.sum(base_hits & ~hits))
-  change = (won - lost) / n
-  half = 1.96 * np.sqrt(max((won + lost) / n - change ** 2, 0.0) / n)
-  return dict(exact_won=won, exact_lost=lost, exact_change=change, exact_change_ci95=(change - half, change + half))
+  won_share, lost_share = (won + 1) / (n + 2), (lost + 1) / (n + 2)
+  centre = won_share - lost_share
+  half = 1.96 * np.sqrt((won_share + lost_share - centre ** 2) / (n + 2))
+  return dict(exact_won=won, exact_lost=lost, exact_change=(won - lost) / n,
+              exact_change_ci95=(max(centre - half, -1.0), min(centre + half, 1.0)))
 
 
 def parallel_rules(args) -> list[tuple[float, float]]:

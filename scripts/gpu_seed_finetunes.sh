@@ -5,7 +5,7 @@
 # answers 256 and 512, batch 1: the LLaDA sampler over caches none,dual x thresholds 0,0.9 x factors 1,0.5,0.25,
 # and FlowLM's own sampler without a cache (threshold 0, factors 1 and 0.25). Seeds run side by side, one per GPU
 # where the machine has one per seed. Writes $OUT/NAME_sSEED_{train,llada,flowlm}.{log,json}, packed into
-# $OUT/NAME.tgz at the end (a call brings back 8 files).
+# $OUT/NAME_sSEED.tgz when the seed is done (a call brings back 8 files), and prints each row.
 # HELDOUT_PER_TASK=N: also decode N held-out records per task (drawn after the training records: build_assets.py
 # --long-heldout-per-task) at batch 32, with the same settings less threshold 0.9, for exact match with more
 # records than the 200 test ones ($OUT/NAME_sSEED_heldout_{llada,flowlm}.*). RULES: the LLaDA sampler's
@@ -13,9 +13,13 @@
 #   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
 #     bash scripts/gpu_seed_finetunes.sh
 # carry: [".whl", "models/flowlm-long"]. TRAIN_TIMEOUT (default 250 s) and DECODE_TIMEOUT (default 170 s) bound
-# each step; LONG_TRAIN_PER_TASK (default 10000) generated records per task, as in the fine-tunes before.
+# each step, and every step ends by BUDGET seconds after the start (default 560, inside a call's 600 s), so the
+# packing still runs; LONG_TRAIN_PER_TASK (default 10000) generated records per task, as in the fine-tunes before.
+# A stopped training saves a checkpoint, and the decoding reads it; a stopped decoding keeps its rows in the JSON.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
+deadline=$((SECONDS + ${BUDGET:-560}))
+limit() { local left=$((deadline - SECONDS)); echo $((left < $1 ? (left > 1 ? left : 1) : $1)); }  # limit DEFAULT_S
 : "${SEEDS:?SEEDS, e.g. \"0 1\"}" "${NAME:?NAME, the prefix of the output files}"
 base=${BASE:-models/flowlm-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
 [ -d "$base" ] || { echo "no $base here: carry it"; exit 1; }
@@ -24,7 +28,7 @@ heldout=${HELDOUT_PER_TASK:-0}
 long=/tmp/long_tasks_${per_task}_$heldout/sft_tasks_long
 if [ ! -d "$long" ]; then  # whole or not at all, as gpu_fast_sampling.sh builds it
   rm -rf "$long.partial"
-  python3 scripts/build_assets.py --long-tasks-only --out "$long.partial" --long-train-per-task "$per_task" \
+  timeout -k 10 "$(limit 120)" python3 scripts/build_assets.py --long-tasks-only --out "$long.partial" --long-train-per-task "$per_task" \
     --long-heldout-per-task "$heldout" \
     >"$OUT/long_tasks.log" 2>&1 || { echo "building the records failed: $OUT/long_tasks.log"; exit 1; }
   mv "$long.partial/sft_tasks_long" "$long" && rm -rf "$long.partial"
@@ -39,9 +43,9 @@ gpus=$(nvidia-smi -L | grep -c "^GPU")
 decode() {  # decode RUN OUT_PREFIX THRESHOLDS MORE_ARGS...: the LLaDA grid, then FlowLM's own sampler
   local run=$1 out=$2 thresholds=$3; shift 3
   local common="--workdir=$run --answers 256,512 --limit 0 --probe_ratios= $*"
-  timeout "${DECODE_TIMEOUT:-170}" python3 scripts/fast_sampling.py $common --modes llada --caches none,dual \
+  timeout -k 10 "$(limit "${DECODE_TIMEOUT:-170}")" python3 scripts/fast_sampling.py $common --modes llada --caches none,dual \
     --thresholds "$thresholds" --factors 1,0.5,0.25 --out "${out}_llada.json" 2>&1 | quiet > "${out}_llada.log"
-  timeout "${DECODE_TIMEOUT:-170}" python3 scripts/fast_sampling.py $common --modes flowlm --caches none \
+  timeout -k 10 "$(limit "${DECODE_TIMEOUT:-170}")" python3 scripts/fast_sampling.py $common --modes flowlm --caches none \
     --thresholds 0 --factors 1,0.25 --out "${out}_flowlm.json" 2>&1 | quiet > "${out}_flowlm.log"
 }
 
@@ -49,11 +53,12 @@ one_seed() {  # one_seed SEED GPU: train, then decode both ways; a stopped train
   local seed=$1 run=runs/${NAME}_s$1 out=$OUT/${NAME}_s$1
   export CUDA_VISIBLE_DEVICES=$2
   rm -rf "$run"
-  timeout "${TRAIN_TIMEOUT:-250}" python3 launch.py --config=configs/flowlm.py:tasks_long --workdir="$run" $train_args \
+  timeout -k 30 "$(limit "${TRAIN_TIMEOUT:-250}")" python3 launch.py --config=configs/flowlm.py:tasks_long --workdir="$run" $train_args \
     --config.training.seed="$seed" --config.dataloader.seed="$seed" 2>&1 | quiet > "${out}_train.log"
   decode "$run" "$out" "${RULES:-0,0.9}" --batch 1
   [ "$heldout" = 0 ] || decode "$run" "${out}_heldout" 0 --batch 32 --records "$long/heldout.jsonl"
-  echo "=== seed $seed done"
+  grep -h "^| llada\|^| flowlm" "$out"_*.log | grep -v "(0\.[0-9][0-9])\|(1\.00)" | sed "s/^/[seed $seed] /"  # each row
+  (cd "$OUT" && tar czf "${NAME}_s$seed.tgz" --remove-files "${NAME}_s$seed"_*) && echo "=== seed $seed: $out.tgz"
 }
 
 i=0
@@ -63,6 +68,3 @@ for seed in $SEEDS; do  # a GPU each, in rounds of as many seeds as GPUs
   [ $((i % gpus)) = 0 ] && wait
 done
 wait
-grep -h "^| llada\|^| flowlm" "$OUT"/*_llada.log "$OUT"/*_flowlm.log | grep -v "(0\.[0-9][0-9])\|(1\.00)"  # each row's figures
-# One archive: a call brings back 8 files, and a seed writes up to 9.
-(cd "$OUT" && tar czf "$NAME.tgz" --remove-files ./*) && echo "=== $OUT/$NAME.tgz"

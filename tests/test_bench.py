@@ -304,17 +304,21 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
 
 def test_fast_sampling_compares_exact_answers_with_the_baseline_record_by_record():
   """Of 100 records, 20 right only in the baseline and 10 right only here: -10 points, whatever the 40 both
-  got right; the interval is the paired one, sqrt((0.3 - 0.01) / 100) * 1.96 = 10.6 points either side."""
+  got right. The interval is Bonett-Price's: shares 11/102 and 21/102, centre -10/102, half-width
+  1.96 sqrt((32/102 - (10/102)^2) / 102) = 10.7 points."""
   fast = script("fast_sampling")
   base = np.array([True] * 40 + [True] * 20 + [False] * 10 + [False] * 30)
   here = np.array([True] * 40 + [False] * 20 + [True] * 10 + [False] * 30)
   change = fast.paired_change(base, here)
   assert (change["exact_won"], change["exact_lost"]) == (10, 20)
   assert change["exact_change"] == pytest.approx(-0.1)
-  np.testing.assert_allclose(change["exact_change_ci95"], (-0.1 - 0.10555, -0.1 + 0.10555), atol=1e-4)
-  same = fast.paired_change(base, base)
-  assert same["exact_change"] == 0 and same["exact_change_ci95"] == (0.0, 0.0)
-  assert fast.format_change({**change}) == "+10 -20: -10.0 [-20.6, +0.6]"
+  centre, half = -10 / 102, 1.96 * np.sqrt((32 / 102 - (10 / 102) ** 2) / 102)
+  np.testing.assert_allclose(change["exact_change_ci95"], (centre - half, centre + half), atol=1e-12)
+  assert fast.format_change(change) == "+10 -20: -10.0 [-20.5, +0.9]"
+  # Nothing changed in 318 records: no change, but not a certainty of none (the rule of three says up to ~1%).
+  same = fast.paired_change(np.ones(318, bool), np.ones(318, bool))
+  low, high = same["exact_change_ci95"]
+  assert same["exact_change"] == 0 and -0.012 < low < -0.005 and high == pytest.approx(-low)
 
 
 def test_fast_sampling_compiles_the_sampler_once_for_prompts_with_and_without_padding(tokenizer, vocab, caplog):
