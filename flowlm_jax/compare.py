@@ -64,6 +64,12 @@ def has_tasks(run, records_path: str | None) -> bool:
   return bool(records_path) or run.config.dataset.name == TASKS_DATASET
 
 
+def masking_label(m) -> str:
+  """The report's masking cell: the strategy, and the share of rows that take a second one (masking.mix_*)."""
+  mix_prob = m.get("mix_prob", 0.0)
+  return f"{m.strategy} + {mix_prob:g} {m.mix_strategy}" if mix_prob > 0 else m.strategy
+
+
 def evaluate_run(run, budget: Budget, records: list[dict] | None) -> dict:
   """Items 1-3 for one loaded run (`loading.LoadedRun`); the SFT-task parts need `records`."""
   from flowlm_jax import likelihood
@@ -73,7 +79,7 @@ def evaluate_run(run, budget: Budget, records: list[dict] | None) -> dict:
            "mixed": likelihood.BoundSpec(figure="mixed", draws=budget.draws),
            **{f"steps/{n}": likelihood.BoundSpec(draws=budget.draws, steps=n) for n in budget.steps}}
   t, m = run.config.training, run.config.masking
-  result = {"step": run.step, "loss": t.loss, "loss_weighting": t.loss_weighting, "masking": m.strategy,
+  result = {"step": run.step, "loss": t.loss, "loss_weighting": t.loss_weighting, "masking": masking_label(m),
             "bounds": evaluate.bounds(run, rows.tokens, rows.corruptible, specs, batch_size=budget.batch_size,
                                       seed=budget.seed)}
   if records is None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flowlm_jax import compare, evaluate, likelihood, loading, loop
+from flowlm_jax import config as config_lib
 from helpers import tiny_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -98,3 +99,10 @@ def test_an_unknown_replacement_strategy_fails_with_one_line(tmp_path, capsys):
   assert compare.main([str(tmp_path), "--out", str(tmp_path / "out"), "--strategies", "below_threshold,nope"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "strategies must be some of" in err[0] and "nope" in err[0]
+
+
+def test_the_masking_cell_names_a_mix_of_strategies():
+  c = config_lib.preset("flowlm", "demo")
+  assert compare.masking_label(c.masking) == "FLOWLM_STRATEGY"
+  c.masking.mix_strategy, c.masking.mix_prob = "LLADA_STRATEGY", 0.25
+  assert compare.masking_label(c.masking) == "FLOWLM_STRATEGY + 0.25 LLADA_STRATEGY"
