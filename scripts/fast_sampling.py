@@ -22,7 +22,7 @@ of --factors), over the same records:
 First, before any decoding (seconds), a probe of what the model learnt (--probe_ratios): per task and share
 of the answer replaced by [MASK], the accuracy on the masked answer tokens ([EOS] padding not counted) with the
 rows built as training built them. Copy and reverse near 1/26 with 5% masked mean the model does not read the
-prompt (docs/performance.md, "Earlier runs, superseded"), and decoding cannot succeed. A second
+prompt (docs/fast-sampling-log.md, "Earlier runs, superseded"), and decoding cannot succeed. A second
 table, the whole answer masked, by the token's index in the answer: where a positional skill (reverse's mirror
 lookup) stops reaching. A third, the first k answer tokens shown (the reference's) and the rest masked, the state
 a semi-autoregressive sampler is in after k columns: accuracy on the next 32 against the second table's column
