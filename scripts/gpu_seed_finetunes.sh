@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 18's fine-tune-and-decode per seed on a lent GPU (docs/performance.md, "Fast sampling"): for each seed in
-# SEEDS, fine-tune BASE (default models/flowlm-long, carried) 3,000 steps with clean answer prefixes in half the
-# rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA (more --config overrides); then decode all 200 test records at
-# answers 256 and 512, batch 1: the LLaDA sampler over caches none,dual x thresholds 0,0.9 x factors 1,0.5,0.25,
-# and FlowLM's own sampler without a cache (threshold 0, factors 1 and 0.25). Seeds run side by side, one per GPU
+# SEEDS, fine-tune BASE (default models/METHOD-long, carried) with METHOD's objective (flowlm, the default, or
+# llada) 3,000 steps with clean answer prefixes in half the rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA (more
+# --config overrides); then decode all 200 test records at answers 256 and 512, batch 1: the LLaDA sampler over
+# caches none,dual x thresholds 0,0.9 x factors 1,0.5,0.25, and for FlowLM models FlowLM's own sampler without a
+# cache (threshold 0, factors 1 and 0.25). Seeds run side by side, one per GPU
 # where the machine has one per seed. Writes $OUT/NAME_sSEED_{train,llada,flowlm}.{log,json}, packed into
 # $OUT/NAME_sSEED.tgz when the seed is done (a call brings back 8 files), and prints each row.
 # HELDOUT_PER_TASK=N: also decode N held-out records per task (drawn after the training records: build_assets.py
@@ -12,7 +13,7 @@
 # thresholds (default 0,0.9).
 #   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
 #     bash scripts/gpu_seed_finetunes.sh
-# carry: [".whl", "models/flowlm-long"]. TRAIN_TIMEOUT (default 250 s) and DECODE_TIMEOUT (default 170 s) bound
+# carry: [".whl", "models/flowlm-long"] (METHOD=llada: models/llada-long). TRAIN_TIMEOUT (default 250 s) and DECODE_TIMEOUT (default 170 s) bound
 # each step, and every step ends by BUDGET seconds after the start (default 560, inside a call's 600 s), so the
 # packing still runs; LONG_TRAIN_PER_TASK (default 10000) generated records per task, as in the fine-tunes before.
 # A stopped training saves a checkpoint, and the decoding reads it; a stopped decoding keeps its rows in the JSON.
@@ -21,7 +22,9 @@ source "$(dirname "$0")/gpu_env.sh"
 deadline=$((SECONDS + ${BUDGET:-560}))
 limit() { local left=$((deadline - SECONDS)); echo $((left < $1 ? (left > 1 ? left : 1) : $1)); }  # limit DEFAULT_S
 : "${SEEDS:?SEEDS, e.g. \"0 1\"}" "${NAME:?NAME, the prefix of the output files}"
-base=${BASE:-models/flowlm-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
+method=${METHOD:-flowlm}
+[[ $method == flowlm || $method == llada ]] || { echo "METHOD must be flowlm or llada, got $method"; exit 1; }
+base=${BASE:-models/$method-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
 [ -d "$base" ] || { echo "no $base here: carry it"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 heldout=${HELDOUT_PER_TASK:-0}
@@ -40,11 +43,12 @@ train_args="--config.dataset.name= --config.dataset.train_files=$long/train.json
   --config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32 ${FT_EXTRA:-}"
 gpus=$(nvidia-smi -L | grep -c "^GPU")
 
-decode() {  # decode RUN OUT_PREFIX THRESHOLDS MORE_ARGS...: the LLaDA grid, then FlowLM's own sampler
+decode() {  # decode RUN OUT_PREFIX THRESHOLDS MORE_ARGS...: the LLaDA grid, then FlowLM's own sampler (FlowLM models)
   local run=$1 out=$2 thresholds=$3; shift 3
   local common="--workdir=$run --answers 256,512 --limit 0 --probe_ratios= $*"
   timeout -k 10 "$(limit "${DECODE_TIMEOUT:-170}")" python3 scripts/fast_sampling.py $common --modes llada --caches none,dual \
     --thresholds "$thresholds" --factors 1,0.5,0.25 --out "${out}_llada.json" 2>&1 | quiet > "${out}_llada.log"
+  [ "$method" = flowlm ] || return 0
   timeout -k 10 "$(limit "${DECODE_TIMEOUT:-170}")" python3 scripts/fast_sampling.py $common --modes flowlm --caches none \
     --thresholds 0 --factors 1,0.25 --out "${out}_flowlm.json" 2>&1 | quiet > "${out}_flowlm.log"
 }
@@ -53,7 +57,7 @@ one_seed() {  # one_seed SEED GPU: train, then decode both ways; a stopped train
   local seed=$1 run=runs/${NAME}_s$1 out=$OUT/${NAME}_s$1
   export CUDA_VISIBLE_DEVICES=$2
   rm -rf "$run"
-  timeout -k 30 "$(limit "${TRAIN_TIMEOUT:-250}")" python3 launch.py --config=configs/flowlm.py:tasks_long --workdir="$run" $train_args \
+  timeout -k 30 "$(limit "${TRAIN_TIMEOUT:-250}")" python3 launch.py --config="configs/$method.py:tasks_long" --workdir="$run" $train_args \
     --config.training.seed="$seed" --config.dataloader.seed="$seed" 2>&1 | quiet > "${out}_train.log"
   decode "$run" "$out" "${RULES:-0,0.9}" --batch 1
   [ "$heldout" = 0 ] || decode "$run" "${out}_heldout" 0 --batch 32 --records "$long/heldout.jsonl"
