@@ -24,7 +24,7 @@ from flowlm_jax import sharding, train
 from flowlm_jax.formats import flowlm_export as exported
 from flowlm_jax.formats import llama_hf
 from flowlm_jax.models import registry
-from flowlm_jax.tokenizer import load_tokenizer, vocab_of
+from flowlm_jax.tokenizer import EMBEDDED, load_tokenizer, vocab_of
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
     except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows
       raise ValueError(f"{directory}: the saved config cannot be read by this version ({e}); load it with the "
                        "version that wrote it") from e
+    for key in ("tokenizer", "pretrained"):
+      config.model[key] = _from_launch_directory(config.model[key], directory)
     tokenizer = load_tokenizer(config.model.tokenizer)
     vocab = vocab_of(tokenizer)
     model_cfg = registry.model_config(config.model, vocab)
@@ -117,6 +119,23 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
   model = nnx.merge(graphdef, state.params)
   return LoadedRun(config=config, model=model, tokenizer=tokenizer, vocab=vocab, step=restored_step,
                    graphdef=graphdef, params=state.params)
+
+
+def _from_launch_directory(path: str, run_directory: str) -> str:
+  """A local path as the run recorded it, relative to where launch.py ran (a notebook loads from elsewhere):
+  itself if it exists from here, else under the first directory above the run that holds it (runs usually sit
+  below their launch directory), else unchanged (a hub name, or a path that is gone: the loader says so)."""
+  if not path or os.path.isabs(path) or path.startswith("~") or path in EMBEDDED or os.path.exists(path):
+    return path
+  directory = os.path.dirname(os.path.abspath(run_directory))
+  while True:
+    candidate = os.path.join(directory, path)
+    if os.path.exists(candidate):
+      log.info("%s: found below %s, where the run was launched from", path, directory)
+      return candidate
+    if os.path.dirname(directory) == directory:
+      return path
+    directory = os.path.dirname(directory)
 
 
 def _newest_readable_config(checkpointer, steps: list[int]) -> dict:

@@ -158,3 +158,25 @@ def test_a_damaged_newest_config_is_read_from_the_previous_step_and_a_step_is_ne
     flowlm_jax.load(str(tmp_path / "run" / "checkpoints" / "4"), step=2)
   with pytest.raises(ValueError, match=r"is a released checkpoint \(step 0\), not a run with a step 500"):
     flowlm_jax.load(LLADA, step=500)
+
+
+def test_a_run_launched_elsewhere_finds_its_relative_tokenizer_and_pretrained_model(tmp_path, monkeypatch):
+  """A run launched from a project directory with `model.tokenizer=tok` (relative, as typed) loads from another
+  directory, e.g. a notebook's: the path is looked up below the directories above the run."""
+  from test_export import write_checkpoint
+
+  project = tmp_path / "project"
+  shutil.copytree(LLADA, project / "release")
+  c = load_preset("flowlm", "tasks")
+  c.model.pretrained = c.model.tokenizer = "release"
+  monkeypatch.chdir(project)
+  write_checkpoint(str(project / "runs" / "r"), c, step=2)
+  (project / "notebooks").mkdir()
+  monkeypatch.chdir(project / "notebooks")
+  run = flowlm_jax.load("../runs/r")
+  assert run.config.model.tokenizer == run.config.model.pretrained == str(project / "release")
+  assert run.step == 2
+  # Not found anywhere above the run: the loader's own one-line error names the path as recorded.
+  shutil.rmtree(project / "release")
+  with pytest.raises(FileNotFoundError, match=r"model.tokenizer: cannot load 'release'"):
+    flowlm_jax.load("../runs/r")
