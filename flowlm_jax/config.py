@@ -87,7 +87,7 @@ def base_config() -> ConfigDict:
   d.cache_dir = ""              # HF datasets cache; "" = library default
 
   c.masking = k = ConfigDict()
-  k.strategy = "LLADA_STRATEGY"  # BERT_STRATEGY | LLADA_STRATEGY | FLOWLM_STRATEGY | CUSTOM
+  k.strategy = "LLADA_STRATEGY"  # BERT_STRATEGY | LLADA_STRATEGY | FLOWLM_STRATEGY | ABSORBING_STRATEGY | CUSTOM
   k.mask_prob = 0.9             # used when strategy == "CUSTOM": chosen positions -> [MASK]
   k.random_prob = 0.1           # ... -> a random non-special token
   k.keep_prob = 0.0             # ... -> unchanged (still predicted)

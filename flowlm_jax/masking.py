@@ -32,6 +32,10 @@ STRATEGIES: dict[str, tuple[float, float, float]] = {
   "BERT_STRATEGY": (0.8, 0.1, 0.1),  # Devlin et al. 2019
   "LLADA_STRATEGY": (0.9, 0.1, 0.0),
   "FLOWLM_STRATEGY": (0.3, 0.7, 0.0),
+  # Absorbing-state masked diffusion as LLaDA's paper (Nie et al. 2025, Sec. 2.1) and MDLM (Sahoo et al. 2024)
+  # write it: every chosen token becomes [MASK]. As a mix (masking.mix_strategy) it shows a FlowLM run answers
+  # that are [MASK] wherever chosen, the LLaDA sampler's start when t is near 1.
+  "ABSORBING_STRATEGY": (1.0, 0.0, 0.0),
 }
 CUSTOM_STRATEGY = "CUSTOM"  # take masking.mask_prob / random_prob / keep_prob from the config
 

@@ -330,3 +330,10 @@ def test_a_mix_without_a_strategy_or_out_of_range_raises_naming_the_field():
     make_spec(mix_prob=0.5)
   with pytest.raises(ValueError, match="masking.mix_prob must lie in"):
     make_spec(mix_strategy="LLADA_STRATEGY", mix_prob=1.5)
+
+
+def test_an_absorbing_mix_at_ratio_one_gives_the_llada_samplers_all_mask_answer():
+  spec = make_spec("FLOWLM_STRATEGY", min_ratio=1.0, max_ratio=1.0, eps=0.0, mix_strategy="ABSORBING_STRATEGY",
+                   mix_prob=1.0)
+  _, out = corrupt_all(spec, shape=(8, 64))
+  assert np.all(np.asarray(out.noisy_tokens) == VOCAB.mask_id)
