@@ -189,7 +189,8 @@ def base_config() -> ConfigDict:
 # --- methods: what distinguishes LLaDA from FlowLM ---------------------------------------------
 
 METHODS = {
-    # LLaDA (Nie et al. 2025): 90% [MASK] / 10% random, ratios 0.15-0.99, 1/t-weighted loss.
+    # LLaDA, as the original system trains it: 90% [MASK] / 10% random (Nie et al. 2025 mask only:
+    # ABSORBING_STRATEGY), ratios 0.15-0.99, 1/t-weighted loss.
     "llada": {"masking.strategy": "LLADA_STRATEGY", "training.loss": "llada", "inference.mode": "llada"},
     # FlowLM: 30% [MASK] / 70% random, every corrupted position in the loss; the original FlowLM used
     # plain masked-LM cross-entropy (no 1/t weight); decoding may rewrite any answer position.

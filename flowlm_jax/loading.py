@@ -98,8 +98,7 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
     except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows
       raise ValueError(f"{directory}: the saved config cannot be read by this version ({e}); load it with the "
                        "version that wrote it") from e
-    for key in ("tokenizer", "pretrained"):
-      config.model[key] = _from_launch_directory(config.model[key], directory)
+    _resolve_recorded_paths(config, [workdir, directory])
     tokenizer = load_tokenizer(config.model.tokenizer)
     vocab = vocab_of(tokenizer)
     model_cfg = registry.model_config(config.model, vocab)
@@ -121,21 +120,38 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
                    graphdef=graphdef, params=state.params)
 
 
-def _from_launch_directory(path: str, run_directory: str) -> str:
+def _from_launch_directory(path: str, run_directories: list[str], exists=os.path.isdir) -> str:
   """A local path as the run recorded it, relative to where launch.py ran (a notebook loads from elsewhere):
-  itself if it exists from here, else under the first directory above the run that holds it (runs usually sit
-  below their launch directory), else unchanged (a hub name, or a path that is gone: the loader says so)."""
-  if not path or os.path.isabs(path) or path.startswith("~") or path in EMBEDDED or os.path.exists(path):
+  itself if it exists from here, else under the nearest directory above the run that holds it (runs usually sit
+  below their launch directory), else unchanged (a hub name, or a path that is gone: the reader says so).
+  `run_directories`: the run as typed and as resolved (a workdir under a symlink climbs both trees). A match
+  that is the run itself or holds it is skipped: `--workdir=runs/gpt2` must not turn the hub name `gpt2` into
+  the run's own directory."""
+  if not path or os.path.isabs(path) or path.startswith("~") or path in EMBEDDED or exists(path):
     return path
-  directory = os.path.dirname(os.path.abspath(run_directory))
-  while True:
-    candidate = os.path.join(directory, path)
-    if os.path.exists(candidate):
-      log.info("%s: found below %s, where the run was launched from", path, directory)
-      return candidate
-    if os.path.dirname(directory) == directory:
-      return path
-    directory = os.path.dirname(directory)
+  for run in run_directories:
+    run = os.path.abspath(run)
+    directory = os.path.dirname(run)
+    while True:
+      candidate = os.path.join(directory, path)
+      inside = os.path.commonpath([os.path.realpath(candidate), os.path.realpath(run)]) == os.path.realpath(candidate)
+      if exists(candidate) and not inside:
+        log.info("%s: found below %s, where the run was launched from", path, directory)
+        return candidate
+      if os.path.dirname(directory) == directory:
+        break
+      directory = os.path.dirname(directory)
+  return path
+
+
+def _resolve_recorded_paths(config, run_directories: list[str]) -> None:
+  """The run's local paths (model, tokenizer, data files) as found from here: `_from_launch_directory`."""
+  for key in ("tokenizer", "pretrained"):
+    config.model[key] = _from_launch_directory(config.model[key], run_directories)
+  d = config.dataset
+  for key in ("train_files", "validation_files"):
+    d[key] = ",".join(_from_launch_directory(f, run_directories, os.path.isfile) for f in config_lib.split_files(d[key]))
+  d.name = _from_launch_directory(d.name, run_directories)
 
 
 def _newest_readable_config(checkpointer, steps: list[int]) -> dict:

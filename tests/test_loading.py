@@ -160,23 +160,41 @@ def test_a_damaged_newest_config_is_read_from_the_previous_step_and_a_step_is_ne
     flowlm_jax.load(LLADA, step=500)
 
 
-def test_a_run_launched_elsewhere_finds_its_relative_tokenizer_and_pretrained_model(tmp_path, monkeypatch):
-  """A run launched from a project directory with `model.tokenizer=tok` (relative, as typed) loads from another
-  directory, e.g. a notebook's: the path is looked up below the directories above the run."""
+def test_a_run_launched_elsewhere_finds_its_relative_tokenizer_model_and_data(tmp_path, monkeypatch):
+  """A run launched from a project directory with relative paths (as typed) loads from another directory, e.g. a
+  notebook's, also through a symlinked runs/ (a cluster's scratch disk): each path is looked up below the
+  directories above the run, as typed and as resolved."""
   from test_export import write_checkpoint
 
-  project = tmp_path / "project"
+  project, scratch = tmp_path / "project", tmp_path / "scratch"
   shutil.copytree(LLADA, project / "release")
+  (project / "data").mkdir()
+  (project / "data" / "valid.jsonl").write_text("")
+  scratch.mkdir()
+  (project / "runs").symlink_to(scratch, target_is_directory=True)
   c = load_preset("flowlm", "tasks")
   c.model.pretrained = c.model.tokenizer = "release"
+  c.dataset.name, c.dataset.validation_files = "", "data/valid.jsonl"
   monkeypatch.chdir(project)
   write_checkpoint(str(project / "runs" / "r"), c, step=2)
   (project / "notebooks").mkdir()
   monkeypatch.chdir(project / "notebooks")
   run = flowlm_jax.load("../runs/r")
   assert run.config.model.tokenizer == run.config.model.pretrained == str(project / "release")
+  assert run.config.dataset.validation_files == str(project / "data" / "valid.jsonl")
   assert run.step == 2
   # Not found anywhere above the run: the loader's own one-line error names the path as recorded.
   shutil.rmtree(project / "release")
   with pytest.raises(FileNotFoundError, match=r"model.tokenizer: cannot load 'release'"):
     flowlm_jax.load("../runs/r")
+
+
+def test_a_hub_name_is_never_taken_for_the_run_directory_named_after_it(tmp_path):
+  from flowlm_jax.loading import _from_launch_directory
+
+  run = tmp_path / "project" / "runs" / "answerdotai" / "ModernBERT-large"
+  (run / "checkpoints").mkdir(parents=True)
+  for name in ("ModernBERT-large", "answerdotai/ModernBERT-large", "runs"):
+    assert _from_launch_directory(name, [str(run / "checkpoints")]) == name
+  (tmp_path / "project" / "gpt2").mkdir()  # a local copy beside runs/: that one is meant
+  assert _from_launch_directory("gpt2", [str(run)]) == str(tmp_path / "project" / "gpt2")
