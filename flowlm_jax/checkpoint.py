@@ -284,6 +284,29 @@ def restore_target(model_cfg, tx, shardings: TrainState) -> TrainState:
   return abstract_state(jax.eval_shape(lambda: train.init_state(model_cfg, tx, 0, shardings)), shardings)
 
 
+# In the workdir: the directory launch.py ran in, where the config's relative paths (tokenizer, model, data) start.
+LAUNCH_FILE = "launch.json"
+
+
+def record_launch_directory(workdir: str) -> None:
+  """Writes LAUNCH_FILE (whole or not at all): the directory this process runs in."""
+  path = os.path.join(workdir, LAUNCH_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"cwd": os.getcwd()}, f)
+  os.replace(path + ".tmp", path)
+
+
+def launch_directory(workdir: str) -> str | None:
+  """The directory the run at `workdir` was last launched from, or None (a run from before LAUNCH_FILE, or an
+  unreadable file: its paths are then read as typed)."""
+  try:
+    with open(os.path.join(workdir, LAUNCH_FILE)) as f:
+      cwd = json.load(f)["cwd"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return cwd if isinstance(cwd, str) else None
+
+
 def resolve_resume_path(path: str, what: str = "--resume") -> tuple[str, int | None]:
   """(checkpoints directory, step or None) of a step directory (`…/checkpoints/1000`), a checkpoints directory or
   a workdir (a workdir may be named by digits: a step directory is one Orbax wrote). Symlinks are resolved."""

@@ -98,7 +98,7 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
     except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows
       raise ValueError(f"{directory}: the saved config cannot be read by this version ({e}); load it with the "
                        "version that wrote it") from e
-    _resolve_recorded_paths(config, [workdir, directory])
+    _resolve_recorded_paths(config, os.path.dirname(directory))  # the workdir holds checkpoints/
     tokenizer = load_tokenizer(config.model.tokenizer)
     vocab = vocab_of(tokenizer)
     model_cfg = registry.model_config(config.model, vocab)
@@ -120,38 +120,32 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
                    graphdef=graphdef, params=state.params)
 
 
-def _from_launch_directory(path: str, run_directories: list[str], exists=os.path.isdir) -> str:
-  """A local path as the run recorded it, relative to where launch.py ran (a notebook loads from elsewhere):
-  itself if it exists from here, else under the nearest directory above the run that holds it (runs usually sit
-  below their launch directory), else unchanged (a hub name, or a path that is gone: the reader says so).
-  `run_directories`: the run as typed and as resolved (a workdir under a symlink climbs both trees). A match
-  that is the run itself or holds it is skipped: `--workdir=runs/gpt2` must not turn the hub name `gpt2` into
-  the run's own directory."""
-  if not path or os.path.isabs(path) or path.startswith("~") or path in EMBEDDED or exists(path):
+def _from_launch_directory(path: str, launch_directory: str | None, run_directory: str, exists=os.path.isdir) -> str:
+  """A local path as the run recorded it, relative to where launch.py ran (checkpoint.LAUNCH_FILE; a notebook
+  loads from elsewhere): itself if it exists from here or is no relative local path, else below the launch
+  directory if it exists there, else unchanged (a hub name, or a path that is gone: the reader says so). A
+  match that is the run itself or holds it is refused: `--workdir=gpt2` launched in runs/ keeps the hub name
+  `gpt2` a hub name."""
+  if not path or not launch_directory or os.path.isabs(path) or path.startswith("~") or path in EMBEDDED \
+      or exists(path):
     return path
-  for run in run_directories:
-    run = os.path.abspath(run)
-    directory = os.path.dirname(run)
-    while True:
-      candidate = os.path.join(directory, path)
-      inside = os.path.commonpath([os.path.realpath(candidate), os.path.realpath(run)]) == os.path.realpath(candidate)
-      if exists(candidate) and not inside:
-        log.info("%s: found below %s, where the run was launched from", path, directory)
-        return candidate
-      if os.path.dirname(directory) == directory:
-        break
-      directory = os.path.dirname(directory)
-  return path
+  candidate = os.path.join(launch_directory, path)
+  real_candidate, real_run = os.path.realpath(candidate), os.path.realpath(run_directory)
+  if not exists(candidate) or os.path.commonpath([real_candidate, real_run]) == real_candidate:
+    return path
+  return candidate
 
 
-def _resolve_recorded_paths(config, run_directories: list[str]) -> None:
-  """The run's local paths (model, tokenizer, data files) as found from here: `_from_launch_directory`."""
+def _resolve_recorded_paths(config, run_directory: str) -> None:
+  """The run's relative local paths (model, tokenizer, data files) from its launch directory, if recorded."""
+  launch = ckpt_lib.launch_directory(run_directory)
+  resolve = lambda path, exists=os.path.isdir: _from_launch_directory(path, launch, run_directory, exists)
   for key in ("tokenizer", "pretrained"):
-    config.model[key] = _from_launch_directory(config.model[key], run_directories)
+    config.model[key] = resolve(config.model[key])
   d = config.dataset
   for key in ("train_files", "validation_files"):
-    d[key] = ",".join(_from_launch_directory(f, run_directories, os.path.isfile) for f in config_lib.split_files(d[key]))
-  d.name = _from_launch_directory(d.name, run_directories)
+    d[key] = ",".join(resolve(f, os.path.isfile) for f in config_lib.split_files(d[key]))
+  d.name = resolve(d.name)
 
 
 def _newest_readable_config(checkpointer, steps: list[int]) -> dict:

@@ -161,6 +161,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   if is_main:  # written only once the checkpoint (if any) is known to belong to this config
     with open(os.path.join(workdir, "config.yaml"), "w") as f:
       f.write(config_lib.to_yaml(config_lib.from_dict(config_dict)))
+    ckpt_lib.record_launch_directory(workdir)  # where the config's relative paths start (loading.load)
   logger = MetricsLogger(workdir, c, is_main=is_main, start_step=start_step)
   tokens_per_step = c.training.batch_size * c.dataset.max_length
   result: dict[str, Any] = {}

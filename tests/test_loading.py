@@ -162,9 +162,11 @@ def test_a_damaged_newest_config_is_read_from_the_previous_step_and_a_step_is_ne
 
 def test_a_run_launched_elsewhere_finds_its_relative_tokenizer_model_and_data(tmp_path, monkeypatch):
   """A run launched from a project directory with relative paths (as typed) loads from another directory, e.g. a
-  notebook's, also through a symlinked runs/ (a cluster's scratch disk): each path is looked up below the
-  directories above the run, as typed and as resolved."""
+  notebook's, also through a symlinked runs/ (a cluster's scratch disk): the paths start where the run was
+  launched (checkpoint.LAUNCH_FILE, which loop.py writes; here written as it would be)."""
   from test_export import write_checkpoint
+
+  from flowlm_jax import checkpoint as ckpt_lib
 
   project, scratch = tmp_path / "project", tmp_path / "scratch"
   shutil.copytree(LLADA, project / "release")
@@ -176,25 +178,38 @@ def test_a_run_launched_elsewhere_finds_its_relative_tokenizer_model_and_data(tm
   c.model.pretrained = c.model.tokenizer = "release"
   c.dataset.name, c.dataset.validation_files = "", "data/valid.jsonl"
   monkeypatch.chdir(project)
-  write_checkpoint(str(project / "runs" / "r"), c, step=2)
+  write_checkpoint("runs/r", c, step=2)
   (project / "notebooks").mkdir()
+  monkeypatch.chdir(project / "notebooks")
+  with pytest.raises(FileNotFoundError, match=r"model.tokenizer: cannot load 'release'"):
+    flowlm_jax.load("../runs/r")  # a run from before the launch directory was recorded: paths as typed
+  monkeypatch.chdir(project)
+  ckpt_lib.record_launch_directory("runs/r")
   monkeypatch.chdir(project / "notebooks")
   run = flowlm_jax.load("../runs/r")
   assert run.config.model.tokenizer == run.config.model.pretrained == str(project / "release")
   assert run.config.dataset.validation_files == str(project / "data" / "valid.jsonl")
   assert run.step == 2
-  # Not found anywhere above the run: the loader's own one-line error names the path as recorded.
-  shutil.rmtree(project / "release")
-  with pytest.raises(FileNotFoundError, match=r"model.tokenizer: cannot load 'release'"):
-    flowlm_jax.load("../runs/r")
 
 
-def test_a_hub_name_is_never_taken_for_the_run_directory_named_after_it(tmp_path):
+def test_a_relative_path_that_names_the_run_itself_stays_what_it_was(tmp_path):
+  """`--workdir=gpt2 --config.model.tokenizer=gpt2` launched in runs/: `gpt2` is the hub name, not the run."""
   from flowlm_jax.loading import _from_launch_directory
 
-  run = tmp_path / "project" / "runs" / "answerdotai" / "ModernBERT-large"
-  (run / "checkpoints").mkdir(parents=True)
-  for name in ("ModernBERT-large", "answerdotai/ModernBERT-large", "runs"):
-    assert _from_launch_directory(name, [str(run / "checkpoints")]) == name
-  (tmp_path / "project" / "gpt2").mkdir()  # a local copy beside runs/: that one is meant
-  assert _from_launch_directory("gpt2", [str(run)]) == str(tmp_path / "project" / "gpt2")
+  run = tmp_path / "runs" / "gpt2"
+  run.mkdir(parents=True)
+  assert _from_launch_directory("gpt2", str(tmp_path / "runs"), str(run)) == "gpt2"
+  (tmp_path / "runs" / "tok").mkdir()
+  assert _from_launch_directory("tok", str(tmp_path / "runs"), str(run)) == str(tmp_path / "runs" / "tok")
+  assert _from_launch_directory("tok", None, str(run)) == "tok"  # nothing recorded: as typed
+
+
+def test_training_records_the_directory_it_was_launched_from(tmp_path, monkeypatch):
+  from flowlm_jax import checkpoint as ckpt_lib
+  from flowlm_jax import loop
+  from helpers import tiny_config
+
+  monkeypatch.chdir(tmp_path)
+  loop.run(tiny_config("llada", max_steps=2), "w")
+  assert ckpt_lib.launch_directory("w") == str(tmp_path)
+  assert not os.path.exists(os.path.join("w", ckpt_lib.LAUNCH_FILE + ".tmp"))
