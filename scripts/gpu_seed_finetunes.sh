@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
-# Issue 18's fine-tune-and-decode per seed on a lent GPU (docs/performance.md, "Fast sampling"): for each seed in
-# SEEDS, fine-tune BASE (default models/METHOD-long, carried) with METHOD's objective (flowlm, the default, or
-# llada) 3,000 steps with clean answer prefixes in half the rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA (more
-# --config overrides); then decode all 200 test records at answers 256 and 512, batch 1: the LLaDA sampler over
-# caches none,dual x thresholds 0,0.9 x factors 1,0.5,0.25, and for FlowLM models FlowLM's own sampler without a
-# cache (threshold 0, factors 1 and 0.25). Seeds run side by side, one per GPU
-# where the machine has one per seed. Writes $OUT/NAME_sSEED_{train,llada,flowlm}.{log,json}, packed into
-# $OUT/NAME_sSEED.tgz when the seed is done (a call brings back 8 files), and prints each row.
-# HELDOUT_PER_TASK=N: also decode N held-out records per task (drawn after the training records: build_assets.py
-# --long-heldout-per-task) at batch 32, with the same settings less threshold 0.9, for exact match with more
-# records than the 200 test ones ($OUT/NAME_sSEED_heldout_{llada,flowlm}.*). RULES: the LLaDA sampler's
-# thresholds (default 0,0.9).
+# Issue 18's fine-tune-and-decode per seed on a lent GPU (docs/performance.md, "Fast sampling"). For each seed in
+# SEEDS: fine-tune BASE (default models/METHOD-long, carried) with METHOD's objective (flowlm, the default, or
+# llada) for 3,000 steps with clean answer prefixes in half the rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA
+# (more --config overrides); then decode the 200 test records at answers 256 and 512, batch 1, with the LLaDA
+# sampler (caches none,dual x thresholds RULES, default 0,0.9, x factors 1,0.5,0.25) and, for FlowLM models,
+# FlowLM's own sampler (no cache; threshold 0, factors 1 and 0.25). HELDOUT_PER_TASK=N also decodes N held-out
+# records per task (drawn after the training records: build_assets.py --long-heldout-per-task) the same way at
+# batch 32, threshold 0 only. Seeds run side by side, one per GPU, in rounds of as many seeds as GPUs.
+# Output: $OUT/NAME_sSEED.tgz per seed (train log, decoding logs and JSON; a call brings back only 8 files), and
+# every row printed.
 #   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
-#     bash scripts/gpu_seed_finetunes.sh
-# carry: [".whl", "models/flowlm-long"] (METHOD=llada: models/llada-long). TRAIN_TIMEOUT (default 250 s) and DECODE_TIMEOUT (default 170 s) bound
-# each step, and every step ends by BUDGET seconds after the start (default 560, inside a call's 600 s), so the
-# packing still runs; LONG_TRAIN_PER_TASK (default 10000) generated records per task, as in the fine-tunes before.
-# A stopped training saves a checkpoint, and the decoding reads it; a stopped decoding keeps its rows in the JSON.
+#     bash scripts/gpu_seed_finetunes.sh          # carry: [".whl", "models/flowlm-long"]
+#   METHOD=llada SEEDS="0 1" NAME=llada HELDOUT_PER_TASK=250 bash scripts/gpu_seed_finetunes.sh  # models/llada-long
+# TRAIN_TIMEOUT (default 250 s) and DECODE_TIMEOUT (170 s) bound each step, and every step ends by BUDGET seconds
+# after the start (560), inside a call's 600 s, so the packing still runs. A stopped training saves a checkpoint
+# and is decoded; a stopped decoding keeps its rows in the JSON. LONG_TRAIN_PER_TASK (10000): generated training
+# records per task, as in the fine-tunes before.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 deadline=$((SECONDS + ${BUDGET:-560}))
