@@ -4,7 +4,7 @@ LLaDA sampler under each parallel rule and print, per record, the answer positio
   uv run python docs/results/2026-11-30-h200-mix/cpu_first_block.py RECORDS models/llada-long-prefix copy 30 \
       0:0 0:1 0:0.25      # rules as parallel_threshold:parallel_factor; RECORDS: a .jsonl of long-answer records
 
-Run from the repository root (it reads scripts/fast_sampling.py's record file); ~10 minutes on 2 CPU cores.
+Run from the repository root (it imports scripts/fast_sampling.py); ~15 minutes on 2 CPU cores for 30 records.
 """
 import sys, numpy as np, time
 sys.path.insert(0, "scripts")
