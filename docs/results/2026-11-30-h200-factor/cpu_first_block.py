@@ -5,14 +5,16 @@ LLaDA sampler under each parallel rule and print, per record, the answer positio
       0.9:0 0.99:0 0:1 0:0.5 0:0.25      # rules as parallel_threshold:parallel_factor
 
 Run from the repository root (it reads scripts/fast_sampling.py's record file); ~10 minutes on 2 CPU cores.
+`--records=FILE` first reads another record file (the 2026-11-30 mixed run's held-out records).
 """
 import sys, numpy as np, time
 sys.path.insert(0, "scripts")
 import fast_sampling as fs
 from flowlm_jax import loading, evaluate, sampling, data
+records_file = sys.argv.pop(1).split("=", 1)[1] if sys.argv[1].startswith("--records=") else fs.LONG_TEST_FILE
 run = loading.load(sys.argv[1])
 task = sys.argv[2]; n = int(sys.argv[3]); rules = [tuple(map(float, r.split(":"))) for r in sys.argv[4:]]
-recs = [r for r in evaluate.load_records(fs.LONG_TEST_FILE, 0) if r["task"] in task.split(",")]
+recs = [r for r in evaluate.load_records(records_file, 0) if r["task"] in task.split(",")]
 tok, vocab = run.tokenizer, run.vocab
 chat = run.config.dataset.prompt_format == "chat"
 end_id = data.answer_end_id(tok, chat, vocab)
