@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from flowlm_jax.errors import first_line
 from flowlm_jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ def load_tokenizer(name: str):
   except OSError as e:
     raise FileNotFoundError(f"model.tokenizer: cannot load {name!r} ({str(e).splitlines()[0]})") from None
   except Exception as e:  # noqa: BLE001 - damaged files: transformers' own errors, often several lines long
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    raise ValueError(f"model.tokenizer: {name!r} does not load ({type(e).__name__}: {first_line})") from None
+    raise ValueError(f"model.tokenizer: {name!r} does not load ({first_line(e)})") from None
   _adopt_config_mask(tokenizer, path)
   missing = {k: v for k, v in REQUIRED_SPECIALS.items() if getattr(tokenizer, k, None) is None}
   if tokenizer.pad_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:

@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 from flowlm_jax import loading
+from flowlm_jax.errors import first_line
 from flowlm_jax.formats import flowlm_export as exported
 from flowlm_jax.tokenizer import load_tokenizer
 
@@ -57,8 +58,7 @@ def _check_tokenizer(path: str, tokenizer) -> None:
   try:
     source = load_tokenizer(path)
   except Exception as e:  # transformers' own errors, several lines long
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    raise ValueError(f"{path}: its tokenizer files do not load ({type(e).__name__}: {first_line})") from None
+    raise ValueError(f"{path}: its tokenizer files do not load ({first_line(e)})") from None
   if source.get_vocab() != tokenizer.get_vocab():
     raise ValueError(f"{path} was trained with another tokenizer than model.tokenizer (set model.tokenizer to "
                      "the one it was trained with, e.g. the export directory itself)")

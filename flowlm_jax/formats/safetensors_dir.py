@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from flowlm_jax.errors import first_line
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -134,7 +136,7 @@ class Checkpoint:
         with open(index) as f:
           files = sorted(set(json.load(f)["weight_map"].values()))
       except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index} does not read as a safetensors index ({_first_line(e)})") from None
+        raise ValueError(f"{index} does not read as a safetensors index ({first_line(e)})") from None
     elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
       files = [SINGLE_FILE]
     else:
@@ -150,7 +152,7 @@ class Checkpoint:
             self._file_of[key] = path
             self._shapes[key] = tuple(f.get_slice(key).get_shape())
       except SafetensorError as e:  # a damaged or truncated file: its message does not name it
-        raise ValueError(f"{path} does not read ({_first_line(e)})") from None
+        raise ValueError(f"{path} does not read ({first_line(e)})") from None
     self.bytes_read = 0
 
   def names(self) -> list[str]:
@@ -175,14 +177,10 @@ def read_json(path: str, what: str = "") -> dict:
     try:
       value = json.load(f)
     except ValueError as e:
-      raise ValueError(f"{what + ': ' if what else ''}{path} does not read as JSON ({_first_line(e)})") from None
+      raise ValueError(f"{what + ': ' if what else ''}{path} does not read as JSON ({first_line(e)})") from None
   if not isinstance(value, dict):
     raise ValueError(f"{what + ': ' if what else ''}{path} holds a JSON {type(value).__name__}, not an object")
   return value
-
-
-def _first_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def check(table: list[Tensor], ckpt: Checkpoint, n_layers: int, may_lack: tuple[str, ...] = ()) -> None:
