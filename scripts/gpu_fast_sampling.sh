@@ -44,16 +44,7 @@ train() { workdir=$2; cmd="python3 launch.py --config=configs/$1.py:tasks_long -
 quality() { cmd="python3 scripts/fast_sampling.py --workdir=$1 $table ${3:-} --out $OUT/$2.json"; }
 export_run() { cmd="bash $(dirname "$0")/device_transfer.sh export $1 $OUT/$(basename "$1")"; }
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
-  # Built once per size on a machine (a warm one keeps /tmp), whole or not at all: a failed or stopped build
-  # leaves no folder behind to be reused.
-  long=/tmp/long_tasks_$LONG_TRAIN_PER_TASK/sft_tasks_long
-  if [ ! -d "$long" ]; then
-    rm -rf "$long.partial"
-    python3 scripts/build_assets.py --long-tasks-only --out "$long.partial" \
-      --long-train-per-task "$LONG_TRAIN_PER_TASK" >"$OUT/long_tasks.log" 2>&1 \
-      || { echo "building the long-task records failed: $OUT/long_tasks.log"; tail -3 "$OUT/long_tasks.log"; exit 1; }
-    mv "$long.partial/sft_tasks_long" "$long" && rm -rf "$long.partial"
-  fi
+  long=$(long_tasks "$LONG_TRAIN_PER_TASK") || exit 1  # gpu_env.sh: built once per size on a machine
   data_args="--config.dataset.name= --config.dataset.train_files=$long/train.jsonl \
     --config.dataset.validation_files=$long/test.jsonl"
 fi

@@ -27,14 +27,7 @@ base=${BASE:-models/$method-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
 [ -d "$base" ] || { echo "no $base here: carry it"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 heldout=${HELDOUT_PER_TASK:-0}
-long=/tmp/long_tasks_${per_task}_$heldout/sft_tasks_long
-if [ ! -d "$long" ]; then  # whole or not at all, as gpu_fast_sampling.sh builds it
-  rm -rf "$long.partial"
-  timeout -k 10 "$(limit 120)" python3 scripts/build_assets.py --long-tasks-only --out "$long.partial" --long-train-per-task "$per_task" \
-    --long-heldout-per-task "$heldout" \
-    >"$OUT/long_tasks.log" 2>&1 || { echo "building the records failed: $OUT/long_tasks.log"; exit 1; }
-  mv "$long.partial/sft_tasks_long" "$long" && rm -rf "$long.partial"
-fi
+long=$(long_tasks "$per_task" "$heldout" "$(limit 120)") || exit 1  # gpu_env.sh: built once per machine
 train_args="--config.dataset.name= --config.dataset.train_files=$long/train.jsonl
   --config.dataset.validation_files=$long/test.jsonl --config.training.init_from=$base
   --config.training.max_steps=3000 --config.training.learning_rate=3e-4 --config.training.warmup_steps=100
