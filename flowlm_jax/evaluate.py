@@ -68,9 +68,14 @@ def evaluate_tasks(run, records: list[dict], steps: int, *, batch_size: int = 12
 
 def exact_match(records: list[dict], answers: list[str]) -> dict[str, float]:
   """{task: accuracy, "overall": accuracy}: an answer counts when it equals the record's, both stripped."""
+  return mean_by_task(records, exact_hits(records, answers))
+
+
+def exact_hits(records: list[dict], answers: list[str]) -> list[bool]:
+  """Per record, whether its answer is exactly right (`exact_match`'s test)."""
   if len(answers) != len(records):
     raise ValueError(f"{len(answers)} answers for {len(records)} records")
-  return mean_by_task(records, [answer.strip() == record["answer"].strip() for record, answer in zip(records, answers)])
+  return [answer.strip() == record["answer"].strip() for record, answer in zip(records, answers)]
 
 
 def mean_by_task(records: list[dict], values) -> dict[str, float]:

@@ -233,7 +233,7 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
                   "include them", flush=True)
           ids = [sampling.answer_ids(row, vocab, end_id) for row in out["answer"]]
           texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
-          hits = np.array([t == r["answer"].strip() for t, r in zip(texts, bin_records)])  # evaluate.exact_match's test
+          hits = np.array(evaluate.exact_hits(bin_records, texts))
           baseline = baseline or (seconds, out["answer"], hits)  # the first setting: cache none, threshold 0
           row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, factor=factor, records=len(idx),
                      batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
@@ -241,7 +241,7 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
                      passes_per_answer=float(out["passes"].mean()), full_passes_per_answer=float(out["full_passes"].mean()),
                      timed_compiles=timed_compiles,
                      agreement=float(np.mean(np.all(out["answer"] == baseline[1], axis=1))),
-                     exact_match_by_task=evaluate.exact_match(bin_records, texts),
+                     exact_match_by_task=evaluate.mean_by_task(bin_records, hits),
                      token_accuracy_by_task=token_accuracy(bin_records, [reference_ids[i] for i in idx], ids),
                      **paired_change(baseline[2], hits))
           row["exact_match"] = row["exact_match_by_task"]["overall"]
