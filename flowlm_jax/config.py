@@ -165,8 +165,6 @@ def base_config() -> ConfigDict:
   i.parallel_threshold = 0.0    # > 0: also commit every candidate whose confidence is above it; 0 = off
   i.parallel_factor = 0.0       # > 0: also commit the most confident n candidates, n the largest whose i-th
                                 # has confidence >= 1 - factor / (i + 1) (Fast-dLLM's factor rule); 0 = off
-  i.parallel_spacing = 1        # > 1: what a parallel rule adds in one step lies at least this many columns apart
-                                # (2: never two neighbours in one pass); 1 = any
 
   c.logging = lg = ConfigDict()
   lg.log_every = 10             # training metrics every this many steps
@@ -573,9 +571,6 @@ def _check_values(c: ConfigDict) -> None:
   _require(i.parallel_factor >= 0.0, "inference.parallel_factor", f"must be >= 0 (0 = off), got {i.parallel_factor}")
   _require(not (i.parallel_threshold and i.parallel_factor), "inference.parallel_factor",
            "set it or inference.parallel_threshold, not both: they are two rules for the same choice")
-  _require(i.parallel_spacing >= 1, "inference.parallel_spacing", f"must be >= 1 (1 = any), got {i.parallel_spacing}")
-  _require(i.parallel_spacing == 1 or i.parallel_threshold or i.parallel_factor, "inference.parallel_spacing",
-           "> 1 needs inference.parallel_threshold or inference.parallel_factor: it spaces what they commit")
   _require(i.cache_refresh >= 0, "inference.cache_refresh", f"must be >= 0, got {i.cache_refresh}")
   _require(i.temperature >= 0 and i.cfg_scale >= 0, "inference.temperature", "temperature and cfg_scale must be >= 0")
   block = i.block_length or i.answer_length

@@ -21,7 +21,7 @@ OVERRIDES = {
     "threshold": "confidence_threshold", "max_replacements": "max_replacements",
     "strategy": "replacement_strategy", "max_steps": "max_steps", "initial_answer": "initial_answer",
     "seed": "seed", "cache": "cache", "cache_refresh": "cache_refresh", "parallel_threshold": "parallel_threshold",
-    "parallel_factor": "parallel_factor", "parallel_spacing": "parallel_spacing",
+    "parallel_factor": "parallel_factor",
 }
 
 
@@ -55,8 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also commit every candidate above this confidence (0 = off)")
   fast.add_argument("--parallel_factor", type=float,
                     help="or Fast-dLLM's factor rule: the most confident n whose n-th has confidence >= 1 - factor / (n + 1) (0 = off)")
-  fast.add_argument("--parallel_spacing", type=int,
-                    help="what a parallel rule adds in one step lies at least this many columns apart (2: no neighbours; 1 = any)")
   args = p.parse_intermixed_args(argv)  # prompts may come before, between or after the options
   if args.batch_size <= 0:
     p.error(f"--batch_size must be > 0, got {args.batch_size}")
@@ -68,8 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--parallel_factor must be >= 0, got {args.parallel_factor}")
   if args.parallel_threshold and args.parallel_factor:
     p.error("set --parallel_threshold or --parallel_factor, not both")
-  if args.parallel_spacing is not None and args.parallel_spacing < 1:
-    p.error(f"--parallel_spacing must be >= 1, got {args.parallel_spacing}")
   try:  # bad input fails here, before the checkpoint loads and the samplers compile
     args.prompts = args.prompts + args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
   except (OSError, ValueError) as e:

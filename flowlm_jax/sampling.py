@@ -12,7 +12,6 @@ are `decoding_passes.py`; this module holds the decoding rules.
 Both can decode faster (Fast-dLLM, Wu et al. 2025): `parallel_threshold` > 0 also commits every
 candidate whose confidence is above it, `parallel_factor` > 0 the most confident n whose confidences pass
 a bar that rises with n (parallel_count), and `cache` = prefix | dual reuses keys/values between refreshes.
-`parallel_spacing` > 1 keeps what a parallel rule adds in one step that many columns apart (spread_out).
 
 Each sampler is one `jax.jit` (a fori/while loop inside), batched, with no host work per step.
 Randomness: `init_key, step_key = split(key)`; step t draws `gumbel_key, conf_key =
@@ -67,7 +66,6 @@ class LladaSpec:
   cache_refresh: int = 0          # also refresh every this many steps of a block (0: only at its first step)
   parallel_threshold: float = 0.0  # > 0: also commit every [MASK] of the block above this confidence
   parallel_factor: float = 0.0    # > 0: also commit the n most confident [MASK]s that parallel_count allows
-  parallel_spacing: int = 1       # > 1: what the rule adds in one step lies at least this many columns apart
 
   def __post_init__(self):
     _check(self.answer_length > 0 and self.steps > 0, "answer_length and steps must be > 0")
@@ -105,7 +103,6 @@ class FlowSpec:
   cache_refresh: int = 0          # refresh every this many steps (0: every FLOWLM_CACHE_REFRESH steps)
   parallel_threshold: float = 0.0  # > 0: also rewrite every candidate above this confidence, not just k
   parallel_factor: float = 0.0    # > 0: also rewrite the n most confident candidates parallel_count allows
-  parallel_spacing: int = 1       # > 1: what the rule adds in one step lies at least this many columns apart
 
   def __post_init__(self):
     _check(self.answer_length > 0 and self.max_steps > 0 and self.fill_steps > 0,
@@ -126,8 +123,7 @@ class FlowSpec:
 
 def _fast_options(icfg) -> dict:
   return dict(cache=icfg.cache, cache_refresh=int(icfg.cache_refresh),
-              parallel_threshold=float(icfg.parallel_threshold), parallel_factor=float(icfg.parallel_factor),
-              parallel_spacing=int(icfg.parallel_spacing))
+              parallel_threshold=float(icfg.parallel_threshold), parallel_factor=float(icfg.parallel_factor))
 
 
 def _check_fast_options(spec) -> None:
@@ -137,9 +133,6 @@ def _check_fast_options(spec) -> None:
   _check(spec.parallel_factor >= 0.0, f"parallel_factor must be >= 0, got {spec.parallel_factor}")
   _check(not (spec.parallel_threshold and spec.parallel_factor),
          "set parallel_threshold or parallel_factor, not both: they are two rules for the same choice")
-  _check(spec.parallel_spacing >= 1, f"parallel_spacing must be >= 1, got {spec.parallel_spacing}")
-  _check(spec.parallel_spacing == 1 or is_parallel(spec),
-         "parallel_spacing > 1 needs parallel_threshold or parallel_factor: it spaces what they add")
 
 
 def is_parallel(spec) -> bool:
@@ -194,34 +187,6 @@ def parallel_commit(spec, conf_BxA, eligible_BxA):
   if spec.parallel_factor > 0:
     return select_top_k(conf_BxA, eligible_BxA, parallel_count(conf_BxA, eligible_BxA, spec.parallel_factor))
   return jnp.zeros_like(eligible_BxA)
-
-
-def spread_out(score_BxA, spacing: int):
-  """Bool [B, A]: the positions with a finite-or-+inf score that outscore every other such position fewer than
-  `spacing` columns away (ties go to the lower index), so no two kept positions are closer than `spacing`.
-  Not all of a spaced set: a position beaten by a neighbour that is itself beaten is dropped too."""
-  keep = score_BxA > -jnp.inf
-  for s in range(1, spacing):
-    pad = jnp.full(score_BxA.shape[:-1] + (s,), -jnp.inf, score_BxA.dtype)
-    right = jnp.concatenate([score_BxA[..., s:], pad], axis=-1)  # the score s columns to the right
-    left = jnp.concatenate([pad, score_BxA[..., :-s]], axis=-1)
-    keep &= (score_BxA >= right) & (score_BxA > left)
-  return keep
-
-
-def with_parallel(spec, chosen_BxA, conf_BxA, eligible_BxA):
-  """Bool [B, A]: `chosen` (the step's own picks) plus what the parallel rule adds (parallel_commit).
-
-  With parallel_spacing > 1 an addition must also lie at least that many columns from every chosen position
-  and from every more confident addition. Tokens committed side by side in one pass are each predicted without
-  the other, so they may not fit together: a copy that writes one letter twice, then runs shifted by one
-  (docs/performance.md, "Fast sampling"); spaced, each neighbour is predicted with the other in view.
-  """
-  added_BxA = parallel_commit(spec, conf_BxA, eligible_BxA)
-  if spec.parallel_spacing > 1:
-    score_BxA = jnp.where(chosen_BxA, jnp.inf, jnp.where(added_BxA, conf_BxA.astype(jnp.float32), -jnp.inf))
-    added_BxA &= spread_out(score_BxA, spec.parallel_spacing)
-  return chosen_BxA | added_BxA
 
 
 def predict(logits_BxAxV, temperature: float, gumbel_key, vocab: Vocab):
@@ -355,13 +320,13 @@ def llada_block_logits(rows: Rows, spec: LladaSpec, answer_BxA, cache, block, re
 
 def llada_commit(spec: LladaSpec, block_BxL, pred_BxL, conf_BxL, score_BxL, i):
   """The block after committing step i's tokens: the schedule's count of the highest-scoring [MASK]s,
-  and with a parallel rule at least one, plus what the rule commits (with_parallel)."""
+  and with a parallel rule at least one, plus what the rule commits (parallel_commit)."""
   eligible_BxL = block_BxL == spec.vocab.mask_id  # every block starts all [MASK]
   B, L = block_BxL.shape
   k_B = transfer_count(jnp.full((B,), L), spec.steps // spec.num_blocks, i)
   if is_parallel(spec):  # Fast-dLLM: whatever the rule allows, never nothing
     k_B = jnp.maximum(k_B, 1)
-  commit_BxL = with_parallel(spec, select_top_k(score_BxL, eligible_BxL, k_B), conf_BxL, eligible_BxL)
+  commit_BxL = select_top_k(score_BxL, eligible_BxL, k_B) | parallel_commit(spec, conf_BxL, eligible_BxL)
   return jnp.where(commit_BxL, pred_BxL, block_BxL)
 
 
@@ -447,7 +412,7 @@ def flowlm_update(spec: FlowSpec, t, answer_BxA, pred_BxA, conf_BxA, prob_of, fi
     refinable = ~is_mask & (current_prob_BxA < spec.threshold) & (pred_BxA != answer_BxA)
     update = fill | select_top_k(-current_prob_BxA, refinable, max_rep_B)
     candidate = is_mask | refinable
-  update = with_parallel(spec, update, conf_BxA, candidate)  # confidence-aware parallel decoding
+  update |= parallel_commit(spec, conf_BxA, candidate)  # confidence-aware parallel decoding
   return update, jnp.any(candidate, axis=-1)
 
 

@@ -18,7 +18,8 @@ of --factors), over the same records:
 - exact vs uncached: exact answers won and lost against that row on the same records, and the change in points
   of exact match with its 95% interval (paired: only the records that changed count; Bonett-Price). --records
   heldout.jsonl of `scripts/build_assets.py --long-tasks-only --long-heldout-per-task N` gives more records than
-  the 200 shipped ones, for a run trained on that build's train.jsonl.
+  the 200 shipped ones, for a run trained on that build's train.jsonl (confirm.jsonl of --long-confirm-per-task: a
+  third set, for a rule picked on the held-out one).
 First, before any decoding (seconds), a probe of what the model learnt (--probe_ratios): per task and share
 of the answer replaced by [MASK], the accuracy on the masked answer tokens ([EOS] padding not counted) with the
 rows built as training built them. Copy and reverse near 1/26 with 5% masked mean the model does not read the
@@ -220,36 +221,34 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
     bucket = sampling.prompt_columns(bin_prompts)  # one prompt shape for every batch of the bin
     for mode in args.modes.split(","):
       baseline = None
-      for cache in args.caches.split(","):
-        for threshold, factor, spacing in parallel_rules(args):
-          icfg = sampling.run_config(run.config.inference, answer_length=answer_length,
-                                     steps=args.steps or answer_length, max_steps=args.steps or answer_length,
-                                     block_length=min(args.block, answer_length), cache=cache,
-                                     cache_refresh=args.cache_refresh, parallel_threshold=threshold,
-                                     parallel_factor=factor, parallel_spacing=spacing)
-          seconds, out, timed_compiles = decode_all(run, bin_prompts, icfg, mode, args.batch, bucket)
-          if timed_compiles:
-            print(f"warning: {timed_compiles} XLA compile(s) inside the timed loop of the next row: its seconds "
-                  "include them", flush=True)
-          ids = [sampling.answer_ids(row, vocab, end_id) for row in out["answer"]]
-          texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
-          hits = np.array(evaluate.exact_hits(bin_records, texts))
-          baseline = baseline or (seconds, out["answer"], hits)  # the first setting: cache none, threshold 0
-          row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, factor=factor, spacing=spacing,
-                     records=len(idx),
-                     batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
-                     generated_tokens_per_s=len(idx) * answer_length / seconds, speedup=baseline[0] / seconds,
-                     passes_per_answer=float(out["passes"].mean()), full_passes_per_answer=float(out["full_passes"].mean()),
-                     timed_compiles=timed_compiles,
-                     agreement=float(np.mean(np.all(out["answer"] == baseline[1], axis=1))),
-                     exact_match_by_task=evaluate.mean_by_task(bin_records, hits),
-                     token_accuracy_by_task=token_accuracy(bin_records, [reference_ids[i] for i in idx], ids),
-                     **paired_change(baseline[2], hits))
-          row["exact_match"] = row["exact_match_by_task"]["overall"]
-          row["token_accuracy"] = row["token_accuracy_by_task"]["overall"]
-          print(format_row(row), flush=True)
-          rows.append(row)
-          on_row(rows)
+      for cache, (threshold, factor) in settings(args):
+        icfg = sampling.run_config(run.config.inference, answer_length=answer_length,
+                                   steps=args.steps or answer_length, max_steps=args.steps or answer_length,
+                                   block_length=min(args.block, answer_length), cache=cache,
+                                   cache_refresh=args.cache_refresh, parallel_threshold=threshold,
+                                   parallel_factor=factor)
+        seconds, out, timed_compiles = decode_all(run, bin_prompts, icfg, mode, args.batch, bucket)
+        if timed_compiles:
+          print(f"warning: {timed_compiles} XLA compile(s) inside the timed loop of the next row: its seconds "
+                "include them", flush=True)
+        ids = [sampling.answer_ids(row, vocab, end_id) for row in out["answer"]]
+        texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
+        hits = np.array(evaluate.exact_hits(bin_records, texts))
+        baseline = baseline or (seconds, out["answer"], hits)  # the first setting: cache none, threshold 0
+        row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, factor=factor, records=len(idx),
+                   batch=args.batch, steps=icfg.steps, seconds_per_answer=seconds / len(idx),
+                   generated_tokens_per_s=len(idx) * answer_length / seconds, speedup=baseline[0] / seconds,
+                   passes_per_answer=float(out["passes"].mean()), full_passes_per_answer=float(out["full_passes"].mean()),
+                   timed_compiles=timed_compiles,
+                   agreement=float(np.mean(np.all(out["answer"] == baseline[1], axis=1))),
+                   exact_match_by_task=evaluate.mean_by_task(bin_records, hits),
+                   token_accuracy_by_task=token_accuracy(bin_records, [reference_ids[i] for i in idx], ids),
+                   **paired_change(baseline[2], hits))
+        row["exact_match"] = row["exact_match_by_task"]["overall"]
+        row["token_accuracy"] = row["token_accuracy_by_task"]["overall"]
+        print(format_row(row), flush=True)
+        rows.append(row)
+        on_row(rows)
   return rows
 
 
@@ -267,20 +266,24 @@ def paired_change(base_hits: np.ndarray, hits: np.ndarray) -> dict:
               exact_change_ci95=(max(centre - half, -1.0), min(centre + half, 1.0)))
 
 
-def parallel_rules(args) -> list[tuple[float, float, int]]:
-  """(parallel_threshold, parallel_factor, parallel_spacing) of each setting: --thresholds first (the first is the
-  baseline), then --factors (Fast-dLLM's factor rule, no threshold); each rule that commits in parallel once per
-  --spacings value (one token per step has nothing to space)."""
-  rules = ([(float(t), 0.0) for t in args.thresholds.split(",")] + [(0.0, float(f)) for f in args.factors.split(",") if f])
-  spacings = [int(s) for s in args.spacings.split(",")]
-  return [(t, f, s) for t, f in rules for s in (spacings if t or f else [1])]
+def settings(args) -> list[tuple[str, tuple[float, float]]]:
+  """(cache, parallel rule) of each row, in order: every cache of --caches with every rule, except that the
+  parallel rules run only with --parallel_caches where it is given (one token per step runs with every cache)."""
+  only = args.parallel_caches.split(",") if args.parallel_caches else None
+  return [(cache, rule) for cache in args.caches.split(",") for rule in parallel_rules(args)
+          if only is None or cache in only or not (rule[0] or rule[1])]
+
+
+def parallel_rules(args) -> list[tuple[float, float]]:
+  """(parallel_threshold, parallel_factor) of each setting: --thresholds first (the first is the baseline), then
+  --factors (Fast-dLLM's factor rule, no threshold)."""
+  return ([(float(t), 0.0) for t in args.thresholds.split(",")]
+          + [(0.0, float(f)) for f in args.factors.split(",") if f])
 
 
 def rule_name(r: dict) -> str:
-  """The table's parallel-rule cell: the threshold (0 = one token per step), or "factor F"; then ", spacing S"
-  where S > 1."""
-  name = f"factor {r['factor']:g}" if r.get("factor") else f"{r['threshold']:g}"
-  return name + (f", spacing {r['spacing']}" if r.get("spacing", 1) > 1 else "")
+  """The table's parallel-rule cell: the threshold (0 = one token per step), or "factor F"."""
+  return f"factor {r['factor']:g}" if r.get("factor") else f"{r['threshold']:g}"
 
 
 HEADER = ("| sampler | answer | cache | threshold | records | s/answer | generated tok/s | speedup | passes/answer "
@@ -323,9 +326,8 @@ def parse_args(argv=None):
   p.add_argument("--thresholds", default="0,0.9", help="parallel thresholds, comma list; the first is the baseline")
   p.add_argument("--factors", default="",
                  help="parallel_factor values (Fast-dLLM's factor rule), comma list; rows after the thresholds'")
-  p.add_argument("--spacings", default="1",
-                 help="parallel_spacing values, comma list: each parallel rule once per value (2: never two "
-                      "neighbours committed in one pass)")
+  p.add_argument("--parallel_caches", default="",
+                 help="caches the parallel rules run with, comma list (default: every one of --caches)")
   p.add_argument("--modes", default="llada", help="samplers, comma list of llada,flowlm")
   p.add_argument("--steps", type=int, default=0, help="0 = the answer length (one token per step)")
   p.add_argument("--block", type=int, default=32, help="LLaDA block length")

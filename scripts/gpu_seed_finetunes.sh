@@ -3,20 +3,20 @@
 # SEEDS: fine-tune BASE (default models/METHOD-long, carried) with METHOD's objective (flowlm, the default, or
 # llada) for 3,000 steps with clean answer prefixes in half the rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA
 # (more --config overrides); TRAIN=0 decodes BASE itself instead (one seed is enough). Then decode the 200 test
-# records (TEST_LIMIT per task, 0 = all; TEST=0: none) at answers 256 and 512, batch 1, with the LLaDA sampler
-# (caches none,dual x thresholds RULES, default 0,0.9, then factors FACTORS, default 1,0.5,0.25, each parallel rule
-# once per parallel_spacing in SPACINGS, default 1) and, for FlowLM models unless OWN=0, FlowLM's own sampler (no
+# records (TEST_LIMIT per task, 0 = all) at answers 256 and 512, batch 1, with the LLaDA sampler
+# (caches none,dual x thresholds RULES, default 0,0.9, then factors FACTORS, default 1,0.5,0.25; the parallel rules
+# only with the caches PARALLEL_CACHES where it is set) and, for FlowLM models unless OWN=0, FlowLM's own sampler (no
 # cache; threshold 0, factors 1 and 0.25). HELDOUT_PER_TASK=N also decodes N held-out records per task (drawn after
 # the training records: build_assets.py --long-heldout-per-task) the same way at batch 32, threshold 0 only;
-# CONFIRM_PER_TASK=M as many confirmation records (drawn after the held-out ones), likewise. Seeds run side by
-# side, one per GPU, in rounds of as many seeds as GPUs.
+# CONFIRM_PER_TASK=M as many confirmation records (drawn after the held-out ones), likewise. DECODE (default "test
+# heldout confirm") names the sets decoded. Seeds run side by side, one per GPU, in rounds of as many seeds as GPUs.
 # Output: $OUT/NAME_sSEED.tgz per seed (train log, decoding logs and JSON; a call brings back only 8 files), and
 # every row printed.
 #   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
 #     bash scripts/gpu_seed_finetunes.sh          # carry: [".whl", "models/flowlm-long"]
 #   METHOD=llada SEEDS="0 1" NAME=llada HELDOUT_PER_TASK=250 bash scripts/gpu_seed_finetunes.sh  # models/llada-long
-#   TRAIN=0 METHOD=llada BASE=models/llada-long-prefix SEEDS=0 NAME=lp TEST_LIMIT=10 HELDOUT_PER_TASK=250 \
-#     CONFIRM_PER_TASK=250 SPACINGS=1,2 bash scripts/gpu_seed_finetunes.sh      # decode a carried model only
+#   TRAIN=0 METHOD=llada BASE=models/llada-long-prefix SEEDS=0 NAME=lp HELDOUT_PER_TASK=250 CONFIRM_PER_TASK=250 \
+#     DECODE="test confirm" PARALLEL_CACHES=dual bash scripts/gpu_seed_finetunes.sh      # decode a carried model only
 # TRAIN_TIMEOUT (default 250 s) and DECODE_TIMEOUT (170 s) bound each step, and every step ends by BUDGET seconds
 # after the start (560), inside a call's 600 s, so the packing still runs. A stopped training saves a checkpoint
 # and is decoded; a stopped decoding keeps its rows in the JSON. LONG_TRAIN_PER_TASK (10000): generated training
@@ -44,8 +44,8 @@ decode() {  # decode RUN OUT_PREFIX THRESHOLDS MORE_ARGS...: the LLaDA grid, the
   local run=$1 out=$2 thresholds=$3; shift 3
   local common="--workdir=$run --answers 256,512 --probe_ratios= $*"
   timeout -k 10 "$(limit "${DECODE_TIMEOUT:-170}")" python3 scripts/fast_sampling.py $common --modes llada --caches none,dual \
-    --thresholds "$thresholds" --factors "${FACTORS:-1,0.5,0.25}" --spacings "${SPACINGS:-1}" --out "${out}_llada.json" \
-    2>&1 | quiet > "${out}_llada.log"
+    --thresholds "$thresholds" --factors "${FACTORS:-1,0.5,0.25}" --parallel_caches "${PARALLEL_CACHES:-}" \
+    --out "${out}_llada.json" 2>&1 | quiet > "${out}_llada.log"
   [ "$method" = flowlm ] && [ "${OWN:-1}" != 0 ] || return 0
   timeout -k 10 "$(limit "${DECODE_TIMEOUT:-170}")" python3 scripts/fast_sampling.py $common --modes flowlm --caches none \
     --thresholds 0 --factors 1,0.25 --out "${out}_flowlm.json" 2>&1 | quiet > "${out}_flowlm.log"
@@ -61,9 +61,10 @@ one_seed() {  # one_seed SEED GPU: train (unless TRAIN=0), then decode both ways
     timeout -k 30 "$(limit "${TRAIN_TIMEOUT:-250}")" python3 launch.py --config="configs/$method.py:tasks_long" --workdir="$run" $train_args \
       --config.training.seed="$seed" --config.dataloader.seed="$seed" 2>&1 | quiet > "${out}_train.log"
   fi
-  [ "${TEST:-1}" = 0 ] || decode "$run" "$out" "${RULES:-0,0.9}" --batch 1 --limit "${TEST_LIMIT:-0}"
-  [ "$heldout" = 0 ] || decode "$run" "${out}_heldout" 0 --batch 32 --records "$long/heldout.jsonl"
-  [ "$confirm" = 0 ] || decode "$run" "${out}_confirm" 0 --batch 32 --records "$long/confirm.jsonl"
+  local sets=" ${DECODE:-test heldout confirm} "
+  [[ $sets != *" test "* ]] || decode "$run" "$out" "${RULES:-0,0.9}" --batch 1 --limit "${TEST_LIMIT:-0}"
+  [[ $heldout = 0 || $sets != *" heldout "* ]] || decode "$run" "${out}_heldout" 0 --batch 32 --records "$long/heldout.jsonl"
+  [[ $confirm = 0 || $sets != *" confirm "* ]] || decode "$run" "${out}_confirm" 0 --batch 32 --records "$long/confirm.jsonl"
   grep -h "^| llada\|^| flowlm" "$out"_*.log | grep -v "(0\.[0-9][0-9])\|(1\.00)" | sed "s/^/[seed $seed] /"  # each row
   (cd "$OUT" && tar czf "${NAME}_s$seed.tgz" --remove-files "${NAME}_s$seed"_*) && echo "=== seed $seed: $out.tgz"
 }

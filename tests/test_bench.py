@@ -306,13 +306,16 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
   assert fast.HEADER.splitlines()[0].count("|") == fast.format_row(rows[1]).count("|")
 
 
-def test_fast_sampling_spaces_each_parallel_rule_but_not_one_token_per_step():
+def test_fast_sampling_runs_the_parallel_rules_with_the_caches_asked_for():
   fast = script("fast_sampling")
-  args = fast.parse_args(["--workdir=unused", "--thresholds=0,0.9", "--factors=1", "--spacings=1,2"])
+  args = fast.parse_args(["--workdir=unused", "--thresholds=0,0.9", "--factors=1"])
   rules = fast.parallel_rules(args)
-  assert rules == [(0.0, 0.0, 1), (0.9, 0.0, 1), (0.9, 0.0, 2), (0.0, 1.0, 1), (0.0, 1.0, 2)]
-  names = [fast.rule_name(dict(threshold=t, factor=f, spacing=s)) for t, f, s in rules]
-  assert names == ["0", "0.9", "0.9, spacing 2", "factor 1", "factor 1, spacing 2"]
+  assert rules == [(0.0, 0.0), (0.9, 0.0), (0.0, 1.0)]
+  assert [fast.rule_name(dict(threshold=t, factor=f)) for t, f in rules] == ["0", "0.9", "factor 1"]
+  assert fast.settings(args) == [(cache, rule) for cache in ("none", "prefix", "dual") for rule in rules]  # default
+  only_dual = fast.parse_args(["--workdir=unused", "--caches=none,dual", "--thresholds=0", "--factors=1",
+                               "--parallel_caches=dual"])
+  assert fast.settings(only_dual) == [("none", (0.0, 0.0)), ("dual", (0.0, 0.0)), ("dual", (0.0, 1.0))]
 
 
 def test_fast_sampling_compares_exact_answers_with_the_baseline_record_by_record():

@@ -506,18 +506,6 @@ def test_validate_rejects_a_negative_factor_and_two_parallel_rules(threshold, fa
   config_lib.validate(c)  # one rule, either way, is fine
 
 
-@pytest.mark.parametrize("factor, spacing, message", [
-    (1.0, 0, "inference.parallel_spacing: must be >= 1 (1 = any), got 0"),
-    (0.0, 2, "inference.parallel_spacing: > 1 needs inference.parallel_threshold or inference.parallel_factor")])
-def test_validate_rejects_a_spacing_below_one_or_without_a_parallel_rule(factor, spacing, message):
-  c = preset()
-  c.inference.parallel_factor, c.inference.parallel_spacing = factor, spacing
-  with pytest.raises(ValueError, match=re.escape(message)):
-    config_lib.validate(c)
-  c.inference.parallel_factor, c.inference.parallel_spacing = 1.0, 2
-  config_lib.validate(c)
-
-
 def test_validate_rejects_d_model_not_divisible_by_heads():
   c = preset()
   c.model.n_heads = 3

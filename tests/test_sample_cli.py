@@ -55,7 +55,6 @@ def test_a_bad_prompts_file_is_one_error_line_naming_it_before_anything_loads(tm
     ("--parallel_factor=-1", "--parallel_factor must be >= 0, got -1.0"),
     ("--parallel_factor=nan", "--parallel_factor must be >= 0, got nan"),
     ("--parallel_threshold=0.9 --parallel_factor=1", "set --parallel_threshold or --parallel_factor, not both"),
-    ("--parallel_spacing=0", "--parallel_spacing must be >= 1, got 0"),
 ])
 def test_a_bad_option_is_one_error_line_naming_it(capsys, flag, message):
   with pytest.raises(SystemExit) as exit_info:
@@ -72,12 +71,11 @@ def test_fast_decoding_flags_reach_both_samplers_specs():
   vocab = sampling.Vocab(size=16, mask_id=1, pad_id=0, eos_id=2, sep_id=3, special_ids=(0, 1, 2, 3))
   for spec in (sampling.LladaSpec.from_config(icfg, vocab), sampling.FlowSpec.from_config(icfg, vocab)):
     assert (spec.cache, spec.cache_refresh, spec.parallel_threshold) == ("dual", 4, 0.9), spec
-  args = parse("--parallel_factor=1.5", "--parallel_spacing=2", "--gen_length=8", "--steps=8")
+  args = parse("--parallel_factor=1.5", "--gen_length=8", "--steps=8")
   icfg = sampling.run_config(config_lib.base_config().inference, **sample.overrides_of(args))
   for spec in (sampling.LladaSpec.from_config(icfg, vocab), sampling.FlowSpec.from_config(icfg, vocab)):
-    assert (spec.parallel_factor, spec.parallel_threshold, spec.parallel_spacing) == (1.5, 0.0, 2), spec
-  assert not ({"cache", "cache_refresh", "parallel_threshold", "parallel_factor", "parallel_spacing"}
-              & set(sample.overrides_of(parse())))
+    assert (spec.parallel_factor, spec.parallel_threshold) == (1.5, 0.0), spec
+  assert not {"cache", "cache_refresh", "parallel_threshold", "parallel_factor"} & set(sample.overrides_of(parse()))
 
 
 @pytest.mark.parametrize("configured, flag, expected", [

@@ -6,7 +6,6 @@ gumbel_key, conf_key = split(fold_in(step_key, t))), so the random draws are ide
 """
 
 import functools
-import math
 import types
 
 import jax
@@ -40,8 +39,6 @@ FLOWLM_PARALLEL_CASES = [(s, dict(parallel_threshold=0.3)) for s in STRATEGIES]
 # the tiny model's confidences pass it for a varying count.
 LLADA_FACTOR = dict(block_length=4, parallel_factor=2.0)
 FLOWLM_FACTOR_CASES = [(s, dict(parallel_factor=2.0)) for s in STRATEGIES]
-# parallel_spacing: what the rule adds in one step kept that many columns apart (a loose factor commits many).
-FLOWLM_SPACED_CASES = [(s, dict(parallel_factor=6.0, parallel_spacing=2)) for s in STRATEGIES]
 
 
 def build(model_cfg: ModelConfig):
@@ -128,19 +125,13 @@ def ref_factor_count(confs, factor):
   return n
 
 
-def ref_parallel(candidates, conf, icfg, chosen):
-  """What a parallel rule adds to `chosen`: every candidate above the threshold, or the factor rule's most
-  confident; with parallel_spacing, only those that beat every chosen or added position fewer than that many
-  columns away (on confidence, then the lower index; a chosen one always wins)."""
+def ref_parallel(candidates, conf, icfg):
+  """What a parallel rule adds: every candidate above the threshold, or the factor rule's most confident."""
   if icfg.parallel_threshold:
-    added = [j for j in candidates if conf[j] > icfg.parallel_threshold]
-  elif icfg.parallel_factor:
-    added = ref_top(candidates, lambda j: -conf[j], ref_factor_count([conf[j] for j in candidates], icfg.parallel_factor))
-  else:
-    added = []
-  rank = lambda j: (math.inf if j in chosen else conf[j], -j)
-  near = lambda j: [k for k in set(added) | set(chosen) if 0 < abs(k - j) < icfg.parallel_spacing]
-  return [j for j in added if j not in chosen and all(rank(j) > rank(k) for k in near(j))]
+    return [j for j in candidates if conf[j] > icfg.parallel_threshold]
+  if icfg.parallel_factor:
+    return ref_top(candidates, lambda j: -conf[j], ref_factor_count([conf[j] for j in candidates], icfg.parallel_factor))
+  return []
 
 
 def ref_schedule(count, steps):
@@ -174,7 +165,7 @@ def ref_llada(graphdef, params, prompt_ids, key, icfg):
       for r in range(B):
         masks = [j for j in cols if x[r, j] == MASK]
         chosen = ref_top(masks, lambda j: -score[r, j], max(schedules[r][i], 1 if parallel else 0))
-        chosen += ref_parallel(masks, conf[r], icfg, chosen)
+        chosen += [j for j in ref_parallel(masks, conf[r], icfg) if j not in chosen]
         x[r, chosen] = pred[r, chosen]
       trajectory.append(x.copy())
       if parallel and not np.any(x[:, cols] == MASK):  # the whole batch is done with this block
@@ -202,7 +193,7 @@ def ref_flowlm_choose(strategy, x, pred, conf, probs, icfg, fill_schedule, t):
     chosen = ref_top(masks, lambda j: -conf[j], fill_schedule[t] if t < len(fill_schedule) else 0)
     chosen += ref_top(refinable, lambda j: current[j], k)
     candidates = masks + refinable
-  chosen += ref_parallel(candidates, conf, icfg, chosen)
+  chosen += [j for j in ref_parallel(candidates, conf, icfg) if j not in chosen]
   return chosen, bool(candidates)
 
 
@@ -251,10 +242,8 @@ def ref_flowlm(graphdef, params, prompt_ids, key, icfg):
     dict(LLADA_RANDOM, parallel_threshold=0.3),
     LLADA_FACTOR,
     dict(LLADA_RANDOM, parallel_factor=2.0),
-    dict(block_length=8, parallel_factor=6.0, parallel_spacing=2),
-    dict(LLADA_RANDOM, block_length=8, parallel_threshold=0.1, parallel_spacing=3),
 ], ids=["greedy", "blocks-random-temperature-cfg", "blocks-parallel", "blocks-random-temperature-cfg-parallel",
-        "blocks-factor", "blocks-random-temperature-cfg-factor", "factor-spacing-2", "random-temperature-cfg-threshold-spacing-3"])
+        "blocks-factor", "blocks-random-temperature-cfg-factor"])
 def test_llada_matches_reference(overrides):
   """cache=none, parallel_threshold=0 (the first two) is the sampler as it was before those options."""
   graphdef, params = params_at(30.0)
@@ -267,8 +256,8 @@ def test_llada_matches_reference(overrides):
   np.testing.assert_array_equal(out.full_passes, passes)  # no cache: every pass runs whole rows
 
 
-@pytest.mark.parametrize("strategy, overrides", FLOWLM_CASES + FLOWLM_PARALLEL_CASES + FLOWLM_FACTOR_CASES + FLOWLM_SPACED_CASES,
-                         ids=FLOWLM_IDS + [f"{s}-{rule}" for rule in ("parallel", "factor", "spaced") for s in STRATEGIES])
+@pytest.mark.parametrize("strategy, overrides", FLOWLM_CASES + FLOWLM_PARALLEL_CASES + FLOWLM_FACTOR_CASES,
+                         ids=FLOWLM_IDS + [f"{s}-parallel" for s in STRATEGIES] + [f"{s}-factor" for s in STRATEGIES])
 def test_flowlm_matches_reference(strategy, overrides):
   graphdef, params = params_at(30.0)
   icfg = inference_config(**{"replacement_strategy": strategy, **overrides})
@@ -723,47 +712,6 @@ def test_factor_rule_commits_the_longest_run_whose_nth_clears_its_bar():
   np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 1.0), [3, 0, 2, 0])
   np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 0.1), [1, 0, 2, 0])  # bars .95 .967: .99, then .95 misses
   np.testing.assert_array_equal(sampling.parallel_count(conf, eligible, 4.0), [5, 3, 2, 0])
-
-
-def test_spread_out_keeps_positions_that_outscore_every_neighbour_within_the_spacing():
-  """-inf: not a candidate; +inf: always wins (the step's own pick); ties go to the lower index. A position
-  beaten by a neighbour that is itself beaten is dropped too (row 0, spacing 3: the 0.5 loses to a 0.7 that
-  loses to the 0.95)."""
-  inf = np.inf
-  score = jnp.array([[0.9, 0.8, 0.95, -inf, 0.7, 0.7, -inf, 0.5],
-                     [inf, 0.99, -inf, 0.6, inf, -inf, -inf, 0.3]])
-  np.testing.assert_array_equal(sampling.spread_out(score, 1), score > -inf)  # 1: every candidate
-  np.testing.assert_array_equal(sampling.spread_out(score, 2), np.array([[1, 0, 1, 0, 1, 0, 0, 1],
-                                                                         [1, 0, 0, 0, 1, 0, 0, 1]], bool))
-  np.testing.assert_array_equal(sampling.spread_out(score, 3), np.array([[0, 0, 1, 0, 0, 0, 0, 0],
-                                                                         [1, 0, 0, 0, 1, 0, 0, 1]], bool))
-
-
-@pytest.mark.parametrize("mode, spacing", [("llada", 2), ("llada", 3), ("flowlm", 2)])
-def test_spaced_parallel_rule_never_commits_positions_closer_than_the_spacing_in_one_step(mode, spacing):
-  """One token per step by the schedule plus a loose factor rule: without spacing some step commits neighbours
-  (so the check can fail); with it no step changes two positions closer than `spacing`, every row still
-  finishes, and the step count lies between the unspaced rule's and one token per step's."""
-  overrides = dict(answer_length=16, block_length=16, steps=16, max_steps=16, parallel_factor=6.0,
-                   replacement_strategy="most_confident_changes", max_replacements=1)
-  loose, spaced = run_fast(mode, **overrides), run_fast(mode, **overrides, parallel_spacing=spacing)
-
-  def closest_pair_per_step(out):
-    changed = out.trajectory[1:] != out.trajectory[:-1]  # [steps, B, A]
-    gaps = [np.diff(np.flatnonzero(row)).min() for step in changed for row in step if row.sum() > 1]
-    return min(gaps, default=np.inf)
-
-  assert closest_pair_per_step(loose) < spacing
-  assert closest_pair_per_step(spaced) >= spacing
-  assert not np.any(spaced.answer == MASK)
-  assert loose.passes.sum() < spaced.passes.sum() <= len(PROMPTS) * 16, (loose.passes, spaced.passes)
-
-
-def test_bad_spacing_fails_with_one_line_naming_it():
-  with pytest.raises(ValueError, match="parallel_spacing must be >= 1, got 0"):
-    sampling.LladaSpec.from_config(inference_config(parallel_factor=1.0, parallel_spacing=0), VOCAB)
-  with pytest.raises(ValueError, match="parallel_spacing > 1 needs parallel_threshold or parallel_factor"):
-    sampling.FlowSpec.from_config(inference_config(parallel_spacing=2), VOCAB)
 
 
 @pytest.mark.parametrize("mode, overrides", [
