@@ -217,9 +217,10 @@ def make_sft(task_set: TaskSet, train_per_task: int, heldout_per_task: int = 0, 
   test = [r for task in task_set.tasks for r in draw(task, task_set.test_per_task)]
   train = [r for task in task_set.tasks for r in draw(task, train_per_task)]
   train = [train[i] for i in rng.permutation(len(train))]  # interleave tasks for streaming readers
-  # Last, so that asking for it changes neither train nor test: a larger test set for the same training run.
+  # After train and test, so that asking for it changes neither: a larger test set for the same training run.
   heldout = [r for task in task_set.tasks for r in draw(task, heldout_per_task)]
-  # After that, the same way: a third test set, to judge a decoding rule that was picked on the held-out one.
+  # After that, from the same generator: a third test set, to judge a decoding rule that was picked on the held-out
+  # one. It is disjoint from the held-out set of the same counts only (asked for alone, it would be that set).
   confirm = [r for task in task_set.tasks for r in draw(task, confirm_per_task)]
   return train, test, heldout, confirm
 
@@ -445,7 +446,8 @@ def main() -> None:
                            "after the training records (a larger test set; train and test stay as they are)")
   parser.add_argument("--long-confirm-per-task", type=int, default=0,
                       help="with --long-tasks-only: also write confirm.jsonl, this many records per task drawn "
-                           "after the held-out ones (to judge a rule picked on those; the others stay as they are)")
+                           "after the held-out ones (to judge a rule picked on those; the others stay as they are; "
+                           "disjoint from the held-out records of the same counts only)")
   parser.add_argument("--tokenizer", type=pathlib.Path, default=None,
                       help="with --long-tasks-only: the tokenizer that checks answer lengths (default: --out's "
                            "tokenizer/ if it has one, else the shipped one)")
@@ -455,6 +457,9 @@ def main() -> None:
   for flag in ("long_heldout_per_task", "long_confirm_per_task"):
     if getattr(args, flag) < 0:
       parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+  if args.long_confirm_per_task and not args.long_heldout_per_task:
+    parser.error("--long-confirm-per-task needs --long-heldout-per-task: drawn after no held-out records, the "
+                 "confirmation records would be the held-out ones")
   if not args.long_tasks_only and (args.long_train_per_task != SFT_LONG.train_per_task or args.long_heldout_per_task
                                    or args.long_confirm_per_task):
     parser.error("--long-train-per-task, --long-heldout-per-task and --long-confirm-per-task need --long-tasks-only "

@@ -6,7 +6,7 @@
 Records: the long-answer set (flowlm_jax/assets/sft_tasks_long/test.jsonl), each decoded at the smallest
 answer length of --answers that holds its reference answer and [EOS] (answer_length 256: answers of
 128-255 tokens; 512: 256-511). Per (sampler, answer length, cache, parallel rule: each of --thresholds, then each
-of --factors), over the same records:
+of --factors; the parallel ones only with the caches of --parallel_caches where it is given), over the same records:
 - seconds per answer: wall time of decoding them all in batches of --batch, after a warm-up call
   (compiling) per batch shape, / the number of records; generated tok/s = records x answer length /
   that time; speedup = the uncached, threshold-0 row's seconds / this row's (a * after the seconds: XLA compiled
@@ -338,7 +338,14 @@ def parse_args(argv=None):
                  help="shares of the answer masked for the probe, comma list ('' = no probe)")
   p.add_argument("--probe_only", action="store_true", help="print and save the probe, decode nothing")
   p.add_argument("--out", default="fast_sampling.json")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.parallel_caches:  # the first row is the baseline: it must stay the first cache's one token per step
+    unknown = set(args.parallel_caches.split(",")) - set(args.caches.split(","))
+    if unknown:
+      p.error(f"--parallel_caches: {', '.join(sorted(unknown))} not in --caches {args.caches}")
+    if float(args.thresholds.split(",")[0]) != 0:
+      p.error(f"--parallel_caches needs --thresholds to start with 0 (the baseline row), got {args.thresholds}")
+  return args
 
 
 def main(argv=None) -> list[dict]:

@@ -2,14 +2,16 @@
 # Issue 18's fine-tune-and-decode per seed on a lent GPU (docs/performance.md, "Fast sampling"). For each seed in
 # SEEDS: fine-tune BASE (default models/METHOD-long, carried) with METHOD's objective (flowlm, the default, or
 # llada) for 3,000 steps with clean answer prefixes in half the rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA
-# (more --config overrides); TRAIN=0 decodes BASE itself instead (one seed is enough). Then decode the 200 test
-# records (TEST_LIMIT per task, 0 = all) at answers 256 and 512, batch 1, with the LLaDA sampler
-# (caches none,dual x thresholds RULES, default 0,0.9, then factors FACTORS, default 1,0.5,0.25; the parallel rules
-# only with the caches PARALLEL_CACHES where it is set) and, for FlowLM models unless OWN=0, FlowLM's own sampler (no
-# cache; threshold 0, factors 1 and 0.25). HELDOUT_PER_TASK=N also decodes N held-out records per task (drawn after
-# the training records: build_assets.py --long-heldout-per-task) the same way at batch 32, threshold 0 only;
-# CONFIRM_PER_TASK=M as many confirmation records (drawn after the held-out ones), likewise. DECODE (default "test
-# heldout confirm") names the sets decoded. Seeds run side by side, one per GPU, in rounds of as many seeds as GPUs.
+# (more --config overrides). TRAIN=0 decodes BASE itself instead (one seed: more decode the same model again), which
+# must have been trained on this LONG_TRAIN_PER_TASK build, the one the held-out and confirmation records avoid.
+# Then decode the 200 test records (TEST_LIMIT per task, 0 = all) at answers 256 and 512, batch 1, with the LLaDA
+# sampler (caches none,dual x thresholds RULES, default 0,0.9, then factors FACTORS, default 1,0.5,0.25, empty:
+# none; the parallel rules only with the caches PARALLEL_CACHES where it is set) and, for FlowLM models unless
+# OWN=0, FlowLM's own sampler (no cache; threshold 0, factors 1 and 0.25). HELDOUT_PER_TASK=N also decodes N
+# held-out records per task (drawn after the training records: build_assets.py --long-heldout-per-task) the same
+# way at batch 32, threshold 0 only; CONFIRM_PER_TASK=M as many confirmation records (drawn after the held-out
+# ones; needs HELDOUT_PER_TASK), likewise. DECODE (default "test heldout confirm", space-separated) names the sets
+# decoded. Seeds run side by side, one per GPU, in rounds of as many seeds as GPUs.
 # Output: $OUT/NAME_sSEED.tgz per seed (train log, decoding logs and JSON; a call brings back only 8 files), and
 # every row printed.
 #   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
@@ -26,6 +28,10 @@ source "$(dirname "$0")/gpu_env.sh"
 deadline=$((SECONDS + ${BUDGET:-560}))
 limit() { local left=$((deadline - SECONDS)); echo $((left < $1 ? (left > 1 ? left : 1) : $1)); }  # limit DEFAULT_S
 : "${SEEDS:?SEEDS, e.g. \"0 1\"}" "${NAME:?NAME, the prefix of the output files}"
+sets=" ${DECODE:-test heldout confirm} "
+for set in $sets; do
+  [[ $set == test || $set == heldout || $set == confirm ]] || { echo "DECODE: unknown set '$set' (test heldout confirm, space-separated)"; exit 1; }
+done
 method=${METHOD:-flowlm}
 [[ $method == flowlm || $method == llada ]] || { echo "METHOD must be flowlm or llada, got $method"; exit 1; }
 base=${BASE:-models/$method-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
@@ -44,7 +50,7 @@ decode() {  # decode RUN OUT_PREFIX THRESHOLDS MORE_ARGS...: the LLaDA grid, the
   local run=$1 out=$2 thresholds=$3; shift 3
   local common="--workdir=$run --answers 256,512 --probe_ratios= $*"
   timeout -k 10 "$(limit "${DECODE_TIMEOUT:-170}")" python3 scripts/fast_sampling.py $common --modes llada --caches none,dual \
-    --thresholds "$thresholds" --factors "${FACTORS:-1,0.5,0.25}" --parallel_caches "${PARALLEL_CACHES:-}" \
+    --thresholds "$thresholds" --factors "${FACTORS-1,0.5,0.25}" --parallel_caches "${PARALLEL_CACHES:-}" \
     --out "${out}_llada.json" 2>&1 | quiet > "${out}_llada.log"
   [ "$method" = flowlm ] && [ "${OWN:-1}" != 0 ] || return 0
   timeout -k 10 "$(limit "${DECODE_TIMEOUT:-170}")" python3 scripts/fast_sampling.py $common --modes flowlm --caches none \
@@ -61,7 +67,6 @@ one_seed() {  # one_seed SEED GPU: train (unless TRAIN=0), then decode both ways
     timeout -k 30 "$(limit "${TRAIN_TIMEOUT:-250}")" python3 launch.py --config="configs/$method.py:tasks_long" --workdir="$run" $train_args \
       --config.training.seed="$seed" --config.dataloader.seed="$seed" 2>&1 | quiet > "${out}_train.log"
   fi
-  local sets=" ${DECODE:-test heldout confirm} "
   [[ $sets != *" test "* ]] || decode "$run" "$out" "${RULES:-0,0.9}" --batch 1 --limit "${TEST_LIMIT:-0}"
   [[ $heldout = 0 || $sets != *" heldout "* ]] || decode "$run" "${out}_heldout" 0 --batch 32 --records "$long/heldout.jsonl"
   [[ $confirm = 0 || $sets != *" confirm "* ]] || decode "$run" "${out}_confirm" 0 --batch 32 --records "$long/confirm.jsonl"

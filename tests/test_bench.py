@@ -168,6 +168,20 @@ def test_held_out_and_confirmation_sets_leave_the_sets_before_them_as_they_were_
   assert not {r["prompt"] for r in confirm} & {r["prompt"] for r in train + test + heldout}
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--long-tasks-only", "--long-confirm-per-task", "5"], "--long-confirm-per-task needs --long-heldout-per-task"),
+    (["--long-tasks-only", "--long-heldout-per-task", "5", "--long-confirm-per-task", "-1"],
+     "--long-confirm-per-task must be >= 0, got -1"),
+    (["--long-confirm-per-task", "5", "--long-heldout-per-task", "5"], "need --long-tasks-only")])
+def test_build_assets_refuses_a_confirmation_set_that_would_repeat_or_break_the_others(flags, message, monkeypatch,
+                                                                                       capsys, tmp_path):
+  build = script("build_assets")
+  monkeypatch.setattr("sys.argv", ["build_assets.py", "--out", str(tmp_path), *flags])
+  with pytest.raises(SystemExit):
+    build.main()
+  assert message in capsys.readouterr().err
+
+
 def test_sampler_grid_is_every_answer_batch_and_cache_with_one_token_per_step_by_default():
   args = types.SimpleNamespace(answers="256,512", batches="1,32", caches="none,dual", sampler_steps=0)
   grid = bench.sampler_grid(args, smoke=False)
@@ -313,9 +327,20 @@ def test_fast_sampling_runs_the_parallel_rules_with_the_caches_asked_for():
   assert rules == [(0.0, 0.0), (0.9, 0.0), (0.0, 1.0)]
   assert [fast.rule_name(dict(threshold=t, factor=f)) for t, f in rules] == ["0", "0.9", "factor 1"]
   assert fast.settings(args) == [(cache, rule) for cache in ("none", "prefix", "dual") for rule in rules]  # default
-  only_dual = fast.parse_args(["--workdir=unused", "--caches=none,dual", "--thresholds=0", "--factors=1",
+  only_dual = fast.parse_args(["--workdir=unused", "--caches=none,dual", "--thresholds=0,0.9", "--factors=1",
                                "--parallel_caches=dual"])
-  assert fast.settings(only_dual) == [("none", (0.0, 0.0)), ("dual", (0.0, 0.0)), ("dual", (0.0, 1.0))]
+  assert fast.settings(only_dual) == [("none", (0.0, 0.0)), ("dual", (0.0, 0.0)), ("dual", (0.9, 0.0)),
+                                      ("dual", (0.0, 1.0))]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--parallel_caches=Dual"], "--parallel_caches: Dual not in --caches none,dual"),
+    (["--parallel_caches=dual", "--thresholds=0.9,0"], "--parallel_caches needs --thresholds to start with 0")])
+def test_fast_sampling_refuses_parallel_caches_that_would_drop_rows_or_the_baseline(flags, message, capsys):
+  fast = script("fast_sampling")
+  with pytest.raises(SystemExit):
+    fast.parse_args(["--workdir=unused", "--caches=none,dual", *flags])
+  assert message in capsys.readouterr().err
 
 
 def test_fast_sampling_compares_exact_answers_with_the_baseline_record_by_record():
