@@ -11,7 +11,9 @@
 # held-out records per task (drawn after the training records: build_assets.py --long-heldout-per-task) the same
 # way at batch 32, threshold 0 only; CONFIRM_PER_TASK=M as many confirmation records (drawn after the held-out
 # ones; needs HELDOUT_PER_TASK), likewise. DECODE (default "test heldout confirm", space-separated) names the sets
-# decoded. Seeds run side by side, one per GPU, in rounds of as many seeds as GPUs.
+# decoded ("none": no set). Seeds run side by side, one per GPU, in rounds of as many seeds as GPUs. EXPORT=1 (one
+# seed, trained here) also brings the fine-tuned weights back, as $OUT/NAME-sSEED/ in 15 MiB parts, before decoding
+# (scripts/device_transfer.sh; here: `bash scripts/device_transfer.sh unpack FILES_AT/NAME-sSEED models`).
 # Output: $OUT/NAME_sSEED.tgz per seed (train log, decoding logs and JSON; a call brings back only 8 files), and
 # every row printed.
 #   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
@@ -30,8 +32,12 @@ limit() { local left=$((deadline - SECONDS)); echo $((left < $1 ? (left > 1 ? le
 : "${SEEDS:?SEEDS, e.g. \"0 1\"}" "${NAME:?NAME, the prefix of the output files}"
 sets=" ${DECODE:-test heldout confirm} "
 for set in $sets; do
-  [[ $set == test || $set == heldout || $set == confirm ]] || { echo "DECODE: unknown set '$set' (test heldout confirm, space-separated)"; exit 1; }
+  [[ $set == test || $set == heldout || $set == confirm || $set == none ]] \
+    || { echo "DECODE: unknown set '$set' (test heldout confirm, space-separated, or none)"; exit 1; }
 done
+if [ "${EXPORT:-0}" = 1 ]; then  # three parts + SHA256SUMS per model: a call brings back only 8 files
+  [ "$(wc -w <<< "$SEEDS")" = 1 ] && [ "${TRAIN:-1}" != 0 ] || { echo "EXPORT=1 needs one seed, trained here (TRAIN=1)"; exit 1; }
+fi
 method=${METHOD:-flowlm}
 [[ $method == flowlm || $method == llada ]] || { echo "METHOD must be flowlm or llada, got $method"; exit 1; }
 base=${BASE:-models/$method-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
@@ -66,6 +72,7 @@ one_seed() {  # one_seed SEED GPU: train (unless TRAIN=0), then decode both ways
     rm -rf "$run"
     timeout -k 30 "$(limit "${TRAIN_TIMEOUT:-250}")" python3 launch.py --config="configs/$method.py:tasks_long" --workdir="$run" $train_args \
       --config.training.seed="$seed" --config.dataloader.seed="$seed" 2>&1 | quiet > "${out}_train.log"
+    [ "${EXPORT:-0}" != 1 ] || bash "$(dirname "$0")/device_transfer.sh" export "$run" "$OUT/${NAME}-s$seed" 2>&1 | quiet
   fi
   [[ $sets != *" test "* ]] || decode "$run" "$out" "${RULES:-0,0.9}" --batch 1 --limit "${TEST_LIMIT:-0}"
   [[ $heldout = 0 || $sets != *" heldout "* ]] || decode "$run" "${out}_heldout" 0 --batch 32 --records "$long/heldout.jsonl"
