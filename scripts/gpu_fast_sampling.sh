@@ -44,7 +44,9 @@ train() { workdir=$2; cmd="python3 launch.py --config=configs/$1.py:tasks_long -
 quality() { cmd="python3 scripts/fast_sampling.py --workdir=$1 $table ${3:-} --out $OUT/$2.json"; }
 export_run() { cmd="bash $(dirname "$0")/device_transfer.sh export $1 $OUT/$(basename "$1")"; }
 if [ -n "${LONG_TRAIN_PER_TASK:-}" ] && [[ " $* " == *"train_"* || " $* " == *" pair "* ]]; then
-  long=$(long_tasks "$LONG_TRAIN_PER_TASK") || exit 1  # gpu_env.sh: built once per size on a machine
+  # LONG_HELDOUT_PER_TASK / LONG_CONFIRM_PER_TASK: also draw the held-out and confirmation records in this build (the
+  # training records are the same either way), so gpu_seed_finetunes.sh on this machine finds them built
+  long=$(long_tasks "$LONG_TRAIN_PER_TASK" "${LONG_HELDOUT_PER_TASK:-0}" "${LONG_CONFIRM_PER_TASK:-0}") || exit 1
   data_args="--config.dataset.name= --config.dataset.train_files=$long/train.jsonl \
     --config.dataset.validation_files=$long/test.jsonl"
 fi

@@ -11,7 +11,8 @@
 # held-out records per task (drawn after the training records: build_assets.py --long-heldout-per-task) the same
 # way at batch 32, threshold 0 only; CONFIRM_PER_TASK=M as many confirmation records (drawn after the held-out
 # ones; needs HELDOUT_PER_TASK), likewise. DECODE (default "test heldout confirm", space-separated) names the sets
-# decoded ("none": no set). Seeds run side by side, one per GPU, in rounds of as many seeds as GPUs. EXPORT=1 (one
+# decoded ("none": no set). Seeds run side by side, PER_GPU (default 1) on each GPU sharing its memory, in rounds
+# of as many seeds as GPUs x PER_GPU. EXPORT=1 (one
 # seed, trained here) also brings the fine-tuned weights back, as $OUT/NAME-sSEED/ in 15 MiB parts, before decoding
 # (scripts/device_transfer.sh; here: `bash scripts/device_transfer.sh unpack FILES_AT/NAME-sSEED models`).
 # Output: $OUT/NAME_sSEED.tgz per seed (train log, decoding logs and JSON; a call brings back only 8 files), and
@@ -50,7 +51,9 @@ train_args="--config.dataset.name= --config.dataset.train_files=$long/train.json
   --config.training.max_steps=3000 --config.training.learning_rate=3e-4 --config.training.warmup_steps=100
   --config.training.save_steps=1000 --config.evaluation.eval_steps=1000
   --config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32 ${FT_EXTRA:-}"
-gpus=$(nvidia-smi -L | grep -c "^GPU")
+gpus=$(nvidia-smi -L | grep -c "^GPU") per_gpu=${PER_GPU:-1}
+[[ $per_gpu =~ ^[1-9]$ ]] || { echo "PER_GPU must be 1-9, got $per_gpu"; exit 1; }
+[ "$per_gpu" = 1 ] || export XLA_PYTHON_CLIENT_MEM_FRACTION=$(awk "BEGIN { print 0.9 / $per_gpu }")
 
 decode() {  # decode RUN OUT_PREFIX THRESHOLDS MORE_ARGS...: the LLaDA grid, then FlowLM's own sampler (FlowLM models)
   local run=$1 out=$2 thresholds=$3; shift 3
@@ -82,9 +85,9 @@ one_seed() {  # one_seed SEED GPU: train (unless TRAIN=0), then decode both ways
 }
 
 i=0
-for seed in $SEEDS; do  # a GPU each, in rounds of as many seeds as GPUs
+for seed in $SEEDS; do  # PER_GPU on each GPU, in rounds of as many seeds as GPUs x PER_GPU
   one_seed "$seed" $((i % gpus)) &
   i=$((i + 1))
-  [ $((i % gpus)) = 0 ] && wait
+  [ $((i % (gpus * per_gpu))) = 0 ] && wait
 done
 wait
