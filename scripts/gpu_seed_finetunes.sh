@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 18's fine-tune-and-decode per seed on a lent GPU (docs/performance.md, "Fast sampling"). For each seed in
-# SEEDS: fine-tune BASE (default models/METHOD-long, carried) with METHOD's objective (flowlm, the default, or
-# llada) for 3,000 steps with clean answer prefixes in half the rows, as the 2026-11-30 fine-tunes, plus FT_EXTRA
-# (more --config overrides). TRAIN=0 decodes BASE itself instead (one seed: more decode the same model again), which
-# must have been trained on this LONG_TRAIN_PER_TASK build, the one the held-out and confirmation records avoid.
+# SEEDS: fine-tune BASE (default models/METHOD-long: carried; models/flowlm-long is in git) with METHOD's objective
+# (flowlm, the default, or llada) for 3,000 steps with clean answer prefixes in half the rows, as the 2026-11-30
+# fine-tunes, plus FT_EXTRA (more --config overrides). TRAIN=0 decodes BASE itself instead (one seed: more decode
+# the same model again), which must have been trained on this LONG_TRAIN_PER_TASK build, the one the held-out and
+# confirmation records avoid.
 # Then decode the 200 test records (TEST_LIMIT per task, 0 = all) at answers 256 and 512, batch 1, with the LLaDA
 # sampler (caches none,dual x thresholds RULES, default 0,0.9, then factors FACTORS, default 1,0.5,0.25, empty:
 # none; the parallel rules only with the caches PARALLEL_CACHES where it is set) and, for FlowLM models unless
@@ -12,13 +13,13 @@
 # way at batch 32, threshold 0 only; CONFIRM_PER_TASK=M as many confirmation records (drawn after the held-out
 # ones; needs HELDOUT_PER_TASK), likewise. DECODE (default "test heldout confirm", space-separated) names the sets
 # decoded ("none": no set). Seeds run side by side, PER_GPU (default 1) on each GPU sharing its memory, in rounds
-# of as many seeds as GPUs x PER_GPU. EXPORT=1 (one
+# of as many seeds as GPUs x PER_GPU (not with the test set, whose seconds are the speed). EXPORT=1 (one
 # seed, trained here) also brings the fine-tuned weights back, as $OUT/NAME-sSEED/ in 15 MiB parts, before decoding
 # (scripts/device_transfer.sh; here: `bash scripts/device_transfer.sh unpack FILES_AT/NAME-sSEED models`).
 # Output: $OUT/NAME_sSEED.tgz per seed (train log, decoding logs and JSON; a call brings back only 8 files), and
 # every row printed.
 #   SEEDS="0 1" NAME=mix FT_EXTRA="--config.masking.mix_strategy=LLADA_STRATEGY --config.masking.mix_prob=0.25" \
-#     bash scripts/gpu_seed_finetunes.sh          # carry: [".whl", "models/flowlm-long"]
+#     bash scripts/gpu_seed_finetunes.sh          # carry: [".whl"]
 #   METHOD=llada SEEDS="0 1" NAME=llada HELDOUT_PER_TASK=250 bash scripts/gpu_seed_finetunes.sh  # models/llada-long
 #   TRAIN=0 METHOD=llada BASE=models/llada-long-prefix SEEDS=0 NAME=lp HELDOUT_PER_TASK=250 CONFIRM_PER_TASK=250 \
 #     DECODE="test confirm" PARALLEL_CACHES=dual bash scripts/gpu_seed_finetunes.sh      # decode a carried model only
@@ -43,6 +44,12 @@ method=${METHOD:-flowlm}
 [[ $method == flowlm || $method == llada ]] || { echo "METHOD must be flowlm or llada, got $method"; exit 1; }
 base=${BASE:-models/$method-long} per_task=${LONG_TRAIN_PER_TASK:-10000}
 [ -d "$base" ] || { echo "no $base here: carry it"; exit 1; }
+[ "${TRAIN:-1}" = 0 ] || [ -f "$base/config.json" ] \
+  || { echo "BASE=$base is not an export (fine-tunes start from one): python3 -m flowlm_jax.export RUN --out DIR"; exit 1; }
+per_gpu=${PER_GPU:-1}
+[[ $per_gpu =~ ^[1-9]$ ]] || { echo "PER_GPU must be 1-9, got $per_gpu"; exit 1; }
+[[ $per_gpu = 1 || $sets != *" test "* ]] \
+  || { echo "PER_GPU=$per_gpu with DECODE holding test: the test set's batch-1 seconds need the GPU alone"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 heldout=${HELDOUT_PER_TASK:-0} confirm=${CONFIRM_PER_TASK:-0}
 long=$(long_tasks "$per_task" "$heldout" "$confirm" "$(limit 120)") || exit 1  # gpu_env.sh: built once per machine
@@ -51,8 +58,7 @@ train_args="--config.dataset.name= --config.dataset.train_files=$long/train.json
   --config.training.max_steps=3000 --config.training.learning_rate=3e-4 --config.training.warmup_steps=100
   --config.training.save_steps=1000 --config.evaluation.eval_steps=1000
   --config.masking.clean_prefix_prob=0.5 --config.masking.clean_prefix_block=32 ${FT_EXTRA:-}"
-gpus=$(nvidia-smi -L | grep -c "^GPU") per_gpu=${PER_GPU:-1}
-[[ $per_gpu =~ ^[1-9]$ ]] || { echo "PER_GPU must be 1-9, got $per_gpu"; exit 1; }
+gpus=$(nvidia-smi -L | grep -c "^GPU")
 [ "$per_gpu" = 1 ] || export XLA_PYTHON_CLIENT_MEM_FRACTION=$(awk "BEGIN { print 0.9 / $per_gpu }")
 
 decode() {  # decode RUN OUT_PREFIX THRESHOLDS MORE_ARGS...: the LLaDA grid, then FlowLM's own sampler (FlowLM models)
