@@ -540,6 +540,8 @@ def _check_values(c: ConfigDict) -> None:
   _require(k.mix_strategy in ("", *masking.STRATEGIES), "masking.mix_strategy",
            f"{k.mix_strategy!r} is not one of {', '.join(masking.STRATEGIES)} (or empty: no mix)")
   _require(k.mix_prob == 0 or k.mix_strategy, "masking.mix_strategy", f"must name a strategy when mix_prob={k.mix_prob}")
+  _require(k.mix_prob > 0 or not k.mix_strategy, "masking.mix_prob",
+           f"is 0, so mix_strategy={k.mix_strategy!r} would mix nothing: set mix_prob > 0 or leave mix_strategy empty")
   _require(k.mix_prob == 0 or not (t.loss == "flowlm" and t.loss_weighting == "gidd"), "masking.mix_prob",
            "must be 0 with training.loss_weighting=gidd (the exact ELBO of one noise process)")
   if k.strategy == "CUSTOM":

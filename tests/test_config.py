@@ -349,6 +349,8 @@ def test_validate_rejects_a_clean_prefix_block_below_one():
 @pytest.mark.parametrize("changes, message", [
     ({"masking.mix_prob": 0.25}, "masking.mix_strategy: must name a strategy when mix_prob=0.25"),
     ({"masking.mix_strategy": "LLADA"}, "masking.mix_strategy: 'LLADA' is not one of"),
+    ({"masking.mix_strategy": "ABSORBING_STRATEGY"},
+     "masking.mix_prob: is 0, so mix_strategy='ABSORBING_STRATEGY' would mix nothing"),
     ({"masking.mix_strategy": "LLADA_STRATEGY", "masking.mix_prob": 0.25, "training.loss": "flowlm",
       "training.loss_weighting": "gidd"}, "masking.mix_prob: must be 0 with training.loss_weighting=gidd"),
 ])
