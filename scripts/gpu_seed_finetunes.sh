@@ -52,7 +52,10 @@ per_gpu=${PER_GPU:-1}
   || { echo "PER_GPU=$per_gpu with DECODE holding test: the test set's batch-1 seconds need the GPU alone"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 heldout=${HELDOUT_PER_TASK:-0} confirm=${CONFIRM_PER_TASK:-0}
-long=$(long_tasks "$per_task" "$heldout" "$confirm" "$(limit 120)") || exit 1  # gpu_env.sh: built once per machine
+long=  # the records are built (gpu_env.sh: once per machine) only where training or a set needs them:
+if [[ ${TRAIN:-1} != 0 || ($heldout != 0 && $sets == *" heldout "*) || ($confirm != 0 && $sets == *" confirm "*) ]]; then
+  long=$(long_tasks "$per_task" "$heldout" "$confirm" "$(limit 120)") || exit 1  # the test set is in the run's config
+fi
 train_args="--config.dataset.name= --config.dataset.train_files=$long/train.jsonl
   --config.dataset.validation_files=$long/test.jsonl --config.training.init_from=$base
   --config.training.max_steps=3000 --config.training.learning_rate=3e-4 --config.training.warmup_steps=100
