@@ -531,9 +531,12 @@ def _check_values(c: ConfigDict) -> None:
 
   _require(k.strategy in (*masking.STRATEGIES, "CUSTOM"), "masking.strategy",
            f"{k.strategy!r} is not one of {', '.join((*masking.STRATEGIES, 'CUSTOM'))}")
-  for key in ("min_ratio", "max_ratio", "eps", "mask_prob", "random_prob", "keep_prob"):
+  for key in ("min_ratio", "max_ratio", "mask_prob", "random_prob", "keep_prob"):
     _require(0.0 <= k[key] <= 1.0, f"masking.{key}", f"must be in [0, 1], got {k[key]}")
+  _require(0.0 <= k.eps < 1.0, "masking.eps", f"must be in [0, 1), got {k.eps}")
   _require(k.min_ratio <= k.max_ratio, "masking.min_ratio", f"min_ratio={k.min_ratio} > max_ratio={k.max_ratio}")
+  _require(k.max_ratio > 0 or k.eps > 0, "masking.max_ratio",
+           "is 0 and so is masking.eps: t = 0 always, so nothing is ever corrupted")
   _require(0.0 <= k.clean_prefix_prob <= 1.0, "masking.clean_prefix_prob", f"must be in [0, 1], got {k.clean_prefix_prob}")
   _require(k.clean_prefix_block >= 1, "masking.clean_prefix_block", f"must be >= 1, got {k.clean_prefix_block}")
   _require(0.0 <= k.mix_prob <= 1.0, "masking.mix_prob", f"must be in [0, 1], got {k.mix_prob}")
@@ -555,8 +558,12 @@ def _check_values(c: ConfigDict) -> None:
   _require(t.batch_size % t.gradient_accumulation_steps == 0, "training.gradient_accumulation_steps",
            f"batch_size={t.batch_size} is not divisible by {t.gradient_accumulation_steps}")
   _require(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
-  for key in ("warmup_ratio", "min_learning_rate_ratio", "adam_beta1", "adam_beta2"):
+  for key in ("warmup_ratio", "min_learning_rate_ratio"):
     _require(0.0 <= t[key] <= 1.0, f"training.{key}", f"must be in [0, 1], got {t[key]}")
+  for key in ("adam_beta1", "adam_beta2"):  # 1 makes Adam's bias correction 0/0
+    _require(0.0 <= t[key] < 1.0, f"training.{key}", f"must be in [0, 1), got {t[key]}")
+  _require(t.adam_eps > 0, "training.adam_eps", f"must be > 0 (a zero gradient would divide 0 by 0), got {t.adam_eps}")
+  _require(t.stop_check_every >= 1, "training.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
   for key in ("weight_decay", "gradient_clip_val", "warmup_steps", "max_steps"):
     _require(t[key] >= 0, f"training.{key}", f"must be >= 0, got {t[key]}")
   _require(t.num_epochs > 0 or t.max_steps > 0, "training.num_epochs", "set num_epochs > 0 or max_steps > 0")

@@ -429,7 +429,7 @@ def _train_row(sums, n_steps, step, schedule, tokens_per_second, nonfinite_count
 
 def _stop_if_nonfinite(step: int, finite) -> None:
   if not bool(finite):
-    raise NonFiniteError(f"non-finite loss or gradient at step {step}: stopping (training.nonfinite=stop); "
+    raise NonFiniteError(f"non-finite loss, gradient or update at step {step}: stopping (training.nonfinite=stop); "
                          "the update was not applied and no later step was saved")
 
 
@@ -441,7 +441,7 @@ def _check_nonfinite(state, seen: int, latest) -> int:
     _stop_if_nonfinite(*latest)
   count = int(state.nonfinite_count)
   if count > seen:
-    log.warning("non-finite loss or gradient at step %d: update skipped (%d skipped so far)",
+    log.warning("non-finite loss, gradient or update at step %d: update skipped (%d skipped so far)",
                 int(state.last_nonfinite_step), count)
   return count
 

@@ -249,9 +249,10 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
 
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  # A NaN/inf loss or gradient leaves params, optimiser and FP8 scaling state untouched, so checkpoints stay
-  # good (an inf in an amax history would pin that scale for AMAX_HISTORY steps).
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A NaN/inf loss, gradient or update (an optimiser can make one from finite gradients) leaves params, optimiser
+  # and FP8 scaling state untouched, so checkpoints stay good (an inf in an amax history would pin that scale for
+  # AMAX_HISTORY steps).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(updates)
   # A fresh FP8 state (scale 1) flushes most of the step's gradients to zero in e5m2: that step only fills the
   # amax histories; params and optimiser state wait for scales that fit.
   applied = finite if state.fp8 is None else finite & ~uncalibrated(state.fp8)
@@ -264,6 +265,11 @@ def train_step(state: TrainState, batch, *, graphdef, tx, cfg: StepConfig):
       fp8=keep(finite, new_fp8_meta, state.fp8))
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **sums}
   return new_state, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+  """Whether every element is finite (elementwise: a norm of huge but finite values would overflow)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 def eval_step(params: Params, batch, key, *, graphdef, cfg: StepConfig):

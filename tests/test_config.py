@@ -329,13 +329,33 @@ def test_validate_accepts_an_int_for_a_float_field():
   config_lib.validate(c)
 
 
-@pytest.mark.parametrize("key", ["min_ratio", "max_ratio", "eps", "mask_prob", "random_prob", "keep_prob",
+@pytest.mark.parametrize("key", ["min_ratio", "max_ratio", "mask_prob", "random_prob", "keep_prob",
                                  "clean_prefix_prob", "mix_prob"])
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_validate_rejects_a_masking_ratio_outside_0_1(key, value):
   c = preset()
   c.masking[key] = value
   with pytest.raises(ValueError, match=re.escape(f"masking.{key}: must be in [0, 1]")):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"masking.eps": 1.0}, "masking.eps: must be in [0, 1), got 1.0"),
+    ({"masking.eps": -0.1}, "masking.eps: must be in [0, 1), got -0.1"),
+    ({"masking.min_ratio": 0.0, "masking.max_ratio": 0.0, "masking.eps": 0.0},
+     "masking.max_ratio: is 0 and so is masking.eps: t = 0 always"),
+    ({"training.adam_beta1": 1.0}, "training.adam_beta1: must be in [0, 1), got 1.0"),
+    ({"training.adam_beta2": 1.0}, "training.adam_beta2: must be in [0, 1), got 1.0"),
+    ({"training.adam_eps": 0.0}, "training.adam_eps: must be > 0"),
+    ({"training.stop_check_every": 0}, "training.stop_check_every: must be >= 1, got 0"),
+])
+def test_validate_rejects_settings_that_cannot_train(changes, message):
+  """Each of these passed validation and then corrupted nothing, made NaN weights, failed after the data had
+  loaded, or divided by zero after the first step."""
+  c = preset()
+  for key, value in changes.items():
+    c = with_value(c, key, value)
+  with pytest.raises(ValueError, match=re.escape(message)):
     config_lib.validate(c)
 
 

@@ -129,6 +129,22 @@ def test_nonfinite_update_is_skipped_and_counted(setup):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_nonfinite_optimiser_update_from_finite_gradients_is_skipped_and_counted(setup):
+  """Adam with eps=0 turns a zero gradient into 0/0: the guard looks at the update too, not only the gradient."""
+  graphdef, abstract = train.abstract_model(setup.model_cfg)
+  tx, _ = train.make_optimizer(setup.config.training, 50, abstract)
+  tx = optax.chain(tx, optax.stateless(lambda updates, params: jax.tree.map(lambda u: u * jnp.nan, updates)))
+  shardings = train.state_shardings(setup.model_cfg, tx, setup.mesh)
+  step, _ = train.compile_steps(graphdef, tx, setup.step_cfg, shardings, setup.mesh)
+  state = train.init_state(setup.model_cfg, tx, 0, shardings)
+  before = jax.tree.map(np.asarray, state.params)
+  state, metrics = step(state, first_batch(setup))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["finite"]) and int(state.nonfinite_count) == 1
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(before), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("preset", ["flowlm", "llada"])
 def test_eval_loss_is_the_per_token_mean_over_the_whole_evaluation(preset):
   """FlowLM: mean NLL per corrupted token; LLaDA: NLL / t summed over corrupted tokens, per corruptible token.
