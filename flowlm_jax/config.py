@@ -582,6 +582,7 @@ def _check_values(c: ConfigDict) -> None:
            "set it or inference.parallel_threshold, not both: they are two rules for the same choice")
   _require(i.cache_refresh >= 0, "inference.cache_refresh", f"must be >= 0, got {i.cache_refresh}")
   _require(i.temperature >= 0 and i.cfg_scale >= 0, "inference.temperature", "temperature and cfg_scale must be >= 0")
+  _require(i.block_length >= 0, "inference.block_length", f"must be >= 0 (0: the whole answer), got {i.block_length}")
   block = i.block_length or i.answer_length
   _require(i.answer_length % block == 0, "inference.block_length",
            f"answer_length={i.answer_length} is not a multiple of block_length={block}")

@@ -25,6 +25,7 @@ from flax import nnx
 from flowlm_jax import checkpoint as ckpt_lib
 from flowlm_jax import config as config_lib
 from flowlm_jax import data, losses, masking, sharding, train, warm_start
+from flowlm_jax.decoding_passes import check_cacheable
 from flowlm_jax.logging import MetricsLogger, format_samples, redact
 from flowlm_jax.models import registry
 from flowlm_jax.models.llama import ModelConfig
@@ -58,6 +59,10 @@ def prepare(config, *, num_devices: int | None = None) -> Setup:
   config_lib.validate(config, num_devices)
   tokenizer = load_tokenizer(config.model.tokenizer)
   vocab = vocab_of(tokenizer)
+  model_cfg = registry.model_config(config.model, vocab)
+  if config.inference.test_prompts and config.inference.cache != "none":
+    # The test prompts are sampled at evaluations: a cache this model family lacks fails now, not at the first one.
+    check_cacheable(nnx.eval_shape(lambda: registry.create(model_cfg, rngs=nnx.Rngs(params=0))), config.inference.cache)
   d = config.dataset
   train_split = data.load_split(d, "train", tokenizer, vocab, d.max_train_examples)
   valid_split = data.load_split(d, "validation", tokenizer, vocab, d.max_validation_examples)
@@ -68,7 +73,6 @@ def prepare(config, *, num_devices: int | None = None) -> Setup:
     config.dataset.prompt_format = "chat" if train_split.chat else "plain"
   t = config.training
   total_steps = t.max_steps or max(1, int(t.num_epochs * iterator.batches_per_epoch))
-  model_cfg = registry.model_config(config.model, vocab)
   step_cfg = train.StepConfig(
       model=model_cfg, masking=masking.MaskingSpec.from_config(config.masking, vocab), loss=t.loss,
       loss_weighting=t.loss_weighting, grad_accum=t.gradient_accumulation_steps,

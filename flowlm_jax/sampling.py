@@ -69,7 +69,9 @@ class LladaSpec:
 
   def __post_init__(self):
     _check(self.answer_length > 0 and self.steps > 0, "answer_length and steps must be > 0")
-    _check_fast_options(self)
+    _check(self.block_length > 0, f"block_length must be > 0 (0 in the config: the whole answer), got {self.block_length}")
+    _check(self.cfg_scale >= 0, f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
+    _check_sampling_options(self)
     _check(self.answer_length % self.block_length == 0,
            f"answer_length={self.answer_length} is not a multiple of block_length={self.block_length}")
     _check(self.steps % self.num_blocks == 0,
@@ -107,7 +109,8 @@ class FlowSpec:
   def __post_init__(self):
     _check(self.answer_length > 0 and self.max_steps > 0 and self.fill_steps > 0,
            "answer_length, max_steps and steps must be > 0")
-    _check_fast_options(self)
+    _check(0.0 <= self.threshold <= 1.0, f"confidence_threshold must be in [0, 1], got {self.threshold}")
+    _check_sampling_options(self)
     _check(self.max_replacements > 0, "max_replacements must be > 0")
     _check(self.strategy in STRATEGIES, f"unknown replacement_strategy {self.strategy!r}")
     _check(self.initial_answer in ("mask", "random"), f"unknown initial_answer {self.initial_answer!r}")
@@ -126,7 +129,9 @@ def _fast_options(icfg) -> dict:
               parallel_threshold=float(icfg.parallel_threshold), parallel_factor=float(icfg.parallel_factor))
 
 
-def _check_fast_options(spec) -> None:
+def _check_sampling_options(spec) -> None:
+  """The checks both samplers share (`not x >= 0` also refuses NaN)."""
+  _check(spec.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {spec.temperature}")
   _check(spec.cache in CACHES, f"unknown cache {spec.cache!r} (one of {', '.join(CACHES)})")
   _check(spec.cache_refresh >= 0, f"cache_refresh must be >= 0, got {spec.cache_refresh}")
   _check(0.0 <= spec.parallel_threshold <= 1.0, f"parallel_threshold must be in [0, 1], got {spec.parallel_threshold}")
@@ -549,6 +554,9 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
     full = np.full((B,), full, np.int32)
   elif mode == "flowlm":
     spec = FlowSpec.from_config(icfg, vocab)
+    if initial_BxA is not None and np.shape(initial_BxA) != (B, spec.answer_length):
+      raise ValueError(f"sampling: initial answers of shape {np.shape(initial_BxA)}; the prompts and "
+                       f"inference.answer_length need ({B}, {spec.answer_length})")
     answer, steps, full, trajectory = flowlm_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec,
                                                     initial_BxA=initial_BxA, **kwargs)
     answer, steps, full, trajectory = jax.device_get((answer, steps, full, trajectory))

@@ -219,6 +219,21 @@ def test_dispatch_from_the_run_config(tokenizer, vocab):
     registry.model_config(c.model, bigger)
 
 
+def test_a_cache_the_family_lacks_is_refused_before_the_data_loads(monkeypatch):
+  """The test prompts are sampled at evaluations: a cache ModernBERT has not must fail at setup, not at step 100."""
+  from flowlm_jax import data, loop
+
+  c = load_preset("flowlm", "tasks")
+  c.model.family, c.model.pretrained, c.model.tokenizer = "modernbert", FIXTURE, FIXTURE
+  c.inference.cache = "dual"
+  monkeypatch.setattr(data, "load_split", lambda *a, **k: pytest.fail("the data loaded before the cache check"))
+  with pytest.raises(ValueError, match="inference.cache='dual': model family ModernBert has no cached decoding"):
+    loop.prepare(c)
+  c.inference.test_prompts = ()  # nothing is sampled during training: no sampler needs the cache
+  with pytest.raises(pytest.fail.Exception, match="the data loaded"):
+    loop.prepare(c)
+
+
 def test_init_state_loads_the_pretrained_weights_but_not_while_traced(monkeypatch):
   import optax
 

@@ -6,6 +6,7 @@ gumbel_key, conf_key = split(fold_in(step_key, t))), so the random draws are ide
 """
 
 import functools
+import re
 import types
 
 import jax
@@ -743,6 +744,28 @@ def test_cached_parallel_sampler_is_one_compiled_loop_without_host_callbacks(mod
   main = text[text.index("func.func public @main"):]
   main = main[:main.index("\n  }\n")]
   assert main.count("stablehlo.while") == 1, "the decoding steps are not one loop"
+
+
+@pytest.mark.parametrize("spec, overrides, message", [
+    ("llada", dict(block_length=-1), "block_length must be > 0"),
+    ("llada", dict(cfg_scale=-2.0), "cfg_scale must be >= 0"),
+    ("llada", dict(temperature=-1.0), "temperature must be >= 0"),
+    ("flowlm", dict(temperature=float("nan")), "temperature must be >= 0"),
+    ("flowlm", dict(confidence_threshold=1.5), "confidence_threshold must be in [0, 1]"),
+])
+def test_sampler_options_the_config_would_refuse_are_refused_by_the_sampler_too(spec, overrides, message):
+  """`sample` and `run_config` overrides reach the samplers without config.validate: before, these decoded greedily
+  or without guidance (a negative or NaN temperature, a negative cfg_scale) or failed inside the trace."""
+  cls = sampling.LladaSpec if spec == "llada" else sampling.FlowSpec
+  with pytest.raises(ValueError, match=re.escape(message)):
+    cls.from_config(inference_config(**overrides), VOCAB)
+
+
+def test_initial_answers_of_the_wrong_width_are_refused():
+  graphdef, params = tiny_model()
+  with pytest.raises(ValueError, match=re.escape("initial answers of shape (2, 12)")):
+    sampling.generate(graphdef, params, [[5, 6, 3], [7, 3]], VOCAB, inference_config(), mode="flowlm",
+                      initial_BxA=np.full((2, 12), 5, np.int32))
 
 
 def test_bad_fast_options_fail_with_one_line_naming_them():
