@@ -210,7 +210,7 @@ def sampler_config(sampler: dict):
   with icfg.unlocked():
     icfg.answer_length, icfg.steps, icfg.block_length = sampler["answer"], sampler["steps"], sampler["block"]
     icfg.max_steps, icfg.cache = sampler["steps"], sampler["cache"]
-    icfg.confidence_threshold = 1.1  # never confident: FlowLM runs every step, like LLaDA (a fair timing)
+    icfg.confidence_threshold = 1.0  # random weights are never that confident: every token stays a candidate
   return icfg
 
 
