@@ -70,6 +70,7 @@ def base_config() -> ConfigDict:
   d.train_split = "train"
   d.validation_split = ""       # hub split name for validation; "" = hold out from train
   d.text_field = "text"
+  d.text_sample_by = "paragraph"  # local .txt files: a document per "paragraph" (blank-line separated) or "line"
   d.prompt_field = "prompt"
   d.answer_field = "answer"
   d.messages_field = "messages"  # chat records, e.g. tulu-3-sft-mixture
@@ -468,6 +469,7 @@ CHOICES = {
     "dataset.kind": ("text", "sft"),
     "dataset.overlong": ("truncate", "error"),
     "dataset.prompt_format": ("auto", "plain", "chat"),
+    "dataset.text_sample_by": ("paragraph", "line"),
     "training.loss": ("llada", "flowlm"),
     "training.loss_weighting": ("inverse_t", "none", "gidd"),
     "training.lr_schedule": ("cosine", "linear", "constant"),
@@ -518,6 +520,8 @@ def _check_values(c: ConfigDict) -> None:
            "fp8 needs model.compute_dtype bfloat16 or float32 (float16 cannot hold the gradient scales)")
 
   _require(d.max_length > 0, "dataset.max_length", f"must be > 0, got {d.max_length}")
+  for key in ("max_train_examples", "max_validation_examples"):
+    _require(d[key] >= 0, f"dataset.{key}", f"must be >= 0 (0 = all), got {d[key]}")
   # A tuple flag's single value stays text (it may be a prompt): `--config.dataset.answer_slots=8` arrives as '8'.
   as_text = any(isinstance(n, str) for n in d.answer_slots)
   _require(all(isinstance(n, int) and 0 < n < d.max_length for n in d.answer_slots), "dataset.answer_slots",

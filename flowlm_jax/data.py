@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Iterator
 
@@ -76,12 +77,12 @@ def load_records(dcfg, split: str):
   train_files = split_files(dcfg.train_files)
   valid_files = split_files(dcfg.validation_files)
   if split == "validation" and valid_files:
-    return _load_files(valid_files, **kwargs)
-  ds = _load_files(train_files, **kwargs)
+    return _load_files(valid_files, dcfg.text_sample_by, **kwargs)
+  ds = _load_files(train_files, dcfg.text_sample_by, **kwargs)
   return ds if valid_files else _hold_out(ds, dcfg, split)
 
 
-def _load_files(files: list[str], **kwargs):
+def _load_files(files: list[str], text_sample_by: str = "paragraph", **kwargs):
   import datasets
 
   for path in files:
@@ -91,7 +92,9 @@ def _load_files(files: list[str], **kwargs):
       raise ValueError(f"dataset file is empty: {path}")
   exts = {os.path.splitext(f)[1].lower() for f in files}
   if exts <= {".txt", ".text"}:
-    builder, options = "text", {"sample_by": "paragraph"}
+    # A document per paragraph (blank-line separated) or per line (dataset.text_sample_by); a byte-order mark is
+    # not text.
+    builder, options = "text", {"sample_by": text_sample_by, "encoding": "utf-8-sig"}
   elif exts <= {".json", ".jsonl"}:
     builder, options = "json", {}
   else:
@@ -112,6 +115,10 @@ def _hold_out(ds, dcfg, split: str):
     if split == "validation":
       raise ValueError("dataset: no validation files/split and validation_split_ratio is 0")
     return ds
+  if len(ds) - math.ceil(len(ds) * dcfg.validation_split_ratio) < 1:  # datasets' train_test_split rounds test up
+    raise ValueError(f"dataset.validation_split_ratio={dcfg.validation_split_ratio} of {len(ds)} record(s) leaves no "
+                     "train or no validation record (a .txt file is one record per paragraph unless "
+                     "dataset.text_sample_by=line; or give dataset.validation_files)")
   parts = ds.train_test_split(test_size=dcfg.validation_split_ratio, seed=0, shuffle=True)
   return parts["train" if split == "train" else "test"]
 
@@ -178,13 +185,28 @@ def ended_answer_ids(tokenizer, answers: list[str], chat: bool, vocab: Vocab) ->
   return [ids + [end] for ids in content_ids(tokenizer, [space + a for a in answers])]
 
 
+def _check_text(value, record: int, field: str) -> None:
+  """A null, a number or a list of content parts would otherwise fail deep in the tokenizer, or be trained on as
+  its Python repr."""
+  if not isinstance(value, str):
+    raise ValueError(f"dataset: record {record}: field {field!r} is {type(value).__name__}, expected text")
+
+
+def _texts(values, field: str) -> list[str]:
+  """`values` (one per record) as a list, each checked to be text."""
+  values = list(values)
+  for i, value in enumerate(values):
+    _check_text(value, i, field)
+  return values
+
+
 def tokenize_split(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   if len(records) == 0:
     raise ValueError("dataset split is empty")
   if dcfg.kind == "text":
     if dcfg.text_field not in records.column_names:
       raise KeyError(f"dataset.text_field={dcfg.text_field!r} is not a column (columns: {records.column_names})")
-    docs = content_ids(tokenizer, list(records[dcfg.text_field]))
+    docs = content_ids(tokenizer, _texts(records[dcfg.text_field], dcfg.text_field))
     return pack_documents(docs, vocab, dcfg.max_length)
   return encode_sft(records, dcfg, tokenizer, vocab)
 
@@ -221,8 +243,13 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   chat = has_messages or dcfg.prompt_format == "chat"
   if has_messages:
     pairs = [split_turns(r[dcfg.messages_field]) for r in records]
+    for i, (turns, answer) in enumerate(pairs):
+      for content in [m.get("content") for m in turns] + [answer]:
+        _check_text(content, i, f"{dcfg.messages_field}[].content")
   else:  # prompt/answer records; as chat they read as a one-turn conversation
-    pairs = [(user_turn(p) if chat else p, a) for p, a in zip(records[dcfg.prompt_field], records[dcfg.answer_field])]
+    prompts, answers = _texts(records[dcfg.prompt_field], dcfg.prompt_field), _texts(records[dcfg.answer_field],
+                                                                                       dcfg.answer_field)
+    pairs = [(user_turn(p) if chat else p, a) for p, a in zip(prompts, answers)]
   L = dcfg.max_length
   answers = ended_answer_ids(tokenizer, [a for _, a in pairs], chat, vocab)
   prompts = prompts_ids(tokenizer, [p for p, _ in pairs], chat)
@@ -253,7 +280,7 @@ def encode_sft(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
     rows.append(row + [fill] * (L - len(row)))
     prompt_lens.append(len(prompt_ids))
   if not rows:
-    raise ValueError(f"dataset: every record's prompt is longer than dataset.max_length={L}")
+    raise ValueError(f"dataset: every record's prompt fills dataset.max_length={L} (no room for an answer)")
   tokens = np.asarray(rows, dtype=np.int32)
   columns = np.arange(L)[None, :]
   corruptible = (columns >= np.asarray(prompt_lens)[:, None]) & (columns < np.asarray(row_ends)[:, None])

@@ -349,6 +349,8 @@ def test_validate_rejects_a_masking_ratio_outside_0_1(key, value):
     ({"training.adam_eps": 0.0}, "training.adam_eps: must be > 0"),
     ({"training.stop_check_every": 0}, "training.stop_check_every: must be >= 1, got 0"),
     ({"inference.block_length": -1}, "inference.block_length: must be >= 0 (0: the whole answer), got -1"),
+    ({"dataset.max_train_examples": -5}, "dataset.max_train_examples: must be >= 0 (0 = all), got -5"),
+    ({"dataset.text_sample_by": "sentence"}, "dataset.text_sample_by: 'sentence' is not one of paragraph, line"),
 ])
 def test_validate_rejects_settings_that_cannot_train(changes, message):
   """Each of these passed validation and then corrupted nothing, made NaN weights, failed after the data had

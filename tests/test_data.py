@@ -1,6 +1,7 @@
 """Records -> token rows (packing, SFT encoding) -> resumable, per-process batches."""
 
 import collections
+import re
 
 import numpy as np
 import pytest
@@ -319,6 +320,39 @@ def test_held_out_validation_of_local_files_is_disjoint_from_train(tmp_path, tok
   assert set(train).isdisjoint(validation)
   assert set(train) | set(validation) == {f"add {i} 1" for i in range(100)}
   assert data.load_records(dcfg, "validation")["prompt"] == validation  # the same hold-out every time
+
+
+def test_a_text_file_is_a_document_per_paragraph_or_per_line_and_its_byte_order_mark_is_not_text(tmp_path):
+  path = tmp_path / "lines.txt"
+  path.write_text("\ufeff" + "".join(f"Document {i} is one line.\n" for i in range(40)), encoding="utf-8")
+
+  def text_cfg(**overrides):
+    d = config_lib.base_config().dataset
+    d.name, d.train_files, d.cache_dir = "", str(path), str(tmp_path / "cache")
+    for key, value in overrides.items():
+      d[key] = value
+    return d
+
+  by_line = data.load_records(text_cfg(text_sample_by="line", validation_split_ratio=0.0), "train")["text"]
+  assert len(by_line) == 40 and sorted(by_line)[0] == "Document 0 is one line."
+  by_paragraph = data.load_records(text_cfg(validation_split_ratio=0.0), "train")["text"]
+  assert len(by_paragraph) == 1 and by_paragraph[0].startswith("Document 0")
+  with pytest.raises(ValueError, match=r"validation_split_ratio=0.05 of 1 record\(s\) leaves no train or no "
+                                       r"validation record .*text_sample_by=line"):
+    data.load_records(text_cfg(), "train")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "add 1 2", "answer": "3"}, {"prompt": "add 2 2", "answer": None}],
+     "dataset: record 1: field 'answer' is NoneType, expected text"),
+    ([{"prompt": 7, "answer": "3"}], "dataset: record 0: field 'prompt' is int, expected text"),
+    ([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]}],
+     "dataset: record 0: field 'messages[].content' is list, expected text"),
+])
+def test_a_record_field_that_is_not_text_is_an_error_naming_the_record(tokenizer, vocab, rows, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    data.encode_sft(records(rows), sft_cfg(), tokenizer, vocab)
 
 
 def test_dataset_kind_that_does_not_match_an_embedded_dataset_is_an_error(tokenizer, vocab):
