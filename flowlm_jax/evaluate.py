@@ -27,14 +27,23 @@ MODES = ("llada", "flowlm")
 
 
 def load_records(path: str = TEST_FILE, limit_per_task: int = 0) -> list[dict]:
-  """{task, prompt, answer} records; `limit_per_task` > 0 keeps the first that many of each task."""
+  """{task, prompt, answer} records; `limit_per_task` > 0 keeps the first that many of each task. A missing
+  file, a line that is not JSON or a record without text task/prompt/answer fields is a ValueError naming it."""
   seen = collections.Counter()
   records = []
+  if not os.path.isfile(path):
+    raise ValueError(f"records: no such file: {path}")
   with open(path) as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
       if not line.strip():
         continue
-      record = json.loads(line)
+      try:
+        record = json.loads(line)
+      except ValueError as e:
+        raise ValueError(f"records: {path}:{number} is not JSON ({e})") from None
+      bad = [k for k in ("task", "prompt", "answer") if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+      if bad:
+        raise ValueError(f"records: {path}:{number} needs text fields task, prompt and answer (not: {', '.join(bad)})")
       if limit_per_task and seen[record["task"]] >= limit_per_task:
         continue
       seen[record["task"]] += 1
@@ -318,8 +327,12 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   from flowlm_jax import loading
 
+  try:
+    records = load_records(args.records, args.limit)  # before the checkpoint: minutes for a large model
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   run = loading.load(args.workdir, step=args.step)
-  records = load_records(args.records, args.limit)
   result = evaluate_tasks(run, records, args.steps or run.config.inference.steps, batch_size=args.batch_size)
   print(f"checkpoint step {run.step} of {args.workdir}")
   print(format_table(result))

@@ -168,9 +168,16 @@ def _load_exported(path: str, step: int | None) -> LoadedRun:
 
   path = os.path.abspath(path)
   meta = exported.read_config_json(path)
+  missing = [key for key in ("step", "model_shape") if key not in meta]
+  if missing:  # checked before any weight is read
+    raise ValueError(f"{path}/config.json is incomplete or damaged: it has no {' or '.join(map(repr, missing))}")
   if step is not None and step != meta["step"]:
     raise ValueError(f"{path} holds the export of step {meta['step']}, not step {step}")
-  config = config_lib.from_dict(exported.config_sections(meta))
+  try:
+    config = config_lib.from_dict(exported.config_sections(meta))
+  except (KeyError, ValueError, TypeError) as e:  # e.g. a config key added by a newer flowlm_jax
+    raise ValueError(f"{path}/config.json holds a config this version cannot read ({str(e).strip(chr(34))}); "
+                     "load it with the version that exported it") from e
   with config.unlocked():
     config.model.tokenizer = path  # the exported tokenizer files, not the run's original source
   tokenizer = load_tokenizer(path)

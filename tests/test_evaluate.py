@@ -111,6 +111,19 @@ def test_evaluate_refuses_bad_numbers_before_loading_anything(flag, message, cap
   assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "records: no such file: {path}"),
+    ('{"task": "add", "prompt": "add 1 2", "answer": "3"}\n{"task": "add", \n', "records: {path}:2 is not JSON"),
+    ('{"task": "add", "prompt": "add 1 2"}\n', "records: {path}:1 needs text fields task, prompt and answer (not: answer)"),
+])
+def test_evaluate_refuses_bad_records_before_loading_the_checkpoint(tmp_path, capsys, content, message):
+  path = tmp_path / "records.jsonl"
+  if content is not None:
+    path.write_text(content)
+  assert evaluate.main([f"--workdir={tmp_path / 'no-run'}", f"--records={path}"]) == 2  # the run is never read
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: " + message.format(path=path))
+
+
 def test_a_special_token_inside_an_answer_makes_it_wrong(untrained_tasks_run, tokenizer, vocab):
   """The samplers can emit [SEP] or [UNK] mid-answer: kept in the decoded text, such an answer no longer matches."""
   ids = tokenizer.encode("1 2", add_special_tokens=False)

@@ -149,6 +149,31 @@ def test_a_damaged_export_is_a_one_line_error_naming_what_is_wrong(exported, tmp
     flowlm_jax.load(config)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda meta: meta.pop("step"), r"config.json is incomplete or damaged: it has no 'step'"),
+    (lambda meta: meta.pop("model_shape"), r"config.json is incomplete or damaged: it has no 'model_shape'"),
+    (lambda meta: meta["training"].update(new_knob=1),
+     r"config.json holds a config this version cannot read \(.*training.new_knob.*\); load it with the version"),
+])
+def test_an_export_config_this_version_cannot_read_is_a_one_line_error(exported, tmp_path, damage, message):
+  """A newer export's extra config key, or a config.json missing what loading needs, named before any weights load."""
+  import json
+  import shutil
+
+  import flowlm_jax
+
+  copy = str(tmp_path / "export")
+  shutil.copytree(exported, copy)
+  with open(os.path.join(copy, "config.json")) as f:
+    meta = json.load(f)
+  damage(meta)
+  with open(os.path.join(copy, "config.json"), "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(ValueError, match=message) as info:
+    flowlm_jax.load(copy)
+  assert "\n" not in str(info.value)
+
+
 def test_overwrite_replaces_only_an_earlier_export_never_the_run_or_other_files(workdir, tmp_path):
   """`staged` swaps the whole --out: with --out=WORKDIR (or a folder above it) that would delete the checkpoints."""
   from flowlm_jax import export
