@@ -2,12 +2,14 @@
 
 Side effects live here and in logging.py/checkpoint.py; the math is in train.py and below.
 Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint, wait for it and exit cleanly; a
-second signal kills the process at once (the signal's default action; a shell reports 128 + signal),
-leaving an unfinished save uncommitted.
+second signal (a second or more after the first: copies within DUPLICATE_SIGNAL_S are the same one) kills the
+process at once (the signal's default action; a shell reports 128 + signal), leaving an unfinished save
+uncommitted.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -15,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -94,12 +97,20 @@ def check_workdir(workdir: str) -> None:
     raise PermissionError(f"--workdir {workdir} is not writable: {e.strerror}") from None
 
 
+# A copy of the first signal within this many seconds is the same preemption, not a second one: `uv run` passes
+# a signal sent to the whole process group on to its child, which then receives it twice a few ms apart.
+DUPLICATE_SIGNAL_S = 1.0
+
+
 class _Preemption:
   """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
 
   def __init__(self):
     self.signal: int | None = None
     self._previous = {}
+    self._lock = threading.Lock()
+    self._timer: threading.Timer | None = None
+    self._exited = False
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,19 +118,45 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
+    if self.signal is not None:  # a copy already queued for the interpreter
+      return
     self.signal = signum
-    # A second signal must stop the process at once, whatever the main thread is blocked in (a Python
-    # handler runs only when the main thread returns to the interpreter: a wait inside a save in flight
-    # held it back for a minute in CI). The default action kills the process right in the kernel; Orbax
-    # never lists an uncommitted step, so the previous checkpoint stays the newest.
+    # Copies arriving within DUPLICATE_SIGNAL_S are dropped by the kernel; after it, a second signal must stop the
+    # process at once, whatever the main thread is blocked in (a Python handler runs only when the main thread
+    # returns to the interpreter: a wait inside a save in flight held it back for a minute in CI). So a timer
+    # thread then restores the default action, which kills the process right in the kernel; Orbax never lists an
+    # uncommitted step, so the previous checkpoint stays the newest.
     for sig in self._previous:
-      signal.signal(sig, signal.SIG_DFL)
+      signal.signal(sig, signal.SIG_IGN)
+    self._timer = threading.Timer(DUPLICATE_SIGNAL_S, self._arm_default_action)
+    self._timer.daemon = True
+    self._timer.start()
     print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
           "(a second signal stops at once)", file=sys.stderr, flush=True)
 
+  def _arm_default_action(self):
+    with self._lock:
+      if not self._exited:
+        for sig in self._previous:
+          _default_action(sig)
+
   def __exit__(self, *exc):
+    with self._lock:
+      self._exited = True
+      if self._timer is not None:
+        self._timer.cancel()
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _default_action(sig: int) -> None:
+  """The signal's default action, set from any thread (Python's `signal.signal` works in the main thread only)."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype, libc.signal.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_void_p]
+    libc.signal(sig, None)  # SIG_DFL is the null handler
+  except (OSError, AttributeError, TypeError):  # no C library to call (not a POSIX system): a second signal is ignored
+    log.warning("cannot restore the default action of signal %d: a second signal will not stop the run", sig)
 
 
 def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | None = None) -> dict[str, Any]:

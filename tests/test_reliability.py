@@ -105,6 +105,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tiny_overlay,
   assert r.returncode == 0 and f"step {saved[0]}" in r.stdout, r.stderr[-2000:]
 
 
+def test_a_signal_that_arrives_twice_at_once_still_saves(tiny_overlay, tmp_path):
+  """`uv run` passes a signal sent to the process group on to its child: the run gets it twice, ms apart. Before,
+  the copy killed it with no checkpoint."""
+  workdir = str(tmp_path / "doubled")
+  proc = start(tiny_overlay, workdir, "--config.training.max_steps=400", "--config.training.save_steps=1000")
+  wait_for_step(workdir, 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, (proc.returncode, err[-2000:])
+  assert "preempted: saved checkpoint at step" in out
+  assert [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+
+
 def test_a_second_signal_exits_at_once_without_waiting_for_the_save_in_flight(tiny_overlay, tmp_path):
   workdir = str(tmp_path / "twice")
   proc = start(tiny_overlay, workdir, "--config.training.max_steps=400", "--config.training.save_steps=1000",
@@ -112,6 +127,7 @@ def test_a_second_signal_exits_at_once_without_waiting_for_the_save_in_flight(ti
   wait_for_step(workdir, 2, proc)
   proc.send_signal(signal.SIGTERM)  # saves the current step: its commit is held back for a minute
   wait_for_save_in_flight(workdir, None, proc)
+  time.sleep(1.5)  # past loop.DUPLICATE_SIGNAL_S: a copy within it is the first signal again
   proc.send_signal(signal.SIGTERM)
   start_time = time.time()
   out, err = proc.communicate(timeout=60)
