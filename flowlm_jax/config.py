@@ -8,6 +8,8 @@ YAML files (`masking: {strategy: FLOWLM_STRATEGY}`, `training: {batch_size: 64}`
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from typing import Any
@@ -657,11 +659,23 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
+# Saved beside the config with each checkpoint: the model config the run resolved (`with_resolved_model`). A local
+# `model.pretrained` sets the architecture from its config.json, and may move on a resume, so its path is not
+# compared; the architecture it resolves to is, except for these fields (paths, and the same math in other memory).
+RESOLVED_MODEL = "resolved_model"
+RESOLVED_MAY_CHANGE = ("pretrained", "hf_config", "remat", "scan_unroll", "attention")
+
+
+def with_resolved_model(config_dict: dict, model_cfg) -> dict:
+  """`config_dict` plus the resolved model config (a dataclass), as JSON values."""
+  return {**config_dict, RESOLVED_MODEL: json.loads(json.dumps(dataclasses.asdict(model_cfg), default=str))}
+
+
 def from_dict(d: dict) -> ConfigDict:
   """Rebuilds a config saved with a checkpoint (JSON), filling fields added to the schema since."""
   c = base_config()
   d = {section: {k: v for k, v in values.items() if f"{section}.{k}" not in RETIRED_KEYS}
-       if isinstance(values, dict) else values for section, values in d.items()}
+       if isinstance(values, dict) else values for section, values in d.items() if section != RESOLVED_MODEL}
   _merge(c, d, prefix="")
   return c
 
@@ -675,7 +689,13 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def resume_differences(saved: dict, new: dict) -> list[str]:
-  """`key (saved -> new)` for every key outside MAY_CHANGE_ON_RESUME whose value differs."""
+  """`key (saved -> new)` for every key outside MAY_CHANGE_ON_RESUME whose value differs; where none does, every
+  field of the resolved model (a checkpoint saved before it was recorded is not compared)."""
   a, b = flatten(from_dict(saved).to_dict()), flatten(from_dict(new).to_dict())
-  return [f"{k} ({a[k]!r} -> {b[k]!r})" for k in a
-          if a[k] != b[k] and not k.startswith(MAY_CHANGE_ON_RESUME)]
+  diffs = [f"{k} ({a[k]!r} -> {b[k]!r})" for k in a if a[k] != b[k] and not k.startswith(MAY_CHANGE_ON_RESUME)]
+  saved_model, new_model = saved.get(RESOLVED_MODEL), new.get(RESOLVED_MODEL)
+  if not diffs and saved_model and new_model:
+    source = f"model.pretrained={new['model']['pretrained']!r} " if new["model"].get("pretrained") else ""
+    diffs = [f"{source}resolves to another model: {k} ({saved_model[k]!r} -> {new_model[k]!r})" for k in saved_model
+             if k in new_model and k not in RESOLVED_MAY_CHANGE and saved_model[k] != new_model[k]]
+  return diffs

@@ -172,7 +172,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   s = prepare(config)
   is_main = jax.process_index() == 0
   c = s.config
-  config_dict = redact(c.to_dict())
+  config_dict = config_lib.with_resolved_model(redact(c.to_dict()), s.model_cfg)
   if is_main:
     print(f"train: {s.train_split.summary()}\nvalidation: {s.valid_split.summary()}\n"
           f"mesh: {dict(s.mesh.shape)}  steps: {s.total_steps}  unigram entropy (nats/token): "

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -588,3 +589,31 @@ def test_an_hf_export_ships_the_runs_tokenizer_when_it_differs_from_the_sources(
   shipped = load_tokenizer(str(tmp_path / "hf"))
   assert shipped.get_vocab() == load_tokenizer(str(tmp_path / "tokenizer")).get_vocab()
   assert "<|tool|>" in shipped.get_vocab() and "<|tool|>" not in load_tokenizer(DREAM).get_vocab()
+
+
+def test_a_resume_from_a_release_that_resolves_to_another_model_is_refused_naming_the_field(tmp_path):
+  """model.pretrained may move on a resume (the checkpoint has the weights), but the architecture it sets must
+  not change: same shapes with another rope_theta trained a different model for the rest of the run."""
+  from flowlm_jax import checkpoint, loop
+  from helpers import tiny_config
+
+  same, other = str(tmp_path / "same"), str(tmp_path / "other")
+  shutil.copytree(LLADA, same)
+  shutil.copytree(LLADA, other)
+  hf = json.load(open(os.path.join(other, "config.json")))
+  with open(os.path.join(other, "config.json"), "w") as f:
+    json.dump({**hf, "rope_theta": hf["rope_theta"] / 50}, f)
+
+  def config(pretrained, steps):
+    c = tiny_config("flowlm", "tasks", max_steps=steps, save_steps=1)
+    c.model.pretrained, c.model.tokenizer = pretrained, LLADA
+    c.dataset.max_train_examples, c.dataset.max_validation_examples = 64, 8
+    return c
+
+  workdir = str(tmp_path / "run")
+  loop.run(config(LLADA, 1), workdir)
+  with pytest.raises(checkpoint.CheckpointMismatch,
+                     match=rf"model.pretrained='{re.escape(other)}' resolves to another model: rope_theta "):
+    loop.run(config(other, 2), workdir)
+  resumed = loop.run(config(same, 2), workdir)  # the release moved: the same model resumes
+  assert resumed["checkpoint"].endswith(os.path.join("checkpoints", "2"))
