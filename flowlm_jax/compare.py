@@ -49,6 +49,14 @@ class Budget:
   def __post_init__(self):
     if not self.steps or min(self.steps) < 1 or not self.seeds:
       raise ValueError("compare: need step counts >= 1 and at least one seed")
+    for name in ("steps", "seeds", "rates"):  # a repeat would be counted twice in one table and once in another
+      values = getattr(self, name)
+      if len(set(values)) != len(values):
+        raise ValueError(f"compare: --{name} repeats a value: {','.join(map(str, values))}")
+    for name, least in (("draws", 1), ("choice_draws", 1), ("batch_size", 1), ("refine_steps", 1), ("choices", 2),
+                        ("limit_per_task", 0), ("bound_rows", 0)):
+      if getattr(self, name) < least:
+        raise ValueError(f"compare: --{name} must be >= {least}, got {getattr(self, name)}")
     if not self.strategies or set(self.strategies) - set(STRATEGIES):
       raise ValueError(f"compare: strategies must be some of {', '.join(STRATEGIES)}, got {self.strategies}")
     if not all(0 < r < 1 for r in self.rates):
@@ -155,8 +163,9 @@ def write_figures(report: dict, out: str, workdirs: list[str], labels: list[str]
   groups = report["groups"]
   written = []
   runs = {}
+  apart = dict(zip(workdirs, plot.default_labels(workdirs)))  # names that tell pooled runs apart (s0/w, s1/w)
   for label, workdir in zip(labels, workdirs):  # training curves: every run, labelled apart if pooled
-    name = label if labels.count(label) == 1 else f"{label} ({os.path.basename(os.path.normpath(workdir))})"
+    name = label if labels.count(label) == 1 else f"{label} ({apart[workdir]})"
     runs[name] = read_metrics(workdir)
   written.append(plot.save(plot.compare_loss_figure(runs), os.path.join(out, "training_curves.png")))
   bounds = {label: {int(k.split("/")[1]): g["bounds"][k] for k in g["bounds"] if k.startswith("steps/")}
@@ -247,17 +256,25 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None, budg
   labels = list(labels) if labels else plot.default_labels(workdirs)
   if len(labels) != len(workdirs):
     raise ValueError(f"compare: {len(labels)} labels for {len(workdirs)} workdirs")
+  # Before any evaluation: a typo must not cost the first run's whole evaluation.
   missing = [w for w in workdirs if not os.path.isfile(metrics_path(w))]
-  if missing:  # before any evaluation: a typo must not cost the first run's whole evaluation
+  if missing:
     raise FileNotFoundError(f"compare: no metrics.jsonl in {', '.join(missing)}")
+  real = [os.path.realpath(w) for w in workdirs]
+  twice = sorted({w for w, r in zip(workdirs, real) if real.count(r) > 1})
+  if twice:
+    raise ValueError(f"compare: {', '.join(twice)} given twice: it would be pooled as two training runs")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"compare: --out {out} is a file, not a folder")
+  records = evaluate.load_records(records_path or evaluate.TEST_FILE, budget.limit_per_task)
+  for distractors in ("same_task", "other_tasks"):  # every record has the candidates multiple choice needs
+    evaluate.choice_candidates(records, budget.choices, distractors)
   runs = []
   for label, workdir in zip(labels, workdirs):
     run = loading.load(workdir)
-    records = None
-    if has_tasks(run, records_path):
-      records = evaluate.load_records(records_path or evaluate.TEST_FILE, budget.limit_per_task)
     print(f"evaluating {label}: {workdir} (step {run.step})", flush=True)
-    runs.append({"label": label, "workdir": workdir, **evaluate_run(run, budget, records)})
+    runs.append({"label": label, "workdir": workdir,
+                 **evaluate_run(run, budget, records if has_tasks(run, records_path) else None)})
   groups = {label: pool([r for r in runs if r["label"] == label]) for label in dict.fromkeys(labels)}
   report = {"date": datetime.date.today().isoformat(), "command": command, "budget": dataclasses.asdict(budget),
             "runs": runs, "groups": groups}

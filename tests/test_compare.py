@@ -101,6 +101,53 @@ def test_an_unknown_replacement_strategy_fails_with_one_line(tmp_path, capsys):
   assert len(err) == 1 and "strategies must be some of" in err[0] and "nope" in err[0]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0,0,1"], "--seeds repeats a value: 0,0,1"),
+    (["--steps", "4,4"], "--steps repeats a value: 4,4"),
+    (["--draws", "0"], "--draws must be >= 1, got 0"),
+    (["--refine_steps", "0"], "--refine_steps must be >= 1, got 0"),
+    (["--choices", "1"], "--choices must be >= 2, got 1"),
+    (["--limit_per_task", "-1"], "--limit_per_task must be >= 0, got -1"),
+    (["--records", "/nonexistent.jsonl"], "records: no such file: /nonexistent.jsonl"),
+    (["--limit_per_task", "1"], "fewer than 4 distinct answers"),
+])
+def test_a_budget_or_records_that_cannot_be_evaluated_fail_with_one_line_before_any_run_loads(
+    tmp_path, capsys, monkeypatch, flags, message):
+  """Before, these failed after a checkpoint had loaded (some after whole evaluations), or were counted twice."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text("")
+  monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a run loaded before the budget was checked"))
+  assert compare.main([str(workdir), "--out", str(tmp_path / "out"), *flags]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0], err
+
+
+def test_the_same_run_twice_or_an_out_that_is_a_file_fail_before_any_run_loads(tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text("")
+  monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a run loaded before the arguments were checked"))
+  assert compare.main([str(workdir), str(tmp_path / "." / "run"), "--labels", "A,A", "--out", str(tmp_path)]) == 2
+  assert "given twice: it would be pooled as two training runs" in capsys.readouterr().err
+  (tmp_path / "out").write_text("")
+  assert compare.main([str(workdir), "--out", str(tmp_path / "out")]) == 2
+  assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_pooled_runs_whose_folders_share_a_name_keep_a_training_curve_each(tmp_path, monkeypatch):
+  from flowlm_jax import plot
+
+  workdirs = [str(tmp_path / seed / "w") for seed in ("s0", "s1")]
+  curves = {}
+  monkeypatch.setattr(compare, "read_metrics", lambda workdir: [{"step": 1, "loss": 1.0}])
+  monkeypatch.setattr(plot, "compare_loss_figure", lambda runs: curves.update(runs))
+  monkeypatch.setattr(plot, "bound_vs_steps_figure", lambda *a: None)
+  monkeypatch.setattr(plot, "save", lambda figure, path: path)
+  compare.write_figures({"groups": {}}, str(tmp_path), workdirs, ["FlowLM", "FlowLM"])
+  assert sorted(curves) == ["FlowLM (s0/w)", "FlowLM (s1/w)"]
+
+
 def test_the_masking_cell_names_a_mix_of_strategies():
   c = config_lib.preset("flowlm", "demo")
   assert compare.masking_label(c.masking) == "FLOWLM_STRATEGY"
