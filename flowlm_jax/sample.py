@@ -25,6 +25,16 @@ OVERRIDES = {
 }
 
 
+# Flags checked before the checkpoint loads (those whose check needs the run's other settings, such as steps
+# divisible by the number of blocks, are checked once it has loaded, before anything decodes).
+RANGES = (
+    ("steps", lambda x: x >= 1, ">= 1"), ("gen_length", lambda x: x >= 1, ">= 1"),
+    ("block_length", lambda x: x >= 0, ">= 0 (0 = one block)"), ("temperature", lambda x: x >= 0, ">= 0"),
+    ("cfg_scale", lambda x: x >= 0, ">= 0"), ("threshold", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("max_replacements", lambda x: x >= 1, ">= 1"), ("max_steps", lambda x: x >= 1, ">= 1"),
+)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m flowlm_jax.sample", description=__doc__.splitlines()[0])
   p.add_argument("prompts", nargs="*", help="prompts to answer")
@@ -58,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_intermixed_args(argv)  # prompts may come before, between or after the options
   if args.batch_size <= 0:
     p.error(f"--batch_size must be > 0, got {args.batch_size}")
+  for flag, ok, rule in RANGES:  # `not ok(x)` refuses nan too
+    value = getattr(args, flag)
+    if value is not None and not ok(value):
+      p.error(f"--{flag} must be {rule}, got {value}")
+  if args.out and os.path.isdir(args.out):
+    p.error(f"--out {args.out} is a folder: name the .jsonl file to write")
   if args.cache_refresh is not None and args.cache_refresh < 0:
     p.error(f"--cache_refresh must be >= 0, got {args.cache_refresh}")
   if args.parallel_threshold is not None and not 0.0 <= args.parallel_threshold <= 1.0:
@@ -127,10 +143,16 @@ def main(argv=None) -> int:
   from flowlm_jax import loading, sampling  # heavy imports after argument errors
   from flowlm_jax.logging import format_samples
 
-  run = loading.load(args.workdir, step=args.step)
-  icfg = sampling.run_config(run.config.inference, **overrides_of(args))
+  try:
+    run = loading.load(args.workdir, step=args.step)
+    icfg = sampling.run_config(run.config.inference, **overrides_of(args))
+    modes = ("llada", "flowlm") if args.mode == "both" else (args.mode or icfg.mode,)
+    for mode in modes:  # every mode's settings, before the first one decodes
+      (sampling.LladaSpec if mode == "llada" else sampling.FlowSpec).from_config(icfg, run.vocab)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   prompts = args.prompts or list(icfg.test_prompts)
-  modes = ("llada", "flowlm") if args.mode == "both" else (args.mode or icfg.mode,)
   rows = answer(run, prompts, icfg, modes, args.batch_size)
   print(f"checkpoint step {run.step} of {args.workdir}")
   print(format_samples(rows))

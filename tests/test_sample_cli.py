@@ -55,6 +55,16 @@ def test_a_bad_prompts_file_is_one_error_line_naming_it_before_anything_loads(tm
     ("--parallel_factor=-1", "--parallel_factor must be >= 0, got -1.0"),
     ("--parallel_factor=nan", "--parallel_factor must be >= 0, got nan"),
     ("--parallel_threshold=0.9 --parallel_factor=1", "set --parallel_threshold or --parallel_factor, not both"),
+    ("--steps=0", "--steps must be >= 1, got 0"),
+    ("--gen_length=0", "--gen_length must be >= 1, got 0"),
+    ("--block_length=-1", "--block_length must be >= 0 (0 = one block), got -1"),
+    ("--temperature=-1", "--temperature must be >= 0, got -1.0"),
+    ("--temperature=nan", "--temperature must be >= 0, got nan"),
+    ("--cfg_scale=-2", "--cfg_scale must be >= 0, got -2.0"),
+    ("--threshold=1.5", "--threshold must be in [0, 1], got 1.5"),
+    ("--max_replacements=0", "--max_replacements must be >= 1, got 0"),
+    ("--max_steps=0", "--max_steps must be >= 1, got 0"),
+    ("--out=.", "--out . is a folder: name the .jsonl file to write"),
 ])
 def test_a_bad_option_is_one_error_line_naming_it(capsys, flag, message):
   with pytest.raises(SystemExit) as exit_info:
@@ -110,3 +120,27 @@ def test_prompts_are_decoded_in_batches_and_each_answer_stays_with_its_prompt(mo
   rows = sample.answer(run, prompts, icfg=None, modes=("llada", "flowlm"), batch_size=2)
   assert calls == [("llada", prompts, 2), ("flowlm", prompts, 2)]
   assert rows == [{"prompt": p, "mode": m, "answer": f"{m}:{p[::-1]}"} for p in prompts for m in ("llada", "flowlm")]
+
+
+def test_settings_that_fit_no_sampler_of_the_run_fail_in_one_line_before_anything_decodes(monkeypatch, capsys):
+  """--steps=3 with the run's blocks of 4 in 8: only the run can tell. Checked for every mode before the first
+  decodes (before, --mode=both decoded all prompts the LLaDA way, then failed on FlowLM's settings)."""
+  from flowlm_jax import config as config_lib
+  from flowlm_jax import loading
+
+  icfg = config_lib.base_config().inference
+  icfg.answer_length, icfg.block_length, icfg.steps = 8, 4, 8
+  run = types.SimpleNamespace(config=types.SimpleNamespace(inference=icfg), vocab=sampling_vocab())
+  monkeypatch.setattr(loading, "load", lambda *a, **k: run)
+  monkeypatch.setattr(sample, "answer", lambda *a, **k: pytest.fail("decoded before the settings were checked"))
+  assert sample.main(["--workdir=w", "--steps=3", "--mode=both", "p"]) == 2
+  assert "steps=3 is not divisible by the number of blocks 2" in capsys.readouterr().err.strip().splitlines()[-1]
+  assert sample.main(["--workdir=w", "--strategy=below_threshold", "--max_replacements=1", "--mode=both",
+                      "--gen_length=6", "p"]) == 2
+  assert "answer_length=6 is not a multiple of block_length=4" in capsys.readouterr().err
+
+
+def sampling_vocab():
+  from flowlm_jax.vocab import Vocab
+
+  return Vocab(size=60, mask_id=1, pad_id=0, eos_id=2, sep_id=3, special_ids=(0, 1, 2, 3, 4))
