@@ -284,7 +284,9 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
           sums = jax.device_get(window)  # waits for the window's steps: the rate's clock stops here
           tokens_per_second = rate.tokens_per_second(tokens_per_step) or (  # no steady step yet: the whole window
               tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9))
-          row = _train_row(sums, window_steps, step, schedule, tokens_per_second, int(state.nonfinite_count))
+          # The rate of the newest applied update (skipped steps keep the optimiser's count, and so its schedule)
+          learning_rate = float(schedule(max(int(train.applied_updates(state.opt_state)) - 1, 0)))
+          row = _train_row(sums, window_steps, step, learning_rate, tokens_per_second, int(state.nonfinite_count))
           nonfinite_seen = _check_nonfinite(state, nonfinite_seen, previous)
           logger.write(row)
           bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
@@ -458,9 +460,9 @@ class _SteadyRate:
     return tokens_per_step * self.steps / max(time.perf_counter() - self.start, 1e-9) if self.steps else None
 
 
-def _train_row(sums, n_steps, step, schedule, tokens_per_second, nonfinite_count) -> dict[str, Any]:
+def _train_row(sums, n_steps, step, learning_rate, tokens_per_second, nonfinite_count) -> dict[str, Any]:
   row = {"step": step, "loss": float(sums["loss"]) / n_steps, "grad_norm": float(sums["grad_norm"]) / n_steps,
-         "learning_rate": float(schedule(step - 1)), "tokens_per_second": tokens_per_second,
+         "learning_rate": learning_rate, "tokens_per_second": tokens_per_second,
          "nonfinite_count": nonfinite_count}
   if sums["count/corrupted"] > 0:
     row["nll_corrupted"] = float(sums["nll/corrupted"]) / float(sums["count/corrupted"])

@@ -79,6 +79,16 @@ def decay_mask(model_state) -> Params:
   return nnx.to_pure_dict(jax.tree.map(decays, model_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+def applied_updates(opt_state):
+  """How many updates the optimiser has applied: its schedule's count. A skipped step (non-finite, or FP8's first)
+  keeps the whole optimiser state, so this lags the train state's step by the skipped steps."""
+  counts = [value for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+            if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"]
+  if len(counts) != 1:
+    raise ValueError(f"the optimiser state holds {len(counts)} schedule counts, expected one")
+  return counts[0]
+
+
 def make_optimizer(tcfg, total_steps: int, model_state) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = learning_rate_schedule(tcfg, total_steps)
   parts = [optax.clip_by_global_norm(tcfg.gradient_clip_val)] if tcfg.gradient_clip_val > 0 else []

@@ -189,6 +189,20 @@ def test_the_first_step_only_calibrates_the_scales_then_training_moves_the_weigh
   assert not np.array_equal(np.asarray(fp8_run["state"].params["final_norm"]), before[0]["final_norm"])
 
 
+def test_the_logged_learning_rate_is_the_one_the_optimiser_applied(tmp_path):
+  """FP8's first step applies no update, so the optimiser's schedule runs one step behind the train state's: the
+  metrics rows log the rate of the newest applied update (before, schedule(step - 1), one step ahead)."""
+  import json
+  import os
+
+  c = tiny_config("llada", learning_rate=1.0, warmup_steps=4, max_steps=8)
+  c.model.matmul_dtype, c.logging.log_every = "fp8", 1
+  workdir = str(tmp_path / "run")
+  loop.run(c, workdir, stop_at_step=4)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in line]
+  assert [row["learning_rate"] for row in rows] == [0.0, 0.0, 0.25, 0.5]  # warmup 0, 0.25, 0.5, 0.75 by update
+
+
 def test_train_state_carries_a_per_layer_scaling_state_the_steps_update(fp8_run):
   state, cfg = fp8_run["state"], fp8_run["setup"].model_cfg
   matmuls = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
