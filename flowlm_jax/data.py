@@ -104,6 +104,10 @@ def _load_files(files: list[str], text_sample_by: str = "paragraph", **kwargs):
   except datasets.exceptions.DatasetGenerationError as e:
     cause = e.__cause__ or e
     raise ValueError(f"dataset files {', '.join(files)} could not be read: {str(cause).splitlines()[0]}") from None
+  except ValueError as e:  # datasets' own words name a split, not the files
+    if "corresponds to no data" not in str(e):
+      raise
+    raise ValueError(f"dataset is empty: {', '.join(files)} hold no records") from None
   if len(ds) == 0:
     raise ValueError(f"dataset is empty: {', '.join(files)}")
   return ds
@@ -206,7 +210,13 @@ def tokenize_split(records, dcfg, tokenizer, vocab: Vocab) -> TokenizedSplit:
   if dcfg.kind == "text":
     if dcfg.text_field not in records.column_names:
       raise KeyError(f"dataset.text_field={dcfg.text_field!r} is not a column (columns: {records.column_names})")
-    docs = content_ids(tokenizer, _texts(records[dcfg.text_field], dcfg.text_field))
+    texts = _texts(records[dcfg.text_field], dcfg.text_field)
+    kept = [t for t in texts if t.strip()]  # a blank "document" would train [EOS] after [EOS]
+    if len(kept) < len(texts):
+      log.warning("dataset: %d of %d documents are blank and were left out", len(texts) - len(kept), len(texts))
+    if not kept:
+      raise ValueError(f"dataset: every one of the {len(texts)} documents is blank")
+    docs = content_ids(tokenizer, kept)
     return pack_documents(docs, vocab, dcfg.max_length)
   return encode_sft(records, dcfg, tokenizer, vocab)
 

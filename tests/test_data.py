@@ -342,6 +342,18 @@ def test_a_text_file_is_a_document_per_paragraph_or_per_line_and_its_byte_order_
     data.load_records(text_cfg(), "train")
 
 
+def test_blank_documents_are_left_out_and_a_file_of_blank_lines_is_named(tmp_path, tokenizer, vocab):
+  d = config_lib.base_config().dataset
+  split = data.tokenize_split(records([{"text": "To be"}, {"text": " \n "}, {"text": "or not"}]), d, tokenizer, vocab)
+  assert int((split.tokens == vocab.eos_id).sum()) == 2  # two documents, each followed by [EOS]
+  with pytest.raises(ValueError, match="every one of the 1 documents is blank"):
+    data.tokenize_split(records([{"text": "  "}]), d, tokenizer, vocab)
+  path = tmp_path / "blank.jsonl"
+  path.write_text("\n\n  \n")
+  with pytest.raises(ValueError, match=re.escape(f"dataset is empty: {path} hold no records")):
+    data.load_records(sft_cfg(name="", train_files=str(path), cache_dir=str(tmp_path / "cache")), "train")
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"prompt": "add 1 2", "answer": "3"}, {"prompt": "add 2 2", "answer": None}],
      "dataset: record 1: field 'answer' is NoneType, expected text"),
