@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from flowlm_jax.errors import first_line
 from flowlm_jax.tokenizer import ASSETS_DIR
 
 TEST_FILE = os.path.join(ASSETS_DIR, "sft_tasks", "test.jsonl")
@@ -40,7 +41,7 @@ def load_records(path: str = TEST_FILE, limit_per_task: int = 0) -> list[dict]:
       try:
         record = json.loads(line)
       except ValueError as e:
-        raise ValueError(f"records: {path}:{number} is not JSON ({e})") from None
+        raise ValueError(f"records: {path}:{number} is not JSON ({first_line(e)})") from None
       bad = [k for k in ("task", "prompt", "answer") if not isinstance(record, dict) or not isinstance(record.get(k), str)]
       if bad:
         raise ValueError(f"records: {path}:{number} needs text fields task, prompt and answer (not: {', '.join(bad)})")

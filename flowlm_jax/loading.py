@@ -93,11 +93,7 @@ def _load_run(workdir: str, step: int | None) -> LoadedRun:
     if not steps:
       raise FileNotFoundError(f"no checkpoints in {directory}")
     saved = _newest_readable_config(checkpointer, [step] if step is not None else steps[::-1])
-    try:
-      config = config_lib.from_dict(saved)
-    except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows
-      raise ValueError(f"{directory}: the saved config cannot be read by this version ({e}); load it with the "
-                       "version that wrote it") from e
+    config = _config_from(saved, f"{directory}: the saved config")
     _resolve_recorded_paths(config, os.path.dirname(directory))  # the workdir holds checkpoints/
     tokenizer = load_tokenizer(config.model.tokenizer)
     vocab = vocab_of(tokenizer)
@@ -162,22 +158,23 @@ def _newest_readable_config(checkpointer, steps: list[int]) -> dict:
   return checkpointer.read_config(steps[-1])
 
 
+def _config_from(saved: dict, what: str):
+  """The config of a checkpoint or export, or a one-line error naming `what` where this version cannot read it."""
+  try:
+    return config_lib.from_dict(saved)
+  except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows, or a newer one's
+    raise ValueError(f"{what} cannot be read by this version ({e}); load it with the version that wrote it") from e
+
+
 def _load_exported(path: str, step: int | None) -> LoadedRun:
   """A LoadedRun from model.safetensors + config.json + tokenizer files (no Orbax, no optimiser state)."""
   from flax import nnx
 
   path = os.path.abspath(path)
   meta = exported.read_config_json(path)
-  missing = [key for key in ("step", "model_shape") if key not in meta]
-  if missing:  # checked before any weight is read
-    raise ValueError(f"{path}/config.json is incomplete or damaged: it has no {' or '.join(map(repr, missing))}")
   if step is not None and step != meta["step"]:
     raise ValueError(f"{path} holds the export of step {meta['step']}, not step {step}")
-  try:
-    config = config_lib.from_dict(exported.config_sections(meta))
-  except (KeyError, ValueError, TypeError) as e:  # e.g. a config key added by a newer flowlm_jax
-    raise ValueError(f"{path}/config.json holds a config this version cannot read ({str(e).strip(chr(34))}); "
-                     "load it with the version that exported it") from e
+  config = _config_from(exported.config_sections(meta), f"{path}/config.json")
   with config.unlocked():
     config.model.tokenizer = path  # the exported tokenizer files, not the run's original source
   tokenizer = load_tokenizer(path)

@@ -27,6 +27,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # config.json keys that are not config sections
 META_KEYS = ("format", "format_version", "step", "model_class", "model_shape", "vocab", "tokenizer_source")
+REQUIRED_KEYS = ("step", "model_shape")  # what a reader needs; the others have defaults for older exports
 DERIVED_SHAPE_KEYS = ("head_dim", "num_parameters")  # in model_shape for readers; not constructor fields
 
 
@@ -51,6 +52,9 @@ def read_config_json(path: str) -> dict:
   if meta.get("format_version", 0) > FORMAT_VERSION:
     raise ValueError(f"{path} was exported with format_version {meta['format_version']}; this flowlm_jax reads "
                      f"up to {FORMAT_VERSION}")
+  missing = [key for key in REQUIRED_KEYS if key not in meta]
+  if missing:  # checked before any weight is read, for every reader (loading, training.init_from)
+    raise ValueError(f"{path}/{CONFIG_FILE} is incomplete or damaged (KeyError: {missing[0]!r})")
   return meta
 
 
