@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from flowlm_jax import config as config_lib
 from flowlm_jax import train
+from flowlm_jax.errors import first_line
 from flowlm_jax.train import TrainState
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,6 @@ def failure_kind(e: BaseException) -> int:
          for x in chain):  # an item directory (state, data, config) is missing
     return DAMAGED
   return DAMAGED if any(m in text for m in DAMAGE_MARKERS) else OTHER
-
-
-def _reason(e: BaseException) -> str:
-  return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def _tree_paths(tree) -> dict[str, tuple]:
@@ -143,7 +140,7 @@ class Checkpointer:
       diffs = config_lib.resume_differences(saved, config_dict)
     except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows
       raise CheckpointMismatch(f"checkpoint {self.directory}/{step} holds a config this version cannot read "
-                               f"({_reason(e)}); resume with the version that wrote it, or {START_FRESH}") from e
+                               f"({first_line(e, 200)}); resume with the version that wrote it, or {START_FRESH}") from e
     if diffs:
       raise CheckpointMismatch(f"checkpoint {self.directory}/{step} was saved with a different config: "
                                f"{', '.join(diffs)}; resume with the saved values, or {START_FRESH}")
@@ -242,8 +239,8 @@ class Checkpointer:
       if all(o == OK for o in outcomes):
         return found, None
       if all(o == DAMAGED for o in outcomes):
-        return None, _reason(error)
-      why = _reason(error) if error is not None else "it failed on another process"
+        return None, first_line(error, 200)
+      why = first_line(error, 200) if error is not None else "it failed on another process"
       log.warning("checkpoint %s/%d could not be read (%s); attempt %d of %d", self.directory, step, why, attempt + 1,
                   len(RETRY_DELAYS_S) + 1)
     raise CheckpointError(f"checkpoint {self.directory}/{step} could not be read after {len(RETRY_DELAYS_S) + 1} "

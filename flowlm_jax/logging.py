@@ -15,6 +15,8 @@ import os
 import time
 from typing import Any
 
+from flowlm_jax.errors import first_line
+
 log = std_logging.getLogger(__name__)
 
 SECRET_ENV_VARS = ("WANDB_API_KEY",)
@@ -178,12 +180,12 @@ def _start_wandb(workdir: str, config):
       try:
         return init("online", ONLINE_INIT_TIMEOUT)
       except Exception as e:  # noqa: BLE001 - no key, key refused, server trouble: track offline instead
-        why_not_online = _first_line(e)
+        why_not_online = first_line(e)
     mode = "offline"
   try:
     run = init(mode, ONLINE_INIT_TIMEOUT)
   except Exception as e:  # noqa: BLE001 - a broken wandb install or disk: train anyway
-    log.warning("wandb: could not start (%s); continuing without it", _first_line(e))
+    log.warning("wandb: could not start (%s); continuing without it", first_line(e))
     return None
   if why_not_online is not None:  # one line, with what to run once the network or key is there
     log.warning("wandb: cannot track online (%s): logging offline instead; upload it later with `wandb sync %s`",
@@ -220,11 +222,6 @@ def _unreachable(url: str, timeout: float = ONLINE_PROBE_TIMEOUT) -> str | None:
     reason = getattr(e, "reason", e)
     return f"{url} unreachable: {reason}"
   return None
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def format_samples(rows: list[dict[str, Any]]) -> str:
