@@ -87,6 +87,30 @@ def test_an_olmo_off_switch_spelt_false_reads_as_null(key):
 
 
 @FIXTURES
+def test_rope_parameters_of_transformers_5_give_the_rope_base(directory):
+  """transformers >= 5 writes `rope_parameters` and no top-level rope_theta: the same model as the old spelling."""
+  old = llama_hf.read_hf_config(directory)
+  new = {k: v for k, v in old.items() if k != "rope_theta"} | {
+      "rope_parameters": {"rope_type": "default", "rope_theta": old["rope_theta"]}}
+  same = lambda cfg: dataclasses.replace(cfg, hf_config="")
+  assert same(llama_hf.from_hf_config(new, compute_dtype="float32", pretrained=directory)) == same(fixture_config(directory))
+  assert old["rope_theta"] != 10000.0  # the default a config without any base would read
+
+
+@pytest.mark.parametrize("rope, top_level, match", [
+    ({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}, False, "rope_parameters=.*is not supported"),
+    ({"rope_type": "default"}, False, "rope_parameters=.*is not supported"),
+    ({"rope_type": "default", "rope_theta": 1.0}, True, "rope_theta=1000000.0 and rope_parameters' rope_theta=1.0")],
+    ids=["scaled", "no-base", "two-bases"])
+def test_rope_parameters_the_port_does_not_implement_are_refused(rope, top_level, match):
+  hf = {**llama_hf.read_hf_config(DREAM), "rope_parameters": rope}
+  if not top_level:
+    hf.pop("rope_theta")  # as transformers 5 writes it
+  with pytest.raises(ValueError, match=match):
+    llama_hf.from_hf_config(hf, compute_dtype="float32", pretrained=DREAM)
+
+
+@FIXTURES
 def test_config_json_round_trips(directory):
   cfg = fixture_config(directory)
   with open(os.path.join(directory, "config.json")) as f:
@@ -425,6 +449,62 @@ def test_a_missing_directory_is_a_one_line_error_before_anything_loads(tmp_path)
   assert "\n" not in str(info.value)
   with pytest.raises(FileNotFoundError, match="no config.json in"):
     llama_hf.read_hf_config(str(tmp_path))
+
+
+def test_a_tokenizer_whose_mask_is_not_the_models_is_refused(tmp_path):
+  """The release's tokenizer files without its config.json: LLaDA's tokenizer declares no mask token, so one is
+  added, an untrained embedding row instead of the mask_token_id the model was trained with."""
+  for name in os.listdir(LLADA):
+    if name.startswith(("tokenizer", "chat_template")):
+      shutil.copy(os.path.join(LLADA, name), tmp_path)
+  c = load_preset("flowlm", "tasks")
+  c.model.family, c.model.pretrained, c.model.tokenizer = "llama", LLADA, str(tmp_path)
+  with pytest.raises(ValueError, match=r"model.tokenizer: its \[MASK\] is id 326, but .*llada_tiny's config.json "
+                                       r"says mask_token_id=325 \(use the tokenizer that came with the model"):
+    registry.model_config(c.model, vocab_of(load_tokenizer(str(tmp_path))))
+
+
+def test_mis_shaped_weights_fail_the_dry_run_before_the_data_loads_and_not_a_resume(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  from flowlm_jax import loop
+
+  source = str(tmp_path / "llada")
+  shutil.copytree(LLADA, source)
+  name = "model.transformer.blocks.0.ff_norm.weight"
+  with open(os.path.join(source, "model.safetensors.index.json")) as f:
+    shard = os.path.join(source, json.load(f)["weight_map"][name])
+  weights = load_file(shard)
+  weights[name] = weights[name][:8]
+  save_file(weights, shard)
+  r = launch_in_process("--config=configs/flowlm.py:tasks", f"--config.model.pretrained={source}",
+                        f"--config.model.tokenizer={source}", "--dry_run")
+  assert r.returncode != 0
+  assert f"error: {source}: tensor '{name}' has shape (8,), config.json implies (64,)" in r.stderr
+  assert "train:" not in r.stdout and "dry run: ok" not in r.stdout
+  c = load_preset("flowlm", "tasks")
+  c.model.pretrained = c.model.tokenizer = source
+  c.dataset.max_train_examples, c.dataset.max_validation_examples = 64, 16
+  assert loop.prepare(c, initialises=False).model_cfg.pretrained == source  # its weights come from a checkpoint
+
+
+@pytest.mark.integration
+def test_a_resumed_run_does_not_need_the_pretrained_weights_again(tmp_path):
+  """Its weights come from its checkpoint: the release's files may since have been removed."""
+  source, workdir = str(tmp_path / "llada"), str(tmp_path / "run")
+  shutil.copytree(LLADA, source)
+  args = ["--config=configs/flowlm.py:tasks", f"--config.model.pretrained={source}", f"--config.model.tokenizer={source}",
+          "--config.training.batch_size=8", "--config.model.loss_chunk_size=16", "--config.evaluation.eval_batches=1",
+          "--config.training.async_checkpointing=False", "--config.logging.progress_bar=False",
+          "--config.logging.wandb.mode=disabled", "--config.dataset.max_train_examples=400",
+          "--config.dataset.max_validation_examples=40", f"--workdir={workdir}"]
+  assert launch_in_process(*args, "--config.training.max_steps=2", "--stop_at_step=1").returncode == 0
+  for name in os.listdir(source):
+    if name.endswith(".safetensors"):
+      os.remove(os.path.join(source, name))
+  r = launch_in_process(*args, "--config.training.max_steps=2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "resumed from" in r.stdout and sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
 
 
 # --- presets, the training path, loading -----------------------------------------------------------

@@ -73,7 +73,7 @@ def layout_of(hf: dict, where: str = HF_CONFIG_FILE):
 def from_hf_config(hf: dict, *, num_real_tokens: int | None = None, **overrides) -> ModelConfig:
   """The ModelConfig of a config.json dict (`overrides`: dtypes, remat, ... and `pretrained`)."""
   layout = layout_of(hf)
-  full = layout.complete(hf)
+  full = layout.complete(_rope_theta_of_parameters(hf))
   for key, supported in layout.REQUIRED.items():
     if full.get(key, supported) != supported:
       raise ValueError(f"model.pretrained: config.json {key}={full[key]!r} is not supported (the port implements "
@@ -93,6 +93,21 @@ def from_hf_config(hf: dict, *, num_real_tokens: int | None = None, **overrides)
   return ModelConfig(num_real_tokens=real, hf_config=json.dumps(hf, sort_keys=True), **arch, **overrides)
 
 
+def _rope_theta_of_parameters(hf: dict) -> dict:
+  """transformers >= 5 writes RoPE as `rope_parameters: {rope_type, rope_theta, ...}` and no top-level
+  `rope_theta`: read the base from there (a scaled RoPE, any `rope_type` but default, is not implemented)."""
+  rope = hf.get("rope_parameters")
+  if rope is None:
+    return hf
+  if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or "rope_theta" not in rope:
+    raise ValueError(f"model.pretrained: config.json rope_parameters={rope!r} is not supported (the port implements "
+                     "the default RoPE: rope_type 'default' with a rope_theta)")
+  if hf.get("rope_theta") not in (None, rope["rope_theta"]):
+    raise ValueError(f"model.pretrained: config.json has rope_theta={hf['rope_theta']!r} and rope_parameters' "
+                     f"rope_theta={rope['rope_theta']!r}: which one the model was trained with is unclear")
+  return hf | {"rope_theta": rope["rope_theta"]}
+
+
 def hf_config_dict(cfg: ModelConfig) -> dict:
   """The source config.json with `cfg`'s architecture written back in its layout's keys."""
   hf = json.loads(cfg.hf_config)
@@ -104,13 +119,17 @@ def model_config(model_cfg, vocab: Vocab) -> ModelConfig:
   """The architecture of `model.pretrained` (its config.json), with the run config's dtypes (matmul_dtype
   included: an FP8 fine-tune), remat etc."""
   directory = os.path.abspath(os.path.expanduser(model_cfg.pretrained))
-  cfg = from_hf_config(read_hf_config(directory), num_real_tokens=vocab.size, pretrained=directory,
+  hf = read_hf_config(directory)
+  cfg = from_hf_config(hf, num_real_tokens=vocab.size, pretrained=directory,
                        param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
                        matmul_dtype=model_cfg.matmul_dtype, remat=model_cfg.remat, attention=model_cfg.attention,
                        scan_unroll=model_cfg.scan_unroll)
   if vocab.size > cfg.vocab_size:
     raise ValueError(f"model.tokenizer: {vocab.size} tokens, but {directory}'s embedding has only "
                      f"{cfg.vocab_size} rows (use the tokenizer that came with the model)")
+  if hf.get("mask_token_id") not in (None, vocab.mask_id):  # e.g. a [MASK] the tokenizer added: an untrained row
+    raise ValueError(f"model.tokenizer: its [MASK] is id {vocab.mask_id}, but {directory}'s config.json says "
+                     f"mask_token_id={hf['mask_token_id']} (use the tokenizer that came with the model: its directory)")
   return cfg
 
 
@@ -196,6 +215,14 @@ def abstract_params(cfg: ModelConfig) -> dict:
 # --- import / export ----------------------------------------------------------------------------
 
 
+def open_checked(cfg: ModelConfig) -> st.Checkpoint:
+  """`cfg.pretrained`'s tensors, their names and shapes checked against `cfg` (the files' headers only: cheap,
+  so a training run does it before its data loads)."""
+  ckpt = st.Checkpoint(cfg.pretrained)
+  st.check(tensors(cfg), ckpt, cfg.n_layers, may_lack=_tied_duplicate(cfg))
+  return ckpt
+
+
 def load_params(cfg: ModelConfig, shardings: Mapping | None = None) -> dict:
   """`cfg.pretrained`'s weights as our pure parameter dict in `cfg.param_dtype`.
 
@@ -203,9 +230,7 @@ def load_params(cfg: ModelConfig, shardings: Mapping | None = None) -> dict:
   shard by shard on the host and placed on its devices (jax Arrays); without, numpy arrays.
   """
   start = time.perf_counter()
-  table = tensors(cfg)
-  ckpt = st.Checkpoint(cfg.pretrained)
-  st.check(table, ckpt, cfg.n_layers, may_lack=_tied_duplicate(cfg))
+  table, ckpt = tensors(cfg), open_checked(cfg)
   params = st.load(table, ckpt, abstract_params(cfg), shardings)
   log.info("loaded %s from %s: %d tensors, %.2f GB read in %.1f s; peak host memory of this process %.2f GiB",
            "sharded weights" if shardings is not None else "weights", cfg.pretrained, len(table),

@@ -80,6 +80,14 @@ def pretrained_params(model_cfg, shardings: dict | None = None) -> dict | None:
   return family.weights.load_params(model_cfg)
 
 
+def check_pretrained(model_cfg) -> None:
+  """A one-line error now for `model.pretrained` weights that `pretrained_params` could not read (missing,
+  damaged or mis-shaped tensors), where the format can tell from the files' headers."""
+  family = _family_of(model_cfg)
+  if family.streams and getattr(model_cfg, "pretrained", ""):
+    family.weights.open_checked(model_cfg)
+
+
 def hf_format(model_cfg) -> ModuleType | None:
   """The format module whose `save_hf` writes this family in its source checkpoint's HF layout."""
   return _family_of(model_cfg).weights
