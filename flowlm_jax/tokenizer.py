@@ -17,6 +17,12 @@ EMBEDDED = {  # model.tokenizer names of the shipped tokenizers (scripts/build_a
     "embedded:bytes": os.path.join(ASSETS_DIR, "tokenizer_bytes"),  # one id per byte, 261 ids
 }
 
+# A checkpoint's own code is never run (LLaDA's and Dream's directories name some: without trust_remote_code=False
+# transformers would stop and ask on stdin). A release whose tokenizer_config.json names its own tokenizer class
+# is loaded with the built-in class of the same tokenizer (the first of these transformers has): Dream's
+# DreamTokenizer is Qwen2's byte-level BPE.
+BUILT_IN_CLASS_OF = {"DreamTokenizer": ("Qwen2TokenizerFast", "Qwen2Tokenizer")}
+
 # Added when a tokenizer lacks them; the model's embedding table grows to cover them.
 REQUIRED_SPECIALS = {"mask_token": "[MASK]", "pad_token": "[PAD]"}
 
@@ -37,9 +43,11 @@ def load_tokenizer(name: str):
   if looks_local and not os.path.isdir(path):
     raise FileNotFoundError(f"model.tokenizer: no such directory: {path}")
   try:
-    # Never run a checkpoint's own code (LLaDA's and Dream's config.json name some): without this flag
-    # transformers would stop and ask on stdin.
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    built_in = _built_in_class(path)
+    if built_in is not None:
+      tokenizer = built_in.from_pretrained(path)
+    else:
+      tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
   except OSError as e:
     raise FileNotFoundError(f"model.tokenizer: cannot load {name!r} ({str(e).splitlines()[0]})") from None
   except Exception as e:  # noqa: BLE001 - damaged files: transformers' own errors, often several lines long
@@ -59,6 +67,19 @@ def load_tokenizer(name: str):
   if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
     raise ValueError(f"model.tokenizer: {name!r} has no [MASK] or [PAD] token and none could be added")
   return tokenizer
+
+
+def _built_in_class(path: str):
+  """The transformers class standing in for the custom tokenizer class `path` names (BUILT_IN_CLASS_OF), or None."""
+  config = os.path.join(path, "tokenizer_config.json")
+  if not os.path.isfile(config):
+    return None
+  import transformers
+
+  from flowlm_jax.formats.safetensors_dir import read_json
+
+  names = BUILT_IN_CLASS_OF.get(read_json(config, "model.tokenizer").get("tokenizer_class"), ())
+  return next((getattr(transformers, name) for name in names if hasattr(transformers, name)), None)
 
 
 def _adopt_config_mask(tokenizer, path: str) -> None:

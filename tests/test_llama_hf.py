@@ -451,6 +451,26 @@ def test_a_missing_directory_is_a_one_line_error_before_anything_loads(tmp_path)
     llama_hf.read_hf_config(str(tmp_path))
 
 
+def test_dreams_own_tokenizer_class_loads_as_qwen2s_without_running_its_code(tmp_path):
+  """Dream's tokenizer_config.json names DreamTokenizer (its tokenization_dream.py, through auto_map), which
+  AutoTokenizer refuses without trust_remote_code; it is Qwen2's BPE, and loads as that, its code never run."""
+  source = str(tmp_path / "dream")
+  shutil.copytree(DREAM, source)
+  with open(os.path.join(source, "tokenizer_config.json")) as f:
+    tokenizer_config = json.load(f)
+  tokenizer_config |= {"tokenizer_class": "DreamTokenizer",
+                       "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}}
+  with open(os.path.join(source, "tokenizer_config.json"), "w") as f:
+    json.dump(tokenizer_config, f)
+  with open(os.path.join(source, "tokenization_dream.py"), "w") as f:
+    f.write("raise RuntimeError('checkpoint code ran')\n")
+  released, fixture = load_tokenizer(source), load_tokenizer(DREAM)
+  assert vocab_of(released) == vocab_of(fixture)
+  text = "To be, or not to be <|mask|>"
+  assert released.encode(text) == fixture.encode(text)
+  assert released.chat_template == fixture.chat_template
+
+
 def test_a_tokenizer_whose_mask_is_not_the_models_is_refused(tmp_path):
   """The release's tokenizer files without its config.json: LLaDA's tokenizer declares no mask token, so one is
   added, an untrained embedding row instead of the mask_token_id the model was trained with."""
