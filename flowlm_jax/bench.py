@@ -114,9 +114,26 @@ def measure_peak_matmul(n: int = 8192, reps: int = 50, warmup_s: float = 3.0, pe
 
 
 def peak_memory_bytes(devices=None) -> int | None:
-  """The largest peak among `devices` (default: the first)."""
+  """The largest peak among `devices` (default: the first), since the process started."""
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in (devices or jax.devices()[:1])]
   return max((p for p in peaks if p is not None), default=None)
+
+
+def own_peak_gib(before: int | None, after: int | None) -> float | None:
+  """A row's measured peak: the allocator's high-water mark cannot be reset within a process, so it is the
+  row's own only where the row raised it; else None (at most an earlier row's peak, not measured)."""
+  return after / 2 ** 30 if after is not None and (before is None or after > before) else None
+
+
+def compiled_memory_gib(compiled) -> float | None:
+  """XLA's estimate of one device's peak for a compiled program (arguments, outputs and temporaries; donated
+  buffers counted once), the same whatever ran before it."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  peak = getattr(stats, "peak_memory_in_bytes", None) or (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                                          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return peak / 2 ** 30
 
 
 def model_config(shape: str, remat: str, compute_dtype: str, unroll: bool = False,
@@ -149,6 +166,7 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
                               loss_chunk_size=loss_chunk, pad_id=vocab.pad_id)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
   devices = jax.devices()[:int(np.prod(mesh_shape))]
+  peak_before = peak_memory_bytes(devices)
   mesh = sharding.make_mesh(c, devices)
   graphdef, abstract = train.abstract_model(m)
   tx, _ = train.make_optimizer(c.training, 10_000, abstract)
@@ -183,7 +201,8 @@ def bench_train(shape: str, *, remat: str, loss_chunk: int, steps: int, compute_
           "mesh": "x".join(map(str, mesh_shape)), "devices": len(devices), "batch": B, "step_s": step_s,
           "compile_s": compile_s, "tokens_per_s": B * S / step_s, "tokens_per_s_per_device": B * S / step_s / len(devices),
           "flops_per_token": train_flops_per_token(m, S),
-          "peak_memory_gib": (peak_memory_bytes(devices) or 0) / 2 ** 30, "loss": float(metrics["loss"]),
+          "peak_memory_gib": own_peak_gib(peak_before, peak_memory_bytes(devices)),
+          "xla_memory_gib": compiled_memory_gib(compiled), "loss": float(metrics["loss"]),
           "params_m": count_params(state.params) / 1e6}
 
 
@@ -457,22 +476,31 @@ def _number(x, spec: str) -> str:
   return "n/a" if x is None else format(x, spec)
 
 
+# What a train row written by an earlier version lacks (a report of docs/results/ JSON): it ran in bf16.
+OLDER_ROW_DEFAULTS = {"matmul_dtype": "bfloat16", "fp8_gemms": 0, "x_bfloat16": None, "xla_memory_gib": None}
+
+
 def format_report(report: dict) -> str:
   datasheet = report.get("datasheet_bf16_tflops")
   lines = [f"device: {report['device_count']} x {report['device']} ({report['backend']}, jax {report['jax']}); "
            f"bf16 peak: datasheet {datasheet or 'unknown'}, measured {report['peak_bf16_tflops']:.0f} TFLOP/s"
            + (" (MFU per device against each)" if report["train"] else "")]  # no MFU without a train table
-  if report["train"]:
+  train = [OLDER_ROW_DEFAULTS | r for r in report["train"]]
+  if train:
     lines += ["| shape | matmuls (FP8 GEMMs) | mesh (d x f x t) | devices | batch | step ms | tokens/s | x bf16 "
-              "| tokens/s/device | weak scaling | MFU datasheet | MFU measured | peak mem GiB | compile s |",
-              "|---" * 14 + "|"]
-  for r in report["train"]:
+              "| tokens/s/device | weak scaling | MFU datasheet | MFU measured | peak mem GiB | XLA est. GiB "
+              "| compile s |", "|---" * 15 + "|"]
+  for r in train:
     fp8_gemms = f" ({r['fp8_gemms']})" if r["matmul_dtype"] == "fp8" else ""
     lines.append(f"| {r['shape']} | {r['matmul_dtype']}{fp8_gemms} | {r['mesh']} | {r['devices']} | {r['batch']} | "
                  f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {_number(r['x_bfloat16'], '.2f')} | "
                  f"{r['tokens_per_s_per_device']:,.0f} | {_percent(r['scaling_efficiency'])} "
-                 f"| {_percent(r['mfu_datasheet'])} | {r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |")
-  if any(r["matmul_dtype"] == "fp8" and not r["fp8_gemms"] for r in report["train"]):
+                 f"| {_percent(r['mfu_datasheet'])} | {r['mfu']:.1%} | {_number(r['peak_memory_gib'], '.1f')} "
+                 f"| {_number(r['xla_memory_gib'], '.1f')} | {r['compile_s']:.1f} |")
+  if train and report["backend"] != "cpu" and any(r["peak_memory_gib"] is None for r in train):
+    lines.append("peak mem n/a: that row did not raise the device's high-water mark (it cannot be reset within a "
+                 "process), so its peak was at most an earlier row's; XLA's estimate is per row")
+  if any(r["matmul_dtype"] == "fp8" and not r["fp8_gemms"] for r in train):
     lines.append(f"WARNING: an fp8 row's compiled step has no {FP8_GEMM_CALL} call: its matmuls did not run in FP8 "
                  f"({report['backend']}; only Hopper-class GPUs have FP8 GEMMs)")
   if report["samplers"]:

@@ -50,6 +50,7 @@ def test_smoke_run_prints_a_table_and_writes_json(tmp_path, capsys):
   row = report["train"][0]
   assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["compile_s"] > 0
   assert row["matmul_dtype"] == "bfloat16" and row["fp8_gemms"] == 0 and row["x_bfloat16"] == 1.0
+  assert row["peak_memory_gib"] is None and row["xla_memory_gib"] > 0  # a CPU has no allocator statistics
   assert {r["mode"] for r in report["samplers"]} == {"llada", "flowlm"}
   assert all(r["x_floor"] > 0 for r in report["samplers"])
 
@@ -59,7 +60,7 @@ def test_fp8_rows_give_their_speed_over_bf16_and_warn_when_no_fp8_gemm_ran(capsy
   def row(shape, matmul_dtype, tokens_per_s, fp8_gemms=0):
     return dict(shape=shape, matmul_dtype=matmul_dtype, fp8_gemms=fp8_gemms, mesh="1x1x1", devices=1, batch=8,
                 step_s=0.1, tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s, scaling_efficiency=None,
-                mfu_datasheet=None, mfu=0.5, peak_memory_gib=1.0, compile_s=2.0)
+                mfu_datasheet=None, mfu=0.5, peak_memory_gib=1.0, xla_memory_gib=0.9, compile_s=2.0)
   rows = [row("1b", "bfloat16", 100.0), row("1b", "fp8", 130.0, fp8_gemms=462), row("small", "fp8", 90.0)]
   bench.add_fp8_speedups(rows)
   assert [r["x_bfloat16"] for r in rows] == [1.0, 1.3, None]
@@ -67,6 +68,21 @@ def test_fp8_rows_give_their_speed_over_bf16_and_warn_when_no_fp8_gemm_ran(capsy
                               "peak_bf16_tflops": 800.0, "datasheet_bf16_tflops": 989.0, "train": rows, "samplers": []})
   assert "| 1b | fp8 (462) | 1x1x1 | 1 | 8 | 100.0 | 130 | 1.30 |" in text and "| small | fp8 (0) |" in text
   assert text.splitlines()[-1].startswith("WARNING: an fp8 row's compiled step has no __cublas$lt$matmul$f8 call")
+
+
+def test_a_rows_peak_memory_is_given_only_where_the_row_raised_the_high_water_mark():
+  """The allocator's peak is never reset within a process: a row after a larger one would report that one's."""
+  gib = 2 ** 30
+  assert bench.own_peak_gib(None, 34 * gib) == 34.0 and bench.own_peak_gib(9 * gib, 34 * gib) == 34.0
+  assert bench.own_peak_gib(34 * gib, 34 * gib) is None and bench.own_peak_gib(None, None) is None
+  rows = [dict(shape="1b", matmul_dtype=dtype, fp8_gemms=0, mesh="1x1x1", devices=1, batch=8, step_s=0.1,
+               tokens_per_s=1.0, tokens_per_s_per_device=1.0, scaling_efficiency=None, mfu_datasheet=None, mfu=0.5,
+               x_bfloat16=None, peak_memory_gib=peak, xla_memory_gib=xla, compile_s=2.0)
+          for dtype, peak, xla in (("bfloat16", 34.1, 33.2), ("fp8", None, 30.5))]
+  text = bench.format_report({"device": "H200", "device_count": 1, "backend": "gpu", "jax": "0.11.2",
+                              "peak_bf16_tflops": 800.0, "datasheet_bf16_tflops": 989.0, "train": rows, "samplers": []})
+  assert "| 34.1 | 33.2 | 2.0 |" in text and "| n/a | 30.5 | 2.0 |" in text
+  assert "peak mem n/a: that row did not raise the device's high-water mark" in text
 
 
 def test_fp8_check_counts_fp8_gemm_calls_and_says_loudly_when_there_are_none(tmp_path, capsys):
