@@ -289,7 +289,10 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
         preempted = _stop_requested(preemption, step, c.training.stop_check_every)
         halt = preempted or (stop_at_step is not None and step >= stop_at_step and not last)
         saving = step % c.training.save_steps == 0 or last or halt
-        if step % c.logging.log_every == 0 or saving:  # a row at a save: a crash after it loses no logged steps
+        evaluation_due = bool(c.evaluation.eval_steps) and step % c.evaluation.eval_steps == 0
+        # A row at a save: a crash after it loses no logged steps; at an evaluation: its row follows a training row
+        # of its step.
+        if step % c.logging.log_every == 0 or saving or evaluation_due:
           sums = jax.device_get(window)  # waits for the window's steps: the rate's clock stops here
           tokens_per_second = rate.tokens_per_second(tokens_per_step) or (  # no steady step yet: the whole window
               tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9))

@@ -1,5 +1,6 @@
 """End to end through launch.py: train, resume (a real subprocess), dry run, bad input (in-process)."""
 
+import json
 import os
 
 import pytest
@@ -80,6 +81,18 @@ def test_a_relaunch_that_only_ran_the_missing_final_evaluation_says_so(tmp_path,
   assert r.returncode == 0, r.stderr[-2000:]
   assert "its final evaluation, missing, ran now" in r.stdout and "eval_loss 2.5000" in r.stdout
   assert "nothing to do" not in r.stdout
+
+
+def test_every_evaluation_row_follows_a_training_row_of_its_step(tmp_path):
+  """eval_steps not a multiple of log_every (nor save_steps): the evaluation at step 4 still has its training row."""
+  from flowlm_jax import loop
+
+  c = tiny_config("llada", max_steps=7)
+  c.logging.log_every, c.evaluation.eval_steps, c.training.save_steps = 3, 4, 5
+  loop.run(c, str(tmp_path / "w"))
+  with open(tmp_path / "w" / "metrics.jsonl") as f:
+    kinds = [("eval" if "eval_loss" in r else "train", r["step"]) for r in map(json.loads, f)]
+  assert kinds == [("train", 3), ("train", 4), ("eval", 4), ("train", 5), ("train", 6), ("train", 7), ("eval", 7)]
 
 
 def test_tokens_per_second_leaves_out_compile_saves_and_evaluation(tmp_path, monkeypatch):
