@@ -198,7 +198,7 @@ def _load_hf_checkpoint(path: str, resolve_prompt_format: bool = True) -> Loaded
   settings, and prompts as the release expects them (`resolve_prompt_format`). Parameters stay in the dtype they
   are stored in; compute is bfloat16 on accelerators, float32 on CPUs (which emulate bfloat16 slowly)."""
   path = os.path.abspath(path)
-  stored = llama_hf.stored_dtype(llama_hf.read_hf_config(path))
+  stored = llama_hf.stored_dtype(llama_hf.read_hf_config(path), path)
   config = config_lib.base_config()
   m = config.model
   m.pretrained = m.tokenizer = path

@@ -395,6 +395,25 @@ def test_import_export_import_is_bit_identical_with_the_original_names_shapes_an
     assert again[name].tobytes() == value.tobytes(), name
 
 
+def test_a_config_without_torch_dtype_keeps_the_dtype_its_tensors_are_stored_in(tmp_path):
+  """Not every release's config.json says torch_dtype: the headers do (bf16 here), for loading and for export."""
+  import flowlm_jax
+
+  source = str(tmp_path / "llada")
+  shutil.copytree(LLADA, source)
+  with open(os.path.join(source, "config.json")) as f:
+    hf = json.load(f)
+  del hf["torch_dtype"]
+  with open(os.path.join(source, "config.json"), "w") as f:
+    json.dump(hf, f)
+  assert llama_hf.stored_dtype(hf) == "float32" and llama_hf.stored_dtype(hf, source) == "bfloat16"
+  assert flowlm_jax.load(source).model.cfg.param_dtype == "bfloat16"
+  cfg = fixture_config(source)
+  out = str(tmp_path / "export")
+  llama_hf.save_hf(llama_hf.load_params(cfg), cfg, out)
+  assert headers(out) == headers(LLADA)  # bf16 tensors, as the source stores them (not float32)
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 

@@ -133,9 +133,13 @@ def model_config(model_cfg, vocab: Vocab) -> ModelConfig:
   return cfg
 
 
-def stored_dtype(hf: dict) -> str:
-  """The dtype a checkpoint stores its weights in (its config.json), float32 when it does not say."""
-  return next((hf[k] for k in DTYPE_KEYS if hf.get(k)), "float32")
+def stored_dtype(hf: dict, directory: str | None = None) -> str:
+  """The dtype a checkpoint stores its weights in: its config.json's, else (not every release writes it) the one
+  most of `directory`'s tensors have in their headers, else float32."""
+  named = next((hf[k] for k in DTYPE_KEYS if hf.get(k)), None)
+  if named is None and directory and os.path.isdir(directory):
+    named = st.Checkpoint(directory).stored_dtype()
+  return named or "float32"
 
 
 # --- prompts ------------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def save_hf(params: Mapping, cfg: ModelConfig, out: str, tokenizer=None, max_sha
                      "use --format=flowlm")
   import jax.numpy as jnp
 
-  dtype = jnp.dtype(stored_dtype(json.loads(cfg.hf_config)))
+  dtype = jnp.dtype(stored_dtype(json.loads(cfg.hf_config), cfg.pretrained))
   summary = st.save(tensors(cfg), cfg.n_layers, params, out, dtype, max_shard_bytes)
   source = cfg.pretrained
   if source and os.path.isdir(source):

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import collections
 import resource
 from collections.abc import Callable, Mapping
 
@@ -31,6 +32,7 @@ from flowlm_jax.errors import first_line
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+STORED_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # a header's dtype -> numpy's name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Checkpoint:
       files = [SINGLE_FILE]
     else:
       raise FileNotFoundError(f"model.pretrained: no {SINGLE_FILE} (or {INDEX_FILE}) in {directory}")
-    self._file_of, self._shapes = {}, {}
+    self._file_of, self._shapes, self._dtypes = {}, {}, {}
     for name in files:
       path = os.path.join(directory, name)
       if not os.path.isfile(path):
@@ -151,6 +153,7 @@ class Checkpoint:
           for key in f.keys():
             self._file_of[key] = path
             self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            self._dtypes[key] = f.get_slice(key).get_dtype()  # safetensors' names: BF16, F16, F32, ...
       except SafetensorError as e:  # a damaged or truncated file: its message does not name it
         raise ValueError(f"{path} does not read ({first_line(e)})") from None
     self.bytes_read = 0
@@ -160,6 +163,11 @@ class Checkpoint:
 
   def shape(self, name: str) -> tuple[int, ...]:
     return self._shapes[name]
+
+  def stored_dtype(self) -> str | None:
+    """The dtype most of the tensors are stored in, as numpy names it (bfloat16, float16, float32), or None."""
+    counts = collections.Counter(self._dtypes.values())
+    return STORED_DTYPES.get(counts.most_common(1)[0][0]) if counts else None
 
   def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
     """The tensor `name`, or only its part `index`: safetensors copies just that part out of the file."""
