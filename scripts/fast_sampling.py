@@ -232,7 +232,7 @@ def measure(run, records: list[dict], args, on_row=lambda rows: None) -> list[di
           print(f"warning: {timed_compiles} XLA compile(s) inside the timed loop of the next row: its seconds "
                 "include them", flush=True)
         ids = [sampling.answer_ids(row, vocab, end_id) for row in out["answer"]]
-        texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
+        texts = sampling.decode_answers(tok, vocab, out["answer"], chat=chat)  # flowlm_jax.evaluate's exact match
         hits = np.array(evaluate.exact_hits(bin_records, texts))
         baseline = baseline or (seconds, out["answer"], hits)  # the first setting: cache none, threshold 0
         row = dict(mode=mode, answer=answer_length, cache=cache, threshold=threshold, factor=factor, records=len(idx),

@@ -336,6 +336,27 @@ def test_fast_sampling_table_on_a_tiny_run(tokenizer, vocab):
   assert fast.HEADER.splitlines()[0].count("|") == fast.format_row(rows[1]).count("|")
 
 
+def test_fast_sampling_does_not_count_an_answer_with_a_stray_special_token_as_exact(tokenizer, vocab, monkeypatch):
+  """The reference's tokens with a [SEP] among them are not the reference (flowlm_jax.evaluate's rule)."""
+  from flowlm_jax import evaluate
+
+  fast = script("fast_sampling")
+  records = evaluate.load_records(limit_per_task=1)
+  references = [tokenizer.encode(r["answer"], add_special_tokens=False) for r in records]
+
+  def decoded(stray: bool):
+    answers = np.full((len(records), 16), vocab.eos_id, np.int32)
+    for row, ids in zip(answers, references):
+      ids = ids[:1] + [vocab.sep_id] + ids[1:] if stray else ids
+      row[:len(ids)] = ids
+    return lambda *args: (1.0, dict(answer=answers, passes=np.ones(len(records)), full_passes=np.ones(len(records))), 0)
+
+  args = fast.parse_args(["--workdir=unused", "--answers=16", "--caches=none", "--thresholds=0"])
+  for stray, exact in ((False, 1.0), (True, 0.0)):
+    monkeypatch.setattr(fast, "decode_all", decoded(stray))
+    assert fast.measure(_tiny_run(tokenizer, vocab), records, args)[0]["exact_match"] == exact
+
+
 def test_fast_sampling_runs_the_parallel_rules_with_the_caches_asked_for():
   fast = script("fast_sampling")
   args = fast.parse_args(["--workdir=unused", "--thresholds=0,0.9", "--factors=1"])
