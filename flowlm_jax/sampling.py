@@ -523,6 +523,19 @@ def left_padded(prompt_BxP, length_B) -> np.ndarray:
   return np.stack([np.roll(row, len(row) - n) for row, n in zip(prompt_BxP, length_B)])
 
 
+def _to_host(tree):
+  """numpy copies of a sampler's outputs on every process. Under a mesh over several processes (the test prompts
+  at a pod run's evaluation) an output split over the batch has rows on other hosts: gathered (collectively)."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      from jax.experimental import multihost_utils
+
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+
+  return jax.tree.map(fetch, tree)
+
+
 def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, *, mode: str, key=None,
              return_trajectory: bool = False, prompt_bucket: int = PROMPT_BUCKET, padded: bool | None = None,
              initial_BxA=None) -> SampleOutput:
@@ -549,7 +562,7 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
       raise ValueError("sampling: initial answers are a FlowLM start; LLaDA decoding starts from [MASK]")
     spec = LladaSpec.from_config(icfg, vocab)
     answer, steps, full, trajectory = llada_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec, **kwargs)
-    answer, steps, full, trajectory = jax.device_get((answer, steps, full, trajectory))
+    answer, steps, full, trajectory = _to_host((answer, steps, full, trajectory))
     steps = passes = np.full((B,), steps, np.int32)
     full = np.full((B,), full, np.int32)
   elif mode == "flowlm":
@@ -559,7 +572,7 @@ def generate(graphdef, params, prompt_ids: list[list[int]], vocab: Vocab, icfg, 
                        f"inference.answer_length need ({B}, {spec.answer_length})")
     answer, steps, full, trajectory = flowlm_sample(graphdef, params, prompt_BxP, length_B, key, spec=spec,
                                                     initial_BxA=initial_BxA, **kwargs)
-    answer, steps, full, trajectory = jax.device_get((answer, steps, full, trajectory))
+    answer, steps, full, trajectory = _to_host((answer, steps, full, trajectory))
     passes = np.minimum(steps + 1, spec.max_steps)
   else:
     raise ValueError(f"sampling: unknown mode {mode!r} (llada | flowlm)")

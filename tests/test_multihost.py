@@ -128,6 +128,11 @@ def test_two_processes_assemble_the_single_process_batch():
 def overlay(tmp_path_factory):
   c = tiny_config("flowlm")
   c.training.max_steps = STEPS
+  # The test prompts at the final evaluation, as many as data x fsdp: the samplers' answers are split over both
+  # processes' devices.
+  i = c.inference
+  i.at_evaluation, i.test_prompts = True, tuple(f"prompt {n}" for n in range(8))
+  i.answer_length = i.steps = i.max_steps = i.block_length = 8
   return diff_yaml("flowlm", None, c, str(tmp_path_factory.mktemp("cfg") / "tiny.yaml"))
 
 
@@ -175,6 +180,10 @@ def test_two_processes_train_like_one(single, overlay, tmp_path):
     np.testing.assert_allclose(multi[step]["loss"], one[step]["loss"], rtol=1e-5, err_msg=f"step {step}")
   eval_multi, eval_one = metrics_rows(workdir, "eval_loss"), metrics_rows(single_dir, "eval_loss")
   np.testing.assert_allclose(eval_multi[STEPS]["eval_loss"], eval_one[STEPS]["eval_loss"], rtol=1e-5)
+  # The test prompts' answers, decoded on both processes' devices, are the single process's.
+  with open(os.path.join(workdir, "samples.jsonl")) as f, open(os.path.join(single_dir, "samples.jsonl")) as g:
+    multi_samples, one_samples = [json.loads(line) for line in f], [json.loads(line) for line in g]
+  assert len(multi_samples) == 16 and multi_samples == one_samples
   # One checkpoint, written by both processes into the shared directory and committed.
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(STEPS)]
 
