@@ -6,7 +6,8 @@ the shardings of the current mesh, so a checkpoint saved on one mesh or device c
 
 A failed restore is one of three kinds, and only the first ever moves a file:
 - damaged (files missing or truncated, undecodable metadata): the trainer renames the step
-  `N.damaged-<time>` (kept, never deleted) once every process has failed on it, and tries the previous one;
+  `N.damaged-<time>` (kept, never deleted) once every process has failed on it (or some have on every attempt,
+  the others reading their part: a file only they read), and tries the previous one;
 - mismatch (saved config differs in a key a resumed run must keep, or the saved parameter/optimiser
   tree differs from the model's): one-line `CheckpointMismatch`, nothing touched;
 - anything else (out of memory, I/O errors of a shared filesystem, processes that disagree): retried with
@@ -93,6 +94,18 @@ def _all_processes(outcome: int) -> list[int]:
     return [outcome]
   from jax.experimental import multihost_utils
   return [int(x) for x in np.asarray(multihost_utils.process_allgather(np.int32(outcome))).reshape(-1)]
+
+
+# The barrier Orbax's Checkpointer.restore ends with (orbax-checkpoint 0.11-0.12), where the processes whose read
+# succeeded wait. Its collective has the shape of the outcome agreement's (an allgather of one number per process).
+ORBAX_RESTORE_BARRIER = "Checkpointer:restore"
+
+
+def _meet_restore_barrier() -> None:
+  """A process whose restore raised never reached Orbax's closing barrier: it takes it now. Otherwise its outcome
+  agreement would pair with the others' barrier, and every collective after it would be out of step (a hang)."""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(ORBAX_RESTORE_BARRIER))
 
 
 def _sync(name: str) -> None:
@@ -222,25 +235,25 @@ class Checkpointer:
     return sorted(names, key=lambda n: -int(n.split(".")[0]))
 
   def _restore_agreed(self, step: int, abstract: TrainState, config_dict):
-    """((state, data), None) on success, (None, reason) when every process finds the step damaged."""
+    """((state, data), None) on success, (None, reason) when the processes agree the step is damaged: every one
+    finds it so, or some do on every attempt while the others read their part (a file only they read is damaged)."""
     for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
       time.sleep(delay)
       found, error, outcome = None, None, OK
       try:
         found = self.restore(step, abstract, config_dict)
-      except CheckpointMismatch as e:
-        error, outcome = e, MISMATCH
       except Exception as e:  # noqa: BLE001 - classified below; only agreed damage moves anything
-        error, outcome = e, failure_kind(e)
+        _meet_restore_barrier()
+        error, outcome = e, MISMATCH if isinstance(e, CheckpointMismatch) else failure_kind(e)
       outcomes = _all_processes(outcome)
       if MISMATCH in outcomes:
         raise error if outcome == MISMATCH else CheckpointMismatch(
             f"checkpoint {self.directory}/{step} does not match this run on another process; {START_FRESH}")
       if all(o == OK for o in outcomes):
         return found, None
-      if all(o == DAMAGED for o in outcomes):
-        return None, first_line(error, 200)
       why = first_line(error, 200) if error is not None else "it failed on another process"
+      if all(o == DAMAGED for o in outcomes) or (attempt == len(RETRY_DELAYS_S) and set(outcomes) == {OK, DAMAGED}):
+        return None, why
       log.warning("checkpoint %s/%d could not be read (%s); attempt %d of %d", self.directory, step, why, attempt + 1,
                   len(RETRY_DELAYS_S) + 1)
     raise CheckpointError(f"checkpoint {self.directory}/{step} could not be read after {len(RETRY_DELAYS_S) + 1} "

@@ -347,16 +347,29 @@ def split(coordinator: str, process_id: int) -> dict:
 # --- two processes restoring a damaged newest step -------------------------------------------------------
 
 
-def damaged(coordinator: str, process_id: int, directory: str, delay: str) -> dict:
+def damaged(coordinator: str, process_id: int, directory: str, delay: str, only_process_1: str = "") -> dict:
   """Both processes restore from `directory` (steps 1 and 2, step 2 damaged); process 1 looks at the step
-  directory `delay` seconds later than process 0 (a slower host), which may by then have renamed it aside."""
+  directory `delay` seconds later than process 0 (a slower host), which may by then have renamed it aside.
+  `only_process_1`: step 2 is whole, but process 1's read of it fails as a damaged file of its own would, inside
+  Orbax's restore (where process 0, reading fine, goes on to Orbax's closing barrier)."""
   import jax
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=2, process_id=process_id)
   import os
   import time
 
+  import orbax.checkpoint as ocp
+
   from flowlm_jax import checkpoint as ckpt_lib, loop, train
   from helpers import tiny_config
+
+  if only_process_1 and process_id == 1:
+    read = ocp.Checkpointer._restore
+
+    def damaged_on_this_host(self, directory, *args, **kwargs):
+      if os.path.basename(str(directory)) == "2":
+        raise FileNotFoundError(f"{directory}/state/ocdbt.process_1/d/0: truncated")
+      return read(self, directory, *args, **kwargs)
+    ocp.Checkpointer._restore = damaged_on_this_host
 
   setup = loop.prepare(tiny_config("flowlm"))
   _, abstract_model = train.abstract_model(setup.model_cfg)

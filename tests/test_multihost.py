@@ -103,6 +103,27 @@ def test_two_processes_agree_to_set_a_damaged_step_aside_even_when_one_looks_lat
 
 
 @pytest.mark.integration
+def test_a_step_only_one_process_cannot_read_is_set_aside_by_both_without_a_hang(tmp_path):
+  """Process 1's read of step 2 fails inside Orbax's restore on every attempt (a damaged file only it reads), while
+  process 0 reads its part and waits in Orbax's closing barrier: both agree, set step 2 aside and restore step 1
+  (before: process 1's outcome agreement paired with that barrier, and the processes hung until the job died)."""
+  from test_export import write_checkpoint
+
+  c = tiny_config("flowlm")
+  for step in (1, 2):
+    write_checkpoint(str(tmp_path / "run"), c, step=step)
+  directory = str(tmp_path / "run" / "checkpoints")
+  worker = os.path.join(REPO, "tests", "mesh_worker.py")
+  results = _two_processes(lambda coord, i: [worker, "damaged", coord, str(i), directory, "0", "only_process_1"],
+                           timeout=180)
+  for i, r in enumerate(results):
+    assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
+  outs = [parse(r.stdout) for r in results]
+  assert [o["restored"] for o in outs] == [1, 1]
+  assert [n.split(".")[0] + (".damaged" if ".damaged-" in n else "") for n in outs[0]["listing"]] == ["1", "2.damaged"]
+
+
+@pytest.mark.integration
 def test_two_processes_assemble_the_single_process_batch():
   """BatchIterator slices + sharding.global_batch on several meshes, through jax.distributed."""
   worker = os.path.join(REPO, "tests", "mesh_worker.py")
