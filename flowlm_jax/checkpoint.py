@@ -97,15 +97,17 @@ def _all_processes(outcome: int) -> list[int]:
 
 
 # The barrier Orbax's Checkpointer.restore ends with (orbax-checkpoint 0.11-0.12), where the processes whose read
-# succeeded wait. Its collective has the shape of the outcome agreement's (an allgather of one number per process).
-ORBAX_RESTORE_BARRIER = "Checkpointer:restore"
+# succeeded wait; its collective has the shape of the outcome agreement's (an allgather of one number per process).
+# Its key carries the manager's prefix, set here (Orbax's synchronous and asynchronous checkpointers default it
+# differently).
+ORBAX_RESTORE_BARRIER, BARRIER_PREFIX = "Checkpointer:restore", "flowlm"
 
 
 def _meet_restore_barrier() -> None:
   """A process whose restore raised never reached Orbax's closing barrier: it takes it now. Otherwise its outcome
   agreement would pair with the others' barrier, and every collective after it would be out of step (a hang)."""
   if jax.process_count() > 1:
-    ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(ORBAX_RESTORE_BARRIER))
+    ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(ORBAX_RESTORE_BARRIER, prefix=BARRIER_PREFIX))
 
 
 def _sync(name: str) -> None:
@@ -117,8 +119,9 @@ def _sync(name: str) -> None:
 class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=BARRIER_PREFIX))
     # Naming the item handlers lets a fresh process read metadata before any save.
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler()}

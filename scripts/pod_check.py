@@ -11,6 +11,10 @@ between meshes, and one process per GPU logs the same losses as one process driv
       launch.py on a small preset: one process driving GPUs 0..n-1, then n processes with one GPU each
       (--coordinator_address=127.0.0.1:PORT --num_processes=n --process_id=i, CUDA_VISIBLE_DEVICES=i);
       compares their metrics.jsonl losses and step throughput.
+  python scripts/pod_check.py faults --gpus 2 --out faults.json
+      One process per GPU through two pod faults: the test prompts sampled at each evaluation (answers split
+      over the processes), and a relaunch after process 1's own file of the newest checkpoint was truncated
+      (every process sets that step aside and restores the one before, without a hang).
   python scripts/pod_check.py big --gpus 4 --out 8b.json
       The `8b` preset (LLaDA-8B shape) with FSDP over the GPUs: tries each (remat, global batch) of
       BIG_CHOICES until one fits, trains BIG_STEPS steps, saves the sharded checkpoint, restores it, and
@@ -23,6 +27,9 @@ between meshes, and one process per GPU logs the same losses as one process driv
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import glob
 import json
 import os
 import socket
@@ -186,6 +193,59 @@ def processes(args) -> dict:
   return out
 
 
+def _run_processes(args, workdir: str, more: list[str]) -> list[tuple[int, str, str]]:
+  """launch.py as one process per GPU (jax.distributed on 127.0.0.1): (exit code, stdout, stderr) of each."""
+  env = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+  port = _free_port()
+  procs = [subprocess.Popen(_launch_args(workdir, args.gpus) + more + [
+      f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={args.gpus}", f"--process_id={i}"],
+      env={**env, "CUDA_VISIBLE_DEVICES": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(args.gpus)]
+  try:
+    with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:  # both read at once: no pipe stalls a collective
+      outputs = list(pool.map(lambda p: p.communicate(timeout=args.timeout), procs))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def faults(args) -> dict:
+  """One process per GPU through two faults of a pod job: (1) the test prompts sampled at every evaluation, as
+  many prompts as GPUs (answers split over the processes); (2) process 1's own checkpoint file of the newest
+  step truncated, then the same command relaunched: every process must agree to set that step aside, restore
+  the one before and finish (not hang)."""
+  out = {}
+  sampling = ["--config.training.save_steps=2", "--config.evaluation.eval_steps=2", "--config.inference.at_evaluation=True",
+              "--config.inference.every_steps=0", *[f"--config.inference.test_prompts=prompt {i}" for i in range(args.gpus)]]
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = os.path.join(tmp, "run")
+    t0 = time.perf_counter()
+    first = _run_processes(args, workdir, ["--config.training.max_steps=4", *sampling])
+    out["first_s"], out["first_exit_codes"] = round(time.perf_counter() - t0, 1), [r[0] for r in first]
+    out["first_errors"] = [err[-800:] for code, _, err in first if code]
+    samples = os.path.join(workdir, "samples.jsonl")
+    with open(samples) if os.path.isfile(samples) else contextlib.nullcontext([]) as f:
+      rows = [json.loads(line) for line in f]
+    out["sampled_steps"] = sorted({r["step"] for r in rows})
+    out["samples_per_step"] = len(rows) // max(len(out["sampled_steps"]), 1)
+    files = glob.glob(os.path.join(workdir, "checkpoints", "4", "state", "ocdbt.process_1", "d", "*"))
+    if not files:
+      return {**out, "error": "no ocdbt.process_1 data files in step 4"}
+    damaged = max(files, key=os.path.getsize)
+    with open(damaged, "r+b") as f:
+      f.truncate(min(1000, os.path.getsize(damaged) // 2))
+    t0 = time.perf_counter()
+    again = _run_processes(args, workdir, ["--config.training.max_steps=6", *sampling])
+    out["relaunch_s"], out["relaunch_exit_codes"] = round(time.perf_counter() - t0, 1), [r[0] for r in again]
+    out["relaunch_errors"] = [err[-800:] for code, _, err in again if code]
+    out["set_aside_on"] = [i for i, (_, _, err) in enumerate(again) if "is damaged" in err and "moved to" in err]
+    out["resumed_from"] = [line for _, stdout, _ in again[:1] for line in stdout.splitlines() if "resumed from" in line]
+    out["checkpoints"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  return out
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -215,6 +275,14 @@ def report(paths: list[str]) -> str:
                 f"| same steps logged | {r['steps']} |", f"| max relative loss diff | {r['max_rel_diff']:.2e} |",
                 f"| median tokens/s, one process | {r['median_tokens_per_s_one']:,.0f} |",
                 f"| median tokens/s, one process per GPU | {r['median_tokens_per_s_many']:,.0f} |"]
+    elif "first_exit_codes" in r:
+      lines += [f"### {name}: pod faults, one process per GPU", "| | value |", "|---|---|",
+                f"| exit codes, training with test prompts sampled at evaluations | {r['first_exit_codes']} |",
+                f"| steps sampled, answers per step | {r.get('sampled_steps')}, {r.get('samples_per_step')} |",
+                f"| exit codes, relaunch after process 1's file of step 4 was truncated | {r.get('relaunch_exit_codes')} |",
+                f"| processes that set step 4 aside | {r.get('set_aside_on')} |",
+                f"| resumed | {'; '.join(r.get('resumed_from') or []) or r.get('error', '-')} |",
+                f"| checkpoints after | {', '.join(r.get('checkpoints', []))} |"]
     elif "attempts" in r:
       lines += ["### 8b preset, FSDP", "| remat | batch | step s | tokens/s/GPU | MFU (989) | peak GiB | save s "
                 "| restore s | next loss live / restored | note |", "|---" * 10 + "|"]
@@ -331,7 +399,7 @@ def _train_flops_per_token(model_cfg, seq_len: int) -> float:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("mode", choices=["meshes", "processes", "big", "report"])
+  p.add_argument("mode", choices=["meshes", "processes", "faults", "big", "report"])
   p.add_argument("results", nargs="*", help="report: JSON files")
   p.add_argument("--checkpoint_dir", default="/tmp/pod_check_8b")
   p.add_argument("--gpus", type=int, default=2)
@@ -347,7 +415,7 @@ def main():
       f.write(text)
     print(text)
     return
-  result = {"meshes": meshes, "processes": processes, "big": big}[args.mode](args)
+  result = {"meshes": meshes, "processes": processes, "faults": faults, "big": big}[args.mode](args)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(json.dumps(result)[:3000])

@@ -379,7 +379,7 @@ def damaged(coordinator: str, process_id: int, directory: str, delay: str, only_
   if process_id == 1 and float(delay):
     isdir = os.path.isdir
     os.path.isdir = lambda path: (time.sleep(float(delay)), isdir(path))[1]
-  ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(directory, async_save=bool(only_process_1))  # Orbax's asynchronous checkpointer too
   found = ckpt.restore_latest_good(abstract)
   ckpt.close()
   return {"restored": found[0], "listing": sorted(os.listdir(directory))}
