@@ -86,7 +86,7 @@ def main(argv):
 
   try:
     if FLAGS.dry_run:
-      return dry_run(config)
+      return dry_run(config, FLAGS.workdir, FLAGS.resume)
     started = time.monotonic()
     result = loop.run(config, FLAGS.workdir, resume=FLAGS.resume, stop_at_step=FLAGS.stop_at_step)
   except (KeyError, TypeError, ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError,
@@ -135,12 +135,12 @@ def _figures(row: dict, keys) -> str:
   return "  ".join(f"{k} {row[k]:.4f}" for k in keys if k in row) + f"  (step {row['step']})"
 
 
-def dry_run(config) -> None:
+def dry_run(config, workdir: str | None = None, resume: str | None = None) -> None:
   from flowlm_jax import config as config_lib, data, loop, train
   from flowlm_jax.logging import redact
   from flowlm_jax.models.registry import count_params
 
-  setup = loop.prepare(config)
+  setup = loop.prepare(config, initialises=loop.starts_from_initial_weights(workdir, resume))
   print(config_lib.to_yaml(config_lib.from_dict(redact(config.to_dict()))))
   print(f"tokenizer: {config.model.tokenizer} ({setup.vocab.size} tokens, [MASK]={setup.vocab.mask_id}, "
         f"[PAD]={setup.vocab.pad_id})")

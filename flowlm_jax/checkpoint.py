@@ -103,11 +103,13 @@ def _all_processes(outcome: int) -> list[int]:
 ORBAX_RESTORE_BARRIER, BARRIER_PREFIX = "Checkpointer:restore", "flowlm"
 
 
-def _meet_restore_barrier() -> None:
-  """A process whose restore raised never reached Orbax's closing barrier: it takes it now. Otherwise its outcome
-  agreement would pair with the others' barrier, and every collective after it would be out of step (a hang)."""
+def _meet_restore_barriers(count: int) -> None:
+  """Takes `count` closing barriers of Orbax restores this process skipped by raising, where the other processes
+  wait (or, failing too, take them here)."""
   if jax.process_count() > 1:
-    ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(ORBAX_RESTORE_BARRIER, prefix=BARRIER_PREFIX))
+    for _ in range(count):
+      ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(ORBAX_RESTORE_BARRIER,
+                                                                          prefix=BARRIER_PREFIX))
 
 
 def _sync(name: str) -> None:
@@ -126,6 +128,7 @@ class Checkpointer:
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._barriers_met = 0  # Orbax restores completed (each ended in a barrier of every process)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -146,8 +149,14 @@ class Checkpointer:
     finally:
       self._manager.close()
 
+  def _orbax_restore(self, step: int, **items):
+    """One Orbax restore (it ends in a barrier of every process), counted for `restore`'s failure path."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    self._barriers_met += 1
+    return restored
+
   def read_config(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    return self._orbax_restore(step, config=ocp.args.JsonRestore()).config
 
   def check_config(self, step: int, config_dict: dict) -> None:
     """Fails naming the keys in which the new config differs from the saved one where a resume must not."""
@@ -184,12 +193,21 @@ class Checkpointer:
                                f"{'; '.join(problems[:4])}; {START_FRESH}")
 
   def restore(self, step: int, abstract: TrainState, config_dict: dict | None = None) -> tuple[TrainState, dict]:
-    """(state placed as `abstract`'s shardings say, data-iterator state), after the config/structure checks."""
-    if config_dict is not None:
-      self.check_config(step, config_dict)
-    self.check_structure(step, abstract)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_state_dict(abstract)), data=ocp.args.JsonRestore()))
+    """(state placed as `abstract`'s shardings say, data-iterator state), after the config/structure checks.
+
+    It makes one Orbax restore (the config's) or two, each ending in a barrier of every process. A process that
+    fails before the last of them meets the barriers it skipped, so that its next collective, the outcome
+    agreement, is every other process's next one too (else the job's collectives part: a hang)."""
+    barriers, met = 1 + (config_dict is not None), self._barriers_met
+    try:
+      if config_dict is not None:
+        self.check_config(step, config_dict)
+      self.check_structure(step, abstract)
+      restored = self._orbax_restore(step, state=ocp.args.StandardRestore(_state_dict(abstract)),
+                                     data=ocp.args.JsonRestore())
+    except Exception:
+      _meet_restore_barriers(barriers - (self._barriers_met - met))
+      raise
     return TrainState(**restored.state), restored.data
 
   def restore_latest_good(self, abstract: TrainState, step: int | None = None, *, config_dict: dict | None = None,
@@ -240,13 +258,13 @@ class Checkpointer:
   def _restore_agreed(self, step: int, abstract: TrainState, config_dict):
     """((state, data), None) on success, (None, reason) when the processes agree the step is damaged: every one
     finds it so, or some do on every attempt while the others read their part (a file only they read is damaged)."""
+    damaged_somewhere_every_time = True
     for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
       time.sleep(delay)
       found, error, outcome = None, None, OK
       try:
         found = self.restore(step, abstract, config_dict)
       except Exception as e:  # noqa: BLE001 - classified below; only agreed damage moves anything
-        _meet_restore_barrier()
         error, outcome = e, MISMATCH if isinstance(e, CheckpointMismatch) else failure_kind(e)
       outcomes = _all_processes(outcome)
       if MISMATCH in outcomes:
@@ -255,7 +273,8 @@ class Checkpointer:
       if all(o == OK for o in outcomes):
         return found, None
       why = first_line(error, 200) if error is not None else "it failed on another process"
-      if all(o == DAMAGED for o in outcomes) or (attempt == len(RETRY_DELAYS_S) and set(outcomes) == {OK, DAMAGED}):
+      damaged_somewhere_every_time &= set(outcomes) == {OK, DAMAGED}
+      if all(o == DAMAGED for o in outcomes) or (attempt == len(RETRY_DELAYS_S) and damaged_somewhere_every_time):
         return None, why
       log.warning("checkpoint %s/%d could not be read (%s); attempt %d of %d", self.directory, step, why, attempt + 1,
                   len(RETRY_DELAYS_S) + 1)

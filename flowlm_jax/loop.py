@@ -65,7 +65,7 @@ def prepare(config, *, num_devices: int | None = None, initialises: bool = True)
   vocab = vocab_of(tokenizer)
   model_cfg = registry.model_config(config.model, vocab)
   if initialises:
-    registry.check_pretrained(model_cfg)
+    registry.check_pretrained(model_cfg, vocab)
   if config.inference.test_prompts and config.inference.cache != "none":
     # The test prompts are sampled at evaluations: a cache this model family lacks fails now, not at the first one.
     check_cacheable(nnx.eval_shape(lambda: registry.create(model_cfg, rngs=nnx.Rngs(params=0))), config.inference.cache)
@@ -89,10 +89,12 @@ def prepare(config, *, num_devices: int | None = None, initialises: bool = True)
   return Setup(config, tokenizer, vocab, train_split, valid_split, iterator, mesh, model_cfg, step_cfg, total_steps)
 
 
-def _has_step_directories(checkpoints: str) -> bool:
-  """Whether a restore may come from here (a resumed run needs no model.pretrained weights)."""
-  return os.path.isdir(checkpoints) and any(
-      name.isdigit() and ckpt_lib.is_step_directory(os.path.join(checkpoints, name)) for name in os.listdir(checkpoints))
+def starts_from_initial_weights(workdir: str | None, resume: str | None) -> bool:
+  """Whether a launch would start from model.pretrained's (or random) weights, not a checkpoint: no --resume, and
+  no step in the workdir (a resumed run needs neither the release's weights nor its [MASK] row)."""
+  checkpoints = os.path.join(workdir or "", "checkpoints")
+  return resume is None and not (workdir and os.path.isdir(checkpoints) and any(
+      name.isdigit() and ckpt_lib.is_step_directory(os.path.join(checkpoints, name)) for name in os.listdir(checkpoints)))
 
 
 def check_workdir(workdir: str) -> None:
@@ -178,7 +180,7 @@ def run(config, workdir: str, *, resume: str | None = None, stop_at_step: int | 
   if stop_at_step is not None and stop_at_step < 1:
     raise ValueError(f"--stop_at_step must be >= 1, got {stop_at_step}")
   resume_dir, resume_step = ckpt_lib.resolve_resume_path(resume) if resume else (None, None)
-  s = prepare(config, initialises=resume is None and not _has_step_directories(os.path.join(workdir, "checkpoints")))
+  s = prepare(config, initialises=starts_from_initial_weights(workdir, resume))
   is_main = jax.process_index() == 0
   c = s.config
   config_dict = config_lib.with_resolved_model(redact(c.to_dict()), s.model_cfg)

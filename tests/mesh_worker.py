@@ -350,8 +350,8 @@ def split(coordinator: str, process_id: int) -> dict:
 def damaged(coordinator: str, process_id: int, directory: str, delay: str, only_process_1: str = "") -> dict:
   """Both processes restore from `directory` (steps 1 and 2, step 2 damaged); process 1 looks at the step
   directory `delay` seconds later than process 0 (a slower host), which may by then have renamed it aside.
-  `only_process_1`: step 2 is whole, but process 1's read of it fails as a damaged file of its own would, inside
-  Orbax's restore (where process 0, reading fine, goes on to Orbax's closing barrier)."""
+  `only_process_1`: step 2 is whole, but process 1's reads of it fail as a damaged file of its own would, inside
+  Orbax's restores (the config's, then the state's: process 0, reading fine, goes on to their closing barriers)."""
   import jax
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=2, process_id=process_id)
   import os
@@ -380,7 +380,9 @@ def damaged(coordinator: str, process_id: int, directory: str, delay: str, only_
     isdir = os.path.isdir
     os.path.isdir = lambda path: (time.sleep(float(delay)), isdir(path))[1]
   ckpt = ckpt_lib.Checkpointer(directory, async_save=bool(only_process_1))  # Orbax's asynchronous checkpointer too
-  found = ckpt.restore_latest_good(abstract)
+  # With a config to check, as a resumed run restores: process 1 then fails in the first of two Orbax restores.
+  config_dict = ckpt.read_config(1) if only_process_1 else None
+  found = ckpt.restore_latest_good(abstract, config_dict=config_dict)
   ckpt.close()
   return {"restored": found[0], "listing": sorted(os.listdir(directory))}
 

@@ -412,6 +412,10 @@ def test_a_config_without_torch_dtype_keeps_the_dtype_its_tensors_are_stored_in(
   out = str(tmp_path / "export")
   llama_hf.save_hf(llama_hf.load_params(cfg), cfg, out)
   assert headers(out) == headers(LLADA)  # bf16 tensors, as the source stores them (not float32)
+  for name in os.listdir(source):  # a finished run's export needs the release's config.json only
+    if name.endswith(".safetensors"):
+      os.remove(os.path.join(source, name))
+  assert llama_hf.stored_dtype(hf, source) == "float32"
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -498,9 +502,11 @@ def test_a_tokenizer_whose_mask_is_not_the_models_is_refused(tmp_path):
       shutil.copy(os.path.join(LLADA, name), tmp_path)
   c = load_preset("flowlm", "tasks")
   c.model.family, c.model.pretrained, c.model.tokenizer = "llama", LLADA, str(tmp_path)
+  vocab = vocab_of(load_tokenizer(str(tmp_path)))
+  cfg = registry.model_config(c.model, vocab)  # a run trained so (its row 326 trained since) still loads
   with pytest.raises(ValueError, match=r"model.tokenizer: its \[MASK\] is id 326, but .*llada_tiny's config.json "
                                        r"says mask_token_id=325 \(use the tokenizer that came with the model"):
-    registry.model_config(c.model, vocab_of(load_tokenizer(str(tmp_path))))
+    registry.check_pretrained(cfg, vocab)  # what a run starting from the release checks before its data
 
 
 def test_mis_shaped_weights_fail_the_dry_run_before_the_data_loads_and_not_a_resume(tmp_path):
@@ -541,6 +547,8 @@ def test_a_resumed_run_does_not_need_the_pretrained_weights_again(tmp_path):
   for name in os.listdir(source):
     if name.endswith(".safetensors"):
       os.remove(os.path.join(source, name))
+  dry = launch_in_process(*args, "--config.training.max_steps=2", "--dry_run")  # the relaunch's dry run agrees
+  assert dry.returncode == 0 and "dry run: ok" in dry.stdout, dry.stderr[-2000:]
   r = launch_in_process(*args, "--config.training.max_steps=2")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resumed from" in r.stdout and sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]

@@ -127,9 +127,6 @@ def model_config(model_cfg, vocab: Vocab) -> ModelConfig:
   if vocab.size > cfg.vocab_size:
     raise ValueError(f"model.tokenizer: {vocab.size} tokens, but {directory}'s embedding has only "
                      f"{cfg.vocab_size} rows (use the tokenizer that came with the model)")
-  if hf.get("mask_token_id") not in (None, vocab.mask_id):  # e.g. a [MASK] the tokenizer added: an untrained row
-    raise ValueError(f"model.tokenizer: its [MASK] is id {vocab.mask_id}, but {directory}'s config.json says "
-                     f"mask_token_id={hf['mask_token_id']} (use the tokenizer that came with the model: its directory)")
   return cfg
 
 
@@ -138,7 +135,10 @@ def stored_dtype(hf: dict, directory: str | None = None) -> str:
   most of `directory`'s tensors have in their headers, else float32."""
   named = next((hf[k] for k in DTYPE_KEYS if hf.get(k)), None)
   if named is None and directory and os.path.isdir(directory):
-    named = st.Checkpoint(directory).stored_dtype()
+    try:
+      named = st.Checkpoint(directory).stored_dtype()
+    except (OSError, ValueError):  # the weights were removed (a finished run's export needs only its config.json)
+      pass
   return named or "float32"
 
 
@@ -219,9 +219,19 @@ def abstract_params(cfg: ModelConfig) -> dict:
 # --- import / export ----------------------------------------------------------------------------
 
 
+def check_release(cfg: ModelConfig, vocab: Vocab) -> None:
+  """What a run starting from the release needs beyond its config.json, checked before its data loads: the
+  tokenizer's [MASK] is the one the model was trained with (not an added, untrained row), and the tensors' names
+  and shapes (`open_checked`)."""
+  mask_id = json.loads(cfg.hf_config).get("mask_token_id")
+  if mask_id not in (None, vocab.mask_id):
+    raise ValueError(f"model.tokenizer: its [MASK] is id {vocab.mask_id}, but {cfg.pretrained}'s config.json says "
+                     f"mask_token_id={mask_id} (use the tokenizer that came with the model: its directory)")
+  open_checked(cfg)
+
+
 def open_checked(cfg: ModelConfig) -> st.Checkpoint:
-  """`cfg.pretrained`'s tensors, their names and shapes checked against `cfg` (the files' headers only: cheap,
-  so a training run does it before its data loads)."""
+  """`cfg.pretrained`'s tensors, their names and shapes checked against `cfg` (the files' headers only: cheap)."""
   ckpt = st.Checkpoint(cfg.pretrained)
   st.check(tensors(cfg), ckpt, cfg.n_layers, may_lack=_tied_duplicate(cfg))
   return ckpt

@@ -80,12 +80,13 @@ def pretrained_params(model_cfg, shardings: dict | None = None) -> dict | None:
   return family.weights.load_params(model_cfg)
 
 
-def check_pretrained(model_cfg) -> None:
-  """A one-line error now for `model.pretrained` weights that `pretrained_params` could not read (missing,
-  damaged or mis-shaped tensors), where the format can tell from the files' headers."""
+def check_pretrained(model_cfg, vocab: Vocab) -> None:
+  """For a run about to start from `model.pretrained`: a one-line error now for weights `pretrained_params` could
+  not read (missing, damaged or mis-shaped tensors) or a [MASK] that is not the release's, where the format can
+  tell from config.json and the files' headers."""
   family = _family_of(model_cfg)
   if family.streams and getattr(model_cfg, "pretrained", ""):
-    family.weights.open_checked(model_cfg)
+    family.weights.check_release(model_cfg, vocab)
 
 
 def hf_format(model_cfg) -> ModuleType | None:
