@@ -80,47 +80,41 @@ def _two_processes(args_of, timeout=300):
   return results
 
 
+def _both_set_step_2_aside_and_restore_step_1(tmp_path, damage_step_2, *worker_args):
+  """Steps 1 and 2 written, then `damage_step_2(its directory)`; both processes restore through mesh_worker's
+  `damaged` (with `worker_args`): each must restore step 1, and step 2 must have been set aside once."""
+  from test_export import write_checkpoint
+
+  c = tiny_config("flowlm")
+  for step in (1, 2):
+    write_checkpoint(str(tmp_path / "run"), c, step=step)
+  directory = str(tmp_path / "run" / "checkpoints")
+  damage_step_2(os.path.join(directory, "2"))
+  worker = os.path.join(REPO, "tests", "mesh_worker.py")
+  results = _two_processes(lambda coord, i: [worker, "damaged", coord, str(i), directory, *worker_args], timeout=180)
+  for i, r in enumerate(results):
+    assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
+  outs = [parse(r.stdout) for r in results]
+  assert [o["restored"] for o in outs] == [1, 1]
+  assert [n.split(".")[0] + (".damaged" if ".damaged-" in n else "") for n in outs[0]["listing"]] == ["1", "2.damaged"]
+
+
 @pytest.mark.integration
 def test_two_processes_agree_to_set_a_damaged_step_aside_even_when_one_looks_later(tmp_path):
   """Every process of a job takes the same branch: the newest step damaged, both set it aside (process 0
   renames it) and restore the one before, even when process 1 looks at the step directory after process 0 has
   renamed it (a process that decided "deleted, list again" there would enter another collective and hang)."""
   from test_checkpoint import truncate_state
-  from test_export import write_checkpoint
 
-  c = tiny_config("flowlm")
-  for step in (1, 2):
-    write_checkpoint(str(tmp_path / "run"), c, step=step)
-  directory = str(tmp_path / "run" / "checkpoints")
-  truncate_state(os.path.join(directory, "2"))
-  worker = os.path.join(REPO, "tests", "mesh_worker.py")
-  results = _two_processes(lambda coord, i: [worker, "damaged", coord, str(i), directory, "0.2"], timeout=180)
-  for i, r in enumerate(results):
-    assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
-  outs = [parse(r.stdout) for r in results]
-  assert [o["restored"] for o in outs] == [1, 1]
-  assert [n.split(".")[0] + (".damaged" if ".damaged-" in n else "") for n in outs[0]["listing"]] == ["1", "2.damaged"]
+  _both_set_step_2_aside_and_restore_step_1(tmp_path, truncate_state, "0.2")
 
 
 @pytest.mark.integration
 def test_a_step_only_one_process_cannot_read_is_set_aside_by_both_without_a_hang(tmp_path):
-  """Process 1's read of step 2 fails inside Orbax's restore on every attempt (a damaged file only it reads), while
-  process 0 reads its part and waits in Orbax's closing barrier: both agree, set step 2 aside and restore step 1
-  (before: process 1's outcome agreement paired with that barrier, and the processes hung until the job died)."""
-  from test_export import write_checkpoint
-
-  c = tiny_config("flowlm")
-  for step in (1, 2):
-    write_checkpoint(str(tmp_path / "run"), c, step=step)
-  directory = str(tmp_path / "run" / "checkpoints")
-  worker = os.path.join(REPO, "tests", "mesh_worker.py")
-  results = _two_processes(lambda coord, i: [worker, "damaged", coord, str(i), directory, "0", "only_process_1"],
-                           timeout=180)
-  for i, r in enumerate(results):
-    assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
-  outs = [parse(r.stdout) for r in results]
-  assert [o["restored"] for o in outs] == [1, 1]
-  assert [n.split(".")[0] + (".damaged" if ".damaged-" in n else "") for n in outs[0]["listing"]] == ["1", "2.damaged"]
+  """Process 1's reads of step 2 fail inside Orbax's restores on every attempt (a damaged file only it reads), while
+  process 0 reads its part and waits in their closing barriers: both agree, set step 2 aside and restore step 1
+  (before: process 1's outcome agreement paired with such a barrier, and the processes hung until the job died)."""
+  _both_set_step_2_aside_and_restore_step_1(tmp_path, lambda step_dir: None, "0", "only_process_1")
 
 
 @pytest.mark.integration
