@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -78,7 +79,7 @@ def prepare(config, *, num_devices: int | None = None, initialises: bool = True)
   with config.unlocked():  # resolved once, saved with the config: samplers must render prompts the same way
     config.dataset.prompt_format = "chat" if train_split.chat else "plain"
   t = config.training
-  total_steps = t.max_steps or max(1, int(t.num_epochs * iterator.batches_per_epoch))
+  total_steps = t.max_steps or steps_of_epochs(t.num_epochs, iterator.batches_per_epoch)
   step_cfg = train.StepConfig(
       model=model_cfg, masking=masking.MaskingSpec.from_config(config.masking, vocab), loss=t.loss,
       loss_weighting=t.loss_weighting, grad_accum=t.gradient_accumulation_steps,
@@ -87,6 +88,12 @@ def prepare(config, *, num_devices: int | None = None, initialises: bool = True)
   for rows in {t.batch_size, config.evaluation.eval_batch_size or t.batch_size}:
     sharding.check_process_split(mesh, rows)
   return Setup(config, tokenizer, vocab, train_split, valid_split, iterator, mesh, model_cfg, step_cfg, total_steps)
+
+
+def steps_of_epochs(num_epochs: float, batches_per_epoch: int) -> int:
+  """Whole steps in `num_epochs` epochs (at least one). The product is rounded to 1e-6 first: 0.29 epochs of 100
+  batches is 28.999999999999996 in floating point, and 29 steps."""
+  return max(1, math.floor(round(num_epochs * batches_per_epoch, 6)))
 
 
 def starts_from_initial_weights(workdir: str | None, resume: str | None) -> bool:

@@ -111,3 +111,12 @@ def test_tokens_per_second_leaves_out_compile_saves_and_evaluation(tmp_path, mon
   tokens_per_step = c.training.batch_size * c.dataset.max_length
   paused_rate = tokens_per_step * 2 / 2.0  # two steps' tokens over the pause alone
   assert rows[4]["tokens_per_second"] > 4 * paused_rate, rows[4]  # two steps well inside half a second
+
+
+@pytest.mark.parametrize("epochs, batches, steps", [(0.29, 100, 29), (0.57, 100, 57), (2.5, 7, 17), (6.0, 312, 1872),
+                                                    (0.001, 10, 1)])
+def test_epochs_give_the_whole_steps_they_hold_despite_floating_point(epochs, batches, steps):
+  """0.29 x 100 is 28.999999999999996 in floating point: still 29 steps; a fraction of a step is not run."""
+  from flowlm_jax import loop
+
+  assert loop.steps_of_epochs(epochs, batches) == steps
