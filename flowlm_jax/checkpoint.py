@@ -128,7 +128,6 @@ class Checkpointer:
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    self._barriers_met = 0  # Orbax restores completed (each ended in a barrier of every process)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -149,18 +148,11 @@ class Checkpointer:
     finally:
       self._manager.close()
 
-  def _orbax_restore(self, step: int, **items):
-    """One Orbax restore (it ends in a barrier of every process), counted for `restore`'s failure path."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    self._barriers_met += 1
-    return restored
-
   def read_config(self, step: int) -> dict:
-    return self._orbax_restore(step, config=ocp.args.JsonRestore()).config
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
-  def check_config(self, step: int, config_dict: dict) -> None:
-    """Fails naming the keys in which the new config differs from the saved one where a resume must not."""
-    saved = self.read_config(step)
+  def check_config(self, step: int, saved: dict, config_dict: dict) -> None:
+    """Fails naming the keys in which the new config differs from the `saved` one where a resume must not."""
     try:
       diffs = config_lib.resume_differences(saved, config_dict)
     except (KeyError, ValueError, TypeError) as e:  # e.g. a key this version no longer knows
@@ -195,18 +187,21 @@ class Checkpointer:
   def restore(self, step: int, abstract: TrainState, config_dict: dict | None = None) -> tuple[TrainState, dict]:
     """(state placed as `abstract`'s shardings say, data-iterator state), after the config/structure checks.
 
-    It makes one Orbax restore (the config's) or two, each ending in a barrier of every process. A process that
-    fails before the last of them meets the barriers it skipped, so that its next collective, the outcome
-    agreement, is every other process's next one too (else the job's collectives part: a hang)."""
-    barriers, met = 1 + (config_dict is not None), self._barriers_met
+    It makes one Orbax restore (the state's) or two (the config's first), each ending in a barrier of every
+    process. A process that fails before the last of them meets the barriers it skipped, so that its next
+    collective, the outcome agreement, is every other process's next one too (else the job's collectives part:
+    a hang)."""
+    barriers, met = 1 + (config_dict is not None), 0
     try:
       if config_dict is not None:
-        self.check_config(step, config_dict)
+        saved = self.read_config(step)
+        met += 1
+        self.check_config(step, saved, config_dict)
       self.check_structure(step, abstract)
-      restored = self._orbax_restore(step, state=ocp.args.StandardRestore(_state_dict(abstract)),
-                                     data=ocp.args.JsonRestore())
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_state_dict(abstract)), data=ocp.args.JsonRestore()))
     except Exception:
-      _meet_restore_barriers(barriers - (self._barriers_met - met))
+      _meet_restore_barriers(barriers - met)
       raise
     return TrainState(**restored.state), restored.data
 

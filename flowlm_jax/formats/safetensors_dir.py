@@ -17,12 +17,12 @@ Only names, shapes, dtypes and files: nothing here knows about a model family, r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
 import math
 import os
-import collections
 import resource
 from collections.abc import Callable, Mapping
 
